@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders), the grain input pipeline and paired augmentation."""
