@@ -1,0 +1,122 @@
+"""Native-resolution mask metrics against hand-computed cases, empty and one-pixel included."""
+
+import math
+
+import numpy as np
+import pytest
+
+from cxr_jax import surface
+
+
+def _pixels(shape, *points) -> np.ndarray:
+  mask = np.zeros(shape, bool)
+  for r, c in points:
+    mask[r, c] = True
+  return mask
+
+
+def test_overlap_of_two_rectangles():
+  pred = np.zeros((5, 5), np.uint8)
+  pred[0:2, 0:2] = 1  # 4 px, all inside the truth
+  truth = np.zeros((5, 5), np.uint8)
+  truth[0:2, 0:3] = 255  # 6 px: any nonzero value is lung
+  m = surface.overlap_metrics(pred, truth)
+  assert m["dice"] == pytest.approx(0.8)  # 2*4 / (4+6)
+  assert m["iou"] == pytest.approx(4 / 6)
+  assert m["precision"] == pytest.approx(1.0)
+  assert m["recall"] == pytest.approx(4 / 6)
+
+
+def test_both_empty_is_perfect():
+  empty = np.zeros((7, 9), bool)
+  m = surface.mask_metrics(empty, empty, surface.Spacing(0.5, 0.5, estimated=False))
+  assert [m[k] for k in ("dice", "iou", "precision", "recall")] == [1.0] * 4
+  assert [m[k] for k in ("hd95_px", "asd_px", "hd95_mm", "asd_mm")] == [0.0] * 4
+
+
+@pytest.mark.parametrize("empty_side", ["pred", "truth"])
+def test_one_empty_scores_zero_overlap_and_the_diagonal(empty_side):
+  empty, full = np.zeros((7, 9), bool), _pixels((7, 9), (3, 3))
+  pred, truth = (empty, full) if empty_side == "pred" else (full, empty)
+  m = surface.mask_metrics(pred, truth, surface.Spacing(2.0, 1.0, estimated=False))
+  assert [m[k] for k in ("dice", "iou", "precision", "recall")] == [0.0] * 4
+  assert m["hd95_px"] == m["asd_px"] == pytest.approx(math.hypot(6, 8))  # 10 px
+  assert m["hd95_mm"] == m["asd_mm"] == pytest.approx(math.hypot(12, 8))
+
+
+def test_one_pixel_masks():
+  same = surface.mask_metrics(_pixels((5, 6), (1, 1)), _pixels((5, 6), (1, 1)))
+  assert same["dice"] == 1.0 and same["hd95_px"] == 0.0 and same["asd_px"] == 0.0
+  apart = surface.mask_metrics(_pixels((5, 6), (1, 1)), _pixels((5, 6), (1, 4)))
+  assert apart["dice"] == 0.0
+  assert apart["hd95_px"] == pytest.approx(3.0) and apart["asd_px"] == pytest.approx(3.0)
+  assert math.isnan(apart["hd95_mm"])  # no spacing: unknown, not zero
+
+
+def test_pixel_inside_a_square():
+  # Truth: a 3x3 square, boundary = its 8-pixel ring; prediction: the centre pixel.
+  # pred->truth: [1]; truth->pred: 4 edge pixels at 1, 4 corners at sqrt(2).
+  truth = np.zeros((5, 5), bool)
+  truth[1:4, 1:4] = True
+  pred = _pixels((5, 5), (2, 2))
+  m = surface.mask_metrics(pred, truth)
+  assert m["dice"] == pytest.approx(0.2)
+  assert m["hd95_px"] == pytest.approx(math.sqrt(2))  # pooled 95th percentile of 9 distances
+  assert m["asd_px"] == pytest.approx((1 + (4 + 4 * math.sqrt(2)) / 8) / 2)
+
+
+def test_anisotropic_spacing():
+  across = surface.surface_metrics(_pixels((6, 6), (1, 1)), _pixels((6, 6), (1, 4)), (0.5, 2.0))
+  down = surface.surface_metrics(_pixels((6, 6), (1, 1)), _pixels((6, 6), (4, 1)), (0.5, 2.0))
+  assert across["hd95"] == pytest.approx(6.0) and down["hd95"] == pytest.approx(1.5)
+
+
+def test_cropped_distances_match_brute_force():
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    pred = np.zeros((30, 40), bool)
+    truth = np.zeros((30, 40), bool)
+    for mask in (pred, truth):
+      r, c = rng.integers(2, 20), rng.integers(2, 30)
+      mask[r:r + rng.integers(2, 9), c:c + rng.integers(2, 9)] = True
+    d_pred, d_truth = surface.surface_distances(pred, truth)
+    bp, bt = np.argwhere(surface.boundary(pred)), np.argwhere(surface.boundary(truth))
+    pairwise = np.linalg.norm(bp[:, None, :] - bt[None, :, :], axis=-1)
+    np.testing.assert_allclose(np.sort(d_pred), np.sort(pairwise.min(1)))
+    np.testing.assert_allclose(np.sort(d_truth), np.sort(pairwise.min(0)))
+
+
+def test_masks_of_different_shapes_are_refused():
+  with pytest.raises(ValueError, match="unletterbox"):
+    surface.overlap_metrics(np.zeros((4, 4)), np.zeros((4, 5)))
+
+
+def test_pixel_spacing():
+  native = surface.pixel_spacing("montgomery", 4892, 4020)
+  assert (native.row_mm, native.col_mm, native.estimated) == (0.0875, 0.0875, False)
+  resized = surface.pixel_spacing("montgomery", 512, 512)
+  assert resized.estimated
+  assert resized.row_mm == pytest.approx(0.0875 * 4892 / 512)
+  assert resized.col_mm == pytest.approx(0.0875 * 4020 / 512)
+  assert surface.pixel_spacing("shenzhen", 512, 512) is None
+  assert surface.pixel_spacing("synthetic", 64, 64) is None
+
+
+def test_aggregate_summaries_per_source_and_worst():
+  rows = [
+      {"id": "a", "source": "montgomery", "dice": 0.9, "hd95_mm": 4.0},
+      {"id": "b", "source": "montgomery", "dice": 0.5, "hd95_mm": 10.0},
+      {"id": "c", "source": "shenzhen", "dice": 0.7, "hd95_mm": math.nan},
+      {"id": "d", "source": "shenzhen", "dice": 0.8, "hd95_mm": math.nan},
+  ]
+  agg = surface.aggregate(rows, metrics=("dice", "hd95_mm"), num_worst=2)
+  assert agg["all"]["dice"]["mean"] == pytest.approx(0.725)
+  assert agg["all"]["dice"]["median"] == pytest.approx(0.75)
+  assert agg["all"]["dice"]["std"] == pytest.approx(np.std([0.9, 0.5, 0.7, 0.8]))
+  assert agg["all"]["hd95_mm"]["count"] == 2  # NaN (unknown spacing) is left out
+  assert list(agg["per_source"]) == ["montgomery", "shenzhen"]
+  assert agg["per_source"]["shenzhen"]["dice"]["mean"] == pytest.approx(0.75)
+  assert math.isnan(agg["per_source"]["shenzhen"]["hd95_mm"]["mean"])
+  assert [w["id"] for w in agg["worst"]] == ["b", "c"]
+  worst_hd = surface.aggregate(rows, metrics=("hd95_mm",), num_worst=1, rank_by="hd95_mm")
+  assert worst_hd["worst"][0]["id"] == "b"
