@@ -1,0 +1,413 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`, readable top to bottom.
+
+The step is one pure function under `jax.jit`: paired augmentation, forward, loss and the
+optax update, with parameters and optimiser state replicated over the mesh and batches split
+over its `data` axis. Model state travels as `nnx.split` pytrees (params, rest), which is
+faster on the hot path than `nnx.jit`.
+"""
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from cxr_jax import checkpoint
+from cxr_jax import losses
+from cxr_jax import metrics as metrics_lib
+from cxr_jax import models
+from cxr_jax import overlays
+from cxr_jax import sharding
+from cxr_jax import writers
+from cxr_jax.data import augment
+from cxr_jax.data import input_pipeline
+from cxr_jax.data import prepare
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything the step changes. Pytree; replicated over the mesh."""
+  step: jax.Array  # int32 []
+  params: nnx.State  # nnx.Param variables
+  rest: nnx.State  # batch statistics, dropout RNG counters
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32 [2], raw key data; step keys are fold_in(rng, step)
+
+  def checkpoint_items(self) -> dict[str, Any]:
+    return {"model": {"params": self.params, "rest": self.rest},
+            "optimizer": self.opt_state,
+            "train": {"step": self.step, "rng": self.rng}}
+
+  @classmethod
+  def from_checkpoint_items(cls, items: Mapping[str, Any]) -> "TrainState":
+    return cls(step=items["train"]["step"], params=items["model"]["params"],
+               rest=items["model"]["rest"], opt_state=items["optimizer"],
+               rng=items["train"]["rng"])
+
+
+# ----------------------------------------------------------------------------------------
+# Optimiser.
+# ----------------------------------------------------------------------------------------
+def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup, then cosine decay to zero (or constant) over `num_train_steps`."""
+  o = config.optim
+  warmup = min(o.warmup_steps, config.num_train_steps)
+  if o.schedule == "constant":
+    after = optax.constant_schedule(o.learning_rate)
+  elif o.schedule == "cosine":
+    after = optax.cosine_decay_schedule(o.learning_rate, max(1, config.num_train_steps - warmup))
+  else:
+    raise ValueError(f"config.optim.schedule={o.schedule!r}; valid: 'cosine', 'constant'.")
+  warm = optax.linear_schedule(o.learning_rate / max(1, warmup), o.learning_rate, warmup)
+  return optax.join_schedules([warm, after], [warmup])
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW (decay on kernels only) or Adam, with optional global-norm clipping."""
+  o = config.optim
+  lr = create_learning_rate_fn(config)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  if o.name == "adamw":
+    tx = optax.adamw(lr, weight_decay=o.weight_decay, mask=decay_mask)
+  elif o.name == "adam":
+    tx = optax.adam(lr)
+  else:
+    raise ValueError(f"config.optim.name={o.name!r}; valid: 'adamw', 'adam'.")
+  if o.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+  return tx
+
+
+# ----------------------------------------------------------------------------------------
+# Steps.
+# ----------------------------------------------------------------------------------------
+def compute_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+                   config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss and its parts for whatever heads the model has.
+
+  Segmentation is averaged over examples that have a mask, classification over all real
+  examples (padding has weight 0). Sums run over the global batch, so the averages are
+  global across devices and hosts.
+  """
+  parts = {}
+  total = 0.0
+  if "mask_logits" in outputs:
+    parts["seg_loss"] = losses.segmentation_loss(
+        outputs["mask_logits"], batch["mask"], batch["has_mask"] * batch["weight"],
+        dice_weight=config.loss.dice_weight)
+    total += parts["seg_loss"]
+  if "class_logits" in outputs:
+    parts["cls_loss"] = losses.classification_loss(
+        outputs["class_logits"], batch["label"], batch["weight"])
+    weight = config.loss.class_weight if "mask_logits" in outputs else 1.0
+    total += weight * parts["cls_loss"]
+  return total, parts
+
+
+def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
+                    tx: optax.GradientTransformation):
+  """Returns `train_step(state, batch) -> (state, scalars)`; pure, ready for jax.jit."""
+  lr_fn = create_learning_rate_fn(config)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update.
+
+    Args:
+      state: replicated TrainState.
+      batch: global arrays, leading axis split over `data`: image [B,S,S,1] float32,
+        mask [B,S,S,1], has_mask/weight [B] float32, label [B] int32.
+    Returns:
+      The new state and replicated scalars: loss and its parts, learning rate, grad norm.
+    """
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    image, mask = augment.augment_batch(step_key, batch["image"], batch["mask"], config.aug)
+    batch = dict(batch, image=image, mask=mask)
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.rest)
+      outputs = model(batch["image"], train=True)
+      loss, parts = compute_losses(outputs, batch, config)
+      return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
+
+    (loss, (rest, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, rest=rest,
+                              opt_state=opt_state)
+    scalars = {"loss": loss, "learning_rate": lr_fn(state.step),
+               "grad_norm": optax.global_norm(grads), **parts}
+    return new_state, scalars
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
+  """Returns `eval_step(state, batch) -> (metrics collections, outputs)`; pure."""
+
+  def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+    model = nnx.merge(graphdef, state.params, state.rest)
+    outputs = model(batch["image"], train=False)
+    _, parts = compute_losses(outputs, batch, config)
+    collections = {}
+    if "mask_logits" in outputs:
+      collections["seg"] = metrics_lib.SegmentationMetrics.single_from_model_output(
+          mask_logits=outputs["mask_logits"], mask=batch["mask"],
+          has_mask=batch["has_mask"], weight=batch["weight"], loss=parts["seg_loss"])
+    if "class_logits" in outputs:
+      collections["cls"] = metrics_lib.ClassificationMetrics.single_from_model_output(
+          class_logits=outputs["class_logits"], label=batch["label"],
+          weight=batch["weight"], loss=parts["cls_loss"])
+    return collections, outputs
+
+  return eval_step
+
+
+# ----------------------------------------------------------------------------------------
+# Run bookkeeping.
+# ----------------------------------------------------------------------------------------
+def _git_commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ""
+
+
+def write_config_json(workdir: str, config: ml_collections.ConfigDict,
+                      dataset_info: Mapping[str, Any]) -> None:
+  """DIR/config.json: resolved config, package versions, git commit, dataset name+version."""
+  versions = {}
+  for package in ("cxr_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+                  "tensorflow-datasets", "numpy", "clu", "ml-collections"):
+    try:
+      versions[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      versions[package] = None
+  record = {"config": config.to_dict(), "dataset": dict(dataset_info),
+            "versions": versions, "python": platform.python_version(),
+            "git_commit": _git_commit(),
+            "devices": {"platform": jax.default_backend(), "count": jax.device_count(),
+                        "processes": jax.process_count()}}
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+
+
+class ProgressLog:
+  """steps/s, images/s and ETA since the last report (clu's ReportProgress needs TF)."""
+
+  def __init__(self, num_train_steps: int, batch_size: int, first_step: int):
+    self.num_train_steps = num_train_steps
+    self.batch_size = batch_size
+    self.last_step, self.last_time = first_step, time.perf_counter()
+
+  def __call__(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.num_train_steps - step) / max(steps_per_sec, 1e-9)
+    return {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self.batch_size,
+            "eta_min": eta / 60}
+
+
+def _stop_on_nonfinite(history: list[dict[str, np.ndarray]], manager, workdir: str) -> None:
+  for scalars in history:
+    if not np.isfinite(scalars["loss"]):
+      good = manager.latest_step()
+      raise FloatingPointError(
+          f"Non-finite training loss at step {int(scalars['step'])}. The last good checkpoint "
+          f"is step {good} in {workdir}/checkpoints. Try a lower --config.optim.learning_rate "
+          f"(now {scalars['learning_rate']:.3g}), gradient clipping "
+          "(--config.optim.grad_clip=1.0), --config.model.dtype=float32, or check the input "
+          "images; the same command resumes from that checkpoint.")
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------------------
+def evaluate(eval_step, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]],
+             mesh: jax.sharding.Mesh, num_images: int = 0
+             ) -> tuple[dict[str, float], np.ndarray | None]:
+  """Metrics over every example of `batches` and, optionally, a few prediction overlays."""
+  merged: dict[str, Any] = {}
+  pictures = None
+  for host_batch in batches:
+    batch = sharding.to_global(host_batch, mesh)
+    collections, outputs = eval_step(state, batch)
+    collections = metrics_lib.gather(collections)
+    for name, collection in collections.items():
+      merged[name] = merged[name].merge(collection) if name in merged else collection
+    if pictures is None and num_images and "mask_logits" in outputs:
+      pictures = _overlays(host_batch, outputs["mask_logits"], num_images)
+  results = {}
+  for name, collection in merged.items():
+    for key, value in collection.compute().items():
+      # Both heads report a loss: name it after its head, as in training.
+      results[f"{name}_loss" if key == "loss" else key] = float(value)
+  return results, pictures
+
+
+def _overlays(host_batch, mask_logits: jax.Array, num_images: int) -> np.ndarray:
+  """[N,S,S,3] uint8 overlays of this process's first examples."""
+  local = np.asarray(multihost_utils.global_array_to_host_local_array(
+      mask_logits, mask_logits.sharding.mesh, mask_logits.sharding.spec))
+  n = min(num_images, int(np.sum(host_batch["weight"] > 0)))
+  return np.stack([
+      overlays.overlay(host_batch["image"][i, ..., 0], local[i, ..., 0] > 0,
+                       host_batch["mask"][i, ..., 0] if host_batch["has_mask"][i] else None)
+      for i in range(n)])
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config.model` on `config.data`, evaluating and checkpointing into `workdir`.
+
+  Running it again on the same workdir resumes from the newest complete checkpoint.
+  Returns the last validation metrics.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
+
+  # ----- data -----
+  requested = config.data.name
+  name, manual_dir = prepare.resolve_name(config.data)
+  config.data.name, config.data.manual_dir = name, manual_dir
+  logging.info("Dataset: %s (config.data.name=%r)%s", name, requested,
+               f", archive at {manual_dir}" if manual_dir else "")
+  builder = prepare.load_builder(
+      name, data_dir=os.path.expanduser(config.data.data_dir), manual_dir=manual_dir,
+      synthetic_examples=config.data.synthetic_examples)
+  if jax.process_index() == 0:
+    write_config_json(workdir, config, {
+        "name": builder.info.full_name, "version": str(builder.info.version),
+        "requested": requested, "resolved": name, "manual_dir": manual_dir,
+        "splits": {k: v.num_examples for k, v in builder.info.splits.items()}})
+
+  # ----- mesh -----
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  replicated = sharding.replicated(mesh)
+  logging.info("Mesh: %d devices (%s), %d processes, this is process %d.",
+               jax.device_count(), jax.default_backend(), jax.process_count(),
+               jax.process_index())
+
+  train_iter = input_pipeline.create_train_iterator(config, builder.as_data_source("train"))
+  eval_batches = input_pipeline.create_eval_batches(config, builder.as_data_source("validation"))
+
+  # ----- model and optimiser -----
+  tx = create_optimizer(config)
+
+  def init_state() -> TrainState:
+    model = models.create_model(config.model, rngs=nnx.Rngs(params=config.seed,
+                                                            dropout=config.seed + 1))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                      opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(config.seed)))
+
+  graphdef = nnx.graphdef(nnx.eval_shape(
+      lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))))
+  abstract_state = jax.eval_shape(init_state)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+  logging.info("Model %s: %s parameters.", config.model.name, f"{num_params:,}")
+
+  # ----- checkpoint: resume or start -----
+  manager = checkpoint.create_manager(workdir, config)
+  if manager.latest_step() is not None:
+    step = manager.latest_step()
+    abstract_items = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_state, state_sharding).checkpoint_items()
+    items = checkpoint.restore(manager, step, abstract_items, train_iter)
+    state = TrainState.from_checkpoint_items(items)
+    logging.info("Resumed from step %d in %s.", step, manager.directory)
+  else:
+    state = jax.jit(init_state, out_shardings=state_sharding)()
+  first_step = int(state.step)
+
+  # ----- compiled steps -----
+  batch_sharding = sharding.data_sharded(mesh)
+  train_step = jax.jit(make_train_step(graphdef, config, tx),
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef, config),
+                      in_shardings=(state_sharding, batch_sharding))
+
+  # ----- loop -----
+  writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
+  if first_step == 0:
+    writer.write_hparams(_flatten(config.to_dict()))
+  progress = ProgressLog(config.num_train_steps, config.batch_size, first_step)
+  history: list[dict[str, Any]] = []  # per-step device scalars since the last report
+  val_metrics: dict[str, float] = {}
+  logging.info("Training steps %d..%d.", first_step + 1, config.num_train_steps)
+  for step in range(first_step + 1, config.num_train_steps + 1):
+    batch = sharding.to_global(next(train_iter), mesh)
+    state, scalars = train_step(state, batch)
+    history.append(dict(scalars, step=step))
+
+    is_last = step == config.num_train_steps
+    if step % config.log_every_steps == 0 or is_last:
+      fetched = jax.device_get(history)
+      history = []
+      _stop_on_nonfinite(fetched, manager, workdir)
+      summary = {k: float(np.mean([h[k] for h in fetched])) for k in fetched[-1] if k != "step"}
+      summary["learning_rate"] = float(fetched[-1]["learning_rate"])
+      summary.update(progress(step))
+      writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+      logging.info("step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  %.1f images/s  ETA %.1f min",
+                   step, config.num_train_steps, summary["loss"], summary["learning_rate"],
+                   summary["steps_per_sec"], summary["images_per_sec"], summary["eta_min"])
+
+    evaluated = False
+    if step % config.eval_every_steps == 0 or is_last:
+      t0 = time.perf_counter()
+      val_metrics, pictures = evaluate(eval_step, state, eval_batches, mesh,
+                                       config.num_eval_images)
+      writer.write_scalars(step, {f"validation/{k}": v for k, v in val_metrics.items()})
+      if pictures is not None and len(pictures):
+        writer.write_images(step, {"validation/overlays": pictures})
+      logging.info("step %d validation: %s (%.1fs)", step, "  ".join(
+          f"{k} {v:.4f}" for k, v in sorted(val_metrics.items())), time.perf_counter() - t0)
+      progress.last_time += time.perf_counter() - t0  # keep eval out of steps/s
+      evaluated = True
+
+    if step % config.checkpoint_every_steps == 0 or is_last:
+      if history:  # never save a state whose loss went non-finite since the last report
+        fetched = jax.device_get(history)
+        _stop_on_nonfinite(fetched, manager, workdir)
+      checkpoint.save(manager, step, state.checkpoint_items(), train_iter,
+                      metrics=val_metrics if evaluated else None)
+  manager.wait_until_finished()
+  writer.flush()
+  writer.close()
+  return val_metrics
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM (one host or a pod slice: every worker runs the same command).
+#
+#   TPU=my-tpu ZONE=us-central2-b CONFIG=configs/unet.py WORKDIR=gs://bucket/runs/unet \
+#     MANUAL_DIR=/data/chest-xray-masks-and-labels bash launch/tpu_vm.sh
+#
+# Prepare the dataset once first (it is read by every host from DATA_DIR, which must be a
+# shared location such as a GCS bucket for a pod slice):
+#   python -m cxr_jax.data.prepare --dataset=kaggle --manual_dir=$MANUAL_DIR --data_dir=$DATA_DIR
+set -euo pipefail
+: "${TPU:?name of the TPU VM}" "${ZONE:?its zone}" "${WORKDIR:?run directory}"
+CONFIG=${CONFIG:-configs/unet.py}
+DATA_DIR=${DATA_DIR:-~/tensorflow_datasets}
+EXTRA=${EXTRA:-}
+gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "
+  cd ~/cxr_jax && pip install -q -e . 'jax[tpu]' &&
+  python -m cxr_jax.main --multihost --config=$CONFIG --workdir=$WORKDIR \
+    --config.data.data_dir=$DATA_DIR --config.data.manual_dir=${MANUAL_DIR:-} $EXTRA"

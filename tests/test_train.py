@@ -1,0 +1,153 @@
+"""End-to-end training: smoke runs, kill -9 and resume, 1 vs 4 devices, non-finite loss."""
+
+import importlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from cxr_jax import checkpoint
+from cxr_jax import train
+from tests.conftest import REPO_ROOT
+
+
+def smoke_config(name: str, data_dir: pathlib.Path):
+  config = importlib.import_module(f"configs.{name}").get_config("smoke")
+  config.data.data_dir = str(data_dir)
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp("tfds")
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+  with open(workdir / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("name", ["unet", "attention_unet", "classifier", "multitask"])
+def test_smoke_run_writes_workdir(name, data_dir, tmp_path):
+  config = smoke_config(name, data_dir)
+  workdir = tmp_path / "run"
+  val = train.train_and_evaluate(config, str(workdir))
+
+  record = json.loads((workdir / "config.json").read_text())
+  assert record["config"]["model"]["name"] == name
+  assert record["config"]["data"]["name"] == "synthetic"
+  assert record["dataset"]["name"].startswith("cxr_masks_and_labels/")
+  assert record["versions"]["jax"]
+  lines = read_metrics(workdir)
+  train_lines = [l for l in lines if l["split"] == "train"]
+  val_lines = [l for l in lines if l["split"] == "validation"]
+  assert [l["step"] for l in train_lines] == [2, 4, 6]
+  assert [l["step"] for l in val_lines] == [3, 6]
+  assert all(np.isfinite(l["loss"]) for l in train_lines)
+  expected = {"dice", "iou", "precision", "recall"} if name != "classifier" else set()
+  if name in ("classifier", "multitask"):
+    expected |= {"accuracy", "auc", "sensitivity", "specificity"}
+  assert expected <= set(val_lines[-1]), val_lines[-1]
+  for key in expected:
+    assert 0.0 <= val[key] <= 1.0 and val[key] == pytest.approx(val_lines[-1][key])
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [3, 6]
+  assert any(p.name.startswith("events.out.tfevents") for p in workdir.iterdir())
+
+  # The inference path restores what was trained.
+  restored_config, model = checkpoint.restore_for_inference(str(workdir), "latest")
+  assert restored_config.model.name == name
+
+
+def test_running_again_resumes_from_the_checkpoint(data_dir, tmp_path):
+  config = smoke_config("unet", data_dir)
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  before = read_metrics(workdir)
+  config.num_train_steps = 8
+  train.train_and_evaluate(config, str(workdir))
+  after = read_metrics(workdir)
+  assert after[:len(before)] == before
+  assert [l["step"] for l in after[len(before):] if l["split"] == "train"] == [8]
+
+
+def _run_main(workdir, data_dir, *extra, env=None, script=None, check=True):
+  args = [f"--config={REPO_ROOT}/configs/unet.py:smoke", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.num_train_steps=12",
+          "--config.checkpoint_every_steps=4", "--config.eval_every_steps=6", *extra]
+  command = [sys.executable, "-c", script, *args] if script else [
+      sys.executable, "-m", "cxr_jax.main", *args]
+  proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, timeout=300)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _final_params(workdir) -> list[np.ndarray]:
+  """Parameters and batch statistics of the latest checkpoint."""
+  _, model = checkpoint.restore_for_inference(str(workdir), "latest")
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param, nnx.BatchStat))]
+
+
+# Runs main, but kill -9's itself right after the second checkpoint save has *started*
+# (Orbax saves asynchronously, so that save is usually still being written).
+_KILL_AFTER_SECOND_SAVE = textwrap.dedent("""
+    import os, signal
+    from cxr_jax import checkpoint, main
+    original, calls = checkpoint.save, []
+    def save(*args, **kwargs):
+      original(*args, **kwargs)
+      calls.append(1)
+      if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.save = save
+    main.run()
+""")
+
+
+def test_kill_minus_9_then_resume_is_bitwise_identical(data_dir, tmp_path):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  _run_main(straight, data_dir)
+  proc = _run_main(killed, data_dir, script=_KILL_AFTER_SECOND_SAVE, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  complete = [int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()]
+  assert complete and max(complete) < 12  # it really stopped part-way
+  _run_main(killed, data_dir)  # the same command resumes
+  for a, b in zip(_final_params(straight), _final_params(killed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # The resumed run's metrics continue the uninterrupted ones.
+  last = lambda w: [l for l in read_metrics(w) if l["split"] == "validation"][-1]
+  assert last(killed) == last(straight)
+
+
+def test_one_and_four_devices_agree(data_dir, tmp_path):
+  one, four = tmp_path / "one", tmp_path / "four"
+  flag = "--xla_force_host_platform_device_count="
+  _run_main(one, data_dir, env={"XLA_FLAGS": flag + "1"})
+  _run_main(four, data_dir, env={"XLA_FLAGS": flag + "4"})
+  assert json.loads((four / "config.json").read_text())["devices"]["count"] == 4
+  lines_one, lines_four = read_metrics(one), read_metrics(four)
+  assert len(lines_one) == len(lines_four)
+  for a, b in zip(lines_one, lines_four):
+    assert (a["step"], a["split"]) == (b["step"], b["split"])
+    for key in ("loss", "dice", "iou", "precision", "recall", "seg_loss"):
+      if key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+
+
+def test_nonfinite_loss_stops_with_step_and_checkpoint(data_dir, tmp_path):
+  config = smoke_config("unet", data_dir)
+  config.optim.learning_rate = 1e30
+  config.optim.grad_clip = 0.0
+  config.optim.warmup_steps = 0
+  with pytest.raises(FloatingPointError, match=r"step \d+.*last good checkpoint"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
