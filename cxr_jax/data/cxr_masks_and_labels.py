@@ -80,6 +80,7 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
     self.strict = strict
     self.skipped: list[kaggle_archive.Skip] = []
+    self._manual_dir = None
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -107,7 +108,9 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
       by_split = _group(range(len(ids)), key=lambda i: split_of(ids[i]))
       return {split: self._generate_examples(indices) for split, indices in by_split.items()}
 
-    archive = kaggle_archive.find_archive(dl_manager.manual_dir)
+    # The DownloadConfig's manual_dir as given: tfds' own `dl_manager.manual_dir` insists on
+    # a non-empty folder, and this builder also takes the .zip itself.
+    archive = kaggle_archive.find_archive(self._manual_dir or dl_manager.manual_dir)
     logging.info("Reading the archive at %s", archive.describe())
     for ignored in archive.ignored_roots:
       logging.info("Ignoring %s: a copy of the tree read from %s.",
@@ -123,6 +126,7 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(rs, archive) for split, rs in by_split.items()}
 
   def _download_and_prepare(self, dl_manager, download_config):
+    self._manual_dir = download_config.manual_dir
     super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
     self.info.metadata["skipped"] = [str(s) for s in self.skipped]
     if self.skipped:

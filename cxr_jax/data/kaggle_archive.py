@@ -194,10 +194,14 @@ def _stem_and_suffix(name: str) -> tuple[str, str]:
 
 
 def _children(tree: _Tree, folder: str) -> list[str]:
-  """Files directly inside `folder` (a prefix ending in '/'), sorted."""
+  """Files directly inside `folder` (a prefix ending in '/'), by stem, .png first."""
+
+  def order(name: str) -> tuple[str, bool, str]:
+    stem, suffix = _stem_and_suffix(name)
+    return stem, suffix != ".png", name
+
   return sorted(
-    n for n in tree.names if n.startswith(folder) and "/" not in n[len(folder):]
-  )
+    (n for n in tree.names if n.startswith(folder) and "/" not in n[len(folder):]), key=order)
 
 
 def scan_archive(archive: Archive) -> tuple[list[Record], list[Skip]]:
