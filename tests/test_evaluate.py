@@ -1,0 +1,170 @@
+"""Evaluation: classifier statistics by hand, the native-resolution round trip, and the
+whole command on records made in the test with a fake model (exact, compiles in a second)."""
+
+import csv
+import json
+import math
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from cxr_jax import evaluate
+from cxr_jax import predict
+from cxr_jax.data import preprocess
+
+
+class BrightIsLung(nnx.Module):
+  """Fake model: lung where the normalised image is bright; p(abnormal) from its mean."""
+
+  def __init__(self, classify: bool = False, segment: bool = True):
+    self.gain = nnx.Param(jnp.asarray(8.0))
+    self.classify, self.segment = classify, segment
+
+  def __call__(self, x, *, train: bool):
+    out = {}
+    if self.segment:
+      out["mask_logits"] = self.gain[...] * x
+    if self.classify:
+      # Mean of the top-left quarter of the letterboxed image: the test draws it per label.
+      score = x[:, : x.shape[1] // 2, : x.shape[2] // 2, 0].mean((1, 2))
+      out["class_logits"] = jnp.stack([-score, score], -1)
+    return out
+
+
+def small_config() -> ml_collections.ConfigDict:
+  from configs import default
+  config = default.get_config()
+  config.data.image_size = 32
+  config.eval_batch_size = 4
+  return config
+
+
+def make_records(shapes, seed=0, sources=None, labels=None):
+  """Records like the dataset's: a bright ellipse pair (lungs) on a dark image."""
+  rng = np.random.default_rng(seed)
+  records = []
+  for k, (h, w) in enumerate(shapes):
+    rows, cols = np.mgrid[:h, :w]
+    mask = np.zeros((h, w), np.uint8)
+    for cx in (0.3, 0.7):
+      mask |= (((rows - 0.5 * h) / (0.35 * h)) ** 2 + ((cols - cx * w) / (0.15 * w)) ** 2
+               <= 1).astype(np.uint8)
+    image = 30 + 160 * mask + rng.integers(0, 20, (h, w))
+    label = 0 if labels is None else labels[k]
+    if label:  # abnormal: a brighter top-left corner (what the fake classifier looks at)
+      image[: h // 2, : w // 2] += 40
+    records.append({
+        "image": np.clip(image, 0, 255).astype(np.uint8)[..., None], "mask": mask[..., None],
+        "has_mask": True, "label": label,
+        "source": 2 if sources is None else sources[k], "id": f"case{k}".encode()})
+  return records
+
+
+# ----- classifier statistics -----
+
+def test_auc_by_hand():
+  labels = np.array([0, 0, 1, 1])
+  assert evaluate.roc_auc(labels, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+  assert evaluate.roc_auc(labels, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
+  assert math.isnan(evaluate.roc_auc(np.ones(3), np.arange(3.0)))
+
+
+def test_youden_threshold_and_sensitivity_specificity():
+  labels = np.array([0, 0, 0, 1, 1, 1])
+  scores = np.array([0.1, 0.2, 0.6, 0.4, 0.7, 0.9])
+  # Cut-offs: >=0.7 -> J 2/3; >=0.4 -> tpr 1, fpr 1/3 -> J 2/3 too: the higher one wins.
+  threshold = evaluate.youden_threshold(labels, scores)
+  assert threshold == pytest.approx((0.7 + 0.6) / 2)
+  sens, spec = evaluate.sensitivity_specificity(labels, scores, threshold)
+  assert (sens, spec) == (pytest.approx(2 / 3), pytest.approx(1.0))
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_auc():
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 2, 60)
+  scores = labels * 0.3 + rng.random(60)
+  a = evaluate.bootstrap_auc_interval(labels, scores, seed=3, num_samples=200)
+  b = evaluate.bootstrap_auc_interval(labels, scores, seed=3, num_samples=200)
+  assert a == b and a[0] < evaluate.roc_auc(labels, scores) < a[1]
+
+
+def test_expected_calibration_error_by_hand():
+  # Bin [0.2, 0.3): p 0.25 x2, observed 1/2 -> gap 0.25; bin [0.9, 1.0]: p 1.0 x2, both 1.
+  labels = np.array([0, 1, 1, 1])
+  probs = np.array([0.25, 0.25, 1.0, 1.0])
+  assert evaluate.expected_calibration_error(labels, probs) == pytest.approx(0.5 * 0.25)
+  bins = evaluate.reliability_bins(labels, probs)
+  assert bins["count"].tolist() == [0, 0, 2, 0, 0, 0, 0, 0, 0, 2]
+
+
+# ----- native resolution -----
+
+@pytest.mark.parametrize("shape", [(97, 61), (50, 130), (512, 512)])
+def test_native_resolution_round_trip(shape):
+  """A mask letterboxed to the model's square and mapped back overlaps itself closely."""
+  record = make_records([shape])[0]
+  truth = record["mask"][..., 0]
+  boxed, box = preprocess.letterbox(truth.astype(np.float32), 64)
+  back = preprocess.unletterbox(boxed, box, order="bilinear") >= 0.5
+  assert back.shape == shape
+  from cxr_jax import surface
+  m = surface.mask_metrics(back, truth)
+  assert m["dice"] > 0.97 and m["hd95_px"] <= 2 * max(shape) / 64
+
+
+# ----- the command, on records made here -----
+
+def test_evaluate_segmenter_writes_json_csv_and_report(tmp_path):
+  config = small_config()
+  shapes = [(97, 61), (64, 64), (50, 130), (80, 80), (70, 90)]
+  test = make_records(shapes, sources=[0, 1, 2, 0, 1])
+  summary = evaluate.evaluate(str(tmp_path), "test", restored=(config, BrightIsLung()),
+                              sources={"test": test}, progress=False)
+  seg = summary["segmentation"]
+  assert summary["num_images"] == 5 and seg["num_images_with_mask"] == 5
+  assert seg["raw"]["all"]["dice"]["mean"] > 0.9  # fake model ~ truth, scored at native size
+  assert set(seg["raw"]["per_source"]) == {"montgomery", "shenzhen", "synthetic"}
+  assert len(seg["raw"]["worst"]) == 5
+
+  on_disk = json.loads((tmp_path / "eval" / "test.json").read_text())
+  assert on_disk["segmentation"]["dice"] == pytest.approx(seg["dice"])
+  with open(tmp_path / "eval" / "test.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(int(r["height"]), int(r["width"])) for r in rows] == shapes
+  for name in ("id", "source", "label", "dice", "iou", "precision", "recall", "hd95_px",
+               "asd_px", "hd95_mm", "asd_mm", "dice_post", "lung_fraction"):
+    assert name in rows[0]
+  montgomery = [r for r in rows if r["source"] == "montgomery"]
+  assert all(r["hd95_mm"] and r["spacing_estimated"] == "1" for r in montgomery)
+  assert all(r["hd95_mm"] == "" for r in rows if r["source"] != "montgomery")
+  assert (tmp_path / "eval" / "test_report.html").exists()
+
+
+def test_evaluate_classifier_threshold_from_validation(tmp_path):
+  config = small_config()
+  labels = [0, 1, 0, 1, 1, 0]
+  test = make_records([(60, 50)] * 6, labels=labels, seed=1)
+  validation = make_records([(50, 60)] * 6, labels=labels[::-1], seed=2)
+  summary = evaluate.evaluate(
+      str(tmp_path), "test", restored=(config, BrightIsLung(classify=True, segment=False)),
+      sources={"test": test, "validation": validation}, progress=False)
+  c = summary["classification"]
+  assert "segmentation" not in summary
+  assert c["auc"] == pytest.approx(1.0)  # the drawn corner separates the classes
+  assert c["threshold_from"] == "validation"
+  assert c["sensitivity"] == pytest.approx(1.0) and c["specificity"] == pytest.approx(1.0)
+  with open(tmp_path / "eval" / "test.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert all(0 <= float(r["p_abnormal"]) <= 1 for r in rows) and rows[0]["dice"] == ""
+  html = (tmp_path / "eval" / "test_report.html").read_text()
+  assert "ROC curve" in html and "Reliability diagram" in html
+  assert (tmp_path / "eval" / "test_roc.png").exists()
+
+
+def test_inference_pads_a_short_batch():
+  inference = predict.Inference(small_config(), BrightIsLung(), batch_size=4)
+  out = inference(np.zeros((3, 32, 32, 1), np.float32))
+  assert out["prob"].shape == (3, 32, 32) and inference.segments and not inference.classifies
