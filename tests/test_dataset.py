@@ -253,6 +253,9 @@ def test_split_of_is_stable_and_roughly_80_10_10():
 def test_synthetic_builder(tmp_path):
   builder = prepare.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=12)
   assert builder.info.config_name == "synthetic_12"
+  default = cxr_masks_and_labels.CxrMasksAndLabels(
+    config=cxr_masks_and_labels.synthetic_config(400), data_dir=str(tmp_path))
+  assert default.info.config_name == "synthetic"
   records = _records(builder)
   assert set(records) == {f"synthetic_{i:05d}" for i in range(12)}
   for image_id, r in records.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Iterator
 
@@ -42,6 +43,11 @@ def synthetic_config(num_examples: int = DEFAULT_SYNTHETIC_EXAMPLES) -> CxrConfi
   """The synthetic config of a given size ('synthetic' for the default size)."""
   if num_examples < 1:
     raise ValueError(f"synthetic_examples must be >= 1, got {num_examples}.")
+  return _synthetic_config(int(num_examples))
+
+
+@functools.cache  # tfds accepts a config named like a registered one only if it is that object
+def _synthetic_config(num_examples: int) -> CxrConfig:
   name = "synthetic" if num_examples == DEFAULT_SYNTHETIC_EXAMPLES else f"synthetic_{num_examples}"
   return CxrConfig(
     name=name, kind="synthetic", num_examples=num_examples,
