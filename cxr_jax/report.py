@@ -24,8 +24,10 @@ import matplotlib.pyplot as plt
 from matplotlib import colors, lines, patches, ticker
 import numpy as np
 
-TRUTH_COLOUR = "#00d060"  # green: the reference outline
-PRED_COLOUR = "#ff3030"  # red: the prediction
+from cxr_jax import overlays
+
+TRUTH_COLOUR = np.array(overlays.TRUE_RGB) / 255  # green: the reference outline
+PRED_COLOUR = np.array(overlays.PRED_RGB) / 255  # red: the prediction
 SOURCE_COLOURS = {"montgomery": "#1f77b4", "shenzhen": "#ff7f0e", "synthetic": "#7f7f7f"}
 DPI = 110
 
@@ -33,16 +35,8 @@ DPI = 110
 # ----- figures -----
 
 def _show_case(ax: plt.Axes, case: Any, pred: np.ndarray, title: str) -> None:
-  """Image in grey, prediction filled and outlined in red, truth outlined in green."""
-  ax.imshow(case.image, cmap="gray", interpolation="lanczos")
-  fill = np.zeros(pred.shape + (4,), np.float32)
-  fill[pred] = colors.to_rgba(PRED_COLOUR, 0.25)
-  ax.imshow(fill, interpolation="nearest")
-  if pred.any():
-    ax.contour(pred, levels=[0.5], colors=[PRED_COLOUR], linewidths=1.2)
-  if case.truth is not None and case.truth.any():
-    ax.contour(case.truth, levels=[0.5], colors=[TRUTH_COLOUR], linewidths=1.2,
-               linestyles="--")
+  """The shared overlay drawing: prediction tinted and outlined in red, truth outlined green."""
+  ax.imshow(overlays.overlay(case.image, pred, case.truth), interpolation="lanczos")
   ax.set_title(title, fontsize=9)
   ax.set_axis_off()
 
@@ -73,7 +67,7 @@ def cases_figure(rows: Sequence[Mapping[str, Any]], cases: Mapping[str, Any]) ->
       title = (f"{role}: {row['id']} ({row['source']})\n{variant}: Dice "
                f"{row['dice' + suffix]:.3f}, HD95 {row['hd95_px' + suffix]:.1f} px")
       _show_case(axes[r, col], case, pred, title)
-  handles = [lines.Line2D([], [], color=TRUTH_COLOUR, ls="--", label="reference"),
+  handles = [lines.Line2D([], [], color=TRUTH_COLOUR, lw=2, label="reference outline"),
              patches.Patch(facecolor=colors.to_rgba(PRED_COLOUR, 0.4),
                                       edgecolor=PRED_COLOUR, label="prediction")]
   fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False)

@@ -1,0 +1,127 @@
+"""predict on awkward files: 16-bit PNG, RGB JPEG, a 3000x2500 image and a text file named
+.png. A fake model (fixed rule, compiles in a second) makes the outputs checkable; one test
+runs the real command on a trained smoke workdir when the trainer is available."""
+
+import csv
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from cxr_jax import predict
+
+
+class BrightIsLung(nnx.Module):
+  """Lung where the normalised image is bright; p(abnormal) = sigmoid(mean intensity)."""
+
+  def __init__(self, classify: bool = False):
+    self.gain = nnx.Param(jnp.asarray(8.0))
+    self.classify = classify
+
+  def __call__(self, x, *, train: bool):
+    out = {"mask_logits": self.gain[...] * x}
+    if self.classify:
+      score = x.mean((1, 2, 3))
+      out["class_logits"] = jnp.stack([-score, score], -1)
+    return out
+
+
+def _config() -> ml_collections.ConfigDict:
+  from configs import default
+  config = default.get_config()
+  config.data.image_size = 32
+  config.eval_batch_size = 2
+  return config
+
+
+def _lungs(height: int, width: int) -> np.ndarray:
+  """A dark image with two bright ellipses: float in [0, 1]."""
+  rows, cols = np.mgrid[:height, :width]
+  lungs = np.zeros((height, width), bool)
+  for cx in (0.3, 0.7):
+    lungs |= ((rows - 0.5 * height) / (0.35 * height)) ** 2 + (
+        (cols - cx * width) / (0.15 * width)) ** 2 <= 1
+  return 0.15 + 0.7 * lungs
+
+
+@pytest.fixture(scope="module")
+def awkward_folder(tmp_path_factory) -> pathlib.Path:
+  folder = tmp_path_factory.mktemp("inputs")
+  Image.fromarray((_lungs(300, 200) * 60000).astype(np.uint16)).save(folder / "grey16.png")
+  rgb = (np.stack([_lungs(150, 220)] * 3, -1) * 255).astype(np.uint8)
+  rgb[..., 0] = rgb[..., 0] // 2  # a colour cast: must still become one grey channel
+  Image.fromarray(rgb, mode="RGB").save(folder / "colour.jpg", quality=90)
+  Image.fromarray((_lungs(3000, 2500) * 255).astype(np.uint8)).save(
+      folder / "big.png", compress_level=1)
+  (folder / "notes.png").write_text("this is not an image\n")
+  (folder / "readme.txt").write_text("skipped: not a .png/.jpg\n")
+  return folder
+
+
+EXPECTED = {"big.png": (3000, 2500), "colour.jpg": (150, 220), "grey16.png": (300, 200)}
+
+
+def _read_csv(path: pathlib.Path) -> tuple[list[str], list[dict]]:
+  with open(path) as f:
+    reader = csv.DictReader(f)
+    return reader.fieldnames, list(reader)
+
+
+def test_load_grey_keeps_depth_and_converts_colour(awkward_folder):
+  deep = predict.load_grey(awkward_folder / "grey16.png")
+  assert deep.dtype == np.float32 and deep.max() > 255  # 16-bit range kept
+  colour = predict.load_grey(awkward_folder / "colour.jpg")
+  assert colour.dtype == np.uint8 and colour.shape == (150, 220)
+  with pytest.raises(ValueError, match="notes.png"):
+    predict.load_grey(awkward_folder / "notes.png")
+
+
+def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys):
+  status = predict.run("unused", str(awkward_folder), str(tmp_path),
+                       restored=(_config(), BrightIsLung()), progress=True)
+  assert status == 1  # something failed ...
+  err = capsys.readouterr().err
+  assert "notes.png" in err and "readme.txt" in err and "3 of 4" in err
+  fields, rows = _read_csv(tmp_path / "predictions.csv")
+  assert fields == ["image", "height", "width", "lung_fraction"]
+  assert {r["image"]: (int(r["height"]), int(r["width"])) for r in rows} == EXPECTED
+  for name, shape in EXPECTED.items():  # ... the rest predicted at their native size
+    stem = pathlib.Path(name).stem
+    mask = np.asarray(Image.open(tmp_path / "masks" / f"{stem}.png"))
+    assert mask.shape == shape and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 255}
+    truth = _lungs(*shape) > 0.5
+    dice = 2 * ((mask > 0) & truth).sum() / ((mask > 0).sum() + truth.sum())
+    assert dice > 0.9, name
+    row = next(r for r in rows if r["image"] == name)
+    assert float(row["lung_fraction"]) == pytest.approx((mask > 0).mean(), abs=1e-5)
+    overlay = Image.open(tmp_path / "overlays" / f"{stem}.png")
+    assert overlay.size == (shape[1], shape[0]) and overlay.mode == "RGB"
+
+
+def test_single_image_and_classifier_column(awkward_folder, tmp_path):
+  status = predict.run("unused", str(awkward_folder / "colour.jpg"), str(tmp_path),
+                       restored=(_config(), BrightIsLung(classify=True)), progress=False)
+  assert status == 0
+  fields, rows = _read_csv(tmp_path / "predictions.csv")
+  assert fields == ["image", "height", "width", "lung_fraction", "p_abnormal"]
+  assert len(rows) == 1 and 0 <= float(rows[0]["p_abnormal"]) <= 1
+
+
+def test_same_stem_gets_distinct_outputs():
+  paths = [pathlib.Path("a.png"), pathlib.Path("a.jpg"), pathlib.Path("b.png")]
+  assert predict.output_stems(paths) == ["a.png", "a.jpg", "b"]
+
+
+def test_progress_bar_reaches_the_total(capsys):
+  bar = predict.Progress(4, "work")
+  for _ in range(4):
+    bar.update()
+  bar.close()
+  assert "4/4" in capsys.readouterr().err
