@@ -55,7 +55,7 @@ def test_bce_stable_for_huge_logits():
   mask = jnp.array([1.0, 0.0, 0.0, 1.0]).reshape(1, 2, 2, 1)
   bce = losses.segmentation_loss_per_image(logits, mask)["bce"]
   np.testing.assert_allclose(bce, [(1e4 + 1e4) / 4], rtol=1e-6)
-  grad = jax.grad(lambda x: losses.segmentation_loss(x, mask, jnp.ones(1)))(logits)
+  grad = jax.jit(jax.grad(lambda x: losses.segmentation_loss(x, mask, jnp.ones(1))))(logits)
   assert np.all(np.isfinite(grad))
 
 
@@ -68,6 +68,7 @@ def test_unmasked_examples_ignored_bitwise():
   changed_logits = jnp.where(unmasked, other_logits * 1e3, logits).at[1, 0, 0, 0].set(jnp.nan)
   changed_mask = jnp.where(unmasked, other_mask, mask)
 
+  @jax.jit
   def value_and_grad(x, m):
     return jax.value_and_grad(lambda x: losses.segmentation_loss(x, m, weight, 1.0))(x)
 
@@ -83,12 +84,13 @@ def test_unmasked_examples_ignored_bitwise():
 def test_all_zero_weight_gives_zero_loss_and_gradient():
   logits, mask = _batch()
   weight = jnp.zeros(4)
-  loss, grad = jax.value_and_grad(lambda x: losses.segmentation_loss(x, mask, weight))(logits)
+  loss, grad = jax.jit(jax.value_and_grad(
+      lambda x: losses.segmentation_loss(x, mask, weight)))(logits)
   assert float(loss) == 0.0
   assert np.all(np.asarray(grad) == 0.0)
   class_logits = jnp.ones((4, 2))
-  loss, grad = jax.value_and_grad(
-      lambda x: losses.classification_loss(x, jnp.array([0, 1, 1, 0]), weight))(class_logits)
+  loss, grad = jax.jit(jax.value_and_grad(
+      lambda x: losses.classification_loss(x, jnp.array([0, 1, 1, 0]), weight)))(class_logits)
   assert float(loss) == 0.0
   assert np.all(np.asarray(grad) == 0.0)
 
@@ -102,7 +104,7 @@ def test_classification_loss_hand_computed_and_masked():
   np.testing.assert_allclose(losses.classification_loss(class_logits, label, weight), expected,
                              rtol=1e-6)
   changed = class_logits.at[3].set(jnp.array([jnp.nan, 123.0]))
-  grad_fn = jax.value_and_grad(lambda x: losses.classification_loss(x, label, weight))
+  grad_fn = jax.jit(jax.value_and_grad(lambda x: losses.classification_loss(x, label, weight)))
   (la, ga), (lb, gb) = grad_fn(class_logits), grad_fn(changed)
   assert np.asarray(la).tobytes() == np.asarray(lb).tobytes()
   assert np.asarray(ga).tobytes() == np.asarray(gb).tobytes()
