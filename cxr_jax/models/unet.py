@@ -1,0 +1,101 @@
+"""U-Net (Ronneberger et al. 2015) with padded convolutions, and its multi-task variant.
+
+Parameter count of the published configuration (depth 4, base 64, 1 input channel, 1 output
+channel, norm='none', upsample='transpose'); a 3x3 conv Cin->Cout has 9*Cin*Cout + Cout:
+  encoder   1->64->64           640 + 36,928              =     37,568
+            64->128->128     73,856 + 147,584             =    221,440
+            128->256->256   295,168 + 590,080             =    885,248
+            256->512->512 1,180,160 + 2,359,808           =  3,539,968
+  bottleneck 512->1024->1024 4,719,616 + 9,438,208        = 14,157,824
+  decoder   up 1024->512 (2x2: 4*1024*512 + 512) 2,097,664
+            + 1024->512->512 4,719,104 + 2,359,808        =  9,176,576
+            up 512->256 524,544 + 512->256->256 1,179,904 + 590,080 = 2,294,528
+            up 256->128 131,200 + 256->128->128 295,040 + 147,584   =   573,824
+            up 128->64   32,832 + 128->64->64    73,792 +  36,928   =   143,552
+  head      1x1 64->1                                     =         65
+  total                                                   = 31,030,593  (the published 31.0M)
+With norm='batch' or 'group' each of the 18 3x3 convs loses its bias (Cout) and its norm adds
+a scale and a shift (2*Cout): + sum(Cout) = 5,888 -> 31,036,481 parameters (plus 11,776
+BatchNorm running statistics, which are not parameters).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from cxr_jax.models import layers
+
+
+class UNet(nnx.Module):
+  """U-Net for binary segmentation: x [B, H, W, in_features] -> {'mask_logits': [B, H, W, 1]}.
+
+  H and W must be multiples of 2**depth (non-square is fine).
+  """
+
+  def __init__(self, *, in_features: int = 1, out_features: int = 1, base_features: int = 64,
+               depth: int = 4, norm: str = "batch", dropout: float = 0.0,
+               upsample: str = "transpose", dtype: str = "float32", rngs: nnx.Rngs):
+    self.depth = depth
+    self.dtype = layers.compute_dtype(dtype)
+    self.encoder = layers.Encoder(in_features, base_features=base_features, depth=depth,
+                                  norm=norm, dropout=dropout, dtype=self.dtype, rngs=rngs)
+    self.decoder = layers.Decoder(self.encoder.widths, norm=norm, dropout=dropout,
+                                  upsample=upsample, dtype=self.dtype, rngs=rngs)
+    # Logits in float32: they feed BCE and Dice, and the 1x1 conv is cheap.
+    self.head = nnx.Conv(base_features, out_features, (1, 1), dtype=jnp.float32, rngs=rngs)
+
+  @classmethod
+  def from_config(cls, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> "UNet":
+    """Builds the model from `config.model` (base_features, depth, norm, dropout, ...)."""
+    return cls(**_backbone_kwargs(model_config), rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    layers.check_input(x, 2**self.depth, type(self).__name__)
+    skips, bottleneck = self.encoder(x.astype(self.dtype), train=train)
+    features, _ = self.decoder(bottleneck, skips, train=train)
+    return {"mask_logits": self.head(features).astype(jnp.float32)}
+
+
+class MultiTaskUNet(nnx.Module):
+  """U-Net whose bottleneck also feeds a normal/abnormal head (shared encoder).
+
+  x [B, H, W, 1] -> {'mask_logits': [B, H, W, 1], 'class_logits': [B, num_classes]}. The
+  class head is global average pooling of the bottleneck, dropout, and a dense layer
+  (base_features * 2**depth * num_classes + num_classes parameters on top of the U-Net).
+  """
+
+  def __init__(self, *, in_features: int = 1, out_features: int = 1, base_features: int = 64,
+               depth: int = 4, norm: str = "batch", dropout: float = 0.0,
+               upsample: str = "transpose", num_classes: int = 2, dtype: str = "float32",
+               rngs: nnx.Rngs):
+    self.unet = UNet(in_features=in_features, out_features=out_features,
+                     base_features=base_features, depth=depth, norm=norm, dropout=dropout,
+                     upsample=upsample, dtype=dtype, rngs=rngs)
+    self.class_dropout = layers.Dropout(dropout, rngs=rngs)
+    self.class_head = nnx.Linear(self.unet.encoder.widths[-1], num_classes, rngs=rngs)
+
+  @classmethod
+  def from_config(cls, model_config: ml_collections.ConfigDict, *,
+                  rngs: nnx.Rngs) -> "MultiTaskUNet":
+    """Builds the model from `config.model` (the U-Net keys plus num_classes)."""
+    return cls(**_backbone_kwargs(model_config), num_classes=model_config.num_classes,
+               rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    unet = self.unet
+    layers.check_input(x, 2**unet.depth, type(self).__name__)
+    skips, bottleneck = unet.encoder(x.astype(unet.dtype), train=train)
+    features, _ = unet.decoder(bottleneck, skips, train=train)
+    pooled = self.class_dropout(layers.global_average_pool(bottleneck), train=train)
+    return {"mask_logits": unet.head(features).astype(jnp.float32),
+            "class_logits": self.class_head(pooled).astype(jnp.float32)}
+
+
+def _backbone_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The `config.model` keys every U-Net variant takes."""
+  return dict(base_features=model_config.base_features, depth=model_config.depth,
+              norm=model_config.norm, dropout=model_config.dropout,
+              upsample=model_config.upsample, dtype=model_config.dtype)
