@@ -182,6 +182,7 @@ class Case:
   pred: np.ndarray | None  # bool [h, w], raw
   pred_post: np.ndarray | None
   attention: list[np.ndarray] | None = None  # gate maps [s, s] at the model's resolution
+  model_input: np.ndarray | None = None  # [S, S] the letterboxed image the gates look at
 
 
 @dataclasses.dataclass
@@ -246,6 +247,7 @@ def predict_split(inference: predict.Inference, config: ml_collections.ConfigDic
         row["p_abnormal"] = p
         if attention_left and "attention" in outputs and case.truth is not None:
           case.attention = [a[i] for a in outputs["attention"]]
+          case.model_input = batch["image"][i, ..., 0]
           attention_left -= 1
         rows.append(row)
         cases[row["id"]] = case

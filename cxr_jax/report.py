@@ -158,23 +158,26 @@ def reliability_figure(labels: np.ndarray, probs: np.ndarray, ece: float) -> plt
 
 
 def attention_figure(cases: Sequence[Any]) -> plt.Figure:
-  """Each case's image, then its attention gate maps (finest level first) over it."""
+  """Each case's model input, then each attention gate map (finest first) laid over it."""
   levels = max(len(c.attention) for c in cases)
-  fig, axes = plt.subplots(len(cases), levels + 1, figsize=(2.3 * (levels + 1), 2.4 * len(cases)),
-                           squeeze=False)
+  fig, axes = plt.subplots(len(cases), levels + 1, squeeze=False,
+                           figsize=(2.3 * (levels + 1), 2.4 * len(cases) + 0.5))
   for r, case in enumerate(cases):
-    axes[r, 0].imshow(case.image, cmap="gray")
+    background = case.model_input if case.model_input is not None else case.image
+    size = background.shape[0]
+    axes[r, 0].imshow(background, cmap="gray")
     axes[r, 0].set_title(f"{case.id}", fontsize=8)
-    for c in range(levels):
+    for c, gate in enumerate(case.attention):
       ax = axes[r, c + 1]
-      if c < len(case.attention):
-        gate = case.attention[c]
-        ax.imshow(gate, cmap="magma", vmin=0, vmax=1, interpolation="bilinear")
-        ax.set_title(f"gate {c} ({gate.shape[0]}x{gate.shape[1]})", fontsize=8)
+      ax.imshow(background, cmap="gray")
+      shown = ax.imshow(gate, cmap="magma", vmin=0, vmax=1, alpha=0.65, interpolation="bilinear",
+                        extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+      ax.set_title(f"gate {c} ({gate.shape[0]}x{gate.shape[1]})", fontsize=8)
     for ax in axes[r]:
       ax.set_axis_off()
-  fig.suptitle("Attention gates (letterboxed model input; 1 = skip passed)", fontsize=9)
-  fig.tight_layout()
+  fig.suptitle("Attention gates on the model's letterboxed input (1: skip passed)", fontsize=9)
+  fig.tight_layout(rect=(0, 0, 0.92, 1))
+  fig.colorbar(shown, cax=fig.add_axes((0.93, 0.15, 0.015, 0.7)))
   return fig
 
 
