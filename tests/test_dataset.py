@@ -2,10 +2,13 @@
 
 import collections
 import io
+import logging
 import pathlib
+import re
 import shutil
 import zipfile
 
+from absl.testing import flagsaver
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -177,18 +180,23 @@ def _check_skipped(builder, location_prefix: str = "") -> None:
       file, skipped)
 
 
-def test_kaggle_folder_with_both_roots(archive_dir, tmp_path):
-  builder = prepare.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(archive_dir))
+def test_kaggle_folder_with_both_roots(archive_dir, tmp_path, caplog, capsys):
+  with caplog.at_level(logging.INFO):
+    builder = prepare.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(archive_dir))
   _check_fake_archive_records(_records(builder))
   _check_skipped(builder)
-  # The summary survives reloading the prepared dataset (no rebuild: manual_dir is ignored).
-  again = prepare.load_builder("kaggle", data_dir=str(tmp_path), manual_dir="/nonexistent")
-  assert again.info.metadata["skipped"] == builder.info.metadata["skipped"]
-  counts = prepare.split_counts(again)
-  total = sum(counts.values(), collections.Counter())
-  assert (total["total"], total["with_mask"], total["without_mask"]) == (6, 4, 2)
-  assert (total["montgomery"], total["shenzhen"], total["normal"], total["abnormal"]) == (2, 4, 3, 3)
-  assert total["mask_not_binary"] == total["mask_size_differs"] == 0
+  summary = [r.getMessage() for r in caplog.records if "Build summary" in r.getMessage()]
+  assert summary == [
+    "Build summary: 5 files skipped (duplicate id: 1, mask without an image: 1, "
+    "unreadable image: 1, its image was skipped: 1, mask size differs: 1)."], summary
+  # The CLI reloads the prepared dataset (manual_dir is not read again) and prints counts
+  # and the skipped files kept in the dataset's metadata.
+  with flagsaver.flagsaver(dataset="kaggle", data_dir=str(tmp_path), manual_dir="/nonexistent"):
+    prepare.main(["prepare"])
+  out = capsys.readouterr().out
+  assert re.search(r"^all +6 +4 +2 +3 +3 +2 +4 +0$", out, re.MULTILINE), out
+  assert "mask_not_binary=0, mask_size_differs=0" in out
+  assert "skipped files: 5" in out and "CHNCXR_0099_1_mask.png: mask without an image" in out
 
 
 def test_kaggle_zip(archive_zip, tmp_path):

@@ -154,7 +154,7 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
         data = archive.read(record.image)
         grey = kaggle_archive.decode_greyscale(data)
       except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ...
-        self._skip(kaggle_archive.Skip(record.image, f"unreadable image ({e})"), archive)
+        self._skip(kaggle_archive.Skip(record.image, "unreadable image", str(e)), archive)
         if record.mask:
           self._skip(kaggle_archive.Skip(record.mask, "its image was skipped"), archive)
         continue
@@ -181,33 +181,37 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     """The 0/1 mask of a record, or None (no mask, or a mask that cannot be used)."""
     if not record.mask:
       return None
+    kept = f"{record.id} kept without a mask"
     try:
       mask = kaggle_archive.decode_mask(archive.read(record.mask))
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ...
-      reason = f"unreadable mask ({e}); {record.id} kept without a mask"
+      skip = kaggle_archive.Skip(record.mask, "unreadable mask", f"{e}; {kept}")
     else:
       if mask.shape != shape:
-        reason = (f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
-                  f"{shape[0]}x{shape[1]}; {record.id} kept without a mask")
+        skip = kaggle_archive.Skip(record.mask, "mask size differs", (
+          f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is {shape[0]}x{shape[1]}; "
+          f"{kept}"))
       elif not mask.any():
-        reason = f"mask is empty after binarising at >127; {record.id} kept without a mask"
+        skip = kaggle_archive.Skip(record.mask, "empty mask", f"nothing > 127; {kept}")
       else:
         return mask
-    self._skip(kaggle_archive.Skip(record.mask, reason), archive)
+    self._skip(skip, archive)
     return None
 
   def _skip(self, skip: kaggle_archive.Skip, archive) -> None:
     where = archive.tree.describe(skip.file)
+    message = str(skip).removeprefix(skip.file + ": ")
     if self.strict:
       raise kaggle_archive.ArchiveError(
-        f"{where}: {skip.reason}. (strict mode; pass strict=False / --nostrict to skip "
+        f"{where}: {message}. (strict mode; pass strict=False / --nostrict to skip "
         "such files and count them instead.)")
-    logging.warning("Skipping %s: %s", where, skip.reason)
+    logging.warning("Skipping %s: %s", where, message)
     self.skipped.append(skip)
 
   def _reasons(self) -> str:
-    counts = collections.Counter(s.reason.split(" (")[0].split(";")[0] for s in self.skipped)
-    return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
+    """'duplicate id: 1, unreadable image: 2, ...' for the build summary."""
+    counts = collections.Counter(s.kind for s in self.skipped)
+    return ", ".join(f"{kind}: {n}" for kind, n in counts.most_common())
 
   # ----- synthetic -----
 

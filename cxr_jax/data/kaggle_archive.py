@@ -47,12 +47,16 @@ class ArchiveError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Skip:
-  """A file that is not used, and why (reported in the build summary)."""
+  """A file that is not used (path relative to the archive), and why.
+
+  `kind` is short and fixed (the build summary counts by it), `detail` names the specifics.
+  """
   file: str
-  reason: str
+  kind: str
+  detail: str = ""
 
   def __str__(self) -> str:
-    return f"{self.file}: {self.reason}"
+    return f"{self.file}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,11 +222,11 @@ def scan_archive(archive: Archive) -> tuple[list[Record], list[Skip]]:
   for name in _children(tree, root + "CXR_png/"):
     stem, suffix = _stem_and_suffix(name)
     if suffix not in IMAGE_SUFFIXES:
-      skipped.append(Skip(name, f"not an image (expected {'/'.join(IMAGE_SUFFIXES)})"))
+      skipped.append(Skip(name, "not an image", f"expected {'/'.join(IMAGE_SUFFIXES)}"))
     elif not _ID_PATTERN.match(stem):
-      skipped.append(Skip(name, "name not MCUCXR_<n>_<0|1> or CHNCXR_<n>_<0|1>"))
+      skipped.append(Skip(name, "unrecognised name", "expected MCUCXR_<n>_<0|1> or CHNCXR_<n>_<0|1>"))
     elif stem in images:
-      skipped.append(Skip(name, f"duplicate id {stem} (already read from {images[stem]})"))
+      skipped.append(Skip(name, "duplicate id", f"{stem} already read from {images[stem]}"))
     else:
       images[stem] = name
 
@@ -231,18 +235,18 @@ def scan_archive(archive: Archive) -> tuple[list[Record], list[Skip]]:
     stem, suffix = _stem_and_suffix(name)
     image_id = stem.removesuffix("_mask")
     if suffix not in IMAGE_SUFFIXES:
-      skipped.append(Skip(name, "not an image"))
+      skipped.append(Skip(name, "not an image", f"expected {'/'.join(IMAGE_SUFFIXES)}"))
     elif image_id not in images:
-      skipped.append(Skip(name, f"mask without an image (no CXR_png/{image_id}.*)"))
+      skipped.append(Skip(name, "mask without an image", f"no CXR_png/{image_id}.*"))
     elif image_id in masks:
-      skipped.append(Skip(name, f"duplicate mask for {image_id} (using {masks[image_id]})"))
+      skipped.append(Skip(name, "duplicate mask", f"for {image_id}, using {masks[image_id]}"))
     else:
       masks[image_id] = name
 
   for name in _children(tree, root + "test/"):
     stem, suffix = _stem_and_suffix(name)
     if suffix in IMAGE_SUFFIXES and stem not in images:
-      skipped.append(Skip(name, "image only in test/ (images are read from CXR_png/)"))
+      skipped.append(Skip(name, "image only in test/", "images are read from CXR_png/"))
 
   readings: dict[str, str] = {}
   for folder in (root + "ClinicalReadings/", _parent(root) + "ClinicalReadings/"):
