@@ -168,3 +168,30 @@ def test_inference_pads_a_short_batch():
   inference = predict.Inference(small_config(), BrightIsLung(), batch_size=4)
   out = inference(np.zeros((3, 32, 32, 1), np.float32))
   assert out["prob"].shape == (3, 32, 32) and inference.segments and not inference.classifies
+
+
+def test_command_on_a_workdir_and_the_synthetic_dataset(tmp_path):
+  """`python -m cxr_jax.evaluate`: restore, build the run's dataset, write the outputs."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  from configs import default
+  from test_predict import make_random_workdir
+
+  config = default.get_config("smoke")
+  config.data.data_dir = str(tmp_path / "tfds")
+  make_random_workdir(tmp_path / "run", config)
+  done = subprocess.run(
+      [sys.executable, "-m", "cxr_jax.evaluate", f"--workdir={tmp_path / 'run'}",
+       "--split=test", "--checkpoint=best", "--batch_size=4"],
+      capture_output=True, text=True, timeout=300, check=False,
+      cwd=pathlib.Path(__file__).resolve().parents[1],
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = json.loads((tmp_path / "run" / "eval" / "test.json").read_text())
+  assert summary["step"] == 1 and summary["checkpoint"] == "best"
+  assert summary["num_images"] > 0 and "segmentation" in summary
+  with open(tmp_path / "run" / "eval" / "test.csv") as f:
+    assert len(list(csv.DictReader(f))) == summary["num_images"]
+  assert (tmp_path / "run" / "eval" / "test_report.html").exists()

@@ -3,10 +3,13 @@
 runs the real command on a trained smoke workdir when the trainer is available."""
 
 import csv
+import json
+import os
 import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -125,3 +128,52 @@ def test_progress_bar_reaches_the_total(capsys):
     bar.update()
   bar.close()
   assert "4/4" in capsys.readouterr().err
+
+
+# ----- the command, on a workdir -----
+
+def make_random_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """A workdir like a run's (config.json, one Orbax checkpoint) holding random weights.
+
+  The weights are drawn in numpy into the model's abstract state: initialising the real
+  model compiles every initializer (about a minute on a busy 2-core CPU).
+  """
+  from cxr_jax import checkpoint, models
+
+  abstract = nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
+  _, params, rest = nnx.split(abstract, nnx.Param, ...)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), params)
+
+  def fill(path, s):
+    if jnp.issubdtype(s.dtype, jax.dtypes.prng_key):
+      return jax.random.key(0)
+    return (jnp.ones if "var" in jax.tree_util.keystr(path) else jnp.zeros)(s.shape, s.dtype)
+
+  rest = jax.tree_util.tree_map_with_path(fill, rest)
+  workdir.mkdir(parents=True, exist_ok=True)
+  manager = checkpoint.create_manager(str(workdir), config)
+  checkpoint.save(manager, 1, {"model": {"params": params, "rest": rest}}, None,
+                  metrics={config.best_metric: 0.5})
+  manager.wait_until_finished()
+  (workdir / "config.json").write_text(json.dumps({"config": config.to_dict()}))
+
+
+def test_command_on_a_workdir(awkward_folder, tmp_path):
+  from configs import default
+  config = default.get_config("smoke")
+  make_random_workdir(tmp_path / "run", config)
+  out = tmp_path / "out"
+  done = subprocess.run(
+      [sys.executable, "-m", "cxr_jax.predict", f"--workdir={tmp_path / 'run'}",
+       f"--input={awkward_folder}", f"--output={out}", "--checkpoint=best"],
+      capture_output=True, text=True, timeout=300, check=False,
+      cwd=pathlib.Path(__file__).resolve().parents[1],
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 1, done.stderr
+  assert "notes.png" in done.stderr
+  _, rows = _read_csv(out / "predictions.csv")
+  assert {r["image"]: (int(r["height"]), int(r["width"])) for r in rows} == EXPECTED
+  for name, shape in EXPECTED.items():
+    mask = Image.open(out / "masks" / f"{pathlib.Path(name).stem}.png")
+    assert (mask.height, mask.width) == shape
