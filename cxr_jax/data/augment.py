@@ -1,0 +1,176 @@
+"""Paired augmentation in JAX, compiled into the train step.
+
+One random geometric transform per example (rotation, scale, shift, shear, optional
+horizontal flip and elastic deformation) moves image and mask through the *same* sampling
+grid: bilinear for the image, nearest for the mask, so they stay aligned. Intensity
+transforms (gamma, contrast, brightness, blur, noise) touch the image only.
+
+Strengths come from `config.aug`; a strength of 0 removes that transform from the traced
+graph, and `config.aug.enabled=False` returns the inputs unchanged. The config is read at
+trace time, so pass it by closure: `jax.jit(functools.partial(augment_batch,
+aug_config=config.aug))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.scipy import ndimage
+
+
+@dataclasses.dataclass(frozen=True)
+class AugParams:
+  """The `config.aug` fields as Python floats (hashable, read once at trace time)."""
+  enabled: bool = True
+  rotate_deg: float = 0.0
+  scale: float = 0.0
+  shift: float = 0.0
+  shear_deg: float = 0.0
+  elastic_alpha: float = 0.0
+  elastic_sigma: float = 8.0
+  hflip: bool = False
+  brightness: float = 0.0
+  contrast: float = 0.0
+  gamma: float = 0.0
+  noise_std: float = 0.0
+  blur_sigma: float = 0.0
+
+  @classmethod
+  def from_config(cls, aug_config: ml_collections.ConfigDict | AugParams) -> AugParams:
+    if isinstance(aug_config, AugParams):
+      return aug_config
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(aug_config.keys()) - fields
+    if unknown:
+      raise ValueError(f"config.aug has unknown keys {sorted(unknown)}; valid: {sorted(fields)}.")
+    params = cls(**{k: aug_config[k] for k in aug_config.keys()})
+    for name in ("scale", "contrast", "gamma"):
+      if not 0 <= getattr(params, name) < 1:
+        raise ValueError(f"config.aug.{name}={getattr(params, name)} must be in [0, 1).")
+    if params.elastic_alpha and params.elastic_sigma <= 0:
+      raise ValueError(f"config.aug.elastic_sigma={params.elastic_sigma} must be > 0.")
+    return params
+
+  @property
+  def geometric(self) -> bool:
+    return bool(self.rotate_deg or self.scale or self.shift or self.shear_deg or self.hflip
+                or self.elastic_alpha)
+
+
+def augment_batch(key: jax.Array, image: jax.Array, mask: jax.Array,
+                  aug_config: ml_collections.ConfigDict | AugParams
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Augments a batch, one independent draw per example.
+
+  Args:
+    key: PRNG key for this step (split into one key per example).
+    image: [B, S, S, 1] float32, normalised.
+    mask: [B, S, S, 1] float32 in {0, 1}.
+    aug_config: `config.aug` (static: read while tracing).
+
+  Returns:
+    (image, mask) with the input shapes and dtypes; mask stays in {0, 1}.
+  """
+  params = AugParams.from_config(aug_config)
+  if not params.enabled:
+    return image, mask
+  if image.ndim != 4 or image.shape[1] != image.shape[2] or image.shape[-1] != 1:
+    raise ValueError(f"image must be [B, S, S, 1], got {image.shape}.")
+  keys = jax.random.split(key, image.shape[0])
+  return jax.vmap(lambda k, x, m: _augment_one(k, x, m, params))(keys, image, mask)
+
+
+def _augment_one(key: jax.Array, image: jax.Array, mask: jax.Array,
+                 params: AugParams) -> tuple[jax.Array, jax.Array]:
+  """[S, S, 1] image and mask -> augmented pair."""
+  geom_key, elastic_key, intensity_key = jax.random.split(key, 3)
+  x, m = image[..., 0], mask[..., 0]
+  if params.geometric:
+    coords = _affine_coords(geom_key, x.shape[0], params)
+    if params.elastic_alpha:
+      coords = coords + _elastic_field(elastic_key, x.shape[0], params)
+    # Outside the image: the image's darkest value (like the letterbox padding), no mask.
+    # (cval must be static, so shift the image to make its minimum 0 and back: exact.)
+    low = x.min()
+    x = ndimage.map_coordinates(x - low, list(coords), order=1, mode="constant", cval=0.0) + low
+    m = ndimage.map_coordinates(m, list(coords), order=0, mode="constant", cval=0.0)
+  x = _intensity(intensity_key, x, params)
+  return x[..., None].astype(image.dtype), m[..., None].astype(mask.dtype)
+
+
+def _uniform(key: jax.Array, low: float, high: float) -> jax.Array:
+  return jax.random.uniform(key, (), minval=low, maxval=high)
+
+
+def _affine_coords(key: jax.Array, size: int, params: AugParams) -> jax.Array:
+  """[2, S, S] input (row, col) coordinates that each output pixel samples.
+
+  The output is the input rotated, scaled, sheared and shifted about the centre; we build
+  the inverse map directly (output -> input), which has the same distribution because every
+  parameter range is symmetric.
+  """
+  k_rot, k_scale, k_shear, k_shift, k_flip = jax.random.split(key, 5)
+  angle = jnp.deg2rad(_uniform(k_rot, -params.rotate_deg, params.rotate_deg))
+  zoom = _uniform(k_scale, 1 - params.scale, 1 + params.scale)
+  shear = jnp.deg2rad(_uniform(k_shear, -params.shear_deg, params.shear_deg))
+  shift = jax.random.uniform(k_shift, (2,), minval=-params.shift, maxval=params.shift) * size
+  flip = jnp.where(jax.random.bernoulli(k_flip), -1.0, 1.0) if params.hflip else 1.0
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  rotation = jnp.array([[cos, -sin], [sin, cos]])
+  shearing = jnp.array([[1.0, jnp.tan(shear)], [0.0, 1.0]])
+  inverse = rotation @ shearing @ jnp.diag(jnp.array([1.0, flip])) / zoom
+  centre = (size - 1) / 2
+  grid = jnp.stack(jnp.meshgrid(jnp.arange(size), jnp.arange(size), indexing="ij"))
+  grid = grid.reshape(2, -1).astype(jnp.float32) - centre
+  coords = inverse @ grid + centre + shift[:, None]
+  return coords.reshape(2, size, size)
+
+
+def _gaussian_matrix(size: int, sigma: jax.Array | float) -> jax.Array:
+  """[S, S] row-normalised Gaussian smoothing matrix: `G @ x` blurs x along its rows.
+
+  A matmul instead of a convolution: cheap at these sizes on any accelerator, works with a
+  traced (per-example) sigma, and the row normalisation handles the borders.
+  """
+  position = jnp.arange(size, dtype=jnp.float32)
+  distance = position[:, None] - position[None, :]
+  weights = jnp.exp(-0.5 * (distance / jnp.maximum(sigma, 1e-3)) ** 2)
+  return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _smooth(image: jax.Array, sigma: jax.Array | float) -> jax.Array:
+  """Separable Gaussian blur of a [S, S] array."""
+  g = _gaussian_matrix(image.shape[0], sigma)
+  return g @ image @ g.T
+
+
+def _elastic_field(key: jax.Array, size: int, params: AugParams) -> jax.Array:
+  """[2, S, S] smooth random displacement, largest |displacement| = elastic_alpha pixels."""
+  noise = jax.random.normal(key, (2, size, size))
+  field = jax.vmap(lambda n: _smooth(n, params.elastic_sigma))(noise)
+  return field * (params.elastic_alpha / (jnp.abs(field).max() + 1e-6))
+
+
+def _intensity(key: jax.Array, x: jax.Array, params: AugParams) -> jax.Array:
+  """Gamma, contrast, brightness, blur, noise on one normalised [S, S] image."""
+  k_gamma, k_contrast, k_bright, k_blur, k_noise = jax.random.split(key, 5)
+  if params.gamma:
+    # Gamma needs [0, 1]: map the image's own range there and back (normalised images are
+    # signed), so the transform bends the contrast curve without moving its ends.
+    gamma = _uniform(k_gamma, 1 - params.gamma, 1 + params.gamma)
+    low, high = x.min(), x.max()
+    span = jnp.maximum(high - low, 1e-6)
+    x = ((x - low) / span) ** gamma * span + low
+  if params.contrast:
+    x = x * _uniform(k_contrast, 1 - params.contrast, 1 + params.contrast)
+  if params.brightness:
+    x = x + _uniform(k_bright, -params.brightness, params.brightness)
+  if params.blur_sigma:
+    x = _smooth(x, _uniform(k_blur, 0.0, params.blur_sigma))
+  if params.noise_std:
+    x = x + params.noise_std * jax.random.normal(k_noise, x.shape)
+  return x
+

@@ -1,0 +1,111 @@
+"""Paired augmentation: image and mask stay aligned, draws are reproducible, off is identity."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from cxr_jax.data import augment
+from configs import default
+
+SIZE = 64
+BATCH = 3
+THRESHOLD = 0.5
+# Strong settings, one geometric transform at a time (and all together).
+GEOMETRIC = {
+    "rotate": dict(rotate_deg=40.0),
+    "scale": dict(scale=0.4),
+    "shift": dict(shift=0.2),
+    "shear": dict(shear_deg=25.0),
+    "hflip": dict(hflip=True),
+    "elastic": dict(elastic_alpha=5.0, elastic_sigma=6.0),
+    "all": dict(rotate_deg=40.0, scale=0.4, shift=0.2, shear_deg=25.0, hflip=True,
+                elastic_alpha=5.0, elastic_sigma=6.0),
+}
+
+
+def _blobs() -> tuple[np.ndarray, np.ndarray]:
+  """Off-centre, asymmetric bright blobs (smooth edges) and masks = their bright region."""
+  yy, xx = np.mgrid[:SIZE, :SIZE].astype(np.float32)
+  images = []
+  for i in range(BATCH):
+    ry, rx = 20 + 2 * i, 13 + i  # lung-sized: the mask's edge is a small part of its area
+    r = np.sqrt(((yy - 30) / ry) ** 2 + ((xx - 28 - 2 * i) / rx) ** 2)
+    images.append(np.clip(1.5 - r, 0, 1))  # 1 inside, ramps to 0 over the edge
+  image = np.stack(images)[..., None].astype(np.float32)
+  return image, (image > THRESHOLD).astype(np.float32)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+  return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@functools.cache
+def _jitted(name: str):
+  params = augment.AugParams(**GEOMETRIC[name])
+  return jax.jit(functools.partial(augment.augment_batch, aug_config=params))
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIC))
+def test_geometric_transforms_keep_image_and_mask_aligned(name):
+  image, mask = _blobs()
+  out_image, out_mask = map(np.asarray, _jitted(name)(jax.random.key(1), image, mask))
+  assert out_image.shape == image.shape and out_mask.shape == mask.shape
+  assert set(np.unique(out_mask)) <= {0.0, 1.0}
+  moved = 0
+  for i in range(BATCH):
+    bright = out_image[i, ..., 0] > THRESHOLD
+    assert _iou(bright, out_mask[i, ..., 0] > 0) > 0.95, (name, i)
+    moved += _iou(out_mask[i, ..., 0] > 0, mask[i, ..., 0] > 0) < 0.97
+  if name != "hflip":  # a flip is a coin toss per example
+    assert moved >= 2, f"{name}: the transform barely moved the masks"
+
+
+def test_deterministic_for_a_key_and_differs_between_keys():
+  image, mask = _blobs()
+  fn = _jitted("all")
+  a = fn(jax.random.key(3), image, mask)
+  b = fn(jax.random.key(3), image, mask)
+  c = fn(jax.random.key(4), image, mask)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  assert not np.allclose(a[0], c[0])
+  # One key per example: identical inputs get different draws within a batch.
+  same = np.repeat(image[:1], BATCH, 0), np.repeat(mask[:1], BATCH, 0)
+  out = np.asarray(fn(jax.random.key(3), *same)[0])
+  assert not np.allclose(out[0], out[1])
+
+
+def test_disabled_is_exact_identity():
+  config = default.get_config().aug
+  config.enabled = False
+  image, mask = _blobs()
+  out_image, out_mask = jax.jit(functools.partial(augment.augment_batch, aug_config=config))(
+      jax.random.key(0), image, mask)
+  np.testing.assert_array_equal(out_image, image)
+  np.testing.assert_array_equal(out_mask, mask)
+
+
+def test_intensity_changes_image_only_and_stays_finite():
+  config = default.get_config().aug
+  for key in ("rotate_deg", "scale", "shift", "shear_deg"):
+    config[key] = 0.0
+  config.update(brightness=0.5, contrast=0.5, gamma=0.5, noise_std=0.1, blur_sigma=2.0)
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(BATCH, SIZE, SIZE, 1)).astype(np.float32)  # normalised: signed
+  image[0] = 0.0  # a constant (all-black) image must not give NaN
+  mask = (image > 0).astype(np.float32)
+  out_image, out_mask = augment.augment_batch(jax.random.key(0), image, mask, config)
+  np.testing.assert_array_equal(out_mask, mask)
+  assert np.all(np.isfinite(out_image))
+  assert not np.allclose(out_image, image)
+
+
+def test_default_config_accepted_and_bad_strength_rejected():
+  params = augment.AugParams.from_config(default.get_config().aug)
+  assert params.enabled and not params.hflip
+  config = default.get_config().aug
+  config.scale = 1.5
+  with pytest.raises(ValueError, match="config.aug.scale"):
+    augment.AugParams.from_config(config)
