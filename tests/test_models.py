@@ -1,0 +1,253 @@
+"""Tests for cxr_jax.models: shapes, parameter counts, gates, mixed precision, learning.
+
+XLA compiles are the cost on a shared CPU, so shapes and counts use abstract evaluation
+(`nnx.eval_shape`, no compile) and each numeric test compiles one jitted function.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import default
+from cxr_jax.models import MODELS, AttentionUNet, Classifier, MultiTaskUNet, UNet, create_model
+from cxr_jax.models import layers
+
+TINY = dict(base_features=4, depth=2)
+TINY_TRAIN = dict(base_features=4, depth=1)  # about half the ops to compile
+
+
+def _rngs() -> nnx.Rngs:
+  # 'rbg' keys: XLA compiles a model's random initialisation in seconds, where the default
+  # threefry takes about a minute on a loaded 2-core CPU.
+  return nnx.Rngs(jax.random.key(0, impl="rbg"))
+
+
+def _param_count(model: nnx.Module) -> int:
+  return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _abstract(cls: type, **kwargs) -> nnx.Module:
+  return nnx.eval_shape(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
+
+
+def _output_shapes(model: nnx.Module, shape: tuple[int, ...], **call_kwargs) -> dict:
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  out = nnx.eval_shape(lambda m, x: m(x, train=False, **call_kwargs), model, x)
+  return jax.tree.map(lambda a: a.shape, out)
+
+
+# ----- registry and config -----
+
+def test_create_model_from_default_config_for_every_name():
+  config = default.get_config("smoke")
+  for name, cls in MODELS.items():
+    config.model.name = name
+    model = nnx.eval_shape(lambda: create_model(config.model, rngs=nnx.Rngs(0)))
+    assert type(model) is cls
+
+
+def test_unknown_name_lists_valid_names():
+  config = default.get_config().model
+  config.name = "unte"
+  with pytest.raises(ValueError, match="unte") as error:
+    create_model(config, rngs=nnx.Rngs(0))
+  for name in MODELS:
+    assert name in str(error.value)
+
+
+@pytest.mark.parametrize("key,value", [("norm", "layer"), ("upsample", "deconv"),
+                                       ("dtype", "float16")])
+def test_bad_option_names_the_config_key(key, value):
+  config = default.get_config().model
+  config[key] = value
+  with pytest.raises(ValueError, match=f"config.model.{key}"):
+    nnx.eval_shape(lambda: create_model(config, rngs=nnx.Rngs(0)))
+
+
+# ----- shapes -----
+
+@pytest.mark.parametrize("cls", [UNet, AttentionUNet, MultiTaskUNet])
+@pytest.mark.parametrize("height,width", [(16, 16), (32, 32), (16, 48), (64, 32)])
+def test_segmenter_shapes(cls, height, width):
+  shapes = _output_shapes(_abstract(cls, **TINY), (2, height, width, 1))
+  assert shapes["mask_logits"] == (2, height, width, 1)
+  if cls is MultiTaskUNet:
+    assert shapes["class_logits"] == (2, 2)
+
+
+@pytest.mark.parametrize("height,width", [(16, 16), (48, 32), (32, 80)])
+def test_classifier_takes_any_size_divisible_by_its_stride(height, width):
+  model = _abstract(Classifier, num_classes=3, **TINY)
+  assert _output_shapes(model, (2, height, width, 1)) == {"class_logits": (2, 3)}
+
+
+@pytest.mark.parametrize("cls", list(MODELS.values()))
+@pytest.mark.parametrize("height,width", [(18, 16), (16, 30)])
+def test_size_not_divisible_by_stride_is_a_clear_error(cls, height, width):
+  model = _abstract(cls, **TINY)  # stride 2**2 = 4
+  with pytest.raises(ValueError, match=rf"multiples of 4; got {height}x{width}") as error:
+    _output_shapes(model, (1, height, width, 1))
+  assert "16 or 20" in str(error.value) or "28 or 32" in str(error.value)
+
+
+def test_attention_maps_are_shaped_like_their_skips():
+  model = _abstract(AttentionUNet, base_features=4, depth=3)
+  shapes = _output_shapes(model, (2, 32, 48, 1), return_attention=True)
+  assert shapes["attention"] == [(2, 32, 48, 1), (2, 16, 24, 1), (2, 8, 12, 1)]
+
+
+# ----- parameter counts (hand-derived in unet.py / attention_unet.py docstrings) -----
+
+def test_unet_has_the_published_31m_parameters():
+  assert _param_count(_abstract(UNet, base_features=64, depth=4, norm="none")) == 31_030_593
+  # Norm: conv biases dropped (-5,888), scale and shift added (+11,776).
+  assert _param_count(_abstract(UNet, base_features=64, depth=4, norm="batch")) == 31_036_481
+  assert _param_count(_abstract(UNet, base_features=64, depth=4, norm="group")) == 31_036_481
+
+
+def test_attention_unet_adds_1_045_444_gate_parameters():
+  assert _param_count(_abstract(AttentionUNet, base_features=64, depth=4,
+                                norm="none")) == 31_030_593 + 1_045_444
+  assert _param_count(_abstract(AttentionUNet, base_features=64, depth=4,
+                                norm="batch")) == 31_036_481 + 1_045_444
+
+
+def test_multitask_adds_a_dense_head_on_the_bottleneck():
+  assert _param_count(_abstract(MultiTaskUNet, base_features=64, depth=4,
+                                norm="batch")) == 31_036_481 + 1024 * 2 + 2
+
+
+def test_classifier_parameter_count():
+  # base b=16, depth 4, 2 classes, norm: convs without bias, each norm 2*C.
+  b, total, width = 16, 9 * 16 + 2 * 16, 16  # stem
+  for i in range(4):
+    out = b * 2**(i + 1)
+    total += 9 * width * out + 9 * out * out + width * out + 3 * 2 * out  # block 1 + shortcut
+    total += 2 * 9 * out * out + 2 * 2 * out  # block 2
+    width = out
+  total += width * 2 + 2  # dense head
+  assert total == 2_790_770
+  assert _param_count(_abstract(Classifier, base_features=16, depth=4)) == total
+
+
+def test_transpose_conv_matches_nnx_conv_transpose_with_flipped_kernel():
+  @jax.jit
+  def run(x):
+    up = layers.TransposeConv2x2(3, 5, dtype=jnp.float32, rngs=_rngs())
+    up.bias[...] = jnp.arange(5.0)
+    reference = nnx.ConvTranspose(3, 5, (2, 2), strides=2, padding="VALID", rngs=_rngs())
+    reference.kernel[...] = up.kernel[...][::-1, ::-1]
+    reference.bias[...] = up.bias[...]
+    return up(x), reference(x)
+
+  out, expected = run(jnp.arange(2 * 4 * 6 * 3.0).reshape(2, 4, 6, 3) / 100)
+  assert out.shape == (2, 8, 12, 5)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+# ----- numerics (one compile each) -----
+
+def test_attention_coefficients_in_unit_interval_and_bfloat16_matches_float32():
+  # One compile for both checks (the multi-task test also trains in bf16).
+  @jax.jit
+  def run(x):
+    outputs, states = [], []
+    for dtype in ("float32", "bfloat16"):
+      model = AttentionUNet(**TINY, dtype=dtype, rngs=_rngs())  # same seed: same parameters
+      outputs.append(model(x, train=True, return_attention=True))  # bf16 batch statistics
+      states.append(nnx.state(model, nnx.Param, nnx.BatchStat))
+    return outputs, states
+
+  x = 3.0 * jax.random.normal(jax.random.key(2), (2, 16, 24, 1))
+  (out32, out16), (_, state16) = run(x)
+  assert [a.shape for a in out32["attention"]] == [(2, 16, 24, 1), (2, 8, 12, 1)]
+  for alpha in out32["attention"] + out16["attention"]:
+    assert alpha.dtype == jnp.float32
+    assert float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0
+    assert float(alpha.max() - alpha.min()) > 0.0  # the gate depends on the input
+  for got, want in zip(jax.tree.leaves(out16), jax.tree.leaves(out32)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=0.05 * float(jnp.abs(want).max()) + 1e-3)
+  assert {v.dtype for v in jax.tree.leaves(state16)} == {jnp.dtype(jnp.float32)}
+
+
+# ----- learning, with the trainer's jit(split/merge) pattern -----
+
+def _segmentation_loss(out, batch):
+  return optax.sigmoid_binary_cross_entropy(out["mask_logits"], batch["mask"]).mean()
+
+
+def _classification_loss(out, batch):
+  return optax.softmax_cross_entropy_with_integer_labels(out["class_logits"],
+                                                         batch["label"]).mean()
+
+
+def _tiny_batch():
+  yy, xx = jnp.mgrid[:16, :16]
+  disc = ((yy - 8.0)**2 + (xx - 6.0)**2 < 20).astype(jnp.float32)
+  images = jnp.stack([disc, 1 - disc, jnp.roll(disc, 4, axis=1), 0.5 * disc])[..., None]
+  images = images + 0.1 * jax.random.normal(jax.random.key(3), images.shape)
+  return {"image": images, "mask": (images > 0.3).astype(jnp.float32),
+          "label": jnp.array([0, 1, 0, 1])}
+
+
+def _train(cls, loss_fn, steps: int = 20, **kwargs):
+  """Adam on one batch via jax.jit over nnx.split state; returns (losses, model0, model)."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: _model_and_optimizer(cls, **kwargs)))
+
+  @jax.jit
+  def init():
+    return nnx.state(_model_and_optimizer(cls, **kwargs))
+
+  @jax.jit  # donate_argnums=0 in the trainer; not here, the test keeps state0
+  def step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    loss, grads = nnx.value_and_grad(
+        lambda m: loss_fn(m(batch["image"], train=True), batch))(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), loss
+
+  batch = _tiny_batch()
+  state0 = state = init()
+  losses = []
+  for _ in range(steps):
+    state, loss = step(state, batch)
+    losses.append(float(loss))
+  return losses, nnx.merge(graphdef, state0)[0], nnx.merge(graphdef, state)[0]
+
+
+def _model_and_optimizer(cls, **kwargs):
+  model = cls(**TINY_TRAIN, **kwargs, rngs=_rngs())
+  return model, nnx.Optimizer(model, optax.adam(2e-2), wrt=nnx.Param)
+
+
+def test_unet_learns_under_jit_split_merge_and_updates_batch_stats_and_dropout():
+  losses, model0, model = _train(UNet, _segmentation_loss, dropout=0.1)
+  assert losses[-1] < 0.5 * losses[0], losses
+  stats0 = jax.tree.leaves(nnx.state(model0, nnx.BatchStat))
+  stats = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+  assert any(not np.allclose(a, b) for a, b in zip(stats0, stats))  # running averages moved
+  counts0 = jax.tree.leaves(nnx.state(model0, nnx.RngCount))
+  counts = jax.tree.leaves(nnx.state(model, nnx.RngCount))
+  assert counts and all(int(c) > int(c0) for c0, c in zip(counts0, counts))  # fresh masks
+
+
+@pytest.mark.parametrize("cls,loss_fn,kwargs", [
+    (AttentionUNet, _segmentation_loss, dict(norm="group", upsample="resize")),
+    (Classifier, _classification_loss, {}),
+])
+def test_model_learns_one_batch(cls, loss_fn, kwargs):
+  losses, _, _ = _train(cls, loss_fn, **kwargs)
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_multitask_learns_both_heads_in_bfloat16():
+  losses, _, model = _train(MultiTaskUNet, lambda out, batch: _segmentation_loss(out, batch)
+                            + _classification_loss(out, batch), dtype="bfloat16")
+  assert losses[-1] < 0.5 * losses[0], losses
+  state = nnx.state(model, nnx.Param, nnx.BatchStat)
+  assert {v.dtype for v in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
