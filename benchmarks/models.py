@@ -1,0 +1,197 @@
+"""Model benchmark: parameters, forward GFLOPs and train-step speed (not run by CI).
+
+  python benchmarks/models.py                       # every model at 128 and 256 px
+  python benchmarks/models.py --models=unet --sizes=256 --steps=10
+
+Per model and image size it prints the parameter count, forward GFLOPs per image from XLA's
+cost analysis of the compiled forward pass, and the time per image of a train step (forward,
+backward, Adam update) run as the trainer runs it: `jax.jit` over the `nnx.split` state with
+the state donated. Where PyTorch is installed, it also times the classic U-Net written in
+PyTorch (same widths, BatchNorm, transposed convs, Adam, NCHW as PyTorch prefers) at the
+U-Net's settings and prints the JAX / PyTorch speed ratio.
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, uninstalled
+from cxr_jax.models import MODELS  # noqa: E402
+
+
+def _loss(out: dict, mask: jax.Array, label: jax.Array) -> jax.Array:
+  loss = 0.0
+  if "mask_logits" in out:
+    loss += optax.sigmoid_binary_cross_entropy(out["mask_logits"], mask).mean()
+  if "class_logits" in out:
+    loss += optax.softmax_cross_entropy_with_integer_labels(out["class_logits"], label).mean()
+  return loss
+
+
+def _time(fn: Callable[[], object], steps: int) -> float:
+  """Seconds per call of fn (which blocks), after one warm-up call."""
+  fn()
+  start = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  return (time.perf_counter() - start) / steps
+
+
+def jax_runner(name: str, size: int, args: argparse.Namespace) -> tuple[dict, Callable]:
+  """(params, forward GFLOPs/image, compile seconds; a function running one train step)."""
+  # 'rbg' keys: initialisation compiles in seconds instead of about a minute (threefry).
+  rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))
+  model = MODELS[name](base_features=args.base_features, depth=args.depth, dtype=args.dtype,
+                       rngs=rngs)
+  params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.normal(size=(args.batch, size, size, 1)), jnp.float32)
+  mask = (image > 0).astype(jnp.float32)
+  label = jnp.asarray(rng.integers(0, 2, args.batch), jnp.int32)
+
+  def forward(state, image):
+    model, _ = nnx.merge(graphdef, state)
+    return model(image, train=False)
+
+  cost = jax.jit(forward).lower(state, image).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gflops = cost.get("flops", float("nan")) / args.batch / 1e9
+
+  def train_step(state, image, mask, label):
+    model, optimizer = nnx.merge(graphdef, state)
+    loss, grads = nnx.value_and_grad(
+        lambda m: _loss(m(image, train=True), mask, label))(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), loss
+
+  step = jax.jit(train_step, donate_argnums=0)
+  holder = [state]
+
+  def run():
+    holder[0], loss = step(holder[0], image, mask, label)
+    loss.block_until_ready()
+
+  start = time.perf_counter()
+  run()  # compile + first step
+  compile_s = time.perf_counter() - start
+  return dict(model=name, size=size, params=params, gflops=gflops, compile_s=compile_s), run
+
+
+def torch_unet_runner(size: int, args: argparse.Namespace) -> tuple[dict, Callable] | None:
+  """The classic U-Net in PyTorch (BatchNorm, transposed convs), Adam; None without torch."""
+  try:
+    import torch
+    from torch import nn
+  except ImportError:
+    return None
+
+  def double_conv(cin: int, cout: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+
+  class TorchUNet(nn.Module):
+
+    def __init__(self, base: int, depth: int):
+      super().__init__()
+      widths = [base * 2**i for i in range(depth + 1)]
+      self.down = nn.ModuleList(double_conv(ci, co) for ci, co in
+                                zip([1] + widths[:-2], widths[:-1]))
+      self.bottleneck = double_conv(widths[-2], widths[-1])
+      rev = widths[::-1]
+      self.ups = nn.ModuleList(nn.ConvTranspose2d(ci, co, 2, stride=2)
+                               for ci, co in zip(rev[:-1], rev[1:]))
+      self.blocks = nn.ModuleList(double_conv(2 * co, co) for co in rev[1:])
+      self.head = nn.Conv2d(base, 1, 1)
+
+    def forward(self, x):
+      skips = []
+      for block in self.down:
+        x = block(x)
+        skips.append(x)
+        x = nn.functional.max_pool2d(x, 2)
+      x = self.bottleneck(x)
+      for up, block, skip in zip(self.ups, self.blocks, reversed(skips)):
+        x = block(torch.cat([skip, up(x)], dim=1))
+      return self.head(x)
+
+  torch.manual_seed(0)
+  model = TorchUNet(args.base_features, args.depth)
+  params = sum(p.numel() for p in model.parameters())
+  optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+  image = torch.randn(args.batch, 1, size, size)
+  mask = (image > 0).float()
+  loss_fn = nn.BCEWithLogitsLoss()
+  model.train()
+
+  def run():
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(image), mask)
+    loss.backward()
+    optimizer.step()
+
+  return dict(model="unet (pytorch)", size=size, params=params,
+              threads=torch.get_num_threads()), run
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--sizes", default="128,256")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--base_features", type=int, default=16)
+  parser.add_argument("--depth", type=int, default=4)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--steps", type=int, default=5, help="timed train steps per row")
+  parser.add_argument("--torch_size", type=int, default=256, help="0: skip PyTorch")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="alternating JAX / PyTorch rounds of --steps for the ratio")
+  args = parser.parse_args()
+
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, "
+        f"base {args.base_features}, depth {args.depth}, {args.dtype}, Adam")
+  header = (f"{'model':<16} {'size':>5} {'params':>11} {'GFLOPs/img':>11} "
+            f"{'ms/img':>8} {'img/s':>7} {'compile s':>9}")
+  print(header)
+  print("-" * len(header))
+  for name in args.models.split(","):
+    for size in map(int, args.sizes.split(",")):
+      info, run = jax_runner(name, size, args)
+      seconds = _time(run, args.steps)
+      print(f"{name:<16} {size:>5} {info['params']:>11,} {info['gflops']:>11.2f} "
+            f"{1e3 * seconds / args.batch:>8.1f} {args.batch / seconds:>7.2f} "
+            f"{info['compile_s']:>9.1f}", flush=True)
+  if not args.torch_size:
+    return
+  torch_bench = torch_unet_runner(args.torch_size, args)
+  if torch_bench is None:
+    print("PyTorch not installed: no comparison (pip install torch==2.13.0).")
+    return
+  # Alternate the two so that load from other processes on the machine hits both alike.
+  torch_info, torch_run = torch_bench
+  _, jax_run = jax_runner("unet", args.torch_size, args)
+  jax_s, torch_s = [], []
+  for _ in range(args.rounds):
+    jax_s.append(_time(jax_run, args.steps))
+    torch_s.append(_time(torch_run, args.steps))
+  jax_ips, torch_ips = args.batch / np.median(jax_s), args.batch / np.median(torch_s)
+  print(f"\nU-Net {args.torch_size} px, median of {args.rounds} alternating rounds of "
+        f"{args.steps} steps (PyTorch {torch_info['params']:,} params, "
+        f"{torch_info['threads']} threads):")
+  print(f"  JAX/Flax NNX {jax_ips:.2f} img/s, PyTorch {torch_ips:.2f} img/s, "
+        f"JAX / PyTorch = {jax_ips / torch_ips:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
