@@ -27,12 +27,20 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Drops INFO records of chatty libraries (their warnings and errors still show)."""
+  _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or not any(
+        part in record.pathname for part in self._CHATTY)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Quieter third-party loggers; ours speak through absl.
-  for name in ("orbax", "absl.logging", "jax._src.xla_bridge"):
-    py_logging.getLogger(name).setLevel(py_logging.WARNING)
+  # Orbax logs each checkpoint's every file at INFO through absl; keep its warnings only.
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if _COORDINATOR.value:
     # Cross-process collectives for CPU devices (a no-op for GPU and TPU ones).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
