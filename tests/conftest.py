@@ -1,13 +1,22 @@
 """Shared test fixtures."""
 
+import os
 import pathlib
 import sys
+import tempfile
 
 import pytest
 from absl import flags
 
 # grain spawns worker processes that parse absl flags: parse them once here.
 flags.FLAGS(sys.argv[:1])
+
+# XLA's CPU compiles dominate the end-to-end tests, which build the same smoke models again
+# in subprocesses: share one persistent compilation cache for the session (env, so the
+# subprocesses see it too).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cxr_jax_xla_cache_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "chest-xray-masks-and-labels-512"
@@ -19,3 +28,10 @@ def shared_data_dir() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real data not found at {SHARED_DATA} (only CI and developers have ../shared)")
   return SHARED_DATA
+
+
+def pytest_sessionfinish(session, exitstatus):
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+  if os.path.basename(cache).startswith("cxr_jax_xla_cache_"):
+    import shutil
+    shutil.rmtree(cache, ignore_errors=True)

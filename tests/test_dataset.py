@@ -4,6 +4,7 @@ import collections
 import io
 import logging
 import pathlib
+import pickle
 import re
 import shutil
 import zipfile
@@ -305,3 +306,16 @@ def test_real_archive_counts(shared_data_dir, tmp_path):
   assert total["empty_mask_with_has_mask"] == total["mask_without_has_mask"] == 0
   assert builder.info.metadata["skipped"] == []
   assert set(counts) == {"train", "validation", "test"}
+
+
+def test_data_sources_pickle_for_grain_workers(tmp_path):
+  """grain workers unpickle the data source, which re-creates the builder by config."""
+  for num_examples in (12, cxr_masks_and_labels.DEFAULT_SYNTHETIC_EXAMPLES):
+    config = cxr_masks_and_labels.synthetic_config(num_examples)
+    assert pickle.loads(pickle.dumps(config)) is config
+  kaggle = cxr_masks_and_labels.KAGGLE_CONFIG
+  assert pickle.loads(pickle.dumps(kaggle)) is kaggle
+  builder = prepare.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=12)
+  source = builder.as_data_source("train")
+  copy = pickle.loads(pickle.dumps(source))
+  assert len(copy) == len(source) and copy[0]["id"] == source[0]["id"]

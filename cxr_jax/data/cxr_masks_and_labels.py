@@ -38,6 +38,17 @@ class CxrConfig(tfds.core.BuilderConfig):
   num_examples: int = DEFAULT_SYNTHETIC_EXAMPLES
   seed: int = SYNTHETIC_SEED
 
+  def __reduce__(self):
+    # Pickle by reference (grain workers unpickle data sources): tfds rejects a *copy* of a
+    # config named like a registered one ("Cannot name a custom BuilderConfig the same as an
+    # available BuilderConfig").
+    return (config_for, (self.kind, self.num_examples))
+
+
+def config_for(kind: str, num_examples: int = 0) -> "CxrConfig":
+  """The one config object of a kind (and, for 'synthetic', a size)."""
+  return KAGGLE_CONFIG if kind == "kaggle" else synthetic_config(num_examples)
+
 
 def synthetic_config(num_examples: int = DEFAULT_SYNTHETIC_EXAMPLES) -> CxrConfig:
   """The synthetic config of a given size ('synthetic' for the default size)."""
@@ -52,6 +63,11 @@ def _synthetic_config(num_examples: int) -> CxrConfig:
   return CxrConfig(
     name=name, kind="synthetic", num_examples=num_examples,
     description=f"{num_examples} procedural chest X-ray phantoms (seed {SYNTHETIC_SEED}).")
+
+
+KAGGLE_CONFIG = CxrConfig(
+    name="kaggle", kind="kaggle",
+    description="Montgomery + Shenzhen sets of the Kaggle archive (manual_dir).")
 
 
 def split_of(image_id: str) -> str:
@@ -70,11 +86,7 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Kaggle archive and synthetic phantoms."}
-  BUILDER_CONFIGS = [
-    CxrConfig(name="kaggle", kind="kaggle",
-              description="Montgomery + Shenzhen sets of the Kaggle archive (manual_dir)."),
-    synthetic_config(),
-  ]
+  BUILDER_CONFIGS = [KAGGLE_CONFIG, synthetic_config()]
   DEFAULT_CONFIG_NAME = "synthetic"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "Download the Kaggle dataset 'Chest Xray Masks and Labels' and pass its .zip, or the "
