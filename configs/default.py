@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_workers = 0  # grain worker processes (0: read in the main process)
   config.data.prefetch = 2  # host batches buffered ahead of the device
   config.data.synthetic_examples = 400  # size of the synthetic dataset (all splits)
+  config.data.crop_to_lungs = False  # crop each image to its predicted lungs (below)
   config.data.crop_workdir = ""  # segmentation workdir whose masks crop images to the lungs
   config.data.crop_margin = 0.1  # margin around the lung box, as a fraction of its size
 

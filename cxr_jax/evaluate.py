@@ -319,8 +319,13 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
       writer.writerow({k: _csv_value(row.get(k)) for k in CSV_FIELDS})
 
 
-def load_split(config: ml_collections.ConfigDict, split: str) -> Sequence[Mapping[str, Any]]:
-  """The run's dataset split as a random-access source (prepares the dataset if missing)."""
+def load_split(config: ml_collections.ConfigDict, split: str,
+               workdir: str) -> Sequence[Mapping[str, Any]]:
+  """The run's dataset split as a random-access source (prepares the dataset if missing).
+
+  Cropped to the lungs, as in training, when the run classifies lung crops.
+  """
+  from cxr_jax.data import lung_crop
   from cxr_jax.data import prepare
 
   name, manual_dir = prepare.resolve_name(config.data)
@@ -330,7 +335,7 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Sequence[Mappin
   if split not in builder.info.splits:
     raise ValueError(f"--split={split!r} not in dataset {name!r}; valid: "
                      f"{sorted(builder.info.splits)}.")
-  return builder.as_data_source(split)
+  return lung_crop.maybe_crop(config, split, builder.as_data_source(split), workdir)
 
 
 def checkpoint_step(workdir: str, config: ml_collections.ConfigDict, which: str) -> int | None:
@@ -371,7 +376,7 @@ def evaluate(workdir: str, split: str = "test", *, checkpoint: str = "latest",
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: we set batch sizes
   config.eval_batch_size = batch_size or int(config.eval_batch_size)
   config.data.num_workers = 0
-  get_source = (lambda s: sources[s]) if sources is not None else (lambda s: load_split(config, s))
+  get_source = (lambda s: sources[s]) if sources is not None else (lambda s: load_split(config, s, workdir))
 
   inference = predict.Inference(config, model, batch_size=config.eval_batch_size,
                                 attention=True)

@@ -35,6 +35,7 @@ from cxr_jax import sharding
 from cxr_jax import writers
 from cxr_jax.data import augment
 from cxr_jax.data import input_pipeline
+from cxr_jax.data import lung_crop
 from cxr_jax.data import prepare
 
 
@@ -311,8 +312,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.device_count(), jax.default_backend(), jax.process_count(),
                jax.process_index())
 
-  train_iter = input_pipeline.create_train_iterator(config, builder.as_data_source("train"))
-  eval_batches = input_pipeline.create_eval_batches(config, builder.as_data_source("validation"))
+  sources = {split: lung_crop.maybe_crop(config, split, builder.as_data_source(split), workdir)
+             for split in ("train", "validation")}
+  train_iter = input_pipeline.create_train_iterator(config, sources["train"])
+  eval_batches = input_pipeline.create_eval_batches(config, sources["validation"])
 
   # ----- model and optimiser -----
   tx = create_optimizer(config)
