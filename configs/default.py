@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ----- model -----
   config.model = ml_collections.ConfigDict()
   config.model.name = "unet"
-  config.model.base_features = 16
+  config.model.base_features = 8  # 16+ for real data on an accelerator
   config.model.depth = 4  # number of downsamplings
   config.model.norm = "batch"  # 'batch' | 'group' | 'none'
   config.model.dropout = 0.0
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ----- loop -----
   config.batch_size = 8  # global, over all devices and hosts
   config.eval_batch_size = 16
-  config.num_train_steps = 1500
+  config.num_train_steps = 1000
   config.log_every_steps = 50
   config.eval_every_steps = 250
   config.checkpoint_every_steps = 250
