@@ -15,6 +15,7 @@ plus the one with the best validation `config.best_metric`.
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -42,7 +43,11 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict, *,
   mode = metric_mode(best_metric)
 
   def get_metric(metrics: Mapping[str, float]) -> float:
-    return float(metrics[best_metric])
+    value = metrics.get(best_metric)
+    # Undefined (NaN, e.g. AUC of a one-class split) ranks last, never best.
+    if value is None or math.isnan(value):
+      return math.inf if mode == "min" else -math.inf
+    return float(value)
 
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=config.max_to_keep),
@@ -111,7 +116,10 @@ def restore_for_inference(workdir: str, which: str = "latest"
     raise FileNotFoundError(f"No complete checkpoint in {workdir}/checkpoints.")
   abstract_model = nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
-  abstract = {"params": params, "rest": rest}
+  # Onto this process's first device, whatever mesh the run was trained on.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          {"params": params, "rest": rest})
   restored = manager.restore(
       step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))["model"]
   model = nnx.merge(graphdef, restored["params"], restored["rest"])

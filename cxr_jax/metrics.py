@@ -7,7 +7,8 @@ How they are used (one way, the one `train.py` uses):
         mask_logits=outputs["mask_logits"], mask=batch["mask"], has_mask=batch["has_mask"],
         weight=batch["weight"], loss=seg_loss)
     # on the host, per batch, then once at the end:
-    total = seg if total is None else total.merge(gather(seg))
+    seg = gather(seg)  # every batch, the first too, before anything reads it
+    total = seg if total is None else total.merge(seg)
     total.compute()  # {'dice': float, 'iou': ..., 'precision': ..., 'recall': ..., 'loss': ...}
 
 Why `single_from_model_output` and not `gather_from_model_output`: under `jax.jit` over a

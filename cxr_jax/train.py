@@ -230,6 +230,7 @@ class ProgressLog:
 def _stop_on_nonfinite(history: list[dict[str, np.ndarray]], manager, workdir: str) -> None:
   for scalars in history:
     if not np.isfinite(scalars["loss"]):
+      manager.wait_until_finished()  # name a checkpoint that is complete
       good = manager.latest_step()
       raise FloatingPointError(
           f"Non-finite training loss at step {int(scalars['step'])}. The last good checkpoint "
@@ -287,6 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
+  if config.data.crop_workdir:
+    config.data.crop_workdir = os.path.abspath(os.path.expanduser(config.data.crop_workdir))
 
   # ----- data -----
   requested = config.data.name
@@ -297,11 +300,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   builder = prepare.load_builder(
       name, data_dir=os.path.expanduser(config.data.data_dir), manual_dir=manual_dir,
       synthetic_examples=config.data.synthetic_examples)
-  if jax.process_index() == 0:
-    write_config_json(workdir, config, {
-        "name": builder.info.full_name, "version": str(builder.info.version),
-        "requested": requested, "resolved": name, "manual_dir": manual_dir,
-        "splits": {k: v.num_examples for k, v in builder.info.splits.items()}})
+  dataset_info = {
+      "name": builder.info.full_name, "version": str(builder.info.version),
+      "requested": requested, "resolved": name, "manual_dir": manual_dir,
+      "splits": {k: v.num_examples for k, v in builder.info.splits.items()}}
 
   # ----- mesh -----
   mesh = sharding.create_mesh()
@@ -330,8 +332,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(config.seed)))
 
-  graphdef = nnx.graphdef(nnx.eval_shape(
-      lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))))
+  abstract_model = nnx.eval_shape(
+      lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
+  graphdef = nnx.graphdef(abstract_model)
+  check_best_metric(config, abstract_model)
   abstract_state = jax.eval_shape(init_state)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
@@ -340,6 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----- checkpoint: resume or start -----
   manager = checkpoint.create_manager(workdir, config)
   if manager.latest_step() is not None:
+    check_resumable(workdir, config)
     step = manager.latest_step()
     abstract_items = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -350,6 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = jax.jit(init_state, out_shardings=state_sharding)()
   first_step = int(state.step)
+  if jax.process_index() == 0:  # after a restore: it describes what the checkpoints hold
+    write_config_json(workdir, config, dataset_info)
 
   # ----- compiled steps -----
   batch_sharding = sharding.data_sharded(mesh)
@@ -360,62 +367,88 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       in_shardings=(state_sharding, batch_sharding))
 
   # ----- loop -----
-  # On resume, drop what the killed run logged after its last checkpoint.
-  writer = writers.create_writer(workdir, resume_step=first_step or None)
+  # On resume, drop what the killed run logged after its last checkpoint. The loop logs its
+  # own one-line summaries, so the writer does not log each scalar again.
+  writer = writers.create_writer(workdir, resume_step=first_step or None, log=False)
   if first_step == 0:
-    writer.write_hparams(_flatten(config.to_dict()))
+    writer.write_hparams(config.to_dict())
   progress = ProgressLog(config.num_train_steps, config.batch_size, first_step)
   history: list[dict[str, Any]] = []  # per-step device scalars since the last report
   val_metrics: dict[str, float] = {}
   logging.info("Training steps %d..%d.", first_step + 1, config.num_train_steps)
-  for step in range(first_step + 1, config.num_train_steps + 1):
-    batch = sharding.to_global(next(train_iter), mesh)
-    state, scalars = train_step(state, batch)
-    history.append(dict(scalars, step=step))
+  try:
+    for step in range(first_step + 1, config.num_train_steps + 1):
+      batch = sharding.to_global(next(train_iter), mesh)
+      state, scalars = train_step(state, batch)
+      history.append(dict(scalars, step=step))
 
-    is_last = step == config.num_train_steps
-    if step % config.log_every_steps == 0 or is_last:
-      fetched = jax.device_get(history)
-      history = []
-      _stop_on_nonfinite(fetched, manager, workdir)
-      summary = {k: float(np.mean([h[k] for h in fetched])) for k in fetched[-1] if k != "step"}
-      summary["learning_rate"] = float(fetched[-1]["learning_rate"])
-      summary.update(progress(step))
-      writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-      logging.info("step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  %.1f images/s  ETA %.1f min",
-                   step, config.num_train_steps, summary["loss"], summary["learning_rate"],
-                   summary["steps_per_sec"], summary["images_per_sec"], summary["eta_min"])
-
-    evaluated = False
-    if step % config.eval_every_steps == 0 or is_last:
-      t0 = time.perf_counter()
-      val_metrics, pictures = evaluate(eval_step, state, eval_batches, mesh,
-                                       config.num_eval_images)
-      writer.write_scalars(step, {f"validation/{k}": v for k, v in val_metrics.items()})
-      if pictures is not None and len(pictures):
-        writer.write_images(step, {"validation/overlays": pictures})
-      logging.info("step %d validation: %s (%.1fs)", step, "  ".join(
-          f"{k} {v:.4f}" for k, v in sorted(val_metrics.items())), time.perf_counter() - t0)
-      progress.last_time += time.perf_counter() - t0  # keep eval out of steps/s
-      evaluated = True
-
-    if step % config.checkpoint_every_steps == 0 or is_last:
-      if history:  # never save a state whose loss went non-finite since the last report
+      is_last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or is_last:
         fetched = jax.device_get(history)
+        history = []
         _stop_on_nonfinite(fetched, manager, workdir)
-      checkpoint.save(manager, step, state.checkpoint_items(), train_iter,
-                      metrics=val_metrics if evaluated else None)
-  manager.wait_until_finished()
-  writer.flush()
-  writer.close()
+        summary = {k: float(np.mean([h[k] for h in fetched])) for k in fetched[-1]
+                   if k != "step"}
+        summary["learning_rate"] = float(fetched[-1]["learning_rate"])
+        summary.update(progress(step))
+        writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+        logging.info(
+            "step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  %.1f images/s  ETA %.1f min",
+            step, config.num_train_steps, summary["loss"], summary["learning_rate"],
+            summary["steps_per_sec"], summary["images_per_sec"], summary["eta_min"])
+
+      evaluated = step % config.eval_every_steps == 0 or is_last
+      if evaluated:
+        t0 = time.perf_counter()
+        val_metrics, pictures = evaluate(eval_step, state, eval_batches, mesh,
+                                         config.num_eval_images)
+        writer.write_scalars(step, {f"validation/{k}": v for k, v in val_metrics.items()})
+        if pictures is not None and len(pictures):
+          writer.write_images(step, {"validation/overlays": pictures})
+        logging.info("step %d validation: %s (%.1fs)", step, "  ".join(
+            f"{k} {v:.4f}" for k, v in sorted(val_metrics.items())), time.perf_counter() - t0)
+        progress.last_time += time.perf_counter() - t0  # keep eval out of steps/s
+
+      # Every evaluated state is saved too, so the best checkpoint is the best evaluation.
+      if step % config.checkpoint_every_steps == 0 or evaluated:
+        if history:  # never save a state whose loss went non-finite since the last report
+          _stop_on_nonfinite(jax.device_get(history), manager, workdir)
+        checkpoint.save(manager, step, state.checkpoint_items(), train_iter,
+                        metrics=val_metrics if evaluated else None)
+    manager.wait_until_finished()
+  finally:
+    writer.close()
   return val_metrics
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+def check_best_metric(config: ml_collections.ConfigDict, abstract_model: nnx.Module) -> None:
+  """Fails at start-up, not at the first checkpoint, when `best_metric` is not reported."""
+  graphdef, state = nnx.split(abstract_model)
+  size = config.data.image_size
+  outputs = jax.eval_shape(
+      lambda state: nnx.merge(graphdef, state)(jnp.zeros((1, size, size, 1)), train=False),
+      state)
+  names = set()
+  if "mask_logits" in outputs:
+    names |= {"dice", "iou", "precision", "recall", "seg_loss"}
+  if "class_logits" in outputs:
+    names |= {"accuracy", "auc", "sensitivity", "specificity", "cls_loss"}
+  if config.best_metric not in names:
+    raise ValueError(f"config.best_metric={config.best_metric!r} is not a validation metric "
+                     f"of {config.model.name!r}; valid: {sorted(names)}.")
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A resumed run must build the model its checkpoints hold."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  stored = checkpoint.load_config(workdir)
+  changed = [f"model.{k}: {stored.model[k]!r} -> {config.model[k]!r}"
+             for k in config.model if k in stored.model and stored.model[k] != config.model[k]
+             and k != "dtype"]
+  if stored.data.image_size != config.data.image_size:
+    changed.append(f"data.image_size: {stored.data.image_size} -> {config.data.image_size}")
+  if changed:
+    raise ValueError(f"{workdir} holds checkpoints of another model ({'; '.join(changed)}). "
+                     "Resume with the same settings, or train into a new --workdir.")

@@ -242,7 +242,8 @@ class MultiWriter(MetricWriter):
 
 
 def create_writer(workdir: str, *, just_logging: bool | None = None,
-                  default_split: str = "train", resume_step: int | None = None) -> MultiWriter:
+                  default_split: str = "train", resume_step: int | None = None,
+                  log: bool = True) -> MultiWriter:
   """The run's writer: DIR/metrics.jsonl + TensorBoard events in DIR + logging.
 
   Args:
@@ -252,15 +253,17 @@ def create_writer(workdir: str, *, just_logging: bool | None = None,
     default_split: split of scalar names without a "split/" prefix.
     resume_step: the step a resumed run restarted from; records of later steps, written by
       the run that was killed, are dropped. None: keep everything.
+    log: also log every write (off where the caller logs its own summary line).
   """
   if just_logging is None:
     just_logging = jax.process_index() > 0
+  logger = [LoggingWriter()] if log else []
   if just_logging:
-    return MultiWriter([LoggingWriter()])
+    return MultiWriter(logger)
   os.makedirs(workdir, exist_ok=True)
   return MultiWriter([
       JsonlWriter(os.path.join(workdir, METRICS_FILE), default_split=default_split,
                   resume_step=resume_step),
       TensorBoardWriter(workdir, resume_step=resume_step),
-      LoggingWriter(),
+      *logger,
   ])

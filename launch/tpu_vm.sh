@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM (one host or a pod slice: every worker runs the same command).
 #
-#   TPU=my-tpu ZONE=us-central2-b CONFIG=configs/unet.py WORKDIR=gs://bucket/runs/unet \
-#     MANUAL_DIR=/data/chest-xray-masks-and-labels bash launch/tpu_vm.sh
+#   TPU=my-tpu ZONE=us-central2-b CONFIG=configs/unet.py WORKDIR=/mnt/shared/runs/unet \
+#     DATA_DIR=/mnt/shared/tfds MANUAL_DIR=/data/chest-xray-masks-and-labels \
+#     bash launch/tpu_vm.sh
 #
-# Prepare the dataset once first (it is read by every host from DATA_DIR, which must be a
-# shared location such as a GCS bucket for a pod slice):
+# WORKDIR and DATA_DIR are local paths (the code uses the os module, not gs:// URLs). On a
+# pod slice they must be one shared filesystem seen by every worker (Filestore/NFS, or a
+# gcsfuse mount): Orbax writes one checkpoint from all hosts. Prepare the dataset once
+# first, on one worker:
 #   python -m cxr_jax.data.prepare --dataset=kaggle --manual_dir=$MANUAL_DIR --data_dir=$DATA_DIR
 set -euo pipefail
 : "${TPU:?name of the TPU VM}" "${ZONE:?its zone}" "${WORKDIR:?run directory}"
 CONFIG=${CONFIG:-configs/unet.py}
-DATA_DIR=${DATA_DIR:-~/tensorflow_datasets}
+DATA_DIR=${DATA_DIR:?shared TFDS data dir, prepared once}
 EXTRA=${EXTRA:-}
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "
   cd ~/cxr_jax && pip install -q -e . 'jax[tpu]' &&
