@@ -7,8 +7,11 @@ import pathlib
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 
+from absl import flags
 from absl.testing import flagsaver
 import ml_collections
 import numpy as np
@@ -192,6 +195,8 @@ def test_kaggle_folder_with_both_roots(archive_dir, tmp_path, caplog, capsys):
     "unreadable image: 1, its image was skipped: 1, mask size differs: 1)."], summary
   # The CLI reloads the prepared dataset (manual_dir is not read again) and prints counts
   # and the skipped files kept in the dataset's metadata.
+  if "dataset" not in flags.FLAGS:  # defined by `python -m cxr_jax.data.prepare` only
+    prepare.define_flags()
   with flagsaver.flagsaver(dataset="kaggle", data_dir=str(tmp_path), manual_dir="/nonexistent"):
     prepare.main(["prepare"])
   out = capsys.readouterr().out
@@ -319,3 +324,57 @@ def test_data_sources_pickle_for_grain_workers(tmp_path):
   source = builder.as_data_source("train")
   copy = pickle.loads(pickle.dumps(source))
   assert len(copy) == len(source) and copy[0]["id"] == source[0]["id"]
+
+
+def test_importing_prepare_defines_no_flags():
+  """train.py imports prepare: its CLI flags must not leak into `python -m cxr_jax.main`."""
+  code = ("from absl import flags; import cxr_jax.data.prepare as p; "
+          "leaked = [n for n in ('dataset', 'manual_dir', 'data_dir', 'strict', "
+          "'synthetic_examples') if n in flags.FLAGS]; assert not leaked, leaked; "
+          "p.define_flags(); assert 'manual_dir' in flags.FLAGS")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
+
+
+def test_missing_split_says_which_and_what_to_change(tmp_path):
+  builder = prepare.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=12)
+  missing = {"train", "validation", "test"} - set(builder.info.splits)
+  assert missing  # 12 phantoms leave a split empty; the builder drops it
+  split = missing.pop()
+  with pytest.raises(ValueError, match=(
+      rf"no '{split}' split .*--config.data.synthetic_examples to at least "
+      rf"{cxr_masks_and_labels.min_synthetic_examples()}")):
+    prepare.data_source(builder, split)
+  present = next(iter(builder.info.splits))
+  records = prepare.data_source(builder, present, skip_decoding=("image",))
+  assert isinstance(records[0]["image"], bytes) and records[0]["mask"].ndim == 3
+
+
+def test_min_synthetic_examples_fills_every_split():
+  n = cxr_masks_and_labels.min_synthetic_examples()
+  splits = [cxr_masks_and_labels.split_of(f"synthetic_{i:05d}") for i in range(n)]
+  assert set(splits) == {"train", "validation", "test"}
+  assert len(set(splits[:-1])) == 2
+
+
+def test_load_builder_multihost_builds_on_process_0_first(tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                      lambda x: calls.append(("sync", int(x))) or x)
+  real_load = prepare.load_builder
+  monkeypatch.setattr(prepare, "load_builder",
+                      lambda *a, **k: calls.append(("load",)) or real_load(*a, **k))
+  kwargs = dict(data_dir=str(tmp_path), synthetic_examples=12)
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  assert prepare.load_builder_multihost("synthetic", **kwargs).info.config_name == "synthetic_12"
+  assert calls == [("load",), ("sync", 1)]  # built before the others are released
+  calls.clear()
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert prepare.load_builder_multihost("synthetic", **kwargs).info.config_name == "synthetic_12"
+  assert calls == [("sync", 1), ("load",)]  # loads only after process 0 is done
+  # Process 0 failing: it raises its own error, the others a pointer to it.
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(0))
+  with pytest.raises(RuntimeError, match="Process 0 failed to prepare"):
+    prepare.load_builder_multihost("synthetic", **kwargs)

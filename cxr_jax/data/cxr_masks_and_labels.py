@@ -81,6 +81,16 @@ def split_of(image_id: str) -> str:
   raise AssertionError("SPLIT_PERCENT must sum to 100")
 
 
+@functools.cache
+def min_synthetic_examples() -> int:
+  """The smallest synthetic set size whose ids fall in every split (smaller sets lack one)."""
+  seen, n = set(), 0
+  while len(seen) < len(SPLIT_PERCENT):
+    seen.add(split_of(f"synthetic_{n:05d}"))
+    n += 1
+  return n
+
+
 class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
   """Chest X-rays at native resolution, binary lung masks, normal/abnormal labels."""
 

@@ -10,6 +10,7 @@ and `resolve_name` are what the training, evaluation and prediction code call.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import os
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.data_sources import base as tfds_sources
 
 from cxr_jax.data import cxr_masks_and_labels
 from cxr_jax.data import kaggle_archive
@@ -71,6 +73,78 @@ def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
   return os.path.exists(os.path.join(os.fspath(builder.data_dir), "dataset_info.json"))
 
 
+def load_builder_multihost(name: str, **kwargs) -> tfds.core.DatasetBuilder:
+  """`load_builder` for a multi-process job: process 0 builds, the others then load.
+
+  Every process calling `load_builder` at once would build the same dataset into the same
+  data_dir concurrently. Here process 0 prepares it (a no-op when it is there), all
+  processes meet (`multihost_utils.broadcast_one_to_all`, which also tells them whether
+  process 0 succeeded), and then the others load it. When data_dir is a per-host local
+  disk, the others build their own copy after process 0 finished. With one process this is
+  `load_builder`. Takes `load_builder`'s arguments.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (lazy: the prepare CLI needs no jax)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  if jax.process_count() == 1:
+    return load_builder(name, **kwargs)
+  builder, error = None, None
+  if jax.process_index() == 0:
+    try:
+      builder = load_builder(name, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except  (re-raised after the others know)
+      error = e
+  ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+  if error is not None:
+    raise error
+  if not ok:
+    raise RuntimeError(
+      f"Process 0 failed to prepare dataset {name!r} into {kwargs.get('data_dir')!r}; its log "
+      f"says why. Fix that (or build it once with `python -m cxr_jax.data.prepare`) and rerun.")
+  return builder if builder is not None else load_builder(name, **kwargs)
+
+
+def data_source(builder: tfds.core.DatasetBuilder, split: str, *,
+                skip_decoding: Sequence[str] = ()) -> Sequence[dict]:
+  """`builder`'s `split` as a random-access source (`len`, `[i]`), or a clear error.
+
+  The builder leaves out empty splits, which a small synthetic set can have: asking for one
+  raises a ValueError that names it and what to change.
+
+  Args:
+    builder: a prepared builder (`load_builder`).
+    split: 'train' | 'validation' | 'test'.
+    skip_decoding: features returned as their encoded bytes instead of decoded arrays
+      (e.g. ('image', 'mask') to read has_mask and label without decoding PNGs).
+  """
+  splits = list(builder.info.splits)
+  if split not in splits:
+    config = builder.builder_config
+    if getattr(config, "kind", "") == "synthetic":
+      fix = (f"the synthetic set has {config.num_examples} examples; set "
+             f"--config.data.synthetic_examples to at least "
+             f"{cxr_masks_and_labels.min_synthetic_examples()} (default "
+             f"{cxr_masks_and_labels.DEFAULT_SYNTHETIC_EXAMPLES}) so every split gets some")
+    else:
+      fix = ("no image of the archive hashes into it; use a fuller archive in "
+             "config.data.manual_dir (and a fresh config.data.data_dir)")
+    raise ValueError(
+      f"Dataset {builder.info.full_name} in {builder.data_dir} has no {split!r} split (it "
+      f"has {', '.join(splits) or 'none'}; empty splits are left out): {fix}.")
+  decoders = {name: tfds.decode.SkipDecoding() for name in skip_decoding}
+  return builder.as_data_source(split, decoders=decoders or None)
+
+
+def skip_decoding(source: Sequence[dict], features: Sequence[str]) -> Sequence[dict] | None:
+  """A copy of TFDS data source `source` that leaves `features` encoded (bytes), or None
+  when `source` is not a TFDS data source (an in-memory list, a wrapper)."""
+  if not isinstance(source, tfds_sources.BaseDataSource):
+    return None
+  decoders = dict(source.decoders or {})
+  decoders.update({name: tfds.decode.SkipDecoding() for name in features})
+  return dataclasses.replace(source, decoders=decoders)
+
+
 def resolve_name(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
   """Resolves config.data.name to (dataset name, manual_dir); 'auto' picks one and logs why.
 
@@ -115,7 +189,7 @@ def split_counts(builder: tfds.core.DatasetBuilder) -> dict[str, collections.Cou
   """
   counts = {}
   for split in builder.info.splits:
-    source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    source = data_source(builder, split, skip_decoding=("image",))
     c = collections.Counter()
     for i in range(len(source)):
       ex = source[i]
@@ -156,26 +230,30 @@ def format_counts(counts: dict[str, collections.Counter]) -> str:
 
 # ----- command line -----
 
-_DATASET = flags.DEFINE_enum("dataset", "synthetic", ["kaggle", "synthetic", "auto"],
-                             "Which config of cxr_masks_and_labels to build.")
-_MANUAL_DIR = flags.DEFINE_string(
-  "manual_dir", "", f"Kaggle archive: its folder or .zip ('' -> ${MANUAL_DIR_ENV}).")
-_DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data dir.")
-_SYNTHETIC_EXAMPLES = flags.DEFINE_integer(
-  "synthetic_examples", cxr_masks_and_labels.DEFAULT_SYNTHETIC_EXAMPLES,
-  "Number of synthetic examples (all splits).")
-_STRICT = flags.DEFINE_bool("strict", False, "Fail on the first unusable file.")
+def define_flags() -> None:
+  """The command's flags; defined only when run as a command, so importing prepare (as
+  train.py does) adds no flags to other programs."""
+  flags.DEFINE_enum("dataset", "synthetic", ["kaggle", "synthetic", "auto"],
+                    "Which config of cxr_masks_and_labels to build.")
+  flags.DEFINE_string(
+    "manual_dir", "", f"Kaggle archive: its folder or .zip ('' -> ${MANUAL_DIR_ENV}).")
+  flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data dir.")
+  flags.DEFINE_integer(
+    "synthetic_examples", cxr_masks_and_labels.DEFAULT_SYNTHETIC_EXAMPLES,
+    "Number of synthetic examples (all splits).")
+  flags.DEFINE_bool("strict", False, "Fail on the first unusable file.")
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  name, manual_dir = _DATASET.value, _MANUAL_DIR.value
+  f = flags.FLAGS
+  name, manual_dir = f.dataset, f.manual_dir
   if name == "auto":
     name, manual_dir = resolve_name(ml_collections.ConfigDict(
       {"name": "auto", "manual_dir": manual_dir}))
-  builder = load_builder(name, data_dir=_DATA_DIR.value, manual_dir=manual_dir,
-                         synthetic_examples=_SYNTHETIC_EXAMPLES.value, strict=_STRICT.value)
+  builder = load_builder(name, data_dir=f.data_dir, manual_dir=manual_dir,
+                         synthetic_examples=f.synthetic_examples, strict=f.strict)
   print(f"{builder.info.full_name} in {builder.data_dir}")
   print(format_counts(split_counts(builder)))
   skipped = builder.info.metadata.get("skipped", []) if builder.info.metadata else []
@@ -185,4 +263,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
