@@ -5,6 +5,7 @@ replicated. `jax.make_mesh` gives Explicit axis types by default; Auto lets XLA'
 place everything the step does not pin down itself.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,17 +33,33 @@ def data_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, name: str = "batch_size") -> int:
-  """Returns the per-process batch size, or says which value to change."""
-  num_devices = mesh.devices.size
-  if batch_size <= 0 or batch_size % num_devices:
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh | None = None,
+                     name: str = "batch_size", *, num_devices: int | None = None,
+                     process_count: int | None = None) -> int:
+  """Returns this process's rows of a global batch, or says which value of `name` to use.
+
+  The one batch-size check (the loaders call it too): `batch_size` must be a positive
+  multiple of the device count (every device gets equal rows) and of the process count
+  (every process loads equal rows).
+
+  Args:
+    batch_size: the global batch size, config.<name>.
+    mesh: its device count is the one checked; None: `num_devices`, else jax.device_count().
+    name: the config key, for the message ('batch_size' or 'eval_batch_size').
+    num_devices, process_count: override the counts (tests, or a loader told its process).
+  """
+  if num_devices is None:
+    num_devices = mesh.devices.size if mesh is not None else jax.device_count()
+  if process_count is None:
+    process_count = jax.process_count()
+  unit = math.lcm(num_devices, process_count)
+  if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0 or batch_size % unit:
+    fix = max(1, round(batch_size / unit) if isinstance(batch_size, (int, float)) else 1) * unit
     raise ValueError(
-        f"config.{name}={batch_size} must be a positive multiple of the device count "
-        f"({num_devices}); set --config.{name} to e.g. {max(1, batch_size // num_devices) * num_devices or num_devices}.")
-  if batch_size % jax.process_count():
-    raise ValueError(
-        f"config.{name}={batch_size} must divide by the process count ({jax.process_count()}).")
-  return batch_size // jax.process_count()
+        f"config.{name}={batch_size!r} must be a positive multiple of {unit} (the device "
+        f"count is {num_devices}, the process count {process_count}); set "
+        f"--config.{name}={fix}.")
+  return int(batch_size) // process_count
 
 
 def to_global(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -6,8 +6,8 @@
     --(grain worker processes, config.data.num_workers)--> checkpointable iterator
 
 The trainer turns host batches into global arrays with `cxr_jax.sharding.to_global`. jax is
-imported lazily (only for the process index defaults): grain workers unpickle the
-transforms below and must not start jax.
+imported lazily (process index defaults, the batch-size check in cxr_jax.sharding): grain
+workers unpickle the transforms below and must not start jax.
 
 A host batch (b = batch size // process count rows):
   image [b,S,S,1] float32 (normalised), mask [b,S,S,1] float32 in {0,1}, has_mask [b]
@@ -29,6 +29,14 @@ import numpy as np
 
 from cxr_jax.data import preprocess
 
+# config.data.examples: what a training batch holds (evaluation batches always hold every
+# image of the split, with its mask and has_mask).
+#   'masked': only images with a mask (has_mask 1): segmentation.
+#   'all':    every image; has_mask (0 or 1) weighs the segmentation loss, so images without
+#             a mask train only a classification head: segmentation with a loss mask, or
+#             multi-task.
+#   'labels': every image with its label, and no mask (has_mask 0, mask all zero, masks are
+#             not even decoded): classification; a multi-task model trains its class head only.
 EXAMPLES = ("masked", "all", "labels")
 # Smallest image side we accept: the U-Net's deepest level must keep at least 1 pixel.
 _MIN_IMAGE_SIZE = 16
@@ -60,13 +68,11 @@ def check_image_size(config: ml_collections.ConfigDict) -> int:
 
 
 def local_batch_size(batch_size: int, process_count: int, name: str = "batch_size") -> int:
-  """Rows of the global batch this process loads, or says which value to change."""
-  if batch_size <= 0 or batch_size % process_count:
-    fix = max(1, round(batch_size / process_count)) * process_count
-    raise ValueError(
-        f"config.{name}={batch_size} must be a positive multiple of the process count "
-        f"({process_count}); set --config.{name}={fix}.")
-  return batch_size // process_count
+  """Rows of the global batch this process loads (`sharding.check_batch_size` for the
+  process count only: the loaders know no mesh; the trainer checks the device count)."""
+  from cxr_jax import sharding  # pylint: disable=g-import-not-at-top  (jax: not in workers)
+  return sharding.check_batch_size(batch_size, name=name, num_devices=1,
+                                   process_count=process_count)
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -82,11 +88,17 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 # ----- per-example transform (runs in grain workers: numpy only) -----
 
 class ReadExample(grain.transforms.Map):
-  """Source index -> one prepared example; index -1 -> a padding example (weight 0)."""
+  """Source index -> one prepared example; index -1 -> a padding example (weight 0).
 
-  def __init__(self, source: Sequence[dict[str, Any]], image_size: int):
+  with_masks=False (config.data.examples='labels') reads no mask: every example gets
+  has_mask 0 and an all-zero mask.
+  """
+
+  def __init__(self, source: Sequence[dict[str, Any]], image_size: int,
+               with_masks: bool = True):
     self._source = source
     self._size = image_size
+    self._with_masks = with_masks
 
   def map(self, index: int) -> dict[str, Any]:
     size = self._size
@@ -94,7 +106,7 @@ class ReadExample(grain.transforms.Map):
       return _padding_example(size)
     record = self._source[int(index)]
     image, box = preprocess.prepare_image(record["image"], size)
-    has_mask = bool(record.get("has_mask", False))
+    has_mask = self._with_masks and bool(record.get("has_mask", False))
     if has_mask:
       mask = preprocess.prepare_mask(record["mask"], size)
     else:
@@ -132,14 +144,41 @@ def _padding_example(size: int) -> dict[str, Any]:
 
 # ----- which examples, in which order -----
 
+def skip_decoding(source: Sequence[dict[str, Any]], features: Sequence[str]
+                  ) -> Sequence[dict[str, Any]]:
+  """A view of `source` whose records leave `features` (e.g. 'image', 'mask') undecoded.
+
+  A TFDS data source gets SkipDecoding decoders (`prepare.skip_decoding`); a source with a
+  `skip_decoding(features)` method (a wrapper) is asked for its own view; anything else (an
+  in-memory list) is returned as it is, decoding being free there.
+  """
+  if hasattr(source, "skip_decoding"):
+    return source.skip_decoding(features)
+  if type(source).__module__.startswith("tensorflow_datasets."):
+    from cxr_jax.data import prepare  # pylint: disable=g-import-not-at-top  (tfds)
+    view = prepare.skip_decoding(source, features)
+    if view is not None:
+      return view
+  return source
+
+
+_SCAN_CHUNK = 256
+
+
 def _scan(source: Sequence[dict[str, Any]], indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(has_mask [n] bool, label [n] int) of source[indices] (reads each record once)."""
+  """(has_mask [n] bool, label [n] int) of source[indices], without decoding any image."""
+  view = skip_decoding(source, ("image", "mask"))
   has_mask = np.zeros(len(indices), bool)
   labels = np.zeros(len(indices), np.int64)
-  for i, index in enumerate(indices):
-    record = source[int(index)]
-    has_mask[i] = bool(record.get("has_mask", False))
-    labels[i] = int(record.get("label", 0))
+  for start in range(0, len(indices), _SCAN_CHUNK):
+    chunk = [int(i) for i in indices[start:start + _SCAN_CHUNK]]
+    if hasattr(view, "__getitems__"):
+      records = view.__getitems__(chunk)  # one batched read (array_record)
+    else:
+      records = [view[i] for i in chunk]
+    for i, record in enumerate(records, start):
+      has_mask[i] = bool(record.get("has_mask", False))
+      labels[i] = int(record.get("label", 0))
   return has_mask, labels
 
 
@@ -234,7 +273,8 @@ def create_train_iterator(config: ml_collections.ConfigDict, source: Sequence[di
 
   Args:
     config: uses seed, batch_size, data.{image_size, examples, balance_classes,
-      num_workers, prefetch} (and model.depth to check image_size).
+      num_workers, prefetch} (and model.depth to check image_size). data.examples is
+      'masked' | 'all' | 'labels', see EXAMPLES above.
     source: random-access records (`len`, `[i]`) as the TFDS builder writes them.
     process_index, process_count: this process's place; default jax.process_index() and
       jax.process_count(). Each process reads only its (strided) slice of `source`.
@@ -251,8 +291,10 @@ def create_train_iterator(config: ml_collections.ConfigDict, source: Sequence[di
   num_workers = int(config.data.num_workers)
   if num_workers < 0:
     raise ValueError(f"config.data.num_workers={num_workers} must be >= 0 (0: main process).")
+  with_masks = config.data.examples != "labels"
+  read_source = source if with_masks else skip_decoding(source, ("mask",))
   dataset = (_train_indices(config, source, process_index, process_count)
-             .map(ReadExample(source, size))
+             .map(ReadExample(read_source, size, with_masks))
              .batch(batch, drop_remainder=True)
              .to_iter_dataset(_read_options(config)))
   if num_workers:
