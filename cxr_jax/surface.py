@@ -5,7 +5,8 @@ prediction has been mapped back from the model's letterboxed square (`evaluate.p
 metrics in `metrics.py` are their cheap training-time counterparts at the model's resolution.
 
 Defined behaviour (tested in tests/test_surface.py):
-- Dice, IoU, precision, recall: both masks empty -> 1.0 (nothing to find, nothing found).
+- Dice, IoU, precision, recall: `metrics.binary_scores` (one implementation and one
+  convention for the codebase): both masks empty -> 1.0 (nothing to find, nothing found).
   Any other 0/0 (e.g. precision when nothing is predicted but the truth is not empty) -> 0.0.
 - HD95 and ASSD: both empty -> 0.0. Exactly one empty -> the image diagonal
   `hypot(H - 1, W - 1)` (in mm: scaled by the spacing), the largest distance two pixels of the
@@ -25,6 +26,9 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from cxr_jax import metrics
+from cxr_jax.data import kaggle_archive
+
 # Montgomery County CXRs are 4020 x 4892 or 4892 x 4020 pixels at 0.0875 mm (Jaeger et al.,
 # 2014). Shenzhen's spacing is not published; synthetic phantoms have none.
 MONTGOMERY_SPACING_MM = 0.0875
@@ -33,7 +37,7 @@ MONTGOMERY_SHAPES = ((4892, 4020), (4020, 4892))
 # is the native one scaled by the resize. Most are portrait, 4892 rows x 4020 columns.
 MONTGOMERY_ASSUMED_SHAPE = (4892, 4020)
 
-SOURCES = ("montgomery", "shenzhen", "synthetic")
+SOURCES = kaggle_archive.SOURCES  # the dataset's ClassLabel order
 MASK_METRICS = ("dice", "iou", "precision", "recall", "hd95_px", "asd_px", "hd95_mm", "asd_mm")
 # Lower is better for these; the worst images are those with the highest values.
 LOWER_IS_BETTER = frozenset({"hd95_px", "asd_px", "hd95_mm", "asd_mm"})
@@ -65,24 +69,11 @@ def pixel_spacing(source: str, height: int, width: int) -> Spacing | None:
                  MONTGOMERY_SPACING_MM * native_w / width, estimated=True)
 
 
-def _ratio(num: int, den: int, both_empty: bool) -> float:
-  if both_empty:
-    return 1.0
-  return num / den if den else 0.0
-
-
 def overlap_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
   """Dice, IoU, precision and recall of two binary masks [H, W] (any dtype; nonzero = lung)."""
   pred, truth = _as_bool_pair(pred, truth)
-  tp = int(np.count_nonzero(pred & truth))
-  n_pred, n_truth = int(np.count_nonzero(pred)), int(np.count_nonzero(truth))
-  both_empty = n_pred == 0 and n_truth == 0
-  return {
-      "dice": _ratio(2 * tp, n_pred + n_truth, both_empty),
-      "iou": _ratio(tp, n_pred + n_truth - tp, both_empty),
-      "precision": _ratio(tp, n_pred, both_empty),
-      "recall": _ratio(tp, n_truth, both_empty),
-  }
+  scores = metrics.binary_scores(pred[None], truth[None])
+  return {name: float(value[0]) for name, value in scores.items()}
 
 
 def boundary(mask: np.ndarray) -> np.ndarray:

@@ -120,3 +120,19 @@ def test_aggregate_summaries_per_source_and_worst():
   assert [w["id"] for w in agg["worst"]] == ["b", "c"]
   worst_hd = surface.aggregate(rows, metrics=("hd95_mm",), num_worst=1, rank_by="hd95_mm")
   assert worst_hd["worst"][0]["id"] == "b"
+
+
+def test_one_overlap_implementation_and_one_source_list():
+  """surface's overlap scores are metrics.binary_scores' (same empty-mask convention), and
+  its source names are the dataset's."""
+  from cxr_jax import metrics
+  from cxr_jax.data import kaggle_archive
+  rng = np.random.default_rng(0)
+  pred, truth = rng.random((2, 3, 9, 11)) > 0.6
+  pred[1] = False  # nothing predicted, truth not empty: precision 0/0 -> 0
+  pred[2] = truth[2] = False  # both empty -> 1
+  expected = metrics.binary_scores(pred, truth)
+  for k in range(3):
+    got = surface.overlap_metrics(pred[k], truth[k])
+    assert got == {name: pytest.approx(float(v[k])) for name, v in expected.items()}
+  assert surface.SOURCES is kaggle_archive.SOURCES
