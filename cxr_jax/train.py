@@ -294,10 +294,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----- data -----
   requested = config.data.name
   name, manual_dir = prepare.resolve_name(config.data)
+  _check_same_on_all_hosts(name)
   config.data.name, config.data.manual_dir = name, manual_dir
   logging.info("Dataset: %s (config.data.name=%r)%s", name, requested,
                f", archive at {manual_dir}" if manual_dir else "")
-  builder = prepare.load_builder(
+  builder = prepare.load_builder_multihost(
       name, data_dir=os.path.expanduser(config.data.data_dir), manual_dir=manual_dir,
       synthetic_examples=config.data.synthetic_examples)
   dataset_info = {
@@ -314,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.device_count(), jax.default_backend(), jax.process_count(),
                jax.process_index())
 
-  sources = {split: lung_crop.maybe_crop(config, split, builder.as_data_source(split), workdir)
+  sources = {split: lung_crop.maybe_crop(config, split, prepare.data_source(builder, split),
+                                         workdir)
              for split in ("train", "validation")}
   train_iter = input_pipeline.create_train_iterator(config, sources["train"])
   eval_batches = input_pipeline.create_eval_batches(config, sources["validation"])
@@ -419,6 +421,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     writer.close()
   return val_metrics
+
+
+def _check_same_on_all_hosts(dataset_name: str) -> None:
+  """'auto' resolves per host: all hosts must have found the same dataset."""
+  if jax.process_count() == 1:
+    return
+  names = ["kaggle", "synthetic"]
+  chosen = names[int(multihost_utils.broadcast_one_to_all(np.int32(names.index(dataset_name))))]
+  if chosen != dataset_name:
+    raise ValueError(
+        f"Process {jax.process_index()} resolved the dataset to {dataset_name!r}, process 0 "
+        f"to {chosen!r}: set --config.data.name and --config.data.manual_dir explicitly, to "
+        "a path every host sees.")
 
 
 def check_best_metric(config: ml_collections.ConfigDict, abstract_model: nnx.Module) -> None:
