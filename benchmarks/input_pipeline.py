@@ -3,9 +3,10 @@
     python benchmarks/input_pipeline.py [--config=configs/default.py] [--batches=40]
 
 Prints host-pipeline images/s with 0, 1 and 2 grain workers, the jitted augmentation's time
-per batch, and a jitted forward+backward (+SGD) of the config's model, with and without augmentation, for
-the config's dataset (synthetic unless the real archive is found). Goals: loader >= 3x the
-train step's images/s, augmentation < 10% of a step.
+per batch, and the trainer's own train step (`train.make_train_step` under `jax.jit` with the
+state donated: augmentation, forward, every head's loss, the config's optimiser), with
+augmentation on and off, for the config's dataset (synthetic unless the real archive is
+found). Goals: loader >= 3x the train step's images/s, augmentation < 10% of a step.
 """
 
 import functools
@@ -13,48 +14,15 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
-import optax
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from cxr_jax import models
+import train_step as real_step  # benchmarks/train_step.py (puts the checkout on sys.path)
 from cxr_jax.data import augment, input_pipeline, prepare
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config.")
 _BATCHES = flags.DEFINE_integer("batches", 40, "Host batches timed per worker setting.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats of each jitted function.")
-
-
-class _ReopenedSource:
-  """The builder's split, reopened by name in each grain worker.
-
-  Workaround: a pickled TFDS data source re-creates its builder from a copy of the
-  BuilderConfig, which tfds rejects for the registered 'synthetic' config ("Cannot name a
-  custom BuilderConfig the same as an available BuilderConfig"), so workers cannot unpickle
-  `builder.as_data_source(...)` itself (reported to the dataset builder's owner).
-  """
-
-  def __init__(self, name: str, split: str, **kwargs):
-    self._args = (name, split, kwargs)
-    self._len = len(self._open())
-    self._source = None
-
-  def _open(self):
-    name, split, kwargs = self._args
-    return prepare.load_builder(name, **kwargs).as_data_source(split)
-
-  def __getstate__(self):
-    return {"_args": self._args, "_len": self._len, "_source": None}
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index: int):
-    if self._source is None:
-      self._source = self._open()
-    return self._source[index]
 
 
 def _loader_images_per_s(config, source, num_workers: int, batches: int) -> float:
@@ -84,20 +52,32 @@ def _median_seconds(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
+def _step_seconds(config, batch, repeats: int) -> float:
+  """Median seconds of the trainer's jitted step (state donated, so threaded through)."""
+  _, state, step = real_step.real_train_step(config)
+  state, scalars = step(state, batch)  # compile
+  jax.block_until_ready(scalars)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, scalars = step(state, batch)
+    jax.block_until_ready(scalars)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
   name, manual_dir = prepare.resolve_name(config.data)
   builder = prepare.load_builder(name, data_dir=config.data.data_dir, manual_dir=manual_dir,
                                  synthetic_examples=config.data.synthetic_examples)
-  del builder  # prepared; each process (and worker) reopens it by name
-  source = _ReopenedSource(name, "train", data_dir=config.data.data_dir, manual_dir=manual_dir,
-                           synthetic_examples=config.data.synthetic_examples)
+  source = prepare.data_source(builder, "train")  # pickles to grain workers by reference
   batch_size = config.batch_size
   print(f"dataset {name} ({len(source)} train records), image_size "
         f"{config.data.image_size}, batch {batch_size}, examples={config.data.examples}, "
-        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"{jax.device_count()} device(s)")
+        f"model {config.model.name}, backend {jax.default_backend()} "
+        f"({jax.devices()[0].device_kind}), {jax.device_count()} device(s)")
 
   rows = []
   for workers in (0, 1, 2):
@@ -106,40 +86,24 @@ def main(argv):
     print(rows[-1])
 
   host = next(input_pipeline.create_train_iterator(config, source))
-  batch = {k: jnp.asarray(v) for k, v in host.items() if k != "id"}
+  batch = real_step.device_batch(host)
   aug_fn = jax.jit(functools.partial(augment.augment_batch, aug_config=config.aug))
   aug_s = _median_seconds(aug_fn, jax.random.key(0), batch["image"], batch["mask"],
                           repeats=_REPEATS.value)
 
-  # Forward + backward of the config's model with an SGD update (nnx.jit; the BatchNorm
-  # statistics update in place). train.make_train_step adds the optimiser and metrics.
-  model = models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=1))
-
-  @nnx.jit
-  def fwd_bwd(model, image, mask):
-    def loss_fn(model):
-      logits = model(image, train=True)["mask_logits"]
-      return optax.sigmoid_binary_cross_entropy(logits, mask).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    nnx.update(model, jax.tree.map(lambda p, g: p - 1e-3 * g, nnx.state(model, nnx.Param),
-                                   grads))
-    return loss
-
-  @nnx.jit
-  def aug_fwd_bwd(model, key, image, mask):
-    image, mask = augment.augment_batch(key, image, mask, config.aug)
-    return fwd_bwd(model, image, mask)
-
-  step_s = _median_seconds(fwd_bwd, model, batch["image"], batch["mask"],
-                           repeats=_REPEATS.value)
-  aug_step_s = _median_seconds(aug_fwd_bwd, model, jax.random.key(1), batch["image"],
-                               batch["mask"], repeats=_REPEATS.value)
+  # The trainer's step as train.py runs it, with the config's augmentation, and without.
+  aug_step_s = _step_seconds(config, batch, _REPEATS.value)
+  no_aug = config.copy_and_resolve_references()
+  no_aug.aug.enabled = False
+  step_s = _step_seconds(no_aug, batch, _REPEATS.value)
   step_rate = batch_size / aug_step_s
   rows += [
       ("augmentation alone (jit)", f"{aug_s * 1e3:.2f} ms/batch "
-       f"({100 * aug_s / step_s:.1f}% of a step)"),
-      ("model fwd+bwd step", f"{batch_size / step_s:.0f} img/s ({step_s * 1e3:.1f} ms)"),
-      ("augmentation + fwd+bwd step", f"{step_rate:.0f} img/s ({aug_step_s * 1e3:.1f} ms)"),
+       f"({100 * aug_s / aug_step_s:.1f}% of a train step)"),
+      ("train step, aug off (fwd+bwd+loss+optimiser)",
+       f"{batch_size / step_s:.0f} img/s ({step_s * 1e3:.1f} ms)"),
+      ("train step as trained (aug + fwd+bwd+loss+optimiser)",
+       f"{step_rate:.0f} img/s ({aug_step_s * 1e3:.1f} ms)"),
   ]
   best_loader = max(float(r[1].split()[0]) for r in rows[:3])
   rows.append(("loader / train step (best workers)", f"{best_loader / step_rate:.1f}x"))

@@ -4,11 +4,13 @@
   python benchmarks/models.py --models=unet --sizes=256 --steps=10
 
 Per model and image size it prints the parameter count, forward GFLOPs per image from XLA's
-cost analysis of the compiled forward pass, and the time per image of a train step (forward,
-backward, Adam update) run as the trainer runs it: `jax.jit` over the `nnx.split` state with
-the state donated. Where PyTorch is installed, it also times the classic U-Net written in
-PyTorch (same widths, BatchNorm, transposed convs, Adam, NCHW as PyTorch prefers) at the
-U-Net's settings and prints the JAX / PyTorch speed ratio.
+cost analysis of the compiled forward pass, and the time per image of the trainer's own train
+step: `jax.jit(train.make_train_step(...), donate_argnums=0)` on a `train.TrainState` built as
+`train_and_evaluate` builds it, from configs/default.py with this script's model settings
+(paired augmentation unless --no_aug, forward, the loss of every head the model has, AdamW
+with clipping and the warmup/cosine schedule). Where PyTorch is installed, it also times the
+classic U-Net written in PyTorch (same widths, BatchNorm, transposed convs, BCE, Adam, NCHW
+as PyTorch prefers; no augmentation, no Dice, no clipping) and prints the JAX / PyTorch ratio.
 """
 
 import argparse
@@ -18,22 +20,17 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, uninstalled
+import train_step as real_step  # noqa: E402  (benchmarks/train_step.py)
+from configs import default  # noqa: E402
 from cxr_jax.models import MODELS  # noqa: E402
 
-
-def _loss(out: dict, mask: jax.Array, label: jax.Array) -> jax.Array:
-  loss = 0.0
-  if "mask_logits" in out:
-    loss += optax.sigmoid_binary_cross_entropy(out["mask_logits"], mask).mean()
-  if "class_logits" in out:
-    loss += optax.softmax_cross_entropy_with_integer_labels(out["class_logits"], label).mean()
-  return loss
+JAX_STEP = ("train.make_train_step: {aug}forward, backward, BCE + soft Dice and/or "
+            "cross-entropy per head, AdamW + grad clip")
+TORCH_STEP = "forward, backward, BCE, Adam (no augmentation, Dice or clipping)"
 
 
 def _time(fn: Callable[[], object], steps: int) -> float:
@@ -45,42 +42,37 @@ def _time(fn: Callable[[], object], steps: int) -> float:
   return (time.perf_counter() - start) / steps
 
 
+def _config(name: str, size: int, args: argparse.Namespace):
+  config = default.get_config()
+  config.model.name = name
+  config.model.base_features = args.base_features
+  config.model.depth = args.depth
+  config.model.dtype = args.dtype
+  config.data.image_size = size
+  config.batch_size = args.batch
+  config.aug.enabled = not args.no_aug
+  return config
+
+
 def jax_runner(name: str, size: int, args: argparse.Namespace) -> tuple[dict, Callable]:
   """(params, forward GFLOPs/image, compile seconds; a function running one train step)."""
-  # 'rbg' keys: initialisation compiles in seconds instead of about a minute (threefry).
-  rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))
-  model = MODELS[name](base_features=args.base_features, depth=args.depth, dtype=args.dtype,
-                       rngs=rngs)
-  params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
-
-  rng = np.random.default_rng(0)
-  image = jnp.asarray(rng.normal(size=(args.batch, size, size, 1)), jnp.float32)
-  mask = (image > 0).astype(jnp.float32)
-  label = jnp.asarray(rng.integers(0, 2, args.batch), jnp.int32)
+  config = _config(name, size, args)
+  graphdef, state, step = real_step.real_train_step(config)
+  params = sum(p.size for p in jax.tree.leaves(state.params))
+  batch = real_step.random_batch(args.batch, size)
 
   def forward(state, image):
-    model, _ = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state.params, state.rest, copy=True)
     return model(image, train=False)
 
-  cost = jax.jit(forward).lower(state, image).compile().cost_analysis()
+  cost = jax.jit(forward).lower(state, batch["image"]).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gflops = cost.get("flops", float("nan")) / args.batch / 1e9
-
-  def train_step(state, image, mask, label):
-    model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(
-        lambda m: _loss(m(image, train=True), mask, label))(model)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), loss
-
-  step = jax.jit(train_step, donate_argnums=0)
   holder = [state]
 
   def run():
-    holder[0], loss = step(holder[0], image, mask, label)
-    loss.block_until_ready()
+    holder[0], scalars = step(holder[0], batch)  # the state is donated: thread it through
+    scalars["loss"].block_until_ready()
 
   start = time.perf_counter()
   run()  # compile + first step
@@ -153,14 +145,17 @@ def main() -> None:
   parser.add_argument("--base_features", type=int, default=16)
   parser.add_argument("--depth", type=int, default=4)
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--no_aug", action="store_true",
+                      help="time the JAX step without its paired augmentation")
   parser.add_argument("--steps", type=int, default=5, help="timed train steps per row")
   parser.add_argument("--torch_size", type=int, default=256, help="0: skip PyTorch")
   parser.add_argument("--rounds", type=int, default=3,
                       help="alternating JAX / PyTorch rounds of --steps for the ratio")
   args = parser.parse_args()
 
+  jax_step = JAX_STEP.format(aug="" if args.no_aug else "paired augmentation, ")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, "
-        f"base {args.base_features}, depth {args.depth}, {args.dtype}, Adam")
+        f"base {args.base_features}, depth {args.depth}, {args.dtype}; step = {jax_step}")
   header = (f"{'model':<16} {'size':>5} {'params':>11} {'GFLOPs/img':>11} "
             f"{'ms/img':>8} {'img/s':>7} {'compile s':>9}")
   print(header)
@@ -191,6 +186,7 @@ def main() -> None:
         f"{torch_info['threads']} threads):")
   print(f"  JAX/Flax NNX {jax_ips:.2f} img/s, PyTorch {torch_ips:.2f} img/s, "
         f"JAX / PyTorch = {jax_ips / torch_ips:.2f}x")
+  print(f"  JAX step: {jax_step}.\n  PyTorch step: {TORCH_STEP}.")
 
 
 if __name__ == "__main__":
