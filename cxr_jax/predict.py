@@ -3,11 +3,27 @@
     python -m cxr_jax.predict --workdir=DIR --input=PATH --output=OUT [--checkpoint=best]
 
 PATH is an image or a folder of PNG/JPEG files (top level only) of any size, 8 or 16 bit,
-grey or colour. Writes OUT/masks/<stem>.png (uint8 0/255 at the input's own height and
-width), OUT/overlays/<stem>.png and OUT/predictions.csv (`image,height,width,lung_fraction`,
-plus `p_abnormal` when the model classifies). A file that cannot be read is reported by name
-on stderr, the others still get predictions, and the exit status is 1. Needs only the
-workdir (config.json and checkpoints): no dataset, no accelerator.
+grey or colour, decoded exactly as the dataset decodes its files
+(`kaggle_archive.decode_greyscale`). Writes OUT/masks/<stem>.png (uint8 0/255 at the input's
+own height and width), OUT/overlays/<stem>.png and OUT/predictions.csv, one row per image:
+
+    image, height, width    the file's name and native size
+    lung_fraction           fraction of the image's pixels in the raw predicted mask
+                            (p(lung) >= MASK_THRESHOLD at the native size; `native_mask`),
+                            the same definition as evaluate's CSV
+    lung_fraction_post      only when the run's config.postprocess: the same of the
+                            post-processed mask (two largest components, holes filled),
+                            which is then the mask written to masks/
+    p_abnormal              only when the model classifies
+
+A run trained on lung crops (config.data.crop_to_lungs) is fed lung crops here too: the
+segmentation run of config.data.crop_workdir predicts each image's lungs, the box around them
+(grown by config.data.crop_margin, as in training: `lung_crop`) is cropped and classified.
+Its masks/, overlays and lung_fraction are then those lungs (the segmenter's mask, at the
+native size); p_abnormal is the crop classifier's. A file that cannot be read is reported by
+name on stderr, the others still get predictions, and the exit status is 1. Needs only the
+workdir (config.json and checkpoints; for a crop classifier also its crop_workdir): no
+dataset, no accelerator.
 
 `Inference` (batched, jitted forward pass at the model's resolution) and `Progress` are
 shared with `evaluate`.
@@ -17,12 +33,11 @@ from collections.abc import Iterable, Sequence
 import csv
 import dataclasses
 import inspect
-import math
 import os
 import pathlib
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from absl import app
 from absl import flags
@@ -33,6 +48,7 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import postprocess
+from cxr_jax.data import kaggle_archive
 from cxr_jax.data import preprocess
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -42,20 +58,19 @@ MASK_THRESHOLD = 0.5  # on the probability, after mapping it back to the native 
 # ----- reading images -----
 
 def load_grey(path: str | os.PathLike) -> np.ndarray:
-  """Reads a PNG/JPEG as one grey channel [H, W]: uint8 for 8-bit, float32 for deeper files.
+  """Reads a PNG/JPEG as one grey channel [H, W] uint8, exactly as the dataset decodes it.
 
-  16-bit and 32-bit greys keep their full range (normalisation is per image, so the bit
-  depth does not matter to the model); colour, palette and alpha images are converted to
-  luminance. Raises ValueError naming the file when it is not a readable image.
+  `kaggle_archive.decode_greyscale`, the decoding the training data went through: 16/32-bit
+  greys stretched from their own min..max to 0..255, colour, palette and alpha images
+  converted to luminance. So the model sees here what it saw in training. Raises ValueError
+  naming the file when it is not a readable image.
   """
   try:
-    with Image.open(path) as image:
-      image.load()
-      if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return np.asarray(image).astype(np.float32)
-      if image.mode != "L":
-        image = image.convert("L")
-      return np.asarray(image, np.uint8)
+    data = pathlib.Path(path).read_bytes()
+  except OSError as e:
+    raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+  try:
+    return kaggle_archive.decode_greyscale(data)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"{path}: not a readable PNG/JPEG image ({type(e).__name__}: {e})") from e
 
@@ -168,40 +183,73 @@ class Progress:
 
 # ----- predicting files -----
 
+def native_mask(prob: np.ndarray, letterbox: preprocess.Letterbox, *,
+                clean: bool) -> np.ndarray:
+  """A segmenter's p(lung) [S, S] (letterboxed) -> the mask at the native size, bool [H, W].
+
+  The one mapping from model output to a native mask (predict, evaluate and lung_crop all
+  use it): bilinear `unletterbox` of the probability, then `>= MASK_THRESHOLD`; clean=True
+  then applies `postprocess.clean_mask` (two largest components, holes filled), i.e.
+  `native_mask(..., clean=True) == postprocess.clean_mask(native_mask(..., clean=False))`.
+  """
+  mask = preprocess.unletterbox(prob, letterbox, order="bilinear") >= MASK_THRESHOLD
+  return postprocess.clean_mask(mask) if clean else mask
+
+
 @dataclasses.dataclass
 class Prediction:
   """One image's outputs at its native size."""
   height: int
   width: int
-  mask: np.ndarray | None  # bool [H, W]; None for a classifier
+  mask: np.ndarray | None  # bool [H, W], raw (thresholded); None when nothing segments
+  mask_post: np.ndarray | None  # bool [H, W], post-processed; None unless asked for
   p_abnormal: float | None
+  crop: tuple[int, int, int, int] | None = None  # lung crop the classifier saw (top, left,
+                                                 # bottom, right); None: the whole image
+
+  @property
+  def output_mask(self) -> np.ndarray | None:
+    """The mask written to masks/: post-processed when it was asked for, else raw."""
+    return self.mask_post if self.mask_post is not None else self.mask
 
 
 def predict_images(inference: Inference, images: Sequence[np.ndarray], *,
-                   clean: bool = False) -> list[Prediction]:
-  """Predicts native grey images [H, W] (one batch at most `inference.batch_size`)."""
+                   clean: bool = False, segmenter: Any = None,
+                   margin: float = 0.0) -> list[Prediction]:
+  """Predicts native grey images [H, W] (one batch at most `inference.batch_size`).
+
+  With `segmenter` (a `lung_crop.Segmenter`, for a run trained on lung crops) each image is
+  first cropped to its predicted lung box grown by `margin` (`lung_crop.grow_box`), as in
+  training; the mask reported is then the model's own mask pasted back into the native
+  frame (multitask) or else the segmenter's lungs, the mask the crop came from.
+  """
   size = inference.image_size
-  prepared = [preprocess.prepare_image(image, size) for image in images]
+  crops: list[tuple[int, int, int, int] | None] = [None] * len(images)
+  lungs: list[np.ndarray | None] = [None] * len(images)
+  if segmenter is not None:
+    from cxr_jax.data import lung_crop
+    for k, (image, (raw, box)) in enumerate(zip(images, segmenter.predict(images))):
+      lungs[k] = raw
+      if box is not None:
+        crops[k] = lung_crop.grow_box(box, margin, *image.shape[:2])
+  views = [image if c is None else image[c[0]:c[2], c[1]:c[3]]
+           for image, c in zip(images, crops)]
+  prepared = [preprocess.prepare_image(view, size) for view in views]
   outputs = inference(np.stack([x for x, _ in prepared])[..., None])
   results = []
-  for i, (_, box) in enumerate(prepared):
-    mask = None
+  for i, (image, crop, (_, box)) in enumerate(zip(images, crops, prepared)):
+    height, width = image.shape[:2]
+    mask = lungs[i]
     if inference.segments:
-      prob = preprocess.unletterbox(outputs["prob"][i], box, order="bilinear")
-      mask = prob >= MASK_THRESHOLD
-      mask = postprocess.clean_mask(mask) if clean else mask
+      mask = native_mask(outputs["prob"][i], box, clean=False)
+      if crop is not None:  # back into the full image's frame: no lung outside the crop
+        canvas = np.zeros((height, width), bool)
+        canvas[crop[0]:crop[2], crop[1]:crop[3]] = mask
+        mask = canvas
+    mask_post = postprocess.clean_mask(mask) if (clean and mask is not None) else None
     p = float(outputs["p_abnormal"][i]) if inference.classifies else None
-    results.append(Prediction(box.height, box.width, mask, p))
+    results.append(Prediction(height, width, mask, mask_post, p, crop))
   return results
-
-
-def _display_uint8(image: np.ndarray) -> np.ndarray:
-  """Any-depth grey image -> uint8 for an overlay (1st-99th percentile window)."""
-  if image.dtype == np.uint8:
-    return image
-  lo, hi = np.percentile(image, (1, 99))
-  scaled = (np.clip(image, lo, hi) - lo) / max(float(hi - lo), 1e-6)
-  return (scaled * 255).round().astype(np.uint8)
 
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -211,10 +259,12 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 
 def predict_files(inference: Inference, paths: Sequence[pathlib.Path],
                   output: str | os.PathLike, *, clean: bool = False,
-                  progress: bool = True) -> tuple[list[dict], list[str]]:
+                  progress: bool = True, segmenter: Any = None,
+                  margin: float = 0.0) -> tuple[list[dict], list[str]]:
   """Predicts each file and writes its mask and overlay; -> (CSV rows, error messages).
 
   Files are read one batch at a time, so a folder of any length fits in memory.
+  `segmenter`, `margin`: see `predict_images`.
   """
   from cxr_jax import overlays  # the metrics owner's drawing; imported late: PIL-heavy
 
@@ -232,15 +282,19 @@ def predict_files(inference: Inference, paths: Sequence[pathlib.Path],
       except ValueError as e:
         errors.append(str(e))
     if loaded:
-      predictions = predict_images(inference, [image for _, image in loaded], clean=clean)
+      predictions = predict_images(inference, [image for _, image in loaded], clean=clean,
+                                   segmenter=segmenter, margin=margin)
       for (path, image), pred in zip(loaded, predictions):
         row = {"image": path.name, "height": pred.height, "width": pred.width,
-               "lung_fraction": ""}
+               "lung_fraction": "", "lung_fraction_post": ""}
         if pred.mask is not None:
           row["lung_fraction"] = f"{pred.mask.mean():.6f}"
-          Image.fromarray(pred.mask.astype(np.uint8) * 255, mode="L").save(
+          if pred.mask_post is not None:
+            row["lung_fraction_post"] = f"{pred.mask_post.mean():.6f}"
+          mask = pred.output_mask
+          Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(
               output / "masks" / f"{stems[path]}.png")
-          rgb = overlays.overlay(_display_uint8(image), pred.mask)
+          rgb = overlays.overlay(image, mask)
           Image.fromarray(rgb).save(output / "overlays" / f"{stems[path]}.png")
         if pred.p_abnormal is not None:
           row["p_abnormal"] = f"{pred.p_abnormal:.6f}"
@@ -252,9 +306,12 @@ def predict_files(inference: Inference, paths: Sequence[pathlib.Path],
   return rows, errors
 
 
-def write_csv(rows: Sequence[dict], path: str | os.PathLike, classifies: bool) -> None:
-  """predictions.csv: `image,height,width,lung_fraction[,p_abnormal]`, one row per image."""
-  fields = ["image", "height", "width", "lung_fraction"] + (["p_abnormal"] if classifies else [])
+def write_csv(rows: Sequence[dict], path: str | os.PathLike, classifies: bool,
+              postprocessed: bool = False) -> None:
+  """predictions.csv, one row per image (columns: see the module docstring)."""
+  fields = (["image", "height", "width", "lung_fraction"]
+            + (["lung_fraction_post"] if postprocessed else [])
+            + (["p_abnormal"] if classifies else []))
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -277,11 +334,18 @@ def run(workdir: str, input_path: str, output: str, *, checkpoint: str = "latest
     print(f"predict: no PNG/JPEG files in {input_path}", file=sys.stderr)
     return 1
   config, model = restored or checkpoint_lib.restore_for_inference(workdir, checkpoint)
-  batch_size = batch_size or int(config.get("eval_batch_size", 8))
-  inference = Inference(config, model, batch_size=min(batch_size, len(paths)))
+  batch_size = min(batch_size or int(config.get("eval_batch_size", 8)), len(paths))
+  inference = Inference(config, model, batch_size=batch_size)
   clean = bool(config.get("postprocess", False))
-  rows, errors = predict_files(inference, paths, output, clean=clean, progress=progress)
-  write_csv(rows, pathlib.Path(output) / "predictions.csv", inference.classifies)
+  segmenter, margin = None, 0.0
+  if config.data.get("crop_to_lungs", False):  # trained on lung crops: predict on them too
+    from cxr_jax.data import lung_crop
+    segmenter = lung_crop.load_segmenter(config.data.crop_workdir, batch_size=batch_size)
+    margin = float(config.data.crop_margin)
+  rows, errors = predict_files(inference, paths, output, clean=clean, progress=progress,
+                               segmenter=segmenter, margin=margin)
+  write_csv(rows, pathlib.Path(output) / "predictions.csv", inference.classifies,
+            postprocessed=clean and (inference.segments or segmenter is not None))
   for message in errors:
     print(f"predict: error: {message}", file=sys.stderr)
   print(f"predict: {len(rows)} of {len(paths)} images predicted into {output}"

@@ -35,3 +35,37 @@ def pytest_sessionfinish(session, exitstatus):
   if os.path.basename(cache).startswith("cxr_jax_xla_cache_"):
     import shutil
     shutil.rmtree(cache, ignore_errors=True)
+
+
+
+# ----- a fake model shared by test_evaluate and test_predict -----
+# (imported here, below the compilation-cache setup above, which must come first)
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+
+class BrightIsLung(nnx.Module):
+  """Fake model (exact, compiles in a second): lung where the normalised image is bright.
+
+  p(abnormal) comes from the mean of the letterboxed image's top-left quarter (tests draw it
+  per label).
+  """
+
+  def __init__(self, classify: bool = False, segment: bool = True):
+    self.gain = nnx.Param(jnp.asarray(8.0))
+    self.classify, self.segment = classify, segment
+
+  def __call__(self, x, *, train: bool):
+    out = {}
+    if self.segment:
+      out["mask_logits"] = self.gain[...] * x
+    if self.classify:
+      score = x[:, : x.shape[1] // 2, : x.shape[2] // 2, 0].mean((1, 2))
+      out["class_logits"] = jnp.stack([-score, score], -1)
+    return out
+
+
+@pytest.fixture
+def fake_model() -> type[BrightIsLung]:
+  """The `BrightIsLung` class: `fake_model(classify=False, segment=True)` -> an nnx model."""
+  return BrightIsLung

@@ -18,21 +18,8 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import predict
-
-
-class BrightIsLung(nnx.Module):
-  """Lung where the normalised image is bright; p(abnormal) = sigmoid(mean intensity)."""
-
-  def __init__(self, classify: bool = False):
-    self.gain = nnx.Param(jnp.asarray(8.0))
-    self.classify = classify
-
-  def __call__(self, x, *, train: bool):
-    out = {"mask_logits": self.gain[...] * x}
-    if self.classify:
-      score = x.mean((1, 2, 3))
-      out["class_logits"] = jnp.stack([-score, score], -1)
-    return out
+from cxr_jax.data import kaggle_archive
+from cxr_jax.data import preprocess
 
 
 def _config() -> ml_collections.ConfigDict:
@@ -76,18 +63,56 @@ def _read_csv(path: pathlib.Path) -> tuple[list[str], list[dict]]:
     return reader.fieldnames, list(reader)
 
 
-def test_load_grey_keeps_depth_and_converts_colour(awkward_folder):
+def test_load_grey_decodes_like_the_dataset(awkward_folder):
   deep = predict.load_grey(awkward_folder / "grey16.png")
-  assert deep.dtype == np.float32 and deep.max() > 255  # 16-bit range kept
+  assert deep.dtype == np.uint8 and deep.min() == 0 and deep.max() == 255  # stretched
   colour = predict.load_grey(awkward_folder / "colour.jpg")
   assert colour.dtype == np.uint8 and colour.shape == (150, 220)
   with pytest.raises(ValueError, match="notes.png"):
     predict.load_grey(awkward_folder / "notes.png")
+  with pytest.raises(ValueError, match="missing.png"):
+    predict.load_grey(awkward_folder / "missing.png")
 
 
-def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys):
+def test_16_bit_png_gives_the_model_what_training_gave_it(tmp_path):
+  """predict's model input == the dataset's (kaggle_archive decoding, then the pipeline's
+  prepare_image) for a 16-bit radiograph using 12 of its bits."""
+  rng = np.random.default_rng(0)
+  deep = (_lungs(90, 70) * 3000 + rng.integers(0, 800, (90, 70))).astype(np.uint16)
+  Image.fromarray(deep).save(tmp_path / "deep.png")
+  stored = kaggle_archive.decode_greyscale((tmp_path / "deep.png").read_bytes())  # builder
+  via_dataset, _ = preprocess.prepare_image(stored, 32)
+  via_predict, _ = preprocess.prepare_image(predict.load_grey(tmp_path / "deep.png"), 32)
+  np.testing.assert_array_equal(via_predict, via_dataset)
+
+
+def test_lung_fraction_is_raw_and_post_is_reported(tmp_path, fake_model):
+  """lung_fraction means the raw mask (as in evaluate); lung_fraction_post the cleaned one."""
+  image = _lungs(120, 100)
+  image[1:11, 44:56] = 0.85  # a bright speck: lung to the raw mask, removed by clean_mask
+  Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "speck.png")
+  config = _config()
+  config.postprocess = True
+  out = tmp_path / "out"
+  assert predict.run("unused", str(tmp_path / "speck.png"), str(out),
+                     restored=(config, fake_model()), progress=False) == 0
+  fields, rows = _read_csv(out / "predictions.csv")
+  assert fields == ["image", "height", "width", "lung_fraction", "lung_fraction_post"]
+  written = np.asarray(Image.open(out / "masks" / "speck.png")) > 0  # post-processed
+  assert float(rows[0]["lung_fraction_post"]) == pytest.approx(written.mean(), abs=1e-5)
+  assert float(rows[0]["lung_fraction"]) > float(rows[0]["lung_fraction_post"])
+
+
+def test_native_mask_threshold_and_clean():
+  prob = np.full((32, 32), predict.MASK_THRESHOLD, np.float32)
+  _, box = preprocess.prepare_image(np.zeros((40, 50), np.uint8), 32)
+  assert predict.native_mask(prob, box, clean=False).all()  # >= the threshold is lung
+  assert not predict.native_mask(prob - 0.01, box, clean=True).any()
+
+
+def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model):
   status = predict.run("unused", str(awkward_folder), str(tmp_path),
-                       restored=(_config(), BrightIsLung()), progress=True)
+                       restored=(_config(), fake_model()), progress=True)
   assert status == 1  # something failed ...
   err = capsys.readouterr().err
   assert "notes.png" in err and "readme.txt" in err and "3 of 4" in err
@@ -108,9 +133,9 @@ def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys):
     assert overlay.size == (shape[1], shape[0]) and overlay.mode == "RGB"
 
 
-def test_single_image_and_classifier_column(awkward_folder, tmp_path):
+def test_single_image_and_classifier_column(awkward_folder, tmp_path, fake_model):
   status = predict.run("unused", str(awkward_folder / "colour.jpg"), str(tmp_path),
-                       restored=(_config(), BrightIsLung(classify=True)), progress=False)
+                       restored=(_config(), fake_model(classify=True)), progress=False)
   assert status == 0
   fields, rows = _read_csv(tmp_path / "predictions.csv")
   assert fields == ["image", "height", "width", "lung_fraction", "p_abnormal"]
