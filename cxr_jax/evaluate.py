@@ -11,6 +11,13 @@ the threshold chosen on the validation split (Youden's J) and the expected calib
 
 Writes DIR/eval/<split>.json (aggregates), DIR/eval/<split>.csv (one row per image),
 DIR/eval/<split>_report.html and its figures as DIR/eval/<split>_*.png (`report.py`).
+
+The CSV's columns (CSV_FIELDS; blank where not defined): id, source, label, has_mask, height,
+width, spacing_mm, spacing_estimated; the mask metrics of the raw prediction (`surface`) and
+the same with `_post` for the post-processed one; `lung_fraction`, the fraction of the image's
+pixels in the raw predicted mask (`predict.native_mask`: p(lung) >= MASK_THRESHOLD at the
+native size; the same definition as predict's CSV) and `lung_fraction_post`, the same of the
+post-processed mask; `p_abnormal` for classifiers. AUCs are `metrics.roc_auc`.
 """
 
 from collections.abc import Mapping, Sequence
@@ -30,14 +37,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from PIL import Image
-from scipy import stats
 
+from cxr_jax import metrics
 from cxr_jax import postprocess
 from cxr_jax import predict
 from cxr_jax import surface
+from cxr_jax.data import kaggle_archive
 from cxr_jax.data import preprocess
+from cxr_jax.data import records
 
-SOURCE_NAMES = surface.SOURCES  # dataset ClassLabel order: montgomery, shenzhen, synthetic
+SOURCE_NAMES = kaggle_archive.SOURCES  # dataset ClassLabel order: montgomery, shenzhen, synthetic
 LABEL_NAMES = ("normal", "abnormal")
 NUM_BOOTSTRAP = 1000
 NUM_CALIBRATION_BINS = 10
@@ -48,20 +57,10 @@ THUMBNAIL_SIDE = 320  # pixels kept per image for the report's pictures
 CSV_FIELDS = (
     ["id", "source", "label", "has_mask", "height", "width", "spacing_mm", "spacing_estimated"]
     + list(surface.MASK_METRICS) + [f"{m}_post" for m in surface.MASK_METRICS]
-    + ["lung_fraction", "p_abnormal"])
+    + ["lung_fraction", "lung_fraction_post", "p_abnormal"])
 
 
 # ----- classifier statistics -----
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-  """Area under the ROC curve (Mann-Whitney U, ties count half); NaN with one class only."""
-  labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, np.float64)
-  n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-  if not n_pos or not n_neg:
-    return math.nan
-  ranks = stats.rankdata(scores)
-  return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
   """{'fpr', 'tpr', 'threshold'}: operating points of `score >= threshold`, from (0, 0)."""
@@ -89,7 +88,7 @@ def bootstrap_auc_interval(labels: np.ndarray, scores: np.ndarray, *, seed: int,
   while len(aucs) < num_samples:
     index = rng.integers(0, len(labels), len(labels))
     if labels[index].any() and not labels[index].all():
-      aucs.append(roc_auc(labels[index], scores[index]))
+      aucs.append(metrics.roc_auc(scores=scores[index], labels=labels[index]))
   alpha = (1 - level) / 2
   lo, hi = np.quantile(aucs, [alpha, 1 - alpha])
   return float(lo), float(hi)
@@ -162,7 +161,7 @@ def classification_summary(labels: np.ndarray, probs: np.ndarray, *, threshold: 
       "num_images": int(labels.size), "num_abnormal": int(labels.sum()),
       "accuracy": float(((probs >= 0.5) == labels).mean()),
       "accuracy_at_threshold": float(((probs >= threshold) == labels).mean()),
-      "auc": roc_auc(labels, probs), "auc_ci95": [lo, hi],
+      "auc": metrics.roc_auc(scores=probs, labels=labels), "auc_ci95": [lo, hi],
       "threshold": threshold, "threshold_from": threshold_from,
       "sensitivity": sens, "specificity": spec,
       "ece": expected_calibration_error(labels, probs),
@@ -207,12 +206,6 @@ def _thumbnail(array: np.ndarray) -> np.ndarray:
                                                   reducing_gap=3.0))
 
 
-def _decode(value: Any) -> str:
-  if isinstance(value, np.ndarray):
-    value = value.item()
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def _source_name(index: int) -> str:
   return SOURCE_NAMES[index] if 0 <= index < len(SOURCE_NAMES) else str(index)
 
@@ -240,9 +233,9 @@ def predict_split(inference: predict.Inference, config: ml_collections.ConfigDic
       probs.append(p)
       if native:
         record = source[position]
-        if _decode(record["id"]) != batch["id"][i]:
+        if records.decode_id(record["id"]) != batch["id"][i]:
           raise RuntimeError(f"eval batch order differs from the source at {position}: "
-                             f"{batch['id'][i]!r} vs {_decode(record['id'])!r}")
+                             f"{batch['id'][i]!r} vs {records.decode_id(record['id'])!r}")
         row, case = _score_image(record, batch, i, outputs, inference)
         row["p_abnormal"] = p
         if attention_left and "attention" in outputs and case.truth is not None:
@@ -277,10 +270,10 @@ def _score_image(record: Mapping[str, Any], batch: Mapping[str, np.ndarray], i: 
     box = preprocess.Letterbox(
         scale=float(batch["scale"][i]), pad_top=int(batch["pad"][i][0]),
         pad_left=int(batch["pad"][i][1]), height=height, width=width)
-    prob = preprocess.unletterbox(outputs["prob"][i], box, order="bilinear")
-    pred = prob >= predict.MASK_THRESHOLD
-    pred_post = postprocess.clean_mask(pred)
+    pred = predict.native_mask(outputs["prob"][i], box, clean=False)
+    pred_post = postprocess.clean_mask(pred)  # == native_mask(..., clean=True)
     row["lung_fraction"] = float(pred.mean())
+    row["lung_fraction_post"] = float(pred_post.mean())
     case.pred, case.pred_post = _thumbnail(pred), _thumbnail(pred_post)
     if has_mask:
       truth = np.asarray(record["mask"])[..., 0] > 0
@@ -453,7 +446,7 @@ def _classification_summary(result: SplitResult, inference: predict.Inference,
     if index.any():
       per_source[name] = {
           "num_images": int(index.sum()),
-          "auc": roc_auc(result.labels[index], result.probs[index]),
+          "auc": metrics.roc_auc(scores=result.probs[index], labels=result.labels[index]),
           "accuracy": float(((result.probs[index] >= 0.5) == result.labels[index]).mean())}
   summary["per_source"] = per_source
   return summary

@@ -5,33 +5,14 @@ import csv
 import json
 import math
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from cxr_jax import evaluate
+from cxr_jax import metrics
 from cxr_jax import predict
 from cxr_jax.data import preprocess
-
-
-class BrightIsLung(nnx.Module):
-  """Fake model: lung where the normalised image is bright; p(abnormal) from its mean."""
-
-  def __init__(self, classify: bool = False, segment: bool = True):
-    self.gain = nnx.Param(jnp.asarray(8.0))
-    self.classify, self.segment = classify, segment
-
-  def __call__(self, x, *, train: bool):
-    out = {}
-    if self.segment:
-      out["mask_logits"] = self.gain[...] * x
-    if self.classify:
-      # Mean of the top-left quarter of the letterboxed image: the test draws it per label.
-      score = x[:, : x.shape[1] // 2, : x.shape[2] // 2, 0].mean((1, 2))
-      out["class_logits"] = jnp.stack([-score, score], -1)
-    return out
 
 
 def small_config() -> ml_collections.ConfigDict:
@@ -65,11 +46,16 @@ def make_records(shapes, seed=0, sources=None, labels=None):
 
 # ----- classifier statistics -----
 
-def test_auc_by_hand():
+def test_one_auc_with_keyword_arguments():
+  """evaluate has no AUC of its own (there were two, with opposite argument orders)."""
+  assert not hasattr(evaluate, "roc_auc")
   labels = np.array([0, 0, 1, 1])
-  assert evaluate.roc_auc(labels, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
-  assert evaluate.roc_auc(labels, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
-  assert math.isnan(evaluate.roc_auc(np.ones(3), np.arange(3.0)))
+  scores = np.array([0.1, 0.4, 0.35, 0.8])
+  assert metrics.roc_auc(scores=scores, labels=labels) == pytest.approx(0.75)
+  summary = evaluate.classification_summary(labels, scores, threshold=0.5,
+                                            threshold_from="test", seed=0)
+  assert summary["auc"] == pytest.approx(0.75)
+  assert math.isnan(metrics.roc_auc(scores=np.arange(3.0), labels=np.ones(3)))
 
 
 def test_youden_threshold_and_sensitivity_specificity():
@@ -88,7 +74,7 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_auc():
   scores = labels * 0.3 + rng.random(60)
   a = evaluate.bootstrap_auc_interval(labels, scores, seed=3, num_samples=200)
   b = evaluate.bootstrap_auc_interval(labels, scores, seed=3, num_samples=200)
-  assert a == b and a[0] < evaluate.roc_auc(labels, scores) < a[1]
+  assert a == b and a[0] < metrics.roc_auc(scores=scores, labels=labels) < a[1]
 
 
 def test_expected_calibration_error_by_hand():
@@ -117,11 +103,11 @@ def test_native_resolution_round_trip(shape):
 
 # ----- the command, on records made here -----
 
-def test_evaluate_segmenter_writes_json_csv_and_report(tmp_path):
+def test_evaluate_segmenter_writes_json_csv_and_report(tmp_path, fake_model):
   config = small_config()
   shapes = [(97, 61), (64, 64), (50, 130), (80, 80), (70, 90)]
   test = make_records(shapes, sources=[0, 1, 2, 0, 1])
-  summary = evaluate.evaluate(str(tmp_path), "test", restored=(config, BrightIsLung()),
+  summary = evaluate.evaluate(str(tmp_path), "test", restored=(config, fake_model()),
                               sources={"test": test}, progress=False)
   seg = summary["segmentation"]
   assert summary["num_images"] == 5 and seg["num_images_with_mask"] == 5
@@ -135,7 +121,8 @@ def test_evaluate_segmenter_writes_json_csv_and_report(tmp_path):
     rows = list(csv.DictReader(f))
   assert [(int(r["height"]), int(r["width"])) for r in rows] == shapes
   for name in ("id", "source", "label", "dice", "iou", "precision", "recall", "hd95_px",
-               "asd_px", "hd95_mm", "asd_mm", "dice_post", "lung_fraction"):
+               "asd_px", "hd95_mm", "asd_mm", "dice_post", "lung_fraction",
+               "lung_fraction_post"):
     assert name in rows[0]
   montgomery = [r for r in rows if r["source"] == "montgomery"]
   assert all(r["hd95_mm"] and r["spacing_estimated"] == "1" for r in montgomery)
@@ -143,13 +130,13 @@ def test_evaluate_segmenter_writes_json_csv_and_report(tmp_path):
   assert (tmp_path / "eval" / "test_report.html").exists()
 
 
-def test_evaluate_classifier_threshold_from_validation(tmp_path):
+def test_evaluate_classifier_threshold_from_validation(tmp_path, fake_model):
   config = small_config()
   labels = [0, 1, 0, 1, 1, 0]
   test = make_records([(60, 50)] * 6, labels=labels, seed=1)
   validation = make_records([(50, 60)] * 6, labels=labels[::-1], seed=2)
   summary = evaluate.evaluate(
-      str(tmp_path), "test", restored=(config, BrightIsLung(classify=True, segment=False)),
+      str(tmp_path), "test", restored=(config, fake_model(classify=True, segment=False)),
       sources={"test": test, "validation": validation}, progress=False)
   c = summary["classification"]
   assert "segmentation" not in summary
@@ -164,8 +151,8 @@ def test_evaluate_classifier_threshold_from_validation(tmp_path):
   assert (tmp_path / "eval" / "test_roc.png").exists()
 
 
-def test_inference_pads_a_short_batch():
-  inference = predict.Inference(small_config(), BrightIsLung(), batch_size=4)
+def test_inference_pads_a_short_batch(fake_model):
+  inference = predict.Inference(small_config(), fake_model(), batch_size=4)
   out = inference(np.zeros((3, 32, 32, 1), np.float32))
   assert out["prob"].shape == (3, 32, 32) and inference.segments and not inference.classifies
 
