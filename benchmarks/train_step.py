@@ -1,9 +1,8 @@
 """The trainer's own train step, set up for the benchmarks (not run by CI).
 
 `real_train_step(config)` builds what `cxr_jax.train.train_and_evaluate` runs: the optimiser
-from `train.create_optimizer`, a `train.TrainState` initialised as its `init_state` does
-(rbg parameter keys), and `jax.jit(train.make_train_step(...), donate_argnums=0)`: paired
-augmentation (when config.aug.enabled), forward, the loss of every head the model has, and
+from `train.create_optimizer`, `train.create_train_state`, and
+`jax.jit(train.make_train_step(...), donate_argnums=0)`: paired augmentation (when config.aug.enabled), forward, the loss of every head the model has, and
 the optax update. Single device, unsharded (the benchmarks time one host).
 """
 
@@ -22,28 +21,14 @@ from cxr_jax import models  # noqa: E402
 from cxr_jax import train  # noqa: E402
 
 
-def init_state(config: ml_collections.ConfigDict, tx) -> tuple[nnx.GraphDef, train.TrainState]:
-  """(graphdef, TrainState) as train_and_evaluate's `init_state` makes them."""
-
-  def init() -> train.TrainState:
-    rngs = nnx.Rngs(params=jax.random.key(config.seed, impl="rbg"), dropout=config.seed + 1)
-    model = models.create_model(config.model, rngs=rngs)
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                            opt_state=tx.init(params),
-                            rng=jax.random.key_data(jax.random.key(config.seed)))
-
-  graphdef = nnx.graphdef(nnx.eval_shape(
-      lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))))
-  return graphdef, jax.jit(init)()
-
-
 def real_train_step(config: ml_collections.ConfigDict
                     ) -> tuple[nnx.GraphDef, train.TrainState, Callable]:
   """(graphdef, initial state, jitted `step(state, batch) -> (state, scalars)`), the state
   donated as in training: always pass the state the previous call returned."""
   tx = train.create_optimizer(config)
-  graphdef, state = init_state(config, tx)
+  graphdef = nnx.graphdef(nnx.eval_shape(
+      lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))))
+  state = jax.jit(lambda: train.create_train_state(config, tx))()
   step = jax.jit(train.make_train_step(graphdef, config, tx), donate_argnums=0)
   return graphdef, state, step
 

@@ -7,9 +7,8 @@ def get_config(arg: str | None = None):
   config = default.get_config(arg)
   config.model.name = "classifier"
   config.model.base_features = 16
-  config.data.examples = "labels"  # every image, with its label
+  config.data.examples = "labels"  # classification: every image, no masks read
   config.data.balance_classes = True
   config.best_metric = "auc"
   config.optim.learning_rate = 1e-3
-  config.aug.elastic_alpha = 0.0
   return config

@@ -19,8 +19,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.manual_dir = ""  # Kaggle archive root (or its .zip); '' -> $CXR_MANUAL_DIR.
   config.data.data_dir = "~/tensorflow_datasets"  # prepared TFDS datasets
   config.data.image_size = 128  # side of the letterboxed square the model sees
-  # What a training batch holds: 'masked' (segmentation on images with a mask),
-  # 'all' (every image, `has_mask` weighs the segmentation loss), 'labels' (classification).
+  # What a training batch holds: 'masked' (only images with a mask: segmentation), 'all'
+  # (every image; has_mask weighs the segmentation loss: segmentation with a loss mask, or
+  # multi-task), 'labels' (every image with its label and no mask, has_mask 0:
+  # classification; a multi-task model trains its class head only).
   config.data.examples = "masked"
   config.data.balance_classes = False  # balanced sampler for classification
   config.data.num_workers = 0  # grain worker processes (0: read in the main process)

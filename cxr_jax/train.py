@@ -6,6 +6,7 @@ over its `data` axis. Model state travels as `nnx.split` pytrees (params, rest),
 faster on the hot path than `nnx.jit`.
 """
 
+import functools
 import json
 import logging
 import math
@@ -91,6 +92,19 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
   if o.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   return tx
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       tx: optax.GradientTransformation) -> TrainState:
+  """A fresh TrainState from `config.seed` (run it under jax.jit with out_shardings)."""
+  # Parameters from an 'rbg' key: XLA compiles the threefry initialisers of a U-Net ~9x
+  # slower on CPU (33 s vs 4 s for the smoke model), and init runs once, unsharded.
+  rngs = nnx.Rngs(params=jax.random.key(config.seed, impl="rbg"), dropout=config.seed + 1)
+  model = models.create_model(config.model, rngs=rngs)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                    opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(config.seed)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -323,17 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----- model and optimiser -----
   tx = create_optimizer(config)
-
-  def init_state() -> TrainState:
-    # Parameters from an 'rbg' key: XLA compiles the threefry initialisers of a U-Net ~9x
-    # slower on CPU (33 s vs 4 s for the smoke model), and init runs once, unsharded.
-    rngs = nnx.Rngs(params=jax.random.key(config.seed, impl="rbg"), dropout=config.seed + 1)
-    model = models.create_model(config.model, rngs=rngs)
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
-                      opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(config.seed)))
-
+  init_state = functools.partial(create_train_state, config, tx)
   abstract_model = nnx.eval_shape(
       lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
   graphdef = nnx.graphdef(abstract_model)
