@@ -2,8 +2,8 @@
 
 `real_train_step(config)` builds what `cxr_jax.train.train_and_evaluate` runs: the optimiser
 from `train.create_optimizer`, `train.create_train_state`, and
-`jax.jit(train.make_train_step(...), donate_argnums=0)`: paired augmentation (when config.aug.enabled), forward, the loss of every head the model has, and
-the optax update. Single device, unsharded (the benchmarks time one host).
+`jax.jit(train.make_train_step(...), donate_argnums=0)`: paired augmentation (when
+config.aug.enabled), forward, the loss of every head the model has, and the optax update. Single device, unsharded (the benchmarks time one host).
 """
 
 import pathlib
