@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from cxr_jax.data import preprocess
+from cxr_jax.data import records
 
 # config.data.examples: what a training batch holds (evaluation batches always hold every
 # image of the split, with its mask and has_mask).
@@ -121,14 +122,8 @@ class ReadExample(grain.transforms.Map):
         "orig_size": np.array([box.height, box.width], np.int32),
         "scale": np.float32(box.scale),
         "pad": np.array([box.pad_top, box.pad_left], np.int32),
-        "id": _decode_id(record.get("id", b"")),
+        "id": records.decode_id(record.get("id", b"")),
     }
-
-
-def _decode_id(value: Any) -> str:
-  if isinstance(value, np.ndarray):
-    value = value.item()
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _padding_example(size: int) -> dict[str, Any]:

@@ -8,8 +8,8 @@ import numpy as np
 def decode_id(value: Any) -> str:
   """A record's `id` as str: bytes (TFDS Text) are UTF-8, 0-d numpy arrays are unwrapped.
 
-  The one decoding of ids in the codebase (evaluate, lung_crop; input_pipeline should use
-  it too), so an id means the same string wherever it is used as a key.
+  The one decoding of ids in the codebase (input_pipeline, evaluate, lung_crop), so an id
+  means the same string wherever it is used as a key.
   """
   if isinstance(value, np.ndarray):
     value = value.item()
