@@ -41,6 +41,7 @@ from PIL import Image
 from cxr_jax import metrics
 from cxr_jax import postprocess
 from cxr_jax import predict
+from cxr_jax import quiet_logs
 from cxr_jax import surface
 from cxr_jax.data import kaggle_archive
 from cxr_jax.data import preprocess
@@ -455,6 +456,7 @@ def _classification_summary(result: SplitResult, inference: predict.Inference,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_logs.install()
   f = flags.FLAGS
   summary = evaluate(f.workdir, f.split, checkpoint=f.checkpoint, batch_size=f.batch_size)
   lines = [f"evaluate: {summary['num_images']} {f.split} images, {summary['model']} "

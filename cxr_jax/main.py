@@ -4,14 +4,13 @@ Parses flags, sets up the (possibly multi-host) platform and hands over to
 `train.train_and_evaluate`. Running the same command again resumes from DIR.
 """
 
-import logging as py_logging
-
 import jax
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cxr_jax import quiet_logs
 from cxr_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/cxr_jax", "Where checkpoints, metrics and "
@@ -27,20 +26,10 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 
 
-class _QuietLibraries(py_logging.Filter):
-  """Drops INFO records of chatty libraries (their warnings and errors still show)."""
-  _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in self._CHATTY)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Orbax logs each checkpoint's every file at INFO through absl; keep its warnings only.
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet_logs.install()
   if _COORDINATOR.value:
     # Cross-process collectives for CPU devices (a no-op for GPU and TPU ones).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -48,6 +48,7 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import postprocess
+from cxr_jax import quiet_logs
 from cxr_jax.data import kaggle_archive
 from cxr_jax.data import preprocess
 
@@ -356,6 +357,7 @@ def run(workdir: str, input_path: str, output: str, *, checkpoint: str = "latest
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_logs.install()
   f = flags.FLAGS
   sys.exit(run(f.workdir, f.input, f.output, checkpoint=f.checkpoint, batch_size=f.batch_size))
 
