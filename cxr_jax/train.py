@@ -283,11 +283,12 @@ def _overlays(host_batch, mask_logits: jax.Array, num_images: int) -> np.ndarray
   """[N,S,S,3] uint8 overlays of this process's first examples."""
   local = np.asarray(multihost_utils.global_array_to_host_local_array(
       mask_logits, mask_logits.sharding.mesh, mask_logits.sharding.spec))
-  n = min(num_images, int(np.sum(host_batch["weight"] > 0)))
+  n = min(num_images, int(np.sum(host_batch["weight"] > 0)))  # real examples come first
+  size = local.shape[1:3]
   return np.stack([
       overlays.overlay(host_batch["image"][i, ..., 0], local[i, ..., 0] > 0,
                        host_batch["mask"][i, ..., 0] if host_batch["has_mask"][i] else None)
-      for i in range(n)])
+      for i in range(n)]) if n else np.zeros((0, *size, 3), np.uint8)
 
 
 # ----------------------------------------------------------------------------------------
