@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -151,3 +152,33 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(data_dir, tmp_path):
   config.optim.warmup_steps = 0
   with pytest.raises(FloatingPointError, match=r"step \d+.*last good checkpoint"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_two_processes_train_as_one_job(data_dir, tmp_path):
+  """The multi-host path on one machine: jax.distributed over gloo, a data slice each."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / "two"
+  args = [sys.executable, "-m", "cxr_jax.main", f"--config={REPO_ROOT}/configs/unet.py:smoke",
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=300)[1] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert json.loads((workdir / "config.json").read_text())["devices"] == {
+      "platform": "cpu", "count": 2, "processes": 2}
+  # Metrics are global: both processes report the same validation numbers ...
+  validation = [[line.split("validation:")[1].rsplit(" (", 1)[0]  # without the timing
+                 for line in log.splitlines() if "validation:" in line] for log in logs]
+  assert len(validation[0]) == 2 and validation[0] == validation[1]
+  # ... and only process 0 writes them, once.
+  assert [(l["step"], l["split"]) for l in read_metrics(workdir)] == [
+      (2, "train"), (3, "validation"), (4, "train"), (6, "train"), (6, "validation")]
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [3, 6]
