@@ -272,11 +272,20 @@ def evaluate(eval_step, state: TrainState, batches: Iterable[Mapping[str, np.nda
     if pictures is None and num_images and "mask_logits" in outputs:
       pictures = _overlays(host_batch, outputs["mask_logits"], num_images)
   results = {}
-  for name, collection in merged.items():
+  for head, collection in merged.items():
     for key, value in collection.compute().items():
-      # Both heads report a loss: name it after its head, as in training.
-      results[f"{name}_loss" if key == "loss" else key] = float(value)
+      results[_metric_name(head, key)] = float(value)
   return results, pictures
+
+
+# Each output's metrics collection and the head name its loss is reported under.
+_HEAD_METRICS = {"mask_logits": ("seg", metrics_lib.SegmentationMetrics),
+                 "class_logits": ("cls", metrics_lib.ClassificationMetrics)}
+
+
+def _metric_name(head: str, key: str) -> str:
+  """Validation metric names: both heads report a loss, named after its head as in training."""
+  return f"{head}_loss" if key == "loss" else key
 
 
 def _overlays(host_batch, mask_logits: jax.Array, num_images: int) -> np.ndarray:
@@ -448,11 +457,9 @@ def check_best_metric(config: ml_collections.ConfigDict, abstract_model: nnx.Mod
   outputs = jax.eval_shape(
       lambda state: nnx.merge(graphdef, state)(jnp.zeros((1, size, size, 1)), train=False),
       state)
-  names = set()
-  if "mask_logits" in outputs:
-    names |= {"dice", "iou", "precision", "recall", "seg_loss"}
-  if "class_logits" in outputs:
-    names |= {"accuracy", "auc", "sensitivity", "specificity", "cls_loss"}
+  names = {_metric_name(head, key)
+           for output, (head, collection) in _HEAD_METRICS.items() if output in outputs
+           for key in collection.__annotations__}  # the collection's own metric fields
   if config.best_metric not in names:
     raise ValueError(f"config.best_metric={config.best_metric!r} is not a validation metric "
                      f"of {config.model.name!r}; valid: {sorted(names)}.")
