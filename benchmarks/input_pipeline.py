@@ -14,11 +14,14 @@ import statistics
 import time
 
 import jax
-from absl import app, flags
+import train_step as real_step  # benchmarks/train_step.py (puts the checkout on sys.path)
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
-import train_step as real_step  # benchmarks/train_step.py (puts the checkout on sys.path)
-from cxr_jax.data import augment, input_pipeline, prepare
+from cxr_jax.core import augment
+from cxr_jax.core import rundir
+from cxr_jax.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config.")
 _BATCHES = flags.DEFINE_integer("batches", 40, "Host batches timed per worker setting.")
@@ -28,7 +31,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats of each jitted fun
 def _loader_images_per_s(config, source, num_workers: int, batches: int) -> float:
   config = config.copy_and_resolve_references()
   config.data.num_workers = num_workers
-  it = input_pipeline.create_train_iterator(config, source)
+  it = input_pipeline.create_train_iterator(config, source, process_index=0, process_count=1)
   try:
     for _ in range(3):  # start-up: workers spawn, buffers fill
       next(it)
@@ -69,12 +72,10 @@ def _step_seconds(config, batch, repeats: int) -> float:
 def main(argv):
   del argv
   config = _CONFIG.value
-  name, manual_dir = prepare.resolve_name(config.data)
-  builder = prepare.load_builder(name, data_dir=config.data.data_dir, manual_dir=manual_dir,
-                                 synthetic_examples=config.data.synthetic_examples)
-  source = prepare.data_source(builder, "train")  # pickles to grain workers by reference
+  dataset = rundir.open_dataset(config.data)
+  source = rundir.load_split(config, "train", dataset)  # pickles to grain workers by reference
   batch_size = config.batch_size
-  print(f"dataset {name} ({len(source)} train records), image_size "
+  print(f"dataset {dataset.name} ({len(source)} train records), image_size "
         f"{config.data.image_size}, batch {batch_size}, examples={config.data.examples}, "
         f"model {config.model.name}, backend {jax.default_backend()} "
         f"({jax.devices()[0].device_kind}), {jax.device_count()} device(s)")
@@ -85,7 +86,7 @@ def main(argv):
     rows.append((f"host loader, {workers} workers", f"{rate:.0f} img/s"))
     print(rows[-1])
 
-  host = next(input_pipeline.create_train_iterator(config, source))
+  host = next(input_pipeline.create_train_iterator(config, source, process_index=0, process_count=1))
   batch = real_step.device_batch(host)
   aug_fn = jax.jit(functools.partial(augment.augment_batch, aug_config=config.aug))
   aug_s = _median_seconds(aug_fn, jax.random.key(0), batch["image"], batch["mask"],

@@ -25,8 +25,9 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, uninstalled
 import train_step as real_step  # noqa: E402  (benchmarks/train_step.py)
+
 from configs import default  # noqa: E402
-from cxr_jax.models import MODELS  # noqa: E402
+from cxr_jax.core.models import MODELS  # noqa: E402
 
 JAX_STEP = ("train.make_train_step: {aug}forward, backward, BCE + soft Dice and/or "
             "cross-entropy per head, AdamW + grad clip")
@@ -62,7 +63,7 @@ def jax_runner(name: str, size: int, args: argparse.Namespace) -> tuple[dict, Ca
   batch = real_step.random_batch(args.batch, size)
 
   def forward(state, image):
-    model = nnx.merge(graphdef, state.params, state.rest, copy=True)
+    model = nnx.merge(graphdef, state.params, state.model_state, copy=True)
     return model(image, train=False)
 
   cost = jax.jit(forward).lower(state, batch["image"]).compile().cost_analysis()

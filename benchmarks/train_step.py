@@ -1,6 +1,6 @@
 """The trainer's own train step, set up for the benchmarks (not run by CI).
 
-`real_train_step(config)` builds what `cxr_jax.train.train_and_evaluate` runs: the optimiser
+`real_train_step(config)` builds what `cxr_jax.workflows.train.train_and_evaluate` runs: the optimiser
 from `train.create_optimizer`, `train.create_train_state`, and
 `jax.jit(train.make_train_step(...), donate_argnums=0)`: paired augmentation (when
 config.aug.enabled), forward, the loss of every head the model has, and the optax update. Single device, unsharded (the benchmarks time one host).
@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, uninstalled
-from cxr_jax import models  # noqa: E402
-from cxr_jax import train  # noqa: E402
+from cxr_jax.core import models  # noqa: E402
+from cxr_jax.workflows import train  # noqa: E402
 
 
 def real_train_step(config: ml_collections.ConfigDict

@@ -19,11 +19,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.manual_dir = ""  # Kaggle archive root (or its .zip); '' -> $CXR_MANUAL_DIR.
   config.data.data_dir = "~/tensorflow_datasets"  # prepared TFDS datasets
   config.data.image_size = 128  # side of the letterboxed square the model sees
-  # What a training batch holds: 'masked' (only images with a mask: segmentation), 'all'
-  # (every image; has_mask weighs the segmentation loss: segmentation with a loss mask, or
-  # multi-task), 'labels' (every image with its label and no mask, has_mask 0:
-  # classification; a multi-task model trains its class head only).
-  config.data.examples = "masked"
+  # Training examples: 'with_masks' | 'all' (unmasked ones train a class head only) |
+  # 'all_without_masks' (classification: masks are not even read).
+  config.data.examples = "with_masks"
   config.data.balance_classes = False  # balanced sampler for classification
   config.data.num_workers = 0  # grain worker processes (0: read in the main process)
   config.data.prefetch = 2  # host batches buffered ahead of the device

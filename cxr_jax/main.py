@@ -10,8 +10,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from cxr_jax import quiet_logs
-from cxr_jax import train
+from cxr_jax.core import quiet_logs
+from cxr_jax.workflows import train
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/cxr_jax", "Where checkpoints, metrics and "
                                "TensorBoard events go; an existing run there is resumed.")

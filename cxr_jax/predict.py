@@ -1,67 +1,51 @@
-"""Masks, overlays and a CSV for any chest X-ray files, from a trained workdir.
-
-    python -m cxr_jax.predict --workdir=DIR --input=PATH --output=OUT [--checkpoint=best]
+"""`python -m cxr_jax.predict --workdir=DIR --input=PATH --output=OUT [--checkpoint=best]`
 
 PATH is an image or a folder of PNG/JPEG files (top level only) of any size, 8 or 16 bit,
-grey or colour, decoded exactly as the dataset decodes its files
-(`kaggle_archive.decode_greyscale`). Writes OUT/masks/<stem>.png (uint8 0/255 at the input's
-own height and width), OUT/overlays/<stem>.png and OUT/predictions.csv, one row per image:
+grey or colour, decoded exactly as the dataset decodes its files. Writes OUT/masks/<stem>.png
+(uint8 0/255 at the input's own height and width), OUT/overlays/<stem>.png and
+OUT/predictions.csv, one row per image:
 
     image, height, width    the file's name and native size
     lung_fraction           fraction of the image's pixels in the raw predicted mask
-                            (p(lung) >= MASK_THRESHOLD at the native size; `native_mask`),
-                            the same definition as evaluate's CSV
+                            (`inference.native_mask`), as in evaluate's CSV
     lung_fraction_post      only when the run's config.postprocess: the same of the
-                            post-processed mask (two largest components, holes filled),
-                            which is then the mask written to masks/
+                            post-processed mask, which is then the mask written to masks/
     p_abnormal              only when the model classifies
 
-A run trained on lung crops (config.data.crop_to_lungs) is fed lung crops here too: the
-segmentation run of config.data.crop_workdir predicts each image's lungs, the box around them
-(grown by config.data.crop_margin, as in training: `lung_crop`) is cropped and classified.
-Its masks/, overlays and lung_fraction are then those lungs (the segmenter's mask, at the
-native size); p_abnormal is the crop classifier's. A file that cannot be read is reported by
-name on stderr, the others still get predictions, and the exit status is 1. Needs only the
-workdir (config.json and checkpoints; for a crop classifier also its crop_workdir): no
-dataset, no accelerator.
-
-`Inference` (batched, jitted forward pass at the model's resolution) and `Progress` are
-shared with `evaluate`.
+A run trained on lung crops is fed lung crops here too (its config.data.crop_workdir
+segments first); its masks are then the segmenter's lungs. A file that cannot be read is
+named on stderr, the others still get predictions, and the exit status is 1.
 """
 
-from collections.abc import Iterable, Sequence
 import csv
-import dataclasses
-import inspect
 import os
 import pathlib
 import sys
-import time
-from typing import Any, TextIO
+from collections.abc import Iterable, Sequence
 
-from absl import app
-from absl import flags
-import jax
 import ml_collections
 import numpy as np
+from absl import app
+from absl import flags
 from flax import nnx
 from PIL import Image
 
-from cxr_jax import postprocess
-from cxr_jax import quiet_logs
-from cxr_jax.data import kaggle_archive
-from cxr_jax.data import preprocess
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MASK_THRESHOLD = 0.5  # on the probability, after mapping it back to the native size
-
+from cxr_jax.core import overlays
+from cxr_jax.core import quiet_logs
+from cxr_jax.core import rundir
+from cxr_jax.core.inference import Inference
+from cxr_jax.core.inference import predict_images
+from cxr_jax.core.progress import Progress
+from cxr_jax.data import images
+from cxr_jax.data.images import IMAGE_SUFFIXES
+from cxr_jax.workflows import lung_crop
 
 # ----- reading images -----
 
 def load_grey(path: str | os.PathLike) -> np.ndarray:
   """Reads a PNG/JPEG as one grey channel [H, W] uint8, exactly as the dataset decodes it.
 
-  `kaggle_archive.decode_greyscale`, the decoding the training data went through: 16/32-bit
+  `images.decode_greyscale`, the decoding the training data went through: 16/32-bit
   greys stretched from their own min..max to 0..255, colour, palette and alpha images
   converted to luminance. So the model sees here what it saw in training. Raises ValueError
   naming the file when it is not a readable image.
@@ -71,7 +55,7 @@ def load_grey(path: str | os.PathLike) -> np.ndarray:
   except OSError as e:
     raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
   try:
-    return kaggle_archive.decode_greyscale(data)
+    return images.decode_greyscale(data)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"{path}: not a readable PNG/JPEG image ({type(e).__name__}: {e})") from e
 
@@ -94,165 +78,6 @@ def output_stems(paths: Sequence[pathlib.Path]) -> list[str]:
   return [p.name if stems.count(p.stem) > 1 else p.stem for p in paths]
 
 
-# ----- the model -----
-
-class Inference:
-  """A restored model's jitted forward pass on letterboxed batches of fixed size.
-
-  `__call__(images [B, S, S, 1] float32)` (B <= batch_size; padded inside so one shape is
-  compiled) -> dict of numpy arrays: 'prob' [B, S, S] lung probability (segmenters),
-  'p_abnormal' [B] (classifiers), 'attention' list of [B, s, s] gate maps (Attention U-Net,
-  when `attention=True`).
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, model: nnx.Module, *,
-               batch_size: int, attention: bool = False):
-    self.config = config
-    self.image_size = int(config.data.image_size)
-    self.batch_size = batch_size
-    call_params = inspect.signature(type(model).__call__).parameters
-    self.has_attention = "return_attention" in call_params
-    kwargs = {"return_attention": True} if (attention and self.has_attention) else {}
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, images):
-      outputs = nnx.merge(graphdef, state)(images, train=False, **kwargs)
-      result = {}
-      if "mask_logits" in outputs:
-        result["prob"] = jax.nn.sigmoid(outputs["mask_logits"][..., 0])
-      if "class_logits" in outputs:
-        logits = outputs["class_logits"]
-        result["p_abnormal"] = (jax.nn.sigmoid(logits[:, 0]) if logits.shape[-1] == 1
-                                else jax.nn.softmax(logits, -1)[:, 1])
-      if "attention" in outputs:
-        result["attention"] = [a[..., 0] for a in outputs["attention"]]
-      return result
-
-    self._state = state
-    self._forward = forward
-    probe = jax.eval_shape(forward, state, jax.ShapeDtypeStruct(
-        (1, self.image_size, self.image_size, 1), np.float32))
-    self.segments = "prob" in probe
-    self.classifies = "p_abnormal" in probe
-
-  def __call__(self, images: np.ndarray) -> dict:
-    images = np.asarray(images, np.float32)
-    count = images.shape[0]
-    if count > self.batch_size:
-      raise ValueError(f"batch of {count} > batch_size {self.batch_size}")
-    padded = np.zeros((self.batch_size,) + images.shape[1:], np.float32)
-    padded[:count] = images
-    outputs = jax.device_get(self._forward(self._state, padded))
-    return jax.tree.map(lambda x: np.asarray(x)[:count], outputs)
-
-
-# ----- progress -----
-
-class Progress:
-  """A one-line progress bar on stderr (or a line per ~10% when stderr is not a terminal)."""
-
-  def __init__(self, total: int, desc: str, stream: TextIO | None = None, width: int = 30):
-    self.total, self.desc, self.width = max(total, 0), desc, width
-    self.stream = stream or sys.stderr
-    self.count = 0
-    self.start = time.monotonic()
-    self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-    self._last_tenth = -1
-
-  def update(self, n: int = 1, note: str = "") -> None:
-    self.count += n
-    done = self.count / self.total if self.total else 1.0
-    elapsed = time.monotonic() - self.start
-    eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
-    filled = int(round(done * self.width))
-    line = (f"{self.desc} [{'#' * filled}{'.' * (self.width - filled)}] "
-            f"{self.count}/{self.total} {elapsed:.0f}s elapsed, ~{eta:.0f}s left")
-    if self._tty:
-      self.stream.write(f"\r{line} {note[:40]:<40}")
-      self.stream.flush()
-    elif int(done * 10) > self._last_tenth:
-      self._last_tenth = int(done * 10)
-      self.stream.write(line + "\n")
-      self.stream.flush()
-
-  def close(self) -> None:
-    if self._tty:
-      self.stream.write("\n")
-      self.stream.flush()
-
-
-# ----- predicting files -----
-
-def native_mask(prob: np.ndarray, letterbox: preprocess.Letterbox, *,
-                clean: bool) -> np.ndarray:
-  """A segmenter's p(lung) [S, S] (letterboxed) -> the mask at the native size, bool [H, W].
-
-  The one mapping from model output to a native mask (predict, evaluate and lung_crop all
-  use it): bilinear `unletterbox` of the probability, then `>= MASK_THRESHOLD`; clean=True
-  then applies `postprocess.clean_mask` (two largest components, holes filled), i.e.
-  `native_mask(..., clean=True) == postprocess.clean_mask(native_mask(..., clean=False))`.
-  """
-  mask = preprocess.unletterbox(prob, letterbox, order="bilinear") >= MASK_THRESHOLD
-  return postprocess.clean_mask(mask) if clean else mask
-
-
-@dataclasses.dataclass
-class Prediction:
-  """One image's outputs at its native size."""
-  height: int
-  width: int
-  mask: np.ndarray | None  # bool [H, W], raw (thresholded); None when nothing segments
-  mask_post: np.ndarray | None  # bool [H, W], post-processed; None unless asked for
-  p_abnormal: float | None
-  crop: tuple[int, int, int, int] | None = None  # lung crop the classifier saw (top, left,
-                                                 # bottom, right); None: the whole image
-
-  @property
-  def output_mask(self) -> np.ndarray | None:
-    """The mask written to masks/: post-processed when it was asked for, else raw."""
-    return self.mask_post if self.mask_post is not None else self.mask
-
-
-def predict_images(inference: Inference, images: Sequence[np.ndarray], *,
-                   clean: bool = False, segmenter: Any = None,
-                   margin: float = 0.0) -> list[Prediction]:
-  """Predicts native grey images [H, W] (one batch at most `inference.batch_size`).
-
-  With `segmenter` (a `lung_crop.Segmenter`, for a run trained on lung crops) each image is
-  first cropped to its predicted lung box grown by `margin` (`lung_crop.grow_box`), as in
-  training; the mask reported is then the model's own mask pasted back into the native
-  frame (multitask) or else the segmenter's lungs, the mask the crop came from.
-  """
-  size = inference.image_size
-  crops: list[tuple[int, int, int, int] | None] = [None] * len(images)
-  lungs: list[np.ndarray | None] = [None] * len(images)
-  if segmenter is not None:
-    from cxr_jax.data import lung_crop
-    for k, (image, (raw, box)) in enumerate(zip(images, segmenter.predict(images))):
-      lungs[k] = raw
-      if box is not None:
-        crops[k] = lung_crop.grow_box(box, margin, *image.shape[:2])
-  views = [image if c is None else image[c[0]:c[2], c[1]:c[3]]
-           for image, c in zip(images, crops)]
-  prepared = [preprocess.prepare_image(view, size) for view in views]
-  outputs = inference(np.stack([x for x, _ in prepared])[..., None])
-  results = []
-  for i, (image, crop, (_, box)) in enumerate(zip(images, crops, prepared)):
-    height, width = image.shape[:2]
-    mask = lungs[i]
-    if inference.segments:
-      mask = native_mask(outputs["prob"][i], box, clean=False)
-      if crop is not None:  # back into the full image's frame: no lung outside the crop
-        canvas = np.zeros((height, width), bool)
-        canvas[crop[0]:crop[2], crop[1]:crop[3]] = mask
-        mask = canvas
-    mask_post = postprocess.clean_mask(mask) if (clean and mask is not None) else None
-    p = float(outputs["p_abnormal"][i]) if inference.classifies else None
-    results.append(Prediction(height, width, mask, mask_post, p, crop))
-  return results
-
-
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
   for start in range(0, len(items), size):
     yield items[start:start + size]
@@ -260,15 +85,14 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 
 def predict_files(inference: Inference, paths: Sequence[pathlib.Path],
                   output: str | os.PathLike, *, clean: bool = False,
-                  progress: bool = True, segmenter: Any = None,
+                  progress: bool = True, segmenter: lung_crop.Segmenter | None = None,
                   margin: float = 0.0) -> tuple[list[dict], list[str]]:
   """Predicts each file and writes its mask and overlay; -> (CSV rows, error messages).
 
-  Files are read one batch at a time, so a folder of any length fits in memory.
-  `segmenter`, `margin`: see `predict_images`.
+  Files are read one batch at a time, so a folder of any length fits in memory. With
+  `segmenter` (a run trained on lung crops) each image is cropped to its lung box grown by
+  `margin` first (`inference.predict_images`).
   """
-  from cxr_jax import overlays  # the metrics owner's drawing; imported late: PIL-heavy
-
   output = pathlib.Path(output)
   (output / "masks").mkdir(parents=True, exist_ok=True)
   (output / "overlays").mkdir(parents=True, exist_ok=True)
@@ -283,8 +107,9 @@ def predict_files(inference: Inference, paths: Sequence[pathlib.Path],
       except ValueError as e:
         errors.append(str(e))
     if loaded:
-      predictions = predict_images(inference, [image for _, image in loaded], clean=clean,
-                                   segmenter=segmenter, margin=margin)
+      batch = [image for _, image in loaded]
+      lungs = segmenter.predict(batch) if segmenter is not None else None
+      predictions = predict_images(inference, batch, clean=clean, lungs=lungs, margin=margin)
       for (path, image), pred in zip(loaded, predictions):
         row = {"image": path.name, "height": pred.height, "width": pred.width,
                "lung_fraction": "", "lung_fraction_post": ""}
@@ -307,8 +132,8 @@ def predict_files(inference: Inference, paths: Sequence[pathlib.Path],
   return rows, errors
 
 
-def write_csv(rows: Sequence[dict], path: str | os.PathLike, classifies: bool,
-              postprocessed: bool = False) -> None:
+def write_predictions_csv(rows: Sequence[dict], path: str | os.PathLike, classifies: bool,
+                          postprocessed: bool = False) -> None:
   """predictions.csv, one row per image (columns: see the module docstring)."""
   fields = (["image", "height", "width", "lung_fraction"]
             + (["lung_fraction_post"] if postprocessed else [])
@@ -326,26 +151,23 @@ def run(workdir: str, input_path: str, output: str, *, checkpoint: str = "latest
 
   `restored` ((config, model), e.g. from a test) skips reading the workdir's checkpoint.
   """
-  from cxr_jax import checkpoint as checkpoint_lib
-
   paths, skipped = list_inputs(input_path)
   for path in skipped:
     print(f"predict: skipping {path.name}: not a .png/.jpg/.jpeg file", file=sys.stderr)
   if not paths:
     print(f"predict: no PNG/JPEG files in {input_path}", file=sys.stderr)
     return 1
-  config, model = restored or checkpoint_lib.restore_for_inference(workdir, checkpoint)
+  config, model = restored or rundir.restore_model(workdir, checkpoint)[:2]
   batch_size = min(batch_size or int(config.get("eval_batch_size", 8)), len(paths))
   inference = Inference(config, model, batch_size=batch_size)
   clean = bool(config.get("postprocess", False))
   segmenter, margin = None, 0.0
   if config.data.get("crop_to_lungs", False):  # trained on lung crops: predict on them too
-    from cxr_jax.data import lung_crop
     segmenter = lung_crop.load_segmenter(config.data.crop_workdir, batch_size=batch_size)
     margin = float(config.data.crop_margin)
   rows, errors = predict_files(inference, paths, output, clean=clean, progress=progress,
                                segmenter=segmenter, margin=margin)
-  write_csv(rows, pathlib.Path(output) / "predictions.csv", inference.classifies,
+  write_predictions_csv(rows, pathlib.Path(output) / "predictions.csv", inference.classifies,
             postprocessed=clean and (inference.segments or segmenter is not None))
   for message in errors:
     print(f"predict: error: {message}", file=sys.stderr)
@@ -358,8 +180,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_logs.install()
-  f = flags.FLAGS
-  sys.exit(run(f.workdir, f.input, f.output, checkpoint=f.checkpoint, batch_size=f.batch_size))
+  args = flags.FLAGS
+  sys.exit(run(args.workdir, args.input, args.output, checkpoint=args.checkpoint, batch_size=args.batch_size))
 
 
 def define_flags() -> None:

@@ -1,34 +1,36 @@
 """The evaluation report: one self-contained HTML file and the same figures as PNG files.
 
-`write_report(out_dir, split, summary, result)` (called by `evaluate`) writes
-`<split>_report.html` with every image inline (base64 PNG), and beside it
-`<split>_cases.png` (best, median and worst images by Dice: truth and prediction outlined),
-`<split>_dice.png` (Dice distribution, raw and post-processed, per source),
-`<split>_roc.png` and `<split>_reliability.png` (classifiers), `<split>_attention.png`
-(Attention U-Net gate maps). matplotlib with the Agg backend: no display needed.
+`write_report(out_dir, split, summary, result)` writes `<split>_report.html` (every image
+inline) and beside it `<split>_cases.png`, `<split>_dice.png`, `<split>_attention.png`
+(segmenters) and `<split>_roc.png`, `<split>_reliability.png` (classifiers). matplotlib with
+the Agg backend: no display needed.
 """
 
-from collections.abc import Mapping, Sequence
 import base64
 import html
 import io
 import math
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
-# pylint: disable=g-import-not-at-top,wrong-import-position
+matplotlib.use("Agg")  # no display needed; chosen before pyplot is imported
 import matplotlib.pyplot as plt
-from matplotlib import colors, lines, patches, ticker
 import numpy as np
+from matplotlib import colors
+from matplotlib import lines
+from matplotlib import patches
+from matplotlib import ticker
 
-from cxr_jax import overlays
+from cxr_jax.core import classification_stats
+from cxr_jax.core import heads
+from cxr_jax.core import overlays
+from cxr_jax.data import registry
 
 TRUTH_COLOUR = np.array(overlays.TRUE_RGB) / 255  # green: the reference outline
 PRED_COLOUR = np.array(overlays.PRED_RGB) / 255  # red: the prediction
-SOURCE_COLOURS = {"montgomery": "#1f77b4", "shenzhen": "#ff7f0e", "synthetic": "#7f7f7f"}
 DPI = 110
 
 
@@ -44,7 +46,7 @@ def _show_case(ax: plt.Axes, case: Any, pred: np.ndarray, title: str) -> None:
 def select_cases(rows: Sequence[Mapping[str, Any]], metric: str = "dice"
                  ) -> list[tuple[str, Mapping[str, Any]]]:
   """(role, row) for the best, median and worst image by `metric` (images with a mask)."""
-  scored = sorted((r for r in rows if r.get("has_mask") and _finite(r.get(metric))),
+  scored = sorted((r for r in rows if r.get("has_mask") and _is_finite_number(r.get(metric))),
                   key=lambda r: (-float(r[metric]), str(r["id"])))
   if not scored:
     return []
@@ -78,18 +80,19 @@ def cases_figure(rows: Sequence[Mapping[str, Any]], cases: Mapping[str, Any]) ->
 def dice_figure(rows: Sequence[Mapping[str, Any]]) -> plt.Figure:
   """Histogram of per-image Dice per source; raw and post-processed side by side."""
   masked = [r for r in rows if r.get("has_mask")]
-  values = [float(r[k]) for r in masked for k in ("dice", "dice_post") if _finite(r.get(k))]
+  values = [float(r[k]) for r in masked for k in ("dice", "dice_post") if _is_finite_number(r.get(k))]
   lo = min(0.9, math.floor(min(values, default=0.0) * 20) / 20)
   bins = np.linspace(lo, 1.0, 31)
   fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4), sharey=True)
   present = {r["source"] for r in masked}
-  sources = [s for s in SOURCE_COLOURS if s in present] + sorted(present - set(SOURCE_COLOURS))
+  colours = registry.source_colours()
+  sources = [s for s in colours if s in present] + sorted(present - set(colours))
   for ax, key, title in zip(axes, ("dice", "dice_post"), ("raw", "post-processed")):
     data = [[np.clip(float(r[key]), lo, 1.0) for r in masked if r["source"] == s]
             for s in sources]
     ax.hist(data, bins=bins, stacked=True, label=[f"{s} (n={len(d)})" for s, d in
                                                   zip(sources, data)],
-            color=[SOURCE_COLOURS.get(s, "#444444") for s in sources], edgecolor="white",
+            color=[colours.get(s, "#444444") for s in sources], edgecolor="white",
             linewidth=0.4)
     everything = np.concatenate([np.asarray(d, float) for d in data]) if data else np.zeros(0)
     if everything.size:
@@ -108,16 +111,14 @@ def dice_figure(rows: Sequence[Mapping[str, Any]]) -> plt.Figure:
 def roc_figure(labels: np.ndarray, probs: np.ndarray, classification: Mapping[str, Any]
                ) -> plt.Figure:
   """ROC curve with the AUC, its bootstrap interval and the validation-chosen threshold."""
-  from cxr_jax import evaluate  # the curve is computed where the AUC is
-
-  curve = evaluate.roc_curve(labels, probs)
+  curve = classification_stats.roc_curve(labels, probs)
   fig, ax = plt.subplots(figsize=(4.6, 4.4))
   lo, hi = classification["auc_ci95"]
   ax.plot(curve["fpr"], curve["tpr"], color="#1f77b4", lw=2, drawstyle="steps-post",
           label=f"AUC {classification['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})")
   ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":", label="chance")
   sens, spec = classification["sensitivity"], classification["specificity"]
-  if _finite(sens) and _finite(spec):
+  if _is_finite_number(sens) and _is_finite_number(spec):
     ax.plot(1 - spec, sens, "o", color="#d62728",
             label=f"threshold {classification['threshold']:.3f}\n(sens {sens:.2f}, spec {spec:.2f})")
   ax.set(xlabel="1 - specificity (false positive rate)",
@@ -132,9 +133,7 @@ def roc_figure(labels: np.ndarray, probs: np.ndarray, classification: Mapping[st
 
 def reliability_figure(labels: np.ndarray, probs: np.ndarray, ece: float) -> plt.Figure:
   """Observed fraction abnormal vs mean predicted p(abnormal) per bin, with bin counts."""
-  from cxr_jax import evaluate
-
-  bins = evaluate.reliability_bins(labels, probs)
+  bins = classification_stats.reliability_bins(labels, probs)
   fig, (ax, ax_count) = plt.subplots(
       2, 1, figsize=(4.6, 5.2), sharex=True, gridspec_kw={"height_ratios": (3, 1)})
   centres = (bins["lower"] + bins["upper"]) / 2
@@ -183,7 +182,7 @@ def attention_figure(cases: Sequence[Any]) -> plt.Figure:
 
 # ----- HTML -----
 
-def _finite(value: Any) -> bool:
+def _is_finite_number(value: Any) -> bool:
   return isinstance(value, (int, float, np.floating)) and math.isfinite(float(value))
 
 
@@ -217,10 +216,10 @@ def _aggregate_table(aggregate: Mapping[str, Any]) -> str:
   head = "".join(f"<th>{t}</th>" for t in ("metric", "mean", "median", "std", "min", "max", "n"))
   body = []
   for metric, title in _METRIC_TITLES.items():
-    s = aggregate["all"][metric]
+    stats = aggregate["all"][metric]
     body.append(f"<tr><td>{title}</td>" + "".join(
-        f"<td>{_fmt(s[k], 2 if 'px' in metric or 'mm' in metric else 4)}</td>"
-        for k in ("mean", "median", "std", "min", "max")) + f"<td>{s['count']}</td></tr>")
+        f"<td>{_fmt(stats[k], 2 if 'px' in metric or 'mm' in metric else 4)}</td>"
+        for k in ("mean", "median", "std", "min", "max")) + f"<td>{stats['count']}</td></tr>")
   return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
@@ -231,14 +230,15 @@ def _per_source_table(segmentation: Mapping[str, Any]) -> str:
   body = []
   for source in segmentation["raw"]["per_source"]:
     for variant in ("raw", "postprocessed"):
-      s = segmentation[variant]["per_source"][source]
+      stats = segmentation[variant]["per_source"][source]
       cells = []
       for m in metrics:
         digits = 2 if ("px" in m or "mm" in m) else 4
-        cells.append(f"<td>{_fmt(s[m]['mean'], digits)} &plusmn; {_fmt(s[m]['std'], digits)}</td>"
-                     if _finite(s[m]["mean"]) else "<td>&ndash;</td>")
+        cells.append(f"<td>{_fmt(stats[m]['mean'], digits)} &plusmn; "
+                     f"{_fmt(stats[m]['std'], digits)}</td>"
+                     if _is_finite_number(stats[m]["mean"]) else "<td>&ndash;</td>")
       body.append(f"<tr><td>{html.escape(source)}</td><td>{variant}</td>"
-                  f"<td>{s['dice']['count']}</td>{''.join(cells)}</tr>")
+                  f"<td>{stats['dice']['count']}</td>{''.join(cells)}</tr>")
   return f"<table>{head}{''.join(body)}</table>"
 
 
@@ -257,10 +257,60 @@ img { max-width: 100%; border: 1px solid #eee; } .note { color: #666; font-size:
 """
 
 
+def _segmentation_section(segmentation: Mapping[str, Any], result: Any, path) -> list[str]:
+  if not segmentation["num_images_with_mask"]:
+    return []
+  notes = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>"
+                  for k, v in segmentation["notes"].items())
+  parts = [
+      "<h2>Segmentation at native resolution</h2>",
+      f"<p>{segmentation['num_images_with_mask']} images with a reference mask. "
+      f"Primary variant (config.postprocess): <b>{segmentation['primary']}</b>.</p>",
+      "<h3>Raw predictions</h3>", _aggregate_table(segmentation["raw"]),
+      "<h3>Post-processed</h3>", _aggregate_table(segmentation["postprocessed"]),
+      "<h3>Per source</h3>", _per_source_table(segmentation),
+      f"<h3>The {len(segmentation['raw']['worst'])} worst images (raw Dice)</h3>",
+      _worst_list(segmentation["raw"]),
+      f"<ul class='note'>{notes}</ul>",
+      "<h2>Best, median and worst cases</h2>",
+      _save(cases_figure(result.rows, result.cases), path("cases")),
+      "<h2>Dice distribution</h2>", _save(dice_figure(result.rows), path("dice")),
+  ]
+  with_attention = [c for c in result.cases.values() if c.attention]
+  if with_attention:
+    parts += ["<h2>Attention maps</h2>", _save(attention_figure(with_attention),
+                                               path("attention"))]
+  return parts
+
+
+def _classification_section(stats: Mapping[str, Any], result: Any, path) -> list[str]:
+  rows = [("images (abnormal)", f"{stats['num_images']} ({stats['num_abnormal']})"),
+          ("accuracy at 0.5", _fmt(stats["accuracy"])),
+          ("AUC (95% bootstrap CI)", f"{_fmt(stats['auc'])} ({_fmt(stats['auc_ci95'][0])}&ndash;"
+                                     f"{_fmt(stats['auc_ci95'][1])})"),
+          (f"threshold (Youden's J on {html.escape(stats['threshold_from'])})",
+           _fmt(stats["threshold"])),
+          ("sensitivity / specificity at it",
+           f"{_fmt(stats['sensitivity'])} / {_fmt(stats['specificity'])}"),
+          ("accuracy at it", _fmt(stats["accuracy_at_threshold"])),
+          ("expected calibration error (10 bins)", _fmt(stats["ece"]))]
+  rows += [(f"AUC {html.escape(s)} (n={v['num_images']})", _fmt(v["auc"]))
+           for s, v in stats.get("per_source", {}).items()]
+  table = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
+  return ["<h2>Classification</h2>", f"<table>{table}</table>",
+          "<h3>ROC curve</h3>", _save(roc_figure(result.labels, result.probs, stats), path("roc")),
+          "<h3>Reliability diagram</h3>",
+          _save(reliability_figure(result.labels, result.probs, stats["ece"]), path("reliability"))]
+
+
+# Each head's task (`heads.Head.task`) -> its section of the report.
+_SECTIONS = {"segmentation": _segmentation_section, "classification": _classification_section}
+
+
 def write_report(out_dir: str, split: str, summary: Mapping[str, Any], result: Any) -> str:
   """Writes `<split>_report.html` and its PNG figures into `out_dir`; returns the HTML path.
 
-  `result` is an `evaluate.SplitResult` (rows, cases, labels, probs).
+  `result` is an `evaluation.SplitResult` (rows, cases, labels, probs).
   """
   def path(name):
     return os.path.join(out_dir, f"{split}_{name}.png")
@@ -271,49 +321,9 @@ def write_report(out_dir: str, split: str, summary: Mapping[str, Any], result: A
            f"{summary['checkpoint']} checkpoint (step {summary['step']}), "
            f"{summary['num_images']} images, model input {summary['image_size']} px, "
            f"written {summary['created']}</p>"]
-  segmentation = summary.get("segmentation")
-  if segmentation and segmentation["num_images_with_mask"]:
-    notes = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>"
-                    for k, v in segmentation["notes"].items())
-    parts += [
-        "<h2>Segmentation at native resolution</h2>",
-        f"<p>{segmentation['num_images_with_mask']} images with a reference mask. "
-        f"Primary variant (config.postprocess): <b>{segmentation['primary']}</b>.</p>",
-        "<h3>Raw predictions</h3>", _aggregate_table(segmentation["raw"]),
-        "<h3>Post-processed</h3>", _aggregate_table(segmentation["postprocessed"]),
-        "<h3>Per source</h3>", _per_source_table(segmentation),
-        f"<h3>The {len(segmentation['raw']['worst'])} worst images (raw Dice)</h3>",
-        _worst_list(segmentation["raw"]),
-        f"<ul class='note'>{notes}</ul>",
-        "<h2>Best, median and worst cases</h2>",
-        _save(cases_figure(result.rows, result.cases), path("cases")),
-        "<h2>Dice distribution</h2>", _save(dice_figure(result.rows), path("dice")),
-    ]
-    with_attention = [c for c in result.cases.values() if c.attention]
-    if with_attention:
-      parts += ["<h2>Attention maps</h2>", _save(attention_figure(with_attention),
-                                                 path("attention"))]
-  classification = summary.get("classification")
-  if classification:
-    c = classification
-    rows = [("images (abnormal)", f"{c['num_images']} ({c['num_abnormal']})"),
-            ("accuracy at 0.5", _fmt(c["accuracy"])),
-            ("AUC (95% bootstrap CI)", f"{_fmt(c['auc'])} ({_fmt(c['auc_ci95'][0])}&ndash;"
-                                       f"{_fmt(c['auc_ci95'][1])})"),
-            (f"threshold (Youden's J on {html.escape(c['threshold_from'])})",
-             _fmt(c["threshold"])),
-            ("sensitivity / specificity at it",
-             f"{_fmt(c['sensitivity'])} / {_fmt(c['specificity'])}"),
-            ("accuracy at it", _fmt(c["accuracy_at_threshold"])),
-            ("expected calibration error (10 bins)", _fmt(c["ece"]))]
-    rows += [(f"AUC {html.escape(s)} (n={v['num_images']})", _fmt(v["auc"]))
-             for s, v in c.get("per_source", {}).items()]
-    table = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
-    parts += ["<h2>Classification</h2>", f"<table>{table}</table>",
-              "<h3>ROC curve</h3>", _save(roc_figure(result.labels, result.probs, c), path("roc")),
-              "<h3>Reliability diagram</h3>",
-              _save(reliability_figure(result.labels, result.probs, c["ece"]),
-                    path("reliability"))]
+  for head in heads.HEADS:
+    if head.task in summary and head.task in _SECTIONS:
+      parts += _SECTIONS[head.task](summary[head.task], result, path)
   document = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
               f"</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
   html_path = os.path.join(out_dir, f"{split}_report.html")

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from cxr_jax.data import augment
 from configs import default
+from cxr_jax.core import augment
 
 SIZE = 64
 BATCH = 3

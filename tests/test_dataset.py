@@ -11,18 +11,21 @@ import subprocess
 import sys
 import zipfile
 
-from absl import flags
-from absl.testing import flagsaver
 import ml_collections
 import numpy as np
-from PIL import Image
 import pytest
-import tensorflow_datasets as tfds
+from absl import flags
+from absl.testing import flagsaver
+from PIL import Image
 
+from cxr_jax.core import rundir
 from cxr_jax.data import cxr_masks_and_labels
+from cxr_jax.data import datasets
 from cxr_jax.data import kaggle_archive
 from cxr_jax.data import phantoms
 from cxr_jax.data import prepare
+from cxr_jax.data import splits as splits_lib
+from cxr_jax.data.records import DataError
 
 RNG = np.random.default_rng(0)
 GREY = RNG.integers(0, 256, (40, 48), dtype=np.uint8)  # MCUCXR_0001_0, 8-bit greyscale
@@ -186,7 +189,7 @@ def _check_skipped(builder, location_prefix: str = "") -> None:
 
 def test_kaggle_folder_with_both_roots(archive_dir, tmp_path, caplog, capsys):
   with caplog.at_level(logging.INFO):
-    builder = prepare.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(archive_dir))
+    builder = datasets.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(archive_dir))
   _check_fake_archive_records(_records(builder))
   _check_skipped(builder)
   summary = [r.getMessage() for r in caplog.records if "Build summary" in r.getMessage()]
@@ -206,7 +209,7 @@ def test_kaggle_folder_with_both_roots(archive_dir, tmp_path, caplog, capsys):
 
 
 def test_kaggle_zip(archive_zip, tmp_path):
-  builder = prepare.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(archive_zip))
+  builder = datasets.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(archive_zip))
   _check_fake_archive_records(_records(builder))
   _check_skipped(builder)
 
@@ -227,15 +230,15 @@ def test_only_the_data_root(archive_dir, tmp_path):
 
 
 def test_strict_raises_with_the_file_name(archive_dir, tmp_path):
-  with pytest.raises(kaggle_archive.ArchiveError, match=r"CHNCXR_0001_0\.jpg: duplicate id"):
-    prepare.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(archive_dir),
+  with pytest.raises(DataError, match=r"CHNCXR_0001_0\.jpg: duplicate id"):
+    datasets.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(archive_dir),
                          strict=True)
 
 
 def test_empty_manual_dir_says_where_and_what(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(kaggle_archive.ArchiveError) as error:
-    prepare.load_builder("kaggle", data_dir=str(tmp_path / "tfds"),
+    datasets.load_builder("kaggle", data_dir=str(tmp_path / "tfds"),
                          manual_dir=str(tmp_path / "empty"))
   message = str(error.value)
   assert str(tmp_path / "empty") in message
@@ -258,48 +261,49 @@ def test_parse_readings(text, expected):
 
 def test_split_of_is_stable_and_roughly_80_10_10():
   ids = [f"CHNCXR_{i:04d}_{i % 2}" for i in range(2000)]
-  splits = [cxr_masks_and_labels.split_of(i) for i in ids]
-  assert splits == [cxr_masks_and_labels.split_of(i) for i in ids]
+  splits = [splits_lib.split_of(i) for i in ids]
+  assert splits == [splits_lib.split_of(i) for i in ids]
   fractions = {s: splits.count(s) / len(ids) for s in ("train", "validation", "test")}
   assert 0.77 < fractions["train"] < 0.83 and 0.08 < fractions["test"] < 0.12
 
 
 def test_synthetic_builder(tmp_path):
-  builder = prepare.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=12)
+  builder = datasets.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=12)
   assert builder.info.config_name == "synthetic_12"
   default = cxr_masks_and_labels.CxrMasksAndLabels(
-    config=cxr_masks_and_labels.synthetic_config(400), data_dir=str(tmp_path))
+    config=cxr_masks_and_labels.config_for("synthetic", 400), data_dir=str(tmp_path))
   assert default.info.config_name == "synthetic"
   records = _records(builder)
   assert set(records) == {f"synthetic_{i:05d}" for i in range(12)}
   for image_id, r in records.items():
-    phantom = phantoms.make_phantom(cxr_masks_and_labels.SYNTHETIC_SEED, int(image_id[-5:]))
+    phantom = phantoms.make_phantom(phantoms.SYNTHETIC_SEED, int(image_id[-5:]))
     np.testing.assert_array_equal(r["image"][..., 0], phantom.image)
     expected_mask = phantom.lungs if phantom.has_mask else np.zeros_like(phantom.lungs)
     np.testing.assert_array_equal(r["mask"][..., 0], expected_mask)
     assert bool(r["has_mask"]) == phantom.has_mask and r["label"] == phantom.label
     assert r["source"] == 2 and int(r["age"]) == -1
+    np.testing.assert_array_equal(r["spacing_mm"], [0, 0])  # phantoms have no spacing
 
 
 def test_resolve_name(archive_dir, tmp_path, monkeypatch):
-  monkeypatch.delenv(prepare.MANUAL_DIR_ENV, raising=False)
+  monkeypatch.delenv(datasets.MANUAL_DIR_ENV, raising=False)
   config = ml_collections.ConfigDict({"name": "auto", "manual_dir": ""})
-  assert prepare.resolve_name(config) == ("synthetic", "")
+  assert datasets.resolve_name(config) == ("synthetic", "")
   config.manual_dir = str(tmp_path)  # exists, holds no archive
-  assert prepare.resolve_name(config) == ("synthetic", "")
+  assert datasets.resolve_name(config) == ("synthetic", "")
   config.manual_dir = ""
-  monkeypatch.setenv(prepare.MANUAL_DIR_ENV, str(archive_dir))
-  assert prepare.resolve_name(config) == ("kaggle", str(archive_dir))
+  monkeypatch.setenv(datasets.MANUAL_DIR_ENV, str(archive_dir))
+  assert datasets.resolve_name(config) == ("kaggle", str(archive_dir))
   config.name = "synthetic"
-  assert prepare.resolve_name(config) == ("synthetic", "")
+  assert datasets.resolve_name(config) == ("synthetic", "")
   config.name = "imagenet"
-  with pytest.raises(ValueError, match="'auto', 'kaggle', 'synthetic'"):
-    prepare.resolve_name(config)
+  with pytest.raises(ValueError, match="valid: kaggle, synthetic"):
+    datasets.resolve_name(config)
 
 
 def test_real_archive_counts(shared_data_dir, tmp_path):
   """The copy in ../shared/data: 659 images, counts as in its README."""
-  builder = prepare.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(shared_data_dir))
+  builder = datasets.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(shared_data_dir))
   counts = prepare.split_counts(builder)
   total = sum(counts.values(), collections.Counter())
   assert total["total"] == 659
@@ -315,19 +319,19 @@ def test_real_archive_counts(shared_data_dir, tmp_path):
 
 def test_data_sources_pickle_for_grain_workers(tmp_path):
   """grain workers unpickle the data source, which re-creates the builder by config."""
-  for num_examples in (12, cxr_masks_and_labels.DEFAULT_SYNTHETIC_EXAMPLES):
-    config = cxr_masks_and_labels.synthetic_config(num_examples)
+  for num_examples in (12, 400):
+    config = cxr_masks_and_labels.config_for("synthetic", num_examples)
     assert pickle.loads(pickle.dumps(config)) is config
-  kaggle = cxr_masks_and_labels.KAGGLE_CONFIG
+  kaggle = cxr_masks_and_labels.config_for("kaggle")
   assert pickle.loads(pickle.dumps(kaggle)) is kaggle
-  builder = prepare.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=12)
+  builder = datasets.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=12)
   source = builder.as_data_source("train")
   copy = pickle.loads(pickle.dumps(source))
   assert len(copy) == len(source) and copy[0]["id"] == source[0]["id"]
 
 
 def test_importing_prepare_defines_no_flags():
-  """train.py imports prepare: its CLI flags must not leak into `python -m cxr_jax.main`."""
+  """Importing the prepare command must not define its CLI flags in other programs."""
   code = ("from absl import flags; import cxr_jax.data.prepare as p; "
           "leaked = [n for n in ('dataset', 'manual_dir', 'data_dir', 'strict', "
           "'synthetic_examples') if n in flags.FLAGS]; assert not leaked, leaked; "
@@ -336,45 +340,49 @@ def test_importing_prepare_defines_no_flags():
 
 
 def test_missing_split_says_which_and_what_to_change(tmp_path):
-  builder = prepare.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=12)
+  builder = datasets.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=12)
   missing = {"train", "validation", "test"} - set(builder.info.splits)
   assert missing  # 12 phantoms leave a split empty; the builder drops it
   split = missing.pop()
   with pytest.raises(ValueError, match=(
       rf"no '{split}' split .*--config.data.synthetic_examples to at least "
-      rf"{cxr_masks_and_labels.min_synthetic_examples()}")):
-    prepare.data_source(builder, split)
+      rf"{cxr_masks_and_labels.min_examples('synthetic')}")):
+    datasets.split_source(builder, split)
   present = next(iter(builder.info.splits))
-  records = prepare.data_source(builder, present, skip_decoding=("image",))
+  records = datasets.split_source(builder, present, skip_decoding=("image",))
   assert isinstance(records[0]["image"], bytes) and records[0]["mask"].ndim == 3
 
 
 def test_min_synthetic_examples_fills_every_split():
-  n = cxr_masks_and_labels.min_synthetic_examples()
-  splits = [cxr_masks_and_labels.split_of(f"synthetic_{i:05d}") for i in range(n)]
+  n = cxr_masks_and_labels.min_examples("synthetic")
+  splits = [splits_lib.split_of(f"synthetic_{i:05d}") for i in range(n)]
   assert set(splits) == {"train", "validation", "test"}
   assert len(set(splits[:-1])) == 2
 
 
-def test_load_builder_multihost_builds_on_process_0_first(tmp_path, monkeypatch):
+def test_open_dataset_builds_on_process_0_first(tmp_path, monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   calls = []
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
                       lambda x: calls.append(("sync", int(x))) or x)
-  real_load = prepare.load_builder
-  monkeypatch.setattr(prepare, "load_builder",
+  real_load = datasets.load_builder
+  monkeypatch.setattr(datasets, "load_builder",
                       lambda *a, **k: calls.append(("load",)) or real_load(*a, **k))
-  kwargs = dict(data_dir=str(tmp_path), synthetic_examples=12)
+  data_config = ml_collections.ConfigDict(
+      {"name": "synthetic", "manual_dir": "", "data_dir": str(tmp_path), "synthetic_examples": 12})
+  synthetic = ("sync", 1)  # the cross-host check of the resolved name (its registry index)
   monkeypatch.setattr(jax, "process_index", lambda: 0)
-  assert prepare.load_builder_multihost("synthetic", **kwargs).info.config_name == "synthetic_12"
-  assert calls == [("load",), ("sync", 1)]  # built before the others are released
+  assert rundir.open_dataset(data_config).builder.info.config_name == "synthetic_12"
+  assert calls == [synthetic, ("load",), ("sync", 1)]  # built before the others are released
   calls.clear()
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  assert prepare.load_builder_multihost("synthetic", **kwargs).info.config_name == "synthetic_12"
-  assert calls == [("sync", 1), ("load",)]  # loads only after process 0 is done
+  assert rundir.open_dataset(data_config).builder.info.config_name == "synthetic_12"
+  assert calls == [synthetic, ("sync", 1), ("load",)]  # loads only after process 0 is done
   # Process 0 failing: it raises its own error, the others a pointer to it.
-  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(0))
+  answers = iter([1, 0])  # process 0 resolved 'synthetic' too, then failed to build it
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                      lambda x: np.int32(next(answers)))
   with pytest.raises(RuntimeError, match="Process 0 failed to prepare"):
-    prepare.load_builder_multihost("synthetic", **kwargs)
+    rundir.open_dataset(data_config)

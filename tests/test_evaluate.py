@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from cxr_jax import evaluate
-from cxr_jax import metrics
-from cxr_jax import predict
+from cxr_jax.core import classification_stats
+from cxr_jax.core.inference import Inference
+from cxr_jax.data import kaggle
 from cxr_jax.data import preprocess
+from cxr_jax.data import registry
 
 
 def small_config() -> ml_collections.ConfigDict:
@@ -37,34 +39,36 @@ def make_records(shapes, seed=0, sources=None, labels=None):
     label = 0 if labels is None else labels[k]
     if label:  # abnormal: a brighter top-left corner (what the fake classifier looks at)
       image[: h // 2, : w // 2] += 40
+    source = 2 if sources is None else sources[k]
+    spacing, estimated = kaggle.pixel_spacing(registry.source_names()[source], h, w)
     records.append({
         "image": np.clip(image, 0, 255).astype(np.uint8)[..., None], "mask": mask[..., None],
-        "has_mask": True, "label": label,
-        "source": 2 if sources is None else sources[k], "id": f"case{k}".encode()})
+        "has_mask": True, "label": label, "source": source, "id": f"case{k}".encode(),
+        "spacing_mm": np.asarray(spacing, np.float32), "spacing_estimated": estimated})
   return records
 
 
 # ----- classifier statistics -----
 
 def test_one_auc_with_keyword_arguments():
-  """evaluate has no AUC of its own (there were two, with opposite argument orders)."""
+  """One AUC, with keyword arguments (there were two, with opposite argument orders)."""
   assert not hasattr(evaluate, "roc_auc")
   labels = np.array([0, 0, 1, 1])
   scores = np.array([0.1, 0.4, 0.35, 0.8])
-  assert metrics.roc_auc(scores=scores, labels=labels) == pytest.approx(0.75)
-  summary = evaluate.classification_summary(labels, scores, threshold=0.5,
+  assert classification_stats.roc_auc(scores=scores, labels=labels) == pytest.approx(0.75)
+  summary = classification_stats.classification_summary(labels, scores, threshold=0.5,
                                             threshold_from="test", seed=0)
   assert summary["auc"] == pytest.approx(0.75)
-  assert math.isnan(metrics.roc_auc(scores=np.arange(3.0), labels=np.ones(3)))
+  assert math.isnan(classification_stats.roc_auc(scores=np.arange(3.0), labels=np.ones(3)))
 
 
 def test_youden_threshold_and_sensitivity_specificity():
   labels = np.array([0, 0, 0, 1, 1, 1])
   scores = np.array([0.1, 0.2, 0.6, 0.4, 0.7, 0.9])
   # Cut-offs: >=0.7 -> J 2/3; >=0.4 -> tpr 1, fpr 1/3 -> J 2/3 too: the higher one wins.
-  threshold = evaluate.youden_threshold(labels, scores)
+  threshold = classification_stats.youden_threshold(labels, scores)
   assert threshold == pytest.approx((0.7 + 0.6) / 2)
-  sens, spec = evaluate.sensitivity_specificity(labels, scores, threshold)
+  sens, spec = classification_stats.sensitivity_specificity(labels, scores, threshold)
   assert (sens, spec) == (pytest.approx(2 / 3), pytest.approx(1.0))
 
 
@@ -72,17 +76,17 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_auc():
   rng = np.random.default_rng(1)
   labels = rng.integers(0, 2, 60)
   scores = labels * 0.3 + rng.random(60)
-  a = evaluate.bootstrap_auc_interval(labels, scores, seed=3, num_samples=200)
-  b = evaluate.bootstrap_auc_interval(labels, scores, seed=3, num_samples=200)
-  assert a == b and a[0] < metrics.roc_auc(scores=scores, labels=labels) < a[1]
+  a = classification_stats.bootstrap_auc_interval(labels, scores, seed=3, num_samples=200)
+  b = classification_stats.bootstrap_auc_interval(labels, scores, seed=3, num_samples=200)
+  assert a == b and a[0] < classification_stats.roc_auc(scores=scores, labels=labels) < a[1]
 
 
 def test_expected_calibration_error_by_hand():
   # Bin [0.2, 0.3): p 0.25 x2, observed 1/2 -> gap 0.25; bin [0.9, 1.0]: p 1.0 x2, both 1.
   labels = np.array([0, 1, 1, 1])
   probs = np.array([0.25, 0.25, 1.0, 1.0])
-  assert evaluate.expected_calibration_error(labels, probs) == pytest.approx(0.5 * 0.25)
-  bins = evaluate.reliability_bins(labels, probs)
+  assert classification_stats.expected_calibration_error(labels, probs) == pytest.approx(0.5 * 0.25)
+  bins = classification_stats.reliability_bins(labels, probs)
   assert bins["count"].tolist() == [0, 0, 2, 0, 0, 0, 0, 0, 0, 2]
 
 
@@ -96,7 +100,7 @@ def test_native_resolution_round_trip(shape):
   boxed, box = preprocess.letterbox(truth.astype(np.float32), 64)
   back = preprocess.unletterbox(boxed, box, order="bilinear") >= 0.5
   assert back.shape == shape
-  from cxr_jax import surface
+  from cxr_jax.core import surface
   m = surface.mask_metrics(back, truth)
   assert m["dice"] > 0.97 and m["hd95_px"] <= 2 * max(shape) / 64
 
@@ -107,7 +111,7 @@ def test_evaluate_segmenter_writes_json_csv_and_report(tmp_path, fake_model):
   config = small_config()
   shapes = [(97, 61), (64, 64), (50, 130), (80, 80), (70, 90)]
   test = make_records(shapes, sources=[0, 1, 2, 0, 1])
-  summary = evaluate.evaluate(str(tmp_path), "test", restored=(config, fake_model()),
+  summary = evaluate.run(str(tmp_path), "test", restored=(config, fake_model()),
                               sources={"test": test}, progress=False)
   seg = summary["segmentation"]
   assert summary["num_images"] == 5 and seg["num_images_with_mask"] == 5
@@ -135,7 +139,7 @@ def test_evaluate_classifier_threshold_from_validation(tmp_path, fake_model):
   labels = [0, 1, 0, 1, 1, 0]
   test = make_records([(60, 50)] * 6, labels=labels, seed=1)
   validation = make_records([(50, 60)] * 6, labels=labels[::-1], seed=2)
-  summary = evaluate.evaluate(
+  summary = evaluate.run(
       str(tmp_path), "test", restored=(config, fake_model(classify=True, segment=False)),
       sources={"test": test, "validation": validation}, progress=False)
   c = summary["classification"]
@@ -152,7 +156,7 @@ def test_evaluate_classifier_threshold_from_validation(tmp_path, fake_model):
 
 
 def test_inference_pads_a_short_batch(fake_model):
-  inference = predict.Inference(small_config(), fake_model(), batch_size=4)
+  inference = Inference(small_config(), fake_model(), batch_size=4)
   out = inference(np.zeros((3, 32, 32, 1), np.float32))
   assert out["prob"].shape == (3, 32, 32) and inference.segments and not inference.classifies
 
@@ -163,8 +167,10 @@ def test_command_on_a_workdir_and_the_synthetic_dataset(tmp_path):
   import pathlib
   import subprocess
   import sys
-  from configs import default
+
   from test_predict import make_random_workdir
+
+  from configs import default
 
   config = default.get_config("smoke")
   config.data.data_dir = str(tmp_path / "tfds")

@@ -71,7 +71,7 @@ def test_each_example_once_per_epoch_and_reshuffled():
 
 def test_masked_keeps_only_examples_with_masks():
   source = _source()
-  it = input_pipeline.create_train_iterator(_config(examples="masked"), source,
+  it = input_pipeline.create_train_iterator(_config(examples="with_masks"), source,
                                             process_index=0, process_count=1)
   masked = [r["id"].decode() for r in source if r["has_mask"]]
   ids = _ids(next(it) for _ in range(5))[:len(masked)]  # 18 masked: the first epoch
@@ -80,7 +80,7 @@ def test_masked_keeps_only_examples_with_masks():
 
 def test_labels_reads_every_image_without_masks():
   """'labels' (classification): every image once per epoch, has_mask 0, no mask."""
-  it = input_pipeline.create_train_iterator(_config(examples="labels"), _source(),
+  it = input_pipeline.create_train_iterator(_config(examples="all_without_masks"), _source(),
                                             process_index=0, process_count=1)
   batches = [next(it) for _ in range(NUM_EXAMPLES // 4)]
   assert sorted(_ids(batches)) == sorted(f"img{i:03d}" for i in range(NUM_EXAMPLES))
@@ -93,11 +93,12 @@ def test_labels_reads_every_image_without_masks():
 
 
 def test_scan_of_a_tfds_source_decodes_no_image(tmp_path, monkeypatch):
-  """Selecting 'masked' examples reads has_mask and label without decoding a PNG."""
+  """Selecting 'with_masks' examples reads has_mask and label without decoding a PNG."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from cxr_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  builder = prepare.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=20)
-  source = prepare.data_source(builder, "train")
+
+  from cxr_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  builder = datasets.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=20)
+  source = datasets.split_source(builder, "train")
   expected = [(bool(r["has_mask"]), int(r["label"])) for r in source]
 
   def no_decoding(*args, **kwargs):
@@ -107,19 +108,19 @@ def test_scan_of_a_tfds_source_decodes_no_image(tmp_path, monkeypatch):
   has_mask, labels = input_pipeline._scan(source, np.arange(len(source)))
   assert list(zip(has_mask.tolist(), labels.tolist())) == expected
   monkeypatch.undo()
-  config = _config(examples="masked")
+  config = _config(examples="with_masks")
   config.batch_size = 2
   batch = next(input_pipeline.create_train_iterator(config, source, process_index=0,
                                                     process_count=1))
   assert np.all(batch["has_mask"] == 1) and batch["mask"].any()
-  config.data.examples = "labels"  # reads a source that leaves masks encoded
+  config.data.examples = "all_without_masks"  # reads a source that leaves masks encoded
   batch = next(input_pipeline.create_train_iterator(config, source, process_index=0,
                                                     process_count=1))
   assert np.all(batch["has_mask"] == 0) and batch["image"].std() > 0
 
 
 def test_balanced_sampler_gives_equal_classes_deterministically():
-  config = _config(examples="labels", balance_classes=True)
+  config = _config(examples="all_without_masks", balance_classes=True)
   source = _source()
   it = input_pipeline.create_train_iterator(config, source, process_index=0, process_count=1)
   # 8 abnormal, 16 normal: an epoch is 16 of each.
@@ -205,7 +206,6 @@ def test_eval_batches_cover_every_example_once_with_zero_weight_padding(process_
 @pytest.mark.parametrize("key,value,message", [
     ("batch_size", 5, "batch_size=5 must be a positive multiple of 2 (the device count is 1, "
      "the process count 2); set --config.batch_size=4"),
-    ("image_size", 33, "image_size=33"),
     ("image_size", 8, "image_size=8"),
     ("examples", "everything", "config.data.examples='everything'"),
 ])

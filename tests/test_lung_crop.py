@@ -10,33 +10,35 @@ from PIL import Image
 
 from configs import default
 from configs import lung_crop_classifier
-from cxr_jax import checkpoint
 from cxr_jax import evaluate
 from cxr_jax import predict
-from cxr_jax import train
-from cxr_jax.data import lung_crop
-from cxr_jax.data import prepare
+from cxr_jax.core import inference as inference_lib
+from cxr_jax.core import rundir
+from cxr_jax.data import crops
+from cxr_jax.data import datasets
 from cxr_jax.data import preprocess
 from cxr_jax.data import records
+from cxr_jax.workflows import lung_crop
+from cxr_jax.workflows import train
 from tests.test_train import smoke_config
 
 
 def test_mask_box_and_grow_box():
   mask = np.zeros((10, 12), bool)
-  assert lung_crop.mask_box(mask) is None
+  assert crops.mask_box(mask) is None
   mask[2:5, 3:9] = True
   mask[7, 1] = True
-  assert lung_crop.mask_box(mask) == (2, 1, 8, 9)
+  assert crops.mask_box(mask) == (2, 1, 8, 9)
   # 10% of a 6x8 box: 1 pixel each way vertically, 1 horizontally; clipped at the border.
-  assert lung_crop.grow_box((2, 1, 8, 9), 0.1, 10, 12) == (1, 0, 9, 10)
-  assert lung_crop.grow_box((0, 0, 10, 12), 0.5, 10, 12) == (0, 0, 10, 12)
+  assert crops.grow_box((2, 1, 8, 9), 0.1, 10, 12) == (1, 0, 9, 10)
+  assert crops.grow_box((0, 0, 10, 12), 0.5, 10, 12) == (0, 0, 10, 12)
 
 
 def test_cropped_source_crops_image_and_mask_alike():
   image = np.arange(20 * 30, dtype=np.uint8).reshape(20, 30, 1)
   mask = (image > 100).astype(np.uint8)
   source = [{"id": b"a", "image": image, "mask": mask}, {"id": b"b", "image": image, "mask": mask}]
-  cropped = lung_crop.CroppedSource(source, {"a": (5, 10, 15, 20), "b": None}, margin=0.2)
+  cropped = crops.CroppedSource(source, {"a": (5, 10, 15, 20), "b": None}, margin=0.2)
   a, b = cropped[0], cropped[1]
   np.testing.assert_array_equal(a["image"], image[3:17, 8:22])
   np.testing.assert_array_equal(a["mask"], mask[3:17, 8:22])
@@ -50,12 +52,12 @@ def test_ids_decode_one_way_numpy_included():
   # A record whose id is a 0-d numpy array is cropped too (it used to be keyed "b'a'").
   image = np.arange(20 * 30, dtype=np.uint8).reshape(20, 30, 1)
   source = [{"id": np.array(b"a"), "image": image, "mask": image}]
-  cropped = lung_crop.CroppedSource(source, {"a": (5, 10, 15, 20)}, margin=0.0)
+  cropped = crops.CroppedSource(source, {"a": (5, 10, 15, 20)}, margin=0.0)
   assert cropped[0]["image"].shape == (10, 10, 1)
 
 
 class _ConstantSegmenter:
-  """Stands in for predict.Inference: p(lung) = `value` everywhere."""
+  """Stands in for inference.Inference: p(lung) = `value` everywhere."""
 
   def __init__(self, value: float, image_size: int = 32, batch_size: int = 4):
     self.value, self.image_size, self.batch_size = value, image_size, batch_size
@@ -65,14 +67,14 @@ class _ConstantSegmenter:
 
 
 def test_segmenter_thresholds_like_predict():
-  """Boxes come from predict.native_mask (p >= 0.5), not a threshold of their own (> 0.5)."""
+  """Boxes come from inference.native_mask (p >= 0.5), not a threshold of their own (> 0.5)."""
   images = [np.zeros((50, 70), np.uint8), np.zeros((40, 30, 1), np.uint8)]
-  at = lung_crop.Segmenter(_ConstantSegmenter(predict.MASK_THRESHOLD), "/seg", 1)
-  assert at.boxes(images) == [(0, 0, 50, 70), (0, 0, 40, 30)]
+  at = lung_crop.Segmenter(_ConstantSegmenter(inference_lib.MASK_THRESHOLD), "/seg", 1)
+  assert [box for _, box in at.predict(images)] == [(0, 0, 50, 70), (0, 0, 40, 30)]
   (raw, box), _ = at.predict(images)
   assert raw.shape == (50, 70) and raw.all() and box == (0, 0, 50, 70)
   below = lung_crop.Segmenter(_ConstantSegmenter(0.49), "/seg", 1)
-  assert below.boxes(images) == [None, None]
+  assert [box for _, box in below.predict(images)] == [None, None]
 
 
 def test_box_cache_is_checked_against_the_segmenter(tmp_path, monkeypatch, caplog):
@@ -147,7 +149,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
       assert 0 <= top < bottom and 0 <= left < right
 
   # evaluate crops the test split the same way and scores the classifier.
-  summary = evaluate.evaluate(str(cls), "test", progress=False)
+  summary = evaluate.run(str(cls), "test", progress=False)
   assert (cls / "lung_boxes_test.json").exists()
   assert (cls / "eval" / "test.json").exists()
   assert "classification" in json.dumps(summary) or "auc" in json.dumps(summary)
@@ -155,7 +157,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
   # predict feeds the crop classifier lung crops, as in training.
   images = tmp_path / "images"
   images.mkdir()
-  builder = prepare.load_builder("synthetic", data_dir=str(data_dir),
+  builder = datasets.load_builder("synthetic", data_dir=str(data_dir),
                                  synthetic_examples=int(config.data.synthetic_examples))
   source = builder.as_data_source("test")  # native, uncropped images
   for k in range(3):
@@ -167,23 +169,23 @@ def test_segment_crop_classify_end_to_end(tmp_path):
   assert len(rows) == 3 and all(0 <= float(r["p_abnormal"]) <= 1 for r in rows.values())
 
   # The same numbers by hand: segment, box, grow, crop, classify.
-  cls_config, cls_model = checkpoint.restore_for_inference(str(cls), "latest")
-  inference = predict.Inference(cls_config, cls_model, batch_size=3)
+  cls_config, cls_model, _ = rundir.restore_model(str(cls), "latest")
+  inference = inference_lib.Inference(cls_config, cls_model, batch_size=3)
   segmenter = lung_crop.load_segmenter(str(seg), batch_size=3)
   native = [predict.load_grey(images / f"x{k}.png") for k in range(3)]
-  boxes = segmenter.boxes(native)
+  boxes = [box for _, box in segmenter.predict(native)]
   assert any(b is not None for b in boxes)
-  crops, whole = [], []
+  cropped, whole = [], []
   for image, box in zip(native, boxes):
     if box is not None:
-      top, left, bottom, right = lung_crop.grow_box(box, cls_config.data.crop_margin,
+      top, left, bottom, right = crops.grow_box(box, cls_config.data.crop_margin,
                                                     *image.shape)
       image_crop = image[top:bottom, left:right]
     else:
       image_crop = image
-    crops.append(preprocess.prepare_image(image_crop, inference.image_size)[0])
+    cropped.append(preprocess.prepare_image(image_crop, inference.image_size)[0])
     whole.append(preprocess.prepare_image(image, inference.image_size)[0])
-  p_crop = inference(np.stack(crops)[..., None])["p_abnormal"]
+  p_crop = inference(np.stack(cropped)[..., None])["p_abnormal"]
   p_whole = inference(np.stack(whole)[..., None])["p_abnormal"]
   got = np.array([float(rows[f"x{k}.png"]["p_abnormal"]) for k in range(3)])
   np.testing.assert_allclose(got, p_crop, atol=2e-6)
@@ -195,4 +197,4 @@ def test_segment_crop_classify_end_to_end(tmp_path):
     written = "lung_fraction_post" if cls_config.get("postprocess", False) else "lung_fraction"
     assert float(rows[f"x{k}.png"][written]) == pytest.approx(mask.mean(), abs=1e-5)
     if box is not None:
-      assert lung_crop.mask_box(mask) is not None
+      assert crops.mask_box(mask) is not None

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxr_jax import metrics
+from cxr_jax.core import classification_stats
+from cxr_jax.core import metrics
 
 BIG = 10.0  # a logit far from the threshold
 
@@ -122,15 +123,15 @@ def test_roc_auc_against_pairwise_count_with_ties():
     labels = rng.integers(0, 2, n)
     if labels.min() == labels.max():
       labels[0] = 1 - labels[0]
-    np.testing.assert_allclose(metrics.roc_auc(scores, labels),
+    np.testing.assert_allclose(classification_stats.roc_auc(scores, labels),
                                _brute_force_auc(scores, labels), rtol=1e-12)
-  assert metrics.roc_auc([0.1, 0.9], [0, 1]) == 1.0
-  assert metrics.roc_auc([0.5, 0.5], [0, 1]) == 0.5
-  assert math.isnan(metrics.roc_auc([0.1, 0.9], [1, 1]))
+  assert classification_stats.roc_auc([0.1, 0.9], [0, 1]) == 1.0
+  assert classification_stats.roc_auc([0.5, 0.5], [0, 1]) == 0.5
+  assert math.isnan(classification_stats.roc_auc([0.1, 0.9], [1, 1]))
   # Weight 0 drops an example; weight 2 counts it twice.
-  np.testing.assert_allclose(metrics.roc_auc([0.1, 0.9, 0.3], [0, 1, 1], [1, 1, 0]), 1.0)
+  np.testing.assert_allclose(classification_stats.roc_auc([0.1, 0.9, 0.3], [0, 1, 1], [1, 1, 0]), 1.0)
   np.testing.assert_allclose(
-      metrics.roc_auc([0.2, 0.4, 0.3], [0, 1, 0], [1, 1, 2]),
+      classification_stats.roc_auc([0.2, 0.4, 0.3], [0, 1, 0], [1, 1, 2]),
       _brute_force_auc([0.2, 0.4, 0.3, 0.3], [0, 1, 0, 0]))
 
 
@@ -183,7 +184,7 @@ def test_shape_errors():
 
 _SHARDED_SCRIPT = """
 import jax, numpy as np
-from cxr_jax import metrics, sharding
+from cxr_jax.core import metrics, sharding
 assert jax.device_count() == 4
 mesh = sharding.create_mesh()
 rng = np.random.default_rng(0)

@@ -6,15 +6,19 @@ XLA compiles are the cost on a shared CPU, so shapes and counts use abstract eva
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 from configs import default
-from cxr_jax.models import MODELS, AttentionUNet, Classifier, MultiTaskUNet, UNet, create_model
-from cxr_jax.models import layers
+from cxr_jax.core.models import MODELS
+from cxr_jax.core.models import AttentionUNet
+from cxr_jax.core.models import Classifier
+from cxr_jax.core.models import MultiTaskUNet
+from cxr_jax.core.models import UNet
+from cxr_jax.core.models import create_model
+from cxr_jax.core.models import layers
 
 TINY = dict(base_features=4, depth=2)
 TINY_TRAIN = dict(base_features=4, depth=1)  # about half the ops to compile

@@ -18,7 +18,9 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import predict
-from cxr_jax.data import kaggle_archive
+from cxr_jax.core import inference
+from cxr_jax.core.progress import Progress
+from cxr_jax.data import images
 from cxr_jax.data import preprocess
 
 
@@ -75,12 +77,12 @@ def test_load_grey_decodes_like_the_dataset(awkward_folder):
 
 
 def test_16_bit_png_gives_the_model_what_training_gave_it(tmp_path):
-  """predict's model input == the dataset's (kaggle_archive decoding, then the pipeline's
+  """predict's model input == the dataset's (the builder's decoding, then the pipeline's
   prepare_image) for a 16-bit radiograph using 12 of its bits."""
   rng = np.random.default_rng(0)
   deep = (_lungs(90, 70) * 3000 + rng.integers(0, 800, (90, 70))).astype(np.uint16)
   Image.fromarray(deep).save(tmp_path / "deep.png")
-  stored = kaggle_archive.decode_greyscale((tmp_path / "deep.png").read_bytes())  # builder
+  stored = images.decode_greyscale((tmp_path / "deep.png").read_bytes())  # builder
   via_dataset, _ = preprocess.prepare_image(stored, 32)
   via_predict, _ = preprocess.prepare_image(predict.load_grey(tmp_path / "deep.png"), 32)
   np.testing.assert_array_equal(via_predict, via_dataset)
@@ -104,10 +106,10 @@ def test_lung_fraction_is_raw_and_post_is_reported(tmp_path, fake_model):
 
 
 def test_native_mask_threshold_and_clean():
-  prob = np.full((32, 32), predict.MASK_THRESHOLD, np.float32)
+  prob = np.full((32, 32), inference.MASK_THRESHOLD, np.float32)
   _, box = preprocess.prepare_image(np.zeros((40, 50), np.uint8), 32)
-  assert predict.native_mask(prob, box, clean=False).all()  # >= the threshold is lung
-  assert not predict.native_mask(prob - 0.01, box, clean=True).any()
+  assert inference.native_mask(prob, box, clean=False).all()  # >= the threshold is lung
+  assert not inference.native_mask(prob - 0.01, box, clean=True).any()
 
 
 def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model):
@@ -148,7 +150,7 @@ def test_same_stem_gets_distinct_outputs():
 
 
 def test_progress_bar_reaches_the_total(capsys):
-  bar = predict.Progress(4, "work")
+  bar = Progress(4, "work")
   for _ in range(4):
     bar.update()
   bar.close()
@@ -163,7 +165,8 @@ def make_random_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict
   The weights are drawn in numpy into the model's abstract state: initialising the real
   model compiles every initializer (about a minute on a busy 2-core CPU).
   """
-  from cxr_jax import checkpoint, models
+  from cxr_jax.core import checkpoint
+  from cxr_jax.core import models
 
   abstract = nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
   _, params, rest = nnx.split(abstract, nnx.Param, ...)

@@ -5,12 +5,14 @@ import re
 
 import numpy as np
 
-from cxr_jax import evaluate
 from cxr_jax import report
-from cxr_jax import surface
+from cxr_jax.core import classification_stats
+from cxr_jax.core import surface
+from cxr_jax.data import registry
+from cxr_jax.workflows import evaluation
 
 
-def _result(num: int = 7, attention: bool = True) -> evaluate.SplitResult:
+def _result(num: int = 7, attention: bool = True) -> evaluation.SplitResult:
   rng = np.random.default_rng(0)
   rows, cases = [], {}
   for k in range(num):
@@ -18,7 +20,7 @@ def _result(num: int = 7, attention: bool = True) -> evaluate.SplitResult:
     truth[8:32, 6:22] = truth[8:32, 28:44] = True
     pred = truth.copy()
     pred[8:8 + 2 * k] = False  # worse with k
-    source = surface.SOURCES[k % 3]
+    source = registry.source_names()[k % 3]
     row = {"id": f"img{k}", "source": source, "label": k % 2, "has_mask": 1,
            "p_abnormal": float(np.clip(0.5 + (k % 2 - 0.5) * 0.6 + rng.normal(0, 0.2), 0, 1))}
     row.update(surface.mask_metrics(pred, truth))
@@ -27,22 +29,22 @@ def _result(num: int = 7, attention: bool = True) -> evaluate.SplitResult:
     gates = [rng.random((16, 16)), rng.random((8, 8))] if attention and k < 2 else None
     image = (rng.random((40, 50)) * 80 + truth * 120).astype(np.uint8)
     model_input = np.pad(image[:, 5:45], ((0, 0), (0, 0))).astype(np.float32) / 255
-    cases[row["id"]] = evaluate.Case(row["id"], source, image, truth, pred, pred, gates,
+    cases[row["id"]] = evaluation.Case(row["id"], source, image, truth, pred, pred, gates,
                                      model_input if gates else None)
   labels = np.array([r["label"] for r in rows])
   probs = np.array([r["p_abnormal"] for r in rows])
-  return evaluate.SplitResult(rows, cases, labels, probs)
+  return evaluation.SplitResult(rows, cases, labels, probs)
 
 
-def _summary(result: evaluate.SplitResult) -> dict:
+def _summary(result: evaluation.SplitResult) -> dict:
   from configs import default
   config = default.get_config()
   return {
       "model": "attention_unet", "dataset": "synthetic", "workdir": "/tmp/x",
       "checkpoint": "best", "step": 6, "num_images": len(result.rows), "image_size": 32,
       "created": "now",
-      "segmentation": evaluate._segmentation_summary(result.rows, config),  # pylint: disable=protected-access
-      "classification": evaluate.classification_summary(
+      "segmentation": evaluation._segmentation_summary(result.rows, config),  # pylint: disable=protected-access
+      "classification": classification_stats.classification_summary(
           result.labels, result.probs, threshold=0.5, threshold_from="validation", seed=0),
   }
 

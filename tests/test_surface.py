@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from cxr_jax import surface
+from cxr_jax.core import surface
 
 
 def _pixels(shape, *points) -> np.ndarray:
@@ -29,7 +29,7 @@ def test_overlap_of_two_rectangles():
 
 def test_both_empty_is_perfect():
   empty = np.zeros((7, 9), bool)
-  m = surface.mask_metrics(empty, empty, surface.Spacing(0.5, 0.5, estimated=False))
+  m = surface.mask_metrics(empty, empty, (0.5, 0.5))
   assert [m[k] for k in ("dice", "iou", "precision", "recall")] == [1.0] * 4
   assert [m[k] for k in ("hd95_px", "asd_px", "hd95_mm", "asd_mm")] == [0.0] * 4
 
@@ -38,7 +38,7 @@ def test_both_empty_is_perfect():
 def test_one_empty_scores_zero_overlap_and_the_diagonal(empty_side):
   empty, full = np.zeros((7, 9), bool), _pixels((7, 9), (3, 3))
   pred, truth = (empty, full) if empty_side == "pred" else (full, empty)
-  m = surface.mask_metrics(pred, truth, surface.Spacing(2.0, 1.0, estimated=False))
+  m = surface.mask_metrics(pred, truth, (2.0, 1.0))
   assert [m[k] for k in ("dice", "iou", "precision", "recall")] == [0.0] * 4
   assert m["hd95_px"] == m["asd_px"] == pytest.approx(math.hypot(6, 8))  # 10 px
   assert m["hd95_mm"] == m["asd_mm"] == pytest.approx(math.hypot(12, 8))
@@ -87,19 +87,18 @@ def test_cropped_distances_match_brute_force():
 
 
 def test_masks_of_different_shapes_are_refused():
-  with pytest.raises(ValueError, match="unletterbox"):
+  with pytest.raises(ValueError, match="native_mask"):
     surface.overlap_metrics(np.zeros((4, 4)), np.zeros((4, 5)))
 
 
-def test_pixel_spacing():
-  native = surface.pixel_spacing("montgomery", 4892, 4020)
-  assert (native.row_mm, native.col_mm, native.estimated) == (0.0875, 0.0875, False)
-  resized = surface.pixel_spacing("montgomery", 512, 512)
-  assert resized.estimated
-  assert resized.row_mm == pytest.approx(0.0875 * 4892 / 512)
-  assert resized.col_mm == pytest.approx(0.0875 * 4020 / 512)
-  assert surface.pixel_spacing("shenzhen", 512, 512) is None
-  assert surface.pixel_spacing("synthetic", 64, 64) is None
+def test_pixel_spacing_is_the_kaggle_readers():
+  from cxr_jax.data import kaggle
+  assert kaggle.pixel_spacing("montgomery", 4892, 4020) == ((0.0875, 0.0875), False)
+  (row_mm, col_mm), estimated = kaggle.pixel_spacing("montgomery", 512, 512)
+  assert estimated
+  assert row_mm == pytest.approx(0.0875 * 4892 / 512)
+  assert col_mm == pytest.approx(0.0875 * 4020 / 512)
+  assert kaggle.pixel_spacing("shenzhen", 512, 512) == ((0.0, 0.0), False)
 
 
 def test_aggregate_summaries_per_source_and_worst():
@@ -122,11 +121,9 @@ def test_aggregate_summaries_per_source_and_worst():
   assert worst_hd["worst"][0]["id"] == "b"
 
 
-def test_one_overlap_implementation_and_one_source_list():
-  """surface's overlap scores are metrics.binary_scores' (same empty-mask convention), and
-  its source names are the dataset's."""
-  from cxr_jax import metrics
-  from cxr_jax.data import kaggle_archive
+def test_one_overlap_implementation():
+  """surface's overlap scores are metrics.binary_scores' (same empty-mask convention)."""
+  from cxr_jax.core import metrics
   rng = np.random.default_rng(0)
   pred, truth = rng.random((2, 3, 9, 11)) > 0.6
   pred[1] = False  # nothing predicted, truth not empty: precision 0/0 -> 0
@@ -135,4 +132,3 @@ def test_one_overlap_implementation_and_one_source_list():
   for k in range(3):
     got = surface.overlap_metrics(pred[k], truth[k])
     assert got == {name: pytest.approx(float(v[k])) for name, v in expected.items()}
-  assert surface.SOURCES is kaggle_archive.SOURCES

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cxr_jax import checkpoint
-from cxr_jax import train
+from cxr_jax.core import rundir
+from cxr_jax.workflows import train
 from tests.conftest import REPO_ROOT
 
 
@@ -48,11 +48,11 @@ def test_smoke_run_writes_workdir(name, data_dir, tmp_path):
   assert record["dataset"]["name"].startswith("cxr_masks_and_labels/")
   assert record["versions"]["jax"]
   lines = read_metrics(workdir)
-  train_lines = [l for l in lines if l["split"] == "train"]
-  val_lines = [l for l in lines if l["split"] == "validation"]
-  assert [l["step"] for l in train_lines] == [2, 4, 6]
-  assert [l["step"] for l in val_lines] == [3, 6]
-  assert all(np.isfinite(l["loss"]) for l in train_lines)
+  train_lines = [line for line in lines if line["split"] == "train"]
+  val_lines = [line for line in lines if line["split"] == "validation"]
+  assert [line["step"] for line in train_lines] == [2, 4, 6]
+  assert [line["step"] for line in val_lines] == [3, 6]
+  assert all(np.isfinite(line["loss"]) for line in train_lines)
   expected = {"dice", "iou", "precision", "recall"} if name != "classifier" else set()
   if name in ("classifier", "multitask"):
     expected |= {"accuracy", "auc", "sensitivity", "specificity"}
@@ -64,8 +64,8 @@ def test_smoke_run_writes_workdir(name, data_dir, tmp_path):
   assert any(p.name.startswith("events.out.tfevents") for p in workdir.iterdir())
 
   # The inference path restores what was trained.
-  restored_config, model = checkpoint.restore_for_inference(str(workdir), "latest")
-  assert restored_config.model.name == name
+  restored_config, model, step = rundir.restore_model(str(workdir), "latest")
+  assert restored_config.model.name == name and step == 6
 
 
 def test_running_again_resumes_from_the_checkpoint(data_dir, tmp_path):
@@ -77,7 +77,7 @@ def test_running_again_resumes_from_the_checkpoint(data_dir, tmp_path):
   train.train_and_evaluate(config, str(workdir))
   after = read_metrics(workdir)
   assert after[:len(before)] == before
-  assert [l["step"] for l in after[len(before):] if l["split"] == "train"] == [8]
+  assert [line["step"] for line in after[len(before):] if line["split"] == "train"] == [8]
 
 
 def _run_main(workdir, data_dir, *extra, env=None, script=None, check=True):
@@ -95,7 +95,7 @@ def _run_main(workdir, data_dir, *extra, env=None, script=None, check=True):
 
 def _final_params(workdir) -> list[np.ndarray]:
   """Parameters and batch statistics of the latest checkpoint."""
-  _, model = checkpoint.restore_for_inference(str(workdir), "latest")
+  _, model, _ = rundir.restore_model(str(workdir), "latest")
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param, nnx.BatchStat))]
 
 
@@ -103,7 +103,8 @@ def _final_params(workdir) -> list[np.ndarray]:
 # (Orbax saves asynchronously, so that save is usually still being written).
 _KILL_AFTER_SECOND_SAVE = textwrap.dedent("""
     import os, signal
-    from cxr_jax import checkpoint, main
+    from cxr_jax import main
+    from cxr_jax.core import checkpoint
     original, calls = checkpoint.save, []
     def save(*args, **kwargs):
       original(*args, **kwargs)
@@ -126,7 +127,9 @@ def test_kill_minus_9_then_resume_is_bitwise_identical(data_dir, tmp_path):
   for a, b in zip(_final_params(straight), _final_params(killed), strict=True):
     np.testing.assert_array_equal(a, b)
   # The resumed run's metrics continue the uninterrupted ones.
-  last = lambda w: [l for l in read_metrics(w) if l["split"] == "validation"][-1]
+  def last(workdir):
+    return [line for line in read_metrics(workdir) if line["split"] == "validation"][-1]
+
   assert last(killed) == last(straight)
 
 
@@ -143,6 +146,14 @@ def test_one_and_four_devices_agree(data_dir, tmp_path):
     for key in ("loss", "dice", "iou", "precision", "recall", "seg_loss"):
       if key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+
+
+def test_an_image_size_the_model_cannot_take_fails_before_training(data_dir, tmp_path):
+  config = smoke_config("unet", data_dir)
+  config.data.image_size = 34  # the smoke U-Net (depth 2) needs a multiple of 4
+  with pytest.raises(ValueError, match=r"multiples of 4; got 34x34.*config.data.image_size"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(data_dir, tmp_path):
@@ -178,7 +189,7 @@ def test_two_processes_train_as_one_job(data_dir, tmp_path):
                  for line in log.splitlines() if "validation:" in line] for log in logs]
   assert len(validation[0]) == 2 and validation[0] == validation[1]
   # ... and only process 0 writes them, once.
-  assert [(l["step"], l["split"]) for l in read_metrics(workdir)] == [
+  assert [(line["step"], line["split"]) for line in read_metrics(workdir)] == [
       (2, "train"), (3, "validation"), (4, "train"), (6, "train"), (6, "validation")]
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [3, 6]

@@ -1,1 +1,2 @@
-"""Datasets (TFDS builders), the grain input pipeline and paired augmentation."""
+"""Data: the dataset registry and TFDS builder, image codecs, preprocessing and the grain
+input pipeline. No jax, flax or orbax (grain workers import it)."""

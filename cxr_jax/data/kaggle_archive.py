@@ -1,6 +1,5 @@
-"""Finds and parses the Kaggle "Chest Xray Masks and Labels" archive (a folder or its .zip).
-
-The archive holds the Montgomery and Shenzhen tuberculosis sets:
+"""Finds the Kaggle "Chest Xray Masks and Labels" archive (a folder or its .zip) and pairs
+its files.
 
     [data/]Lung Segmentation/
       CXR_png/             MCUCXR_0001_0.png, CHNCXR_0001_0.png, ...  (`_0` normal, `_1` abnormal)
@@ -9,27 +8,22 @@ The archive holds the Montgomery and Shenzhen tuberculosis sets:
       ClinicalReadings/    optional, one <id>.txt per image
 
 The real archive has the tree twice (`Lung Segmentation/` and `data/Lung Segmentation/`):
-`find_archive` picks one, so no image is counted twice. `scan_archive` pairs images with
-masks and readings and reports every file it cannot use (`Skip`), so nothing is lost
-silently. Decoding (`decode_greyscale`, `decode_mask`) turns any PNG/JPEG into the stored
-form: 8-bit greyscale images, 0/1 masks.
+`find_archive` picks one, so no image is counted twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import pathlib
 import re
 import zipfile
 
-import numpy as np
-from PIL import Image
+from cxr_jax.data.images import IMAGE_SUFFIXES
+from cxr_jax.data.records import DataError
+from cxr_jax.data.records import Skip
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SOURCES = ("montgomery", "shenzhen", "synthetic")
-_SOURCE_OF_PREFIX = {"MCUCXR": 0, "CHNCXR": 1}
+SOURCE_OF_PREFIX = {"MCUCXR": "montgomery", "CHNCXR": "shenzhen"}
 _ID_PATTERN = re.compile(r"^(MCUCXR|CHNCXR)_\d+_([01])$")
 _MAX_DEPTH = 3  # folders searched below manual_dir (and inside a .zip) for CXR_png/
 _IGNORED_DIRS = ("__MACOSX", ".ipynb_checkpoints")
@@ -41,29 +35,15 @@ EXPECTED = (
 )
 
 
-class ArchiveError(ValueError):
+class ArchiveError(DataError):
   """The manual_dir does not hold a usable archive, or a file is bad in strict mode."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Skip:
-  """A file that is not used (path relative to the archive), and why.
-
-  `kind` is short and fixed (the build summary counts by it), `detail` names the specifics.
-  """
-  file: str
-  kind: str
-  detail: str = ""
-
-  def __str__(self) -> str:
-    return f"{self.file}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
 
 
 @dataclasses.dataclass(frozen=True)
 class Record:
   """One chest X-ray of the archive, before decoding. Paths are relative to the tree."""
   id: str
-  source: int  # index into SOURCES
+  source: str  # 'montgomery' | 'shenzhen'
   label: int  # 0 normal, 1 abnormal
   image: str
   mask: str | None
@@ -259,7 +239,7 @@ def scan_archive(archive: Archive) -> tuple[list[Record], list[Skip]]:
   for image_id, name in sorted(images.items()):
     prefix, _, label = image_id.split("_")
     records.append(Record(
-      id=image_id, source=_SOURCE_OF_PREFIX[prefix], label=int(label), image=name,
+      id=image_id, source=SOURCE_OF_PREFIX[prefix], label=int(label), image=name,
       mask=masks.get(image_id), readings=readings.get(image_id)))
   return records, skipped
 
@@ -304,55 +284,3 @@ def decode_text(data: bytes) -> str:
     return data.decode("utf-8")
   except UnicodeDecodeError:
     return data.decode("latin-1")
-
-
-# ----- decoding images and masks -----
-
-
-def decode_greyscale(data: bytes) -> np.ndarray:
-  """Decodes PNG/JPEG bytes of any mode and bit depth to 8-bit greyscale [H, W] uint8.
-
-  Palette, RGB(A) and LA images go through PIL's luminance conversion. 16-bit and 32-bit
-  images are stretched linearly from the image's own min..max to 0..255 (not `>> 8`: many
-  16-bit radiographs use only 10-12 bits, which `>> 8` would turn nearly black).
-
-  Raises:
-    OSError / ValueError (from PIL): unreadable or truncated data.
-  """
-  with Image.open(io.BytesIO(data)) as image:
-    image.load()  # decodes everything now, so a truncated file fails here
-    if image.mode == "L":
-      return np.asarray(image, dtype=np.uint8)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-      values = np.asarray(image).astype(np.float64)
-      lo, hi = float(values.min()), float(values.max())
-      if hi <= lo:
-        return np.zeros(values.shape, np.uint8)
-      return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-      image = image.convert("RGBA").convert("RGB")
-    return np.asarray(image.convert("L"), dtype=np.uint8)
-
-
-def decode_mask(data: bytes) -> np.ndarray:
-  """Decodes a mask to [H, W] uint8 in {0, 1}: foreground where the grey level is > 127.
-
-  A mask already stored as 0/1 (maximum 1) keeps its ones.
-  """
-  grey = decode_greyscale(data)
-  threshold = 0 if grey.max() == 1 else 127
-  return (grey > threshold).astype(np.uint8)
-
-
-def encode_png(array: np.ndarray) -> bytes:
-  """Encodes [H, W] or [H, W, 1] uint8 as a greyscale PNG."""
-  buffer = io.BytesIO()
-  Image.fromarray(np.asarray(array, np.uint8).reshape(array.shape[:2])).save(
-    buffer, format="png", compress_level=3)
-  return buffer.getvalue()
-
-
-def is_grey8_png(data: bytes) -> bool:
-  """True for an 8-bit greyscale PNG, which can be stored as it is (no re-encoding)."""
-  with Image.open(io.BytesIO(data)) as image:
-    return image.format == "PNG" and image.mode == "L"

@@ -19,6 +19,9 @@ import dataclasses
 
 import numpy as np
 
+from cxr_jax.data.records import Example
+
+SYNTHETIC_SEED = 0
 MIN_SIDE, MAX_SIDE = 160, 384
 MASKLESS_FRACTION = 0.15  # examples stored without a mask (has_mask False)
 ABNORMAL_FRACTION = 0.5
@@ -200,3 +203,33 @@ def _smooth_noise(rng, height: int, width: int, cells: int) -> np.ndarray:
   g10, g11 = grid[y0 + 1][:, x0], grid[y0 + 1][:, x0 + 1]
   return (g00 * (1 - fy) * (1 - fx) + g01 * (1 - fy) * fx + g10 * fy * (1 - fx)
           + g11 * fy * fx)
+
+
+def phantom_id(index: int) -> str:
+  return f"synthetic_{index:05d}"
+
+
+class PhantomReader:
+  """The 'synthetic' dataset kind: `num_examples` phantoms of seed SYNTHETIC_SEED."""
+
+  skipped: list = []  # generated: nothing to skip
+
+  def __init__(self, manual_dir: str = "", num_examples: int = 0):
+    del manual_dir  # generated
+    self.num_examples = num_examples
+
+  def describe(self) -> str:
+    return f"{self.num_examples} phantoms (seed {SYNTHETIC_SEED})"
+
+  def where(self, file: str) -> str:
+    return file
+
+  def items(self) -> list[tuple[str, int]]:
+    return [(phantom_id(i), i) for i in range(self.num_examples)]
+
+  def read(self, index: int, skip) -> Example:
+    del skip  # a phantom is always usable
+    phantom = make_phantom(SYNTHETIC_SEED, index)
+    return Example(id=phantom_id(index), image=phantom.image,
+                   mask=phantom.lungs if phantom.has_mask else None, label=phantom.label,
+                   source="synthetic")

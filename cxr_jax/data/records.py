@@ -1,15 +1,51 @@
-"""Small helpers for reading dataset records (no jax: safe in grain workers)."""
+"""What dataset readers yield, what they skip, and how ids are decoded (numpy only)."""
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 
+class DataError(ValueError):
+  """A dataset's files are missing or unusable; the message says where and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+  """A file that is not used (path relative to the reader's root), and why.
+
+  `kind` is short and fixed (the build summary counts by it), `detail` names the specifics.
+  """
+
+  file: str
+  kind: str
+  detail: str = ""
+
+  def __str__(self) -> str:
+    return f"{self.file}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclasses.dataclass
+class Example:
+  """One chest X-ray as a reader yields it, before the builder encodes it."""
+
+  id: str
+  image: np.ndarray  # uint8 [H, W]
+  mask: np.ndarray | None  # uint8 [H, W] in {0, 1}; None: the image has no mask
+  label: int  # 0 normal, 1 abnormal
+  source: str  # one of the source names its dataset kind declares
+  spacing_mm: tuple[float, float] = (0.0, 0.0)  # (rows, columns); 0: unknown
+  spacing_estimated: bool = False  # inferred (e.g. from a resize), not recorded
+  sex: str = ""
+  age: int = -1
+  finding: str = ""
+  image_png: bytes | None = None  # the file's bytes when they are already an 8-bit grey PNG
+
+
 def decode_id(value: Any) -> str:
   """A record's `id` as str: bytes (TFDS Text) are UTF-8, 0-d numpy arrays are unwrapped.
 
-  The one decoding of ids in the codebase (input_pipeline, evaluate, lung_crop), so an id
-  means the same string wherever it is used as a key.
+  The one decoding of ids, so an id means the same string wherever it is used as a key.
   """
   if isinstance(value, np.ndarray):
     value = value.item()

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cxr_jax.models import layers
-from cxr_jax.models.unet import UNet, _backbone_kwargs
+from cxr_jax.core.models import layers
+from cxr_jax.core.models.unet import UNet
+from cxr_jax.core.models.unet import _backbone_kwargs
 
 
 class AttentionGate(nnx.Module):

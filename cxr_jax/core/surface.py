@@ -1,78 +1,33 @@
 """Per-image mask metrics at native resolution (numpy/scipy), and their aggregates.
 
-These are the numbers papers report: computed on one image's full-size binary masks, after the
-prediction has been mapped back from the model's letterboxed square (`evaluate.py`). The jit
-metrics in `metrics.py` are their cheap training-time counterparts at the model's resolution.
-
-Defined behaviour (tested in tests/test_surface.py):
-- Dice, IoU, precision, recall: `metrics.binary_scores` (one implementation and one
-  convention for the codebase): both masks empty -> 1.0 (nothing to find, nothing found).
-  Any other 0/0 (e.g. precision when nothing is predicted but the truth is not empty) -> 0.0.
-- HD95 and ASSD: both empty -> 0.0. Exactly one empty -> the image diagonal
-  `hypot(H - 1, W - 1)` (in mm: scaled by the spacing), the largest distance two pixels of the
-  image can have. A finite worst case keeps a failed image in the mean instead of dropping it
-  silently, as NaN would.
-- Boundary of a mask: its pixels with a 4-neighbour outside the mask (scipy's default cross
-  erosion; the image edge counts as outside). A one-pixel mask is its own boundary.
-- HD95: the 95th percentile of the distances from each boundary pixel of one mask to the
-  nearest boundary pixel of the other, both directions pooled (as medpy's `hd95`).
-- ASSD (`asd`): the mean of the two directed mean boundary distances (as medpy's `assd`).
+What papers report: full-size binary masks, after the prediction has been mapped back from
+the model's letterboxed square. Defined behaviour (tests/test_surface.py):
+- Dice, IoU, precision, recall: `metrics.binary_scores` (both empty -> 1.0, other 0/0 -> 0).
+- HD95 and ASSD: both empty -> 0.0; exactly one empty -> the image diagonal (a finite worst
+  case keeps a failed image in the mean, where NaN would drop it silently).
+- Boundary: mask pixels with a 4-neighbour outside the mask (the image edge counts as
+  outside). HD95 pools both directions (medpy's `hd95`); ASSD is the mean of the two
+  directed means (medpy's `assd`).
 """
 
-from collections.abc import Mapping, Sequence
-import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from cxr_jax import metrics
-from cxr_jax.data import kaggle_archive
+from cxr_jax.core.metrics import binary_scores
+from cxr_jax.core.metrics import lower_is_better
+from cxr_jax.data import registry
 
-# Montgomery County CXRs are 4020 x 4892 or 4892 x 4020 pixels at 0.0875 mm (Jaeger et al.,
-# 2014). Shenzhen's spacing is not published; synthetic phantoms have none.
-MONTGOMERY_SPACING_MM = 0.0875
-MONTGOMERY_SHAPES = ((4892, 4020), (4020, 4892))
-# A resized Montgomery image (e.g. the 512 x 512 archive) keeps its field of view: its spacing
-# is the native one scaled by the resize. Most are portrait, 4892 rows x 4020 columns.
-MONTGOMERY_ASSUMED_SHAPE = (4892, 4020)
-
-SOURCES = kaggle_archive.SOURCES  # the dataset's ClassLabel order
 MASK_METRICS = ("dice", "iou", "precision", "recall", "hd95_px", "asd_px", "hd95_mm", "asd_mm")
-# Lower is better for these; the worst images are those with the highest values.
-LOWER_IS_BETTER = frozenset({"hd95_px", "asd_px", "hd95_mm", "asd_mm"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Spacing:
-  """Pixel spacing in mm (rows, columns), and whether it was measured or inferred."""
-  row_mm: float
-  col_mm: float
-  estimated: bool
-
-
-def pixel_spacing(source: str, height: int, width: int) -> Spacing | None:
-  """The pixel spacing of an image from `source` at `height` x `width`; None when unknown.
-
-  Montgomery at its acquisition size: 0.0875 mm exactly. Montgomery resized (same field of
-  view): 0.0875 mm scaled by the resize from 4892 x 4020 (the common portrait orientation),
-  flagged `estimated`, since a square archive no longer says which orientation it was.
-  """
-  if source != "montgomery":
-    return None
-  if (height, width) in MONTGOMERY_SHAPES:
-    return Spacing(MONTGOMERY_SPACING_MM, MONTGOMERY_SPACING_MM, estimated=False)
-  native_h, native_w = MONTGOMERY_ASSUMED_SHAPE
-  if width > height:
-    native_h, native_w = native_w, native_h
-  return Spacing(MONTGOMERY_SPACING_MM * native_h / height,
-                 MONTGOMERY_SPACING_MM * native_w / width, estimated=True)
+Spacing = tuple[float, float]  # (row_mm, col_mm)
 
 
 def overlap_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
   """Dice, IoU, precision and recall of two binary masks [H, W] (any dtype; nonzero = lung)."""
   pred, truth = _as_bool_pair(pred, truth)
-  scores = metrics.binary_scores(pred[None], truth[None])
+  scores = binary_scores(pred[None], truth[None])
   return {name: float(value[0]) for name, value in scores.items()}
 
 
@@ -122,15 +77,15 @@ def surface_metrics(pred: np.ndarray, truth: np.ndarray,
 def mask_metrics(pred: np.ndarray, truth: np.ndarray,
                  spacing: Spacing | None = None) -> dict[str, float]:
   """Every per-image mask metric (`MASK_METRICS`); the `_mm` ones NaN when spacing is None."""
-  metrics = overlap_metrics(pred, truth)
+  scores = overlap_metrics(pred, truth)
   px = surface_metrics(pred, truth)
-  metrics.update(hd95_px=px["hd95"], asd_px=px["asd"])
+  scores.update(hd95_px=px["hd95"], asd_px=px["asd"])
   if spacing is None:
-    metrics.update(hd95_mm=math.nan, asd_mm=math.nan)
+    scores.update(hd95_mm=math.nan, asd_mm=math.nan)
   else:
-    mm = surface_metrics(pred, truth, (spacing.row_mm, spacing.col_mm))
-    metrics.update(hd95_mm=mm["hd95"], asd_mm=mm["asd"])
-  return metrics
+    mm = surface_metrics(pred, truth, spacing)
+    scores.update(hd95_mm=mm["hd95"], asd_mm=mm["asd"])
+  return scores
 
 
 def summarise(values: Sequence[float]) -> dict[str, float]:
@@ -155,9 +110,10 @@ def aggregate(rows: Sequence[Mapping[str, object]], *, metrics: Sequence[str] = 
   def by_metric(subset):
     return {m: summarise([r[m] for r in subset]) for m in metrics}
 
+  known = registry.source_names()
   sources = sorted({str(r["source"]) for r in rows},
-                   key=lambda s: SOURCES.index(s) if s in SOURCES else len(SOURCES))
-  sign = 1 if rank_by in LOWER_IS_BETTER else -1
+                   key=lambda s: known.index(s) if s in known else len(known))
+  sign = 1 if lower_is_better(rank_by) else -1
   ranked = sorted((r for r in rows if np.isfinite(r[rank_by])),
                   key=lambda r: sign * float(r[rank_by]), reverse=True)
   return {
@@ -175,5 +131,5 @@ def _as_bool_pair(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.n
   if pred.shape != truth.shape or pred.ndim != 2:
     raise ValueError(f"masks must be [H, W] of one shape; got pred {pred.shape}, "
                      f"truth {truth.shape}. Map predictions to the native size first "
-                     "(preprocess.unletterbox).")
+                     "(inference.native_mask).")
   return pred, truth

@@ -1,41 +1,19 @@
-"""Evaluation metrics as `clu.metrics` collections, built inside the jitted eval step.
+"""Validation metrics as `clu.metrics` collections, built inside the jitted eval step.
 
-How they are used (one way, the one `train.py` uses):
-
-    # inside jax.jit, on global arrays sharded over the mesh's `data` axis:
-    seg = SegmentationMetrics.single_from_model_output(
-        mask_logits=outputs["mask_logits"], mask=batch["mask"], has_mask=batch["has_mask"],
-        weight=batch["weight"], loss=seg_loss)
-    # on the host, per batch, then once at the end:
-    seg = gather(seg)  # every batch, the first too, before anything reads it
-    total = seg if total is None else total.merge(seg)
-    total.compute()  # {'dice': float, 'iou': ..., 'precision': ..., 'recall': ..., 'loss': ...}
-
-Why `single_from_model_output` and not `gather_from_model_output`: under `jax.jit` over a
-mesh the arrays are global, so a plain `jnp.sum` over the batch already sums every device and
-every host. `gather_from_model_output` calls `jax.lax.all_gather(axis_name=...)`, which needs a
-named axis (`pmap`, `shard_map`); there is none under jit, and no pmap in this codebase.
-
-Multi-process: what the jitted step returns are global arrays. The sums (scalars) are
-replicated, but the per-example scores collected for the AUC are sharded over hosts and no
-process can read them alone. `gather` (`process_allgather` where needed, a no-op copy to numpy
-otherwise) must run on every process, in the same order, before `.merge` / `.compute`.
+Built with `single_from_model_output`, not `gather_from_model_output`: under `jax.jit` over a
+mesh the arrays are global, so a plain `jnp.sum` already sums every device and host, and
+there is no named axis for `all_gather`. What the step returns must go through `gather` on
+every process, in the same order, before `.merge` / `.compute` (per-example AUC inputs are
+sharded over hosts).
 
 Conventions:
-- Segmentation scores are per image, on the thresholded prediction `logit > 0`, then averaged
-  over the images with `has_mask * weight > 0` (weighted by it; weights are 0 or 1 in
-  practice). An image without a mask, or a padding example, counts for nothing.
-- 0/0 in a per-image score: 1.0 when prediction and truth are both empty (nothing to find,
-  nothing found), 0.0 otherwise. So precision of an empty prediction of a non-empty mask is 0,
-  recall of a non-empty prediction on an empty mask is 0. Same as `surface.py`, which computes
-  these at native resolution for `evaluate.py`.
-- Classification: `p_abnormal = softmax(class_logits)[:, 1]`; accuracy from the argmax,
-  sensitivity (recall of abnormal) and specificity (recall of normal) at `p_abnormal >= 0.5`;
-  ROC AUC from all scores, ties counted as one half (the Mann-Whitney statistic with average
-  ranks). Padding (weight 0) counts for nothing.
-- `loss`: the weighted mean over all examples seen. `loss` may be the batch's scalar loss
-  (a weighted mean itself: it is re-weighted by the batch's total weight) or per-example [B].
-- A metric with nothing to average over (no masked image; AUC without both classes) is NaN.
+- Segmentation scores are per image, on `logit > 0`, averaged over the images with
+  `has_mask * weight > 0`. 0/0 in a score: 1.0 when prediction and truth are both empty,
+  0.0 otherwise (as `surface.py` at native resolution).
+- Classification: accuracy from the argmax; sensitivity and specificity at
+  `p_abnormal >= 0.5`; ROC AUC from all scores (ties count one half).
+- `loss`: the weighted mean over all examples seen (scalar batch loss or per example [B]).
+- A metric with nothing to average over (no masked image; AUC with one class) is NaN.
 """
 
 from typing import Any
@@ -47,7 +25,15 @@ import numpy as np
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-SEGMENTATION_KEYS = ("dice", "iou", "precision", "recall")
+from cxr_jax.core.classification_stats import roc_auc
+
+# Metric names containing one of these are minimised; the rest (Dice, AUC, ...) maximised.
+_LOWER_IS_BETTER = ("loss", "hd95", "asd", "ece")
+
+
+def lower_is_better(name: str) -> bool:
+  """True for losses, distances and calibration errors."""
+  return any(part in name for part in _LOWER_IS_BETTER)
 
 
 # ----------------------------------------------------------------------------------------
@@ -205,41 +191,6 @@ class Specificity(WeightedAverage):
   def from_model_output(cls, class_logits: jax.Array, label: jax.Array, weight: jax.Array,
                         **_) -> WeightedAverage:
     return cls.from_values(p_abnormal(class_logits) < 0.5, weight * (label == 0))
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray, weight: np.ndarray | None = None) -> float:
-  """Area under the ROC curve; ties between a positive and a negative count one half.
-
-  Equal to the fraction of (positive, negative) pairs ranked correctly (Mann-Whitney U with
-  average ranks), each pair weighted by the product of the two weights. O(n log n).
-
-  Args:
-    scores: [N] scores, higher means more likely positive.
-    labels: [N] 1 positive, 0 negative.
-    weight: [N] non-negative; examples with weight 0 are ignored. None: all 1.
-
-  Returns:
-    The AUC, or NaN when there is no positive or no negative example with weight > 0.
-  """
-  scores = np.asarray(scores, np.float64).ravel()
-  labels = np.asarray(labels).ravel()
-  weight = np.ones_like(scores) if weight is None else np.asarray(weight, np.float64).ravel()
-  if not scores.shape == labels.shape == weight.shape:
-    raise ValueError(f"scores {scores.shape}, labels {labels.shape} and weight {weight.shape} "
-                     "must have the same length.")
-  keep = weight > 0
-  scores, weight = scores[keep], weight[keep]
-  positive = labels[keep] == 1
-  w_pos, w_neg = np.where(positive, weight, 0.0), np.where(positive, 0.0, weight)
-  total_pos, total_neg = w_pos.sum(), w_neg.sum()
-  if total_pos <= 0 or total_neg <= 0:
-    return float("nan")
-  unique, group = np.unique(scores, return_inverse=True)  # ascending; ties share a group
-  pos_per_group = np.bincount(group, w_pos, len(unique))
-  neg_per_group = np.bincount(group, w_neg, len(unique))
-  neg_below = np.cumsum(neg_per_group) - neg_per_group
-  wins = np.sum(pos_per_group * (neg_below + 0.5 * neg_per_group))
-  return float(wins / (total_pos * total_neg))
 
 
 @flax.struct.dataclass

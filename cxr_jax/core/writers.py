@@ -1,32 +1,23 @@
-"""Metric writers with clu's `MetricWriter` interface, without TensorFlow.
+"""Metric writers with clu's `MetricWriter` interface, without TensorFlow (which
+`clu.metric_writers` imports): DIR/metrics.jsonl, TensorBoard events (tensorboardX), logs.
 
-`clu.metric_writers` imports TensorFlow; these write the same things with `tensorboardX`
-and plain files:
-
-- `DIR/metrics.jsonl`: one JSON object per line, `{"step": int, "split": str, name: float...}`.
-  The split comes from the scalar's name: `"validation/dice"` is split "validation", name
-  "dice" (the same string is the TensorBoard tag); a name without "/" goes to
-  `default_split`. One line per split per `write_scalars` call, flushed at once. Non-finite
-  values are written as `null` (strict JSON has no NaN).
-- TensorBoard event files in `DIR` (scalars, images, hparams).
-- absl logging of every scalar.
-
-Resume: the JSONL file is appended to. A line cut short by a kill is dropped when the file is
-opened again; with `resume_step`, lines (and TensorBoard events) of steps after the restored
-checkpoint are dropped too, since the resumed run writes them again.
+metrics.jsonl: one line per (step, split), `"validation/dice"` is split "validation", name
+"dice"; non-finite values are `null`. On resume, a line cut short by a kill is dropped, and
+with `resume_step` so are lines (and TensorBoard events) of later steps, which the resumed
+run writes again.
 """
 
 import abc
-from collections.abc import Mapping
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from absl import logging
 import jax
 import numpy as np
 import tensorboardX
+from absl import logging
 from tensorboardX import summary as tb_summary
 
 METRICS_FILE = "metrics.jsonl"

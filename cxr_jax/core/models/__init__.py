@@ -10,9 +10,10 @@ under `nnx.split` / `nnx.merge` inside `jax.jit` (return the new state to keep t
 import ml_collections
 from flax import nnx
 
-from cxr_jax.models.attention_unet import AttentionUNet
-from cxr_jax.models.classifier import Classifier
-from cxr_jax.models.unet import MultiTaskUNet, UNet
+from cxr_jax.core.models.attention_unet import AttentionUNet
+from cxr_jax.core.models.classifier import Classifier
+from cxr_jax.core.models.unet import MultiTaskUNet
+from cxr_jax.core.models.unet import UNet
 
 MODELS: dict[str, type[nnx.Module]] = {
     "unet": UNet,

@@ -2,20 +2,16 @@
 
 The step is one pure function under `jax.jit`: paired augmentation, forward, loss and the
 optax update, with parameters and optimiser state replicated over the mesh and batches split
-over its `data` axis. Model state travels as `nnx.split` pytrees (params, rest), which is
-faster on the hot path than `nnx.jit`.
+over its `data` axis. Model state travels as `nnx.split` pytrees (params, model_state),
+which is faster on the hot path than `nnx.jit`.
 """
 
 import functools
-import json
 import logging
 import math
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Iterable, Mapping
-from importlib import metadata
 from typing import Any
 
 import flax
@@ -27,17 +23,17 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cxr_jax import checkpoint
-from cxr_jax import losses
-from cxr_jax import metrics as metrics_lib
-from cxr_jax import models
-from cxr_jax import overlays
-from cxr_jax import sharding
-from cxr_jax import writers
-from cxr_jax.data import augment
+from cxr_jax.core import augment
+from cxr_jax.core import checkpoint
+from cxr_jax.core import heads
+from cxr_jax.core import metrics as metrics_lib
+from cxr_jax.core import models
+from cxr_jax.core import overlays
+from cxr_jax.core import rundir
+from cxr_jax.core import sharding
+from cxr_jax.core import writers
 from cxr_jax.data import input_pipeline
-from cxr_jax.data import lung_crop
-from cxr_jax.data import prepare
+from cxr_jax.workflows import lung_crop
 
 
 @flax.struct.dataclass
@@ -45,19 +41,20 @@ class TrainState:
   """Everything the step changes. Pytree; replicated over the mesh."""
   step: jax.Array  # int32 []
   params: nnx.State  # nnx.Param variables
-  rest: nnx.State  # batch statistics, dropout RNG counters
+  model_state: nnx.State  # the other variables: batch statistics, dropout RNG counters
   opt_state: optax.OptState
   rng: jax.Array  # uint32 [2], raw key data; step keys are fold_in(rng, step)
 
   def checkpoint_items(self) -> dict[str, Any]:
-    return {"model": {"params": self.params, "rest": self.rest},
+    # 'rest': the model state's name on disk since the first release, so older runs resume.
+    return {"model": {"params": self.params, "rest": self.model_state},
             "optimizer": self.opt_state,
             "train": {"step": self.step, "rng": self.rng}}
 
   @classmethod
   def from_checkpoint_items(cls, items: Mapping[str, Any]) -> "TrainState":
     return cls(step=items["train"]["step"], params=items["model"]["params"],
-               rest=items["model"]["rest"], opt_state=items["optimizer"],
+               model_state=items["model"]["rest"], opt_state=items["optimizer"],
                rng=items["train"]["rng"])
 
 
@@ -66,31 +63,35 @@ class TrainState:
 # ----------------------------------------------------------------------------------------
 def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup, then cosine decay to zero (or constant) over `num_train_steps`."""
-  o = config.optim
-  warmup = min(o.warmup_steps, config.num_train_steps)
-  if o.schedule == "constant":
-    after = optax.constant_schedule(o.learning_rate)
-  elif o.schedule == "cosine":
-    after = optax.cosine_decay_schedule(o.learning_rate, max(1, config.num_train_steps - warmup))
+  optim = config.optim
+  warmup = min(optim.warmup_steps, config.num_train_steps)
+  if optim.schedule == "constant":
+    after = optax.constant_schedule(optim.learning_rate)
+  elif optim.schedule == "cosine":
+    after = optax.cosine_decay_schedule(optim.learning_rate,
+                                        max(1, config.num_train_steps - warmup))
   else:
-    raise ValueError(f"config.optim.schedule={o.schedule!r}; valid: 'cosine', 'constant'.")
-  warm = optax.linear_schedule(o.learning_rate / max(1, warmup), o.learning_rate, warmup)
+    raise ValueError(f"config.optim.schedule={optim.schedule!r}; valid: 'cosine', 'constant'.")
+  warm = optax.linear_schedule(optim.learning_rate / max(1, warmup), optim.learning_rate, warmup)
   return optax.join_schedules([warm, after], [warmup])
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW (decay on kernels only) or Adam, with optional global-norm clipping."""
-  o = config.optim
-  lr = create_learning_rate_fn(config)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  if o.name == "adamw":
-    tx = optax.adamw(lr, weight_decay=o.weight_decay, mask=decay_mask)
-  elif o.name == "adam":
-    tx = optax.adam(lr)
+  optim = config.optim
+  learning_rate = create_learning_rate_fn(config)
+
+  def decay_mask(params):
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+  if optim.name == "adamw":
+    tx = optax.adamw(learning_rate, weight_decay=optim.weight_decay, mask=decay_mask)
+  elif optim.name == "adam":
+    tx = optax.adam(learning_rate)
   else:
-    raise ValueError(f"config.optim.name={o.name!r}; valid: 'adamw', 'adam'.")
-  if o.grad_clip:
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+    raise ValueError(f"config.optim.name={optim.name!r}; valid: 'adamw', 'adam'.")
+  if optim.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
   return tx
 
 
@@ -101,8 +102,8 @@ def create_train_state(config: ml_collections.ConfigDict,
   # slower on CPU (33 s vs 4 s for the smoke model), and init runs once, unsharded.
   rngs = nnx.Rngs(params=jax.random.key(config.seed, impl="rbg"), dropout=config.seed + 1)
   model = models.create_model(config.model, rngs=rngs)
-  _, params, rest = nnx.split(model, nnx.Param, ...)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                     opt_state=tx.init(params),
                     rng=jax.random.key_data(jax.random.key(config.seed)))
 
@@ -110,29 +111,6 @@ def create_train_state(config: ml_collections.ConfigDict,
 # ----------------------------------------------------------------------------------------
 # Steps.
 # ----------------------------------------------------------------------------------------
-def compute_losses(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
-                   config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss and its parts for whatever heads the model has.
-
-  Segmentation is averaged over examples that have a mask, classification over all real
-  examples (padding has weight 0). Sums run over the global batch, so the averages are
-  global across devices and hosts.
-  """
-  parts = {}
-  total = 0.0
-  if "mask_logits" in outputs:
-    parts["seg_loss"] = losses.segmentation_loss(
-        outputs["mask_logits"], batch["mask"], batch["has_mask"] * batch["weight"],
-        dice_weight=config.loss.dice_weight)
-    total += parts["seg_loss"]
-  if "class_logits" in outputs:
-    parts["cls_loss"] = losses.classification_loss(
-        outputs["class_logits"], batch["label"], batch["weight"])
-    weight = config.loss.class_weight if "mask_logits" in outputs else 1.0
-    total += weight * parts["cls_loss"]
-  return total, parts
-
-
 def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
                     tx: optax.GradientTransformation):
   """Returns `train_step(state, batch) -> (state, scalars)`; pure, ready for jax.jit."""
@@ -153,18 +131,18 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
     image, mask = augment.augment_batch(step_key, batch["image"], batch["mask"], config.aug)
     batch = dict(batch, image=image, mask=mask)
 
-    def loss_fn(params, rest):
+    def loss_fn(params, model_state):
       # copy=True: fresh Variables of this trace level, which NNX lets the model mutate.
-      model = nnx.merge(graphdef, params, rest, copy=True)
+      model = nnx.merge(graphdef, params, model_state, copy=True)
       outputs = model(batch["image"], train=True)
-      loss, parts = compute_losses(outputs, batch, config)
+      loss, parts = heads.compute_losses(outputs, batch, config)
       return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
 
-    (loss, (rest, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.rest)
+    (loss, (model_state, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.model_state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, rest=rest,
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state)
     scalars = {"loss": loss, "learning_rate": lr_fn(state.step),
                "grad_norm": optax.tree.norm(grads), **parts}
@@ -177,19 +155,10 @@ def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
   """Returns `eval_step(state, batch) -> (metrics collections, outputs)`; pure."""
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-    model = nnx.merge(graphdef, state.params, state.rest, copy=True)
+    model = nnx.merge(graphdef, state.params, state.model_state, copy=True)
     outputs = model(batch["image"], train=False)
-    _, parts = compute_losses(outputs, batch, config)
-    collections = {}
-    if "mask_logits" in outputs:
-      collections["seg"] = metrics_lib.SegmentationMetrics.single_from_model_output(
-          mask_logits=outputs["mask_logits"], mask=batch["mask"],
-          has_mask=batch["has_mask"], weight=batch["weight"], loss=parts["seg_loss"])
-    if "class_logits" in outputs:
-      collections["cls"] = metrics_lib.ClassificationMetrics.single_from_model_output(
-          class_logits=outputs["class_logits"], label=batch["label"],
-          weight=batch["weight"], loss=parts["cls_loss"])
-    return collections, outputs
+    _, parts = heads.compute_losses(outputs, batch, config)
+    return heads.metric_collections(outputs, batch, parts), outputs
 
   return eval_step
 
@@ -197,33 +166,6 @@ def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
 # ----------------------------------------------------------------------------------------
 # Run bookkeeping.
 # ----------------------------------------------------------------------------------------
-def _git_commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return ""
-
-
-def write_config_json(workdir: str, config: ml_collections.ConfigDict,
-                      dataset_info: Mapping[str, Any]) -> None:
-  """DIR/config.json: resolved config, package versions, git commit, dataset name+version."""
-  versions = {}
-  for package in ("cxr_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
-                  "tensorflow-datasets", "numpy", "clu", "ml-collections"):
-    try:
-      versions[package] = metadata.version(package)
-    except metadata.PackageNotFoundError:
-      versions[package] = None
-  record = {"config": config.to_dict(), "dataset": dict(dataset_info),
-            "versions": versions, "python": platform.python_version(),
-            "git_commit": _git_commit(),
-            "devices": {"platform": jax.default_backend(), "count": jax.device_count(),
-                        "processes": jax.process_count()}}
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-
-
 class ProgressLog:
   """steps/s, images/s and ETA since the last report (clu's ReportProgress needs TF)."""
 
@@ -257,9 +199,9 @@ def _stop_on_nonfinite(history: list[dict[str, np.ndarray]], manager, workdir: s
 # ----------------------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------------------
-def evaluate(eval_step, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]],
-             mesh: jax.sharding.Mesh, num_images: int = 0
-             ) -> tuple[dict[str, float], np.ndarray | None]:
+def run_validation(eval_step, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]],
+                   mesh: jax.sharding.Mesh, num_images: int = 0
+                   ) -> tuple[dict[str, float], np.ndarray | None]:
   """Metrics over every example of `batches` and, optionally, a few prediction overlays."""
   merged: dict[str, Any] = {}
   pictures = None
@@ -272,20 +214,10 @@ def evaluate(eval_step, state: TrainState, batches: Iterable[Mapping[str, np.nda
     if pictures is None and num_images and "mask_logits" in outputs:
       pictures = _overlays(host_batch, outputs["mask_logits"], num_images)
   results = {}
-  for head, collection in merged.items():
+  for head_name, collection in merged.items():
     for key, value in collection.compute().items():
-      results[_metric_name(head, key)] = float(value)
+      results[heads.metric_name(head_name, key)] = float(value)
   return results, pictures
-
-
-# Each output's metrics collection and the head name its loss is reported under.
-_HEAD_METRICS = {"mask_logits": ("seg", metrics_lib.SegmentationMetrics),
-                 "class_logits": ("cls", metrics_lib.ClassificationMetrics)}
-
-
-def _metric_name(head: str, key: str) -> str:
-  """Validation metric names: both heads report a loss, named after its head as in training."""
-  return f"{head}_loss" if key == "loss" else key
 
 
 def _overlays(host_batch, mask_logits: jax.Array, num_images: int) -> np.ndarray:
@@ -315,20 +247,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.data.crop_workdir:
     config.data.crop_workdir = os.path.abspath(os.path.expanduser(config.data.crop_workdir))
 
+  check_model(config)  # seconds before the data is read
+
   # ----- data -----
   requested = config.data.name
-  name, manual_dir = prepare.resolve_name(config.data)
-  _check_same_on_all_hosts(name)
-  config.data.name, config.data.manual_dir = name, manual_dir
-  logging.info("Dataset: %s (config.data.name=%r)%s", name, requested,
-               f", archive at {manual_dir}" if manual_dir else "")
-  builder = prepare.load_builder_multihost(
-      name, data_dir=os.path.expanduser(config.data.data_dir), manual_dir=manual_dir,
-      synthetic_examples=config.data.synthetic_examples)
-  dataset_info = {
-      "name": builder.info.full_name, "version": str(builder.info.version),
-      "requested": requested, "resolved": name, "manual_dir": manual_dir,
-      "splits": {k: v.num_examples for k, v in builder.info.splits.items()}}
+  dataset = rundir.open_dataset(config.data)
+  config.data.name, config.data.manual_dir = dataset.name, dataset.manual_dir
+  logging.info("Dataset: %s (config.data.name=%r)%s", dataset.name, requested,
+               f", files at {dataset.manual_dir}" if dataset.manual_dir else "")
 
   # ----- mesh -----
   mesh = sharding.create_mesh()
@@ -339,11 +265,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.device_count(), jax.default_backend(), jax.process_count(),
                jax.process_index())
 
-  sources = {split: lung_crop.maybe_crop(config, split, prepare.data_source(builder, split),
-                                         workdir)
+  sources = {split: lung_crop.maybe_crop(config, split,
+                                         rundir.load_split(config, split, dataset), workdir)
              for split in ("train", "validation")}
-  train_iter = input_pipeline.create_train_iterator(config, sources["train"])
-  eval_batches = input_pipeline.create_eval_batches(config, sources["validation"])
+  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  train_iter = input_pipeline.create_train_iterator(config, sources["train"], **process)
+  eval_batches = input_pipeline.create_eval_batches(config, sources["validation"], **process)
 
   # ----- model and optimiser -----
   tx = create_optimizer(config)
@@ -351,7 +278,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract_model = nnx.eval_shape(
       lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
   graphdef = nnx.graphdef(abstract_model)
-  check_best_metric(config, abstract_model)
   abstract_state = jax.eval_shape(init_state)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
@@ -360,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----- checkpoint: resume or start -----
   manager = checkpoint.create_manager(workdir, config)
   if manager.latest_step() is not None:
-    check_resumable(workdir, config)
+    rundir.check_resumable(workdir, config)
     step = manager.latest_step()
     abstract_items = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -372,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = jax.jit(init_state, out_shardings=state_sharding)()
   first_step = int(state.step)
   if jax.process_index() == 0:  # after a restore: it describes what the checkpoints hold
-    write_config_json(workdir, config, dataset_info)
+    rundir.write_config(workdir, config, dataset.info(requested))
 
   # ----- compiled steps -----
   batch_sharding = sharding.data_sharded(mesh)
@@ -416,8 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       evaluated = step % config.eval_every_steps == 0 or is_last
       if evaluated:
         t0 = time.perf_counter()
-        val_metrics, pictures = evaluate(eval_step, state, eval_batches, mesh,
-                                         config.num_eval_images)
+        val_metrics, pictures = run_validation(eval_step, state, eval_batches, mesh,
+                                               config.num_eval_images)
         writer.write_scalars(step, {f"validation/{k}": v for k, v in val_metrics.items()})
         if pictures is not None and len(pictures):
           writer.write_images(step, {"validation/overlays": pictures})
@@ -437,45 +363,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return val_metrics
 
 
-def _check_same_on_all_hosts(dataset_name: str) -> None:
-  """'auto' resolves per host: all hosts must have found the same dataset."""
-  if jax.process_count() == 1:
-    return
-  names = ["kaggle", "synthetic"]
-  chosen = names[int(multihost_utils.broadcast_one_to_all(np.int32(names.index(dataset_name))))]
-  if chosen != dataset_name:
-    raise ValueError(
-        f"Process {jax.process_index()} resolved the dataset to {dataset_name!r}, process 0 "
-        f"to {chosen!r}: set --config.data.name and --config.data.manual_dir explicitly, to "
-        "a path every host sees.")
-
-
-def check_best_metric(config: ml_collections.ConfigDict, abstract_model: nnx.Module) -> None:
-  """Fails at start-up, not at the first checkpoint, when `best_metric` is not reported."""
-  graphdef, state = nnx.split(abstract_model)
+def check_model(config: ml_collections.ConfigDict) -> None:
+  """Fails at start-up when the model cannot take `config.data.image_size` (its own error
+  names what fits) or does not report `config.best_metric`."""
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))))
   size = config.data.image_size
   outputs = jax.eval_shape(
       lambda state: nnx.merge(graphdef, state)(jnp.zeros((1, size, size, 1)), train=False),
       state)
-  names = {_metric_name(head, key)
-           for output, (head, collection) in _HEAD_METRICS.items() if output in outputs
-           for key in collection.__annotations__}  # the collection's own metric fields
+  names = heads.validation_metric_names(outputs)
   if config.best_metric not in names:
     raise ValueError(f"config.best_metric={config.best_metric!r} is not a validation metric "
                      f"of {config.model.name!r}; valid: {sorted(names)}.")
-
-
-def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A resumed run must build the model its checkpoints hold."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  stored = checkpoint.load_config(workdir)
-  changed = [f"model.{k}: {stored.model[k]!r} -> {config.model[k]!r}"
-             for k in config.model if k in stored.model and stored.model[k] != config.model[k]
-             and k != "dtype"]
-  if stored.data.image_size != config.data.image_size:
-    changed.append(f"data.image_size: {stored.data.image_size} -> {config.data.image_size}")
-  if changed:
-    raise ValueError(f"{workdir} holds checkpoints of another model ({'; '.join(changed)}). "
-                     "Resume with the same settings, or train into a new --workdir.")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cxr_jax.models import layers
+from cxr_jax.core.models import layers
 
 
 class UNet(nnx.Module):

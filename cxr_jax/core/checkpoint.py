@@ -1,0 +1,85 @@
+"""Orbax checkpoints of a run: model, optimiser, step, RNG and the grain iterator.
+
+`DIR/checkpoints/` is one `CheckpointManager`; each checkpoint holds the items
+`model` {'params', 'rest'} ('rest': the other model variables, batch statistics and RNG
+counters), `optimizer`, `train` {'step', 'rng'} and `data` (the grain iterator's state, one
+file per process). Orbax renames a checkpoint into place when it is complete, so a run
+killed mid-save restores the newest complete one. The latest `config.max_to_keep` are kept,
+plus the best by `config.best_metric`.
+"""
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers
+
+from cxr_jax.core import metrics as metrics_lib
+
+
+def metric_mode(name: str) -> str:
+  """'min' for losses and distances, 'max' for scores such as Dice or AUC."""
+  return "min" if metrics_lib.lower_is_better(name) else "max"
+
+
+def create_manager(workdir: str, config: ml_collections.ConfigDict, *,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's CheckpointManager: latest `max_to_keep` plus the best by `best_metric`."""
+  best_metric = config.best_metric
+  mode = metric_mode(best_metric)
+
+  def get_metric(metrics: Mapping[str, float]) -> float:
+    value = metrics.get(best_metric)
+    # Undefined (NaN, e.g. AUC of a one-class split) ranks last, never best.
+    if value is None or math.isnan(value):
+      return math.inf if mode == "min" else -math.inf
+    return float(value)
+
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=config.max_to_keep),
+      checkpoint_managers.BestN(get_metric_fn=get_metric, reverse=(mode == "min"), n=1,
+                                keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      best_fn=get_metric, best_mode=mode, preservation_policy=policy,
+      cleanup_tmp_directories=True, read_only=read_only)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, items: Mapping[str, Any],
+         data_iterator: grain.DatasetIterator | None,
+         metrics: Mapping[str, float] | None = None) -> None:
+  """Saves `items` (pytrees: model, optimizer, train) and the data iterator at `step`."""
+  args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+  if data_iterator is not None:
+    args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_items: Mapping[str, Any],
+            data_iterator: grain.DatasetIterator | None) -> dict[str, Any]:
+  """Restores the items shaped (and sharded) like `abstract_items`; the iterator in place."""
+  args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+  if data_iterator is not None:
+    args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  return {name: restored[name] for name in abstract_items}
+
+
+def restore_model(manager: ocp.CheckpointManager, step: int, params: nnx.State,
+                  model_state: nnx.State, sharding: jax.sharding.Sharding
+                  ) -> tuple[nnx.State, nnx.State]:
+  """Only the model item of checkpoint `step`, shaped like the abstract `params` and
+  `model_state`, placed with `sharding` (e.g. one device, for inference)."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          {"params": params, "rest": model_state})
+  restored = manager.restore(
+      step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))["model"]
+  return restored["params"], restored["rest"]

@@ -1,0 +1,132 @@
+"""A restored model's forward pass, and the mapping of its outputs back to native images."""
+
+import dataclasses
+import inspect
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from cxr_jax.core import heads
+from cxr_jax.core import postprocess
+from cxr_jax.data import crops as crops_lib
+from cxr_jax.data import preprocess
+
+MASK_THRESHOLD = 0.5  # on the probability, after mapping it back to the native size
+
+
+class Inference:
+  """A restored model's jitted forward pass on letterboxed batches of fixed size.
+
+  `__call__(images [B, S, S, 1] float32)` (B <= batch_size; padded inside so one shape is
+  compiled) -> dict of numpy arrays: 'prob' [B, S, S] lung probability (segmenters),
+  'p_abnormal' [B] (classifiers), 'attention' list of [B, s, s] gate maps (Attention U-Net,
+  when `attention=True`).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, model: nnx.Module, *,
+               batch_size: int, attention: bool = False):
+    self.config = config
+    self.image_size = int(config.data.image_size)
+    self.batch_size = batch_size
+    call_params = inspect.signature(type(model).__call__).parameters
+    self.has_attention = "return_attention" in call_params
+    kwargs = {"return_attention": True} if (attention and self.has_attention) else {}
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, images):
+      outputs = nnx.merge(graphdef, state)(images, train=False, **kwargs)
+      result = heads.probabilities(outputs)
+      if "attention" in outputs:
+        result["attention"] = [a[..., 0] for a in outputs["attention"]]
+      return result
+
+    self._state = state
+    self._forward = forward
+    probe = jax.eval_shape(forward, state, jax.ShapeDtypeStruct(
+        (1, self.image_size, self.image_size, 1), np.float32))
+    self.heads = [head for head in heads.HEADS if head.probability_key in probe]
+    self.segments = "prob" in probe
+    self.classifies = "p_abnormal" in probe
+
+  def __call__(self, images: np.ndarray) -> dict:
+    images = np.asarray(images, np.float32)
+    count = images.shape[0]
+    if count > self.batch_size:
+      raise ValueError(f"batch of {count} > batch_size {self.batch_size}")
+    padded = np.zeros((self.batch_size,) + images.shape[1:], np.float32)
+    padded[:count] = images
+    outputs = jax.device_get(self._forward(self._state, padded))
+    return jax.tree.map(lambda x: np.asarray(x)[:count], outputs)
+
+
+def native_mask(prob: np.ndarray, letterbox: preprocess.Letterbox, *,
+                clean: bool) -> np.ndarray:
+  """A segmenter's p(lung) [S, S] (letterboxed) -> the mask at the native size, bool [H, W].
+
+  The one mapping from model output to a native mask (prediction, evaluation and lung
+  crops): bilinear `unletterbox` of the probability, then `>= MASK_THRESHOLD`; clean=True
+  then applies `postprocess.clean_mask` (two largest components, holes filled), i.e.
+  `native_mask(..., clean=True) == postprocess.clean_mask(native_mask(..., clean=False))`.
+  """
+  mask = preprocess.unletterbox(prob, letterbox, order="bilinear") >= MASK_THRESHOLD
+  return postprocess.clean_mask(mask) if clean else mask
+
+
+@dataclasses.dataclass
+class Prediction:
+  """One image's outputs at its native size."""
+  height: int
+  width: int
+  mask: np.ndarray | None  # bool [H, W], raw (thresholded); None when nothing segments
+  mask_post: np.ndarray | None  # bool [H, W], post-processed; None unless asked for
+  p_abnormal: float | None
+  crop: tuple[int, int, int, int] | None = None  # lung crop the classifier saw (top, left,
+                                                 # bottom, right); None: the whole image
+
+  @property
+  def output_mask(self) -> np.ndarray | None:
+    """The mask written to masks/: post-processed when it was asked for, else raw."""
+    return self.mask_post if self.mask_post is not None else self.mask
+
+
+def predict_images(inference: Inference, images: Sequence[np.ndarray], *,
+                   clean: bool = False,
+                   lungs: Sequence[tuple[np.ndarray, crops_lib.Box | None]] | None = None,
+                   margin: float = 0.0) -> list[Prediction]:
+  """Predicts native grey images [H, W] (one batch at most `inference.batch_size`).
+
+  With `lungs` (a segmenter's (raw lung mask, lung box) per image, for a run trained on lung
+  crops) each image is first cropped to its lung box grown by `margin`, as in training; the
+  mask reported is then the model's own mask pasted back into the native frame (multitask)
+  or else the segmenter's lungs, the mask the crop came from.
+  """
+  size = inference.image_size
+  crops: list[crops_lib.Box | None] = [None] * len(images)
+  masks: list[np.ndarray | None] = [None] * len(images)
+  if lungs is not None:
+    for k, (image, (raw, box)) in enumerate(zip(images, lungs)):
+      masks[k] = raw
+      if box is not None:
+        crops[k] = crops_lib.grow_box(box, margin, *image.shape[:2])
+  views = [image if c is None else image[c[0]:c[2], c[1]:c[3]]
+           for image, c in zip(images, crops)]
+  prepared = [preprocess.prepare_image(view, size) for view in views]
+  outputs = inference(np.stack([x for x, _ in prepared])[..., None])
+  results = []
+  for i, (image, crop, (_, box)) in enumerate(zip(images, crops, prepared)):
+    height, width = image.shape[:2]
+    mask = masks[i]
+    if inference.segments:
+      mask = native_mask(outputs["prob"][i], box, clean=False)
+      if crop is not None:  # back into the full image's frame: no lung outside the crop
+        canvas = np.zeros((height, width), bool)
+        canvas[crop[0]:crop[2], crop[1]:crop[3]] = mask
+        mask = canvas
+    mask_post = postprocess.clean_mask(mask) if (clean and mask is not None) else None
+    p = float(outputs["p_abnormal"][i]) if inference.classifies else None
+    results.append(Prediction(height, width, mask, mask_post, p, crop))
+  return results

@@ -1,0 +1,127 @@
+"""Prepared datasets: resolve config.data.name, build once, open a split as a data source."""
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import ml_collections
+import tensorflow_datasets as tfds
+from absl import logging
+from tensorflow_datasets.core.data_sources import base as tfds_sources
+
+from cxr_jax.data import cxr_masks_and_labels
+from cxr_jax.data import registry
+from cxr_jax.data.records import DataError
+
+MANUAL_DIR_ENV = "CXR_MANUAL_DIR"
+
+
+def load_builder(name: str, *, data_dir: str, manual_dir: str = "", synthetic_examples: int = 0,
+                 strict: bool = False) -> tfds.core.DatasetBuilder:
+  """Returns the prepared builder of dataset `name` (a `registry` kind).
+
+  Builds it into `data_dir` first when it is not there yet (a prepared dataset is reused
+  as it is, so a changed manual_dir needs a fresh data_dir or a deleted dataset folder).
+
+  Args:
+    name: a registered kind ('kaggle', 'synthetic', ...).
+    data_dir: TFDS data dir ('~' expanded).
+    manual_dir: where a kind on disk reads its files ('' -> $CXR_MANUAL_DIR).
+    synthetic_examples: size of a generated kind (0: its default; each size its own config).
+    strict: raise on unusable files instead of skipping and counting them.
+  """
+  kind = registry.get(name)
+  manual_dir = "" if kind.generated else (manual_dir or os.environ.get(MANUAL_DIR_ENV, ""))
+  builder = cxr_masks_and_labels.CxrMasksAndLabels(
+      config=cxr_masks_and_labels.config_for(name, synthetic_examples),
+      data_dir=os.path.expanduser(data_dir), strict=strict)
+  if not kind.generated and not _is_prepared(builder):
+    kind.find(manual_dir)  # fails early, saying where it looked
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
+      try_download_gcs=False))
+  return builder
+
+
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  return os.path.exists(os.path.join(os.fspath(builder.data_dir), "dataset_info.json"))
+
+
+def resolve_name(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """Resolves config.data.name to (dataset name, manual_dir); 'auto' picks one and logs why.
+
+  'auto' is the first kind on disk whose files config.data.manual_dir (or, when that is '',
+  $CXR_MANUAL_DIR) holds, and `registry.AUTO_FALLBACK` otherwise.
+  """
+  name = data_config.name
+  manual_dir = data_config.manual_dir or os.environ.get(MANUAL_DIR_ENV, "")
+  if name != "auto":
+    kind = registry.get(name)
+    return name, "" if kind.generated else manual_dir
+  if not manual_dir:
+    logging.warning(
+        "data.name='auto': using the SYNTHETIC phantoms (config.data.manual_dir and $%s are "
+        "empty; set one to the Kaggle archive to train on real X-rays).", MANUAL_DIR_ENV)
+    return registry.AUTO_FALLBACK, ""
+  reasons = []
+  for kind in registry.KINDS.values():
+    if kind.generated:
+      continue
+    try:
+      where = kind.find(manual_dir)
+    except DataError as e:
+      reasons.append(str(e))
+      continue
+    logging.warning("data.name='auto': using the REAL %r data at %s.", kind.name, where)
+    return kind.name, manual_dir
+  logging.warning("data.name='auto': using the SYNTHETIC phantoms, because: %s",
+                  " ".join(reasons))
+  return registry.AUTO_FALLBACK, ""
+
+
+def split_source(builder: tfds.core.DatasetBuilder, split: str, *,
+                 skip_decoding: Sequence[str] = ()) -> Sequence[dict]:
+  """`builder`'s `split` as a random-access source (`len`, `[i]`), or a clear error.
+
+  The builder leaves out empty splits, which a small synthetic set can have: asking for one
+  raises a ValueError that names it and what to change.
+
+  Args:
+    builder: a prepared builder (`load_builder`).
+    split: 'train' | 'validation' | 'test'.
+    skip_decoding: features returned as their encoded bytes instead of decoded arrays
+      (e.g. ('image', 'mask') to read has_mask and label without decoding PNGs).
+  """
+  splits = list(builder.info.splits)
+  if split not in splits:
+    config = builder.builder_config
+    kind = registry.get(config.kind)
+    if kind.generated:
+      minimum = cxr_masks_and_labels.min_examples(kind.name)
+      fix = (f"the {kind.name} set has {config.num_examples} examples; set "
+             f"--config.data.synthetic_examples to at least {minimum} (default "
+             f"{kind.default_size}) so every split gets some")
+    else:
+      fix = ("no image of the archive hashes into it; use a fuller archive in "
+             "config.data.manual_dir (and a fresh config.data.data_dir)")
+    raise ValueError(
+        f"Dataset {builder.info.full_name} in {builder.data_dir} has no {split!r} split (it "
+        f"has {', '.join(splits) or 'none'}; empty splits are left out): {fix}.")
+  decoders = {name: tfds.decode.SkipDecoding() for name in skip_decoding}
+  return builder.as_data_source(split, decoders=decoders or None)
+
+
+def skip_decoding(source: Sequence[dict], features: Sequence[str]) -> Sequence[dict]:
+  """A view of `source` whose records leave `features` (e.g. 'image', 'mask') undecoded.
+
+  A TFDS data source gets SkipDecoding decoders; a source with a `skip_decoding(features)`
+  method (a wrapper) is asked for its own view; anything else (an in-memory list) is
+  returned as it is, decoding being free there.
+  """
+  if hasattr(source, "skip_decoding"):
+    return source.skip_decoding(features)
+  if isinstance(source, tfds_sources.BaseDataSource):
+    decoders = dict(source.decoders or {})
+    decoders.update({name: tfds.decode.SkipDecoding() for name in features})
+    return dataclasses.replace(source, decoders=decoders)
+  return source

@@ -1,0 +1,1 @@
+"""Workflows: the training loop, native-resolution evaluation, lung boxes for cropping."""

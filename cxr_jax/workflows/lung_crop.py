@@ -1,0 +1,162 @@
+"""Segment, crop to the lungs, classify: the workflow the archive was made for.
+
+With `config.data.crop_to_lungs`, a trained segmentation run (`config.data.crop_workdir`)
+predicts each image's lungs once; the box around them, grown by `config.data.crop_margin`,
+crops image and mask before the usual letterbox. Boxes are computed at native resolution
+and cached in the classifier's workdir (`lung_boxes_<split>.json`, recording the segmenter
+workdir and step: a cache from another segmenter is recomputed), so a resumed run,
+evaluation and prediction crop the same way. Multi-host: process 0 writes the cache, every
+process then reads it (the workdir is on a filesystem all hosts share, as checkpoints need).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cxr_jax.core import checkpoint
+from cxr_jax.core import inference as inference_lib
+from cxr_jax.core import postprocess
+from cxr_jax.core import rundir
+from cxr_jax.core.progress import Progress
+from cxr_jax.data import crops
+from cxr_jax.data import preprocess
+from cxr_jax.data import records
+
+SEGMENTER_CHECKPOINT = "best_or_latest"  # the segmentation run's checkpoint used
+
+
+@dataclasses.dataclass
+class Segmenter:
+  """A segmentation run's model, predicting lungs and lung boxes of native images."""
+
+  inference: inference_lib.Inference  # of a segmenting model
+  workdir: str  # absolute
+  step: int
+
+  def predict(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, crops.Box | None]]:
+    """Native grey images [H, W] -> (raw lung mask bool [H, W], lung box or None) each.
+
+    The box is that of the post-processed mask (the two largest components, holes filled:
+    the lungs, without stray specks). An image without a predicted lung gets None (it is
+    then used uncropped).
+    """
+    size = self.inference.image_size
+    results = []
+    for start in range(0, len(images), self.inference.batch_size):
+      chunk = [np.asarray(image) for image in images[start:start + self.inference.batch_size]]
+      chunk = [image[..., 0] if image.ndim == 3 else image for image in chunk]
+      prepared = [preprocess.prepare_image(image, size) for image in chunk]
+      probs = self.inference(np.stack([x for x, _ in prepared])[..., None])["prob"]
+      for (_, letterbox), prob in zip(prepared, probs):
+        raw = inference_lib.native_mask(prob, letterbox, clean=False)
+        results.append((raw, crops.mask_box(postprocess.clean_mask(raw))))
+    return results
+
+
+def _check_segmentation_workdir(seg_workdir: str) -> None:
+  if not seg_workdir:
+    raise ValueError("config.data.crop_to_lungs needs --config.data.crop_workdir=DIR, the "
+                     "workdir of a trained segmentation run (configs/unet.py).")
+  if not os.path.exists(os.path.join(seg_workdir, rundir.CONFIG_FILE)):
+    raise FileNotFoundError(
+        f"config.data.crop_workdir={seg_workdir!r} is not a training workdir (no "
+        "config.json): train a segmentation model first, e.g. python -m cxr_jax.main "
+        "--config=configs/unet.py --workdir=DIR, and pass that DIR.")
+
+
+def segmenter_step(seg_workdir: str) -> int:
+  """The checkpoint step `load_segmenter(seg_workdir)` restores."""
+  _check_segmentation_workdir(seg_workdir)
+  manager = checkpoint.create_manager(seg_workdir, rundir.load_config(seg_workdir),
+                                      read_only=True)
+  try:
+    return rundir.select_step(manager, SEGMENTER_CHECKPOINT)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.data.crop_workdir={seg_workdir!r}: {e} Train the "
+                            "segmentation run first.") from e
+
+
+def load_segmenter(seg_workdir: str, *, batch_size: int = 16) -> Segmenter:
+  """Restores `seg_workdir`'s segmentation model (best checkpoint, else the latest)."""
+  _check_segmentation_workdir(seg_workdir)
+  seg_config, model, step = rundir.restore_model(seg_workdir, SEGMENTER_CHECKPOINT)
+  inference = inference_lib.Inference(seg_config, model, batch_size=batch_size)
+  if not inference.segments:
+    raise ValueError(f"config.data.crop_workdir={seg_workdir!r} holds a "
+                     f"{seg_config.model.name!r} model, which does not segment lungs.")
+  return Segmenter(inference, os.path.abspath(seg_workdir), step)
+
+
+def compute_lung_boxes(segmenter: Segmenter, source: Sequence[Mapping[str, Any]], *,
+                       progress: bool = True) -> dict[str, crops.Box | None]:
+  """Predicted lung boxes (native pixels) of every image of `source`, keyed by id."""
+  batch_size = segmenter.inference.batch_size
+  boxes: dict[str, crops.Box | None] = {}
+  bar = Progress(len(source), "lung boxes") if progress else None
+  for start in range(0, len(source), batch_size):
+    chunk = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+    for record, (_, box) in zip(chunk, segmenter.predict([r["image"] for r in chunk])):
+      boxes[records.decode_id(record["id"])] = box
+    if bar:
+      bar.update(len(chunk))
+  if bar:
+    bar.close()
+  return boxes
+
+
+def _stale_reason(cache: str, seg_workdir: str, step: int) -> str:
+  """Why the cache cannot be used ('' when it can)."""
+  if not os.path.exists(cache):
+    return "no cache yet"
+  try:
+    with open(cache) as f:
+      record = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"unreadable ({e})"
+  if record.get("seg_workdir") != seg_workdir:
+    return f"made with segmentation workdir {record.get('seg_workdir')!r}, not {seg_workdir!r}"
+  if record.get("seg_step") != step:
+    return f"made with segmentation step {record.get('seg_step')!r}, not {step}"
+  return ""
+
+
+def maybe_crop(config: ml_collections.ConfigDict, split: str,
+               source: Sequence[Mapping[str, Any]], workdir: str
+               ) -> Sequence[Mapping[str, Any]]:
+  """`source` cropped to the lungs when `config.data.crop_to_lungs`, else `source`.
+
+  Every process must call it (it synchronises them when there are several).
+  """
+  if not config.data.get("crop_to_lungs", False):
+    return source
+  seg_workdir = config.data.crop_workdir
+  _check_segmentation_workdir(seg_workdir)
+  seg_workdir = os.path.abspath(seg_workdir)
+  cache = os.path.join(workdir, f"lung_boxes_{split}.json")
+  if jax.process_index() == 0:
+    reason = _stale_reason(cache, seg_workdir, segmenter_step(seg_workdir))
+    if reason:
+      logging.info("Computing lung boxes for %s (%s: %s).", split, cache, reason)
+      segmenter = load_segmenter(seg_workdir, batch_size=16)
+      boxes = compute_lung_boxes(segmenter, source)
+      os.makedirs(workdir, exist_ok=True)
+      with open(cache + ".tmp", "w") as f:
+        json.dump({"seg_workdir": segmenter.workdir, "seg_step": segmenter.step,
+                   "seg_checkpoint": SEGMENTER_CHECKPOINT, "boxes": boxes}, f)
+      os.replace(cache + ".tmp", cache)  # never a half-written cache
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"lung_boxes_{split}")
+  with open(cache) as f:
+    boxes = {k: (tuple(v) if v else None) for k, v in json.load(f)["boxes"].items()}
+  missing = sum(box is None for box in boxes.values())
+  logging.info("Lung crops for %s: %d images, %d without a predicted lung (kept whole).",
+               split, len(boxes), missing)
+  return crops.CroppedSource(source, boxes, float(config.data.crop_margin))
