@@ -75,10 +75,12 @@ def main(argv):
   dataset = rundir.open_dataset(config.data)
   source = rundir.load_split(config, "train", dataset)  # pickles to grain workers by reference
   batch_size = config.batch_size
-  print(f"dataset {dataset.name} ({len(source)} train records), image_size "
-        f"{config.data.image_size}, batch {batch_size}, examples={config.data.examples}, "
-        f"model {config.model.name}, backend {jax.default_backend()} "
-        f"({jax.devices()[0].device_kind}), {jax.device_count()} device(s)")
+  print(
+    f"dataset {dataset.name} ({len(source)} train records), image_size "
+    f"{config.data.image_size}, batch {batch_size}, examples={config.data.examples}, "
+    f"model {config.model.name}, backend {jax.default_backend()} "
+    f"({jax.devices()[0].device_kind}), {jax.device_count()} device(s)"
+  )
 
   rows = []
   for workers in (0, 1, 2):
@@ -86,11 +88,14 @@ def main(argv):
     rows.append((f"host loader, {workers} workers", f"{rate:.0f} img/s"))
     print(rows[-1])
 
-  host = next(input_pipeline.create_train_iterator(config, source, process_index=0, process_count=1))
+  host = next(
+    input_pipeline.create_train_iterator(config, source, process_index=0, process_count=1)
+  )
   batch = real_step.device_batch(host)
   aug_fn = jax.jit(functools.partial(augment.augment_batch, aug_config=config.aug))
-  aug_s = _median_seconds(aug_fn, jax.random.key(0), batch["image"], batch["mask"],
-                          repeats=_REPEATS.value)
+  aug_s = _median_seconds(
+    aug_fn, jax.random.key(0), batch["image"], batch["mask"], repeats=_REPEATS.value
+  )
 
   # The trainer's step as train.py runs it, with the config's augmentation, and without.
   aug_step_s = _step_seconds(config, batch, _REPEATS.value)
@@ -99,12 +104,18 @@ def main(argv):
   step_s = _step_seconds(no_aug, batch, _REPEATS.value)
   step_rate = batch_size / aug_step_s
   rows += [
-      ("augmentation alone (jit)", f"{aug_s * 1e3:.2f} ms/batch "
-       f"({100 * aug_s / aug_step_s:.1f}% of a train step)"),
-      ("train step, aug off (fwd+bwd+loss+optimiser)",
-       f"{batch_size / step_s:.0f} img/s ({step_s * 1e3:.1f} ms)"),
-      ("train step as trained (aug + fwd+bwd+loss+optimiser)",
-       f"{step_rate:.0f} img/s ({aug_step_s * 1e3:.1f} ms)"),
+    (
+      "augmentation alone (jit)",
+      f"{aug_s * 1e3:.2f} ms/batch ({100 * aug_s / aug_step_s:.1f}% of a train step)",
+    ),
+    (
+      "train step, aug off (fwd+bwd+loss+optimiser)",
+      f"{batch_size / step_s:.0f} img/s ({step_s * 1e3:.1f} ms)",
+    ),
+    (
+      "train step as trained (aug + fwd+bwd+loss+optimiser)",
+      f"{step_rate:.0f} img/s ({aug_step_s * 1e3:.1f} ms)",
+    ),
   ]
   best_loader = max(float(r[1].split()[0]) for r in rows[:3])
   rows.append(("loader / train step (best workers)", f"{best_loader / step_rate:.1f}x"))

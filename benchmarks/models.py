@@ -29,8 +29,10 @@ import train_step as real_step  # noqa: E402  (benchmarks/train_step.py)
 from configs import default  # noqa: E402
 from cxr_jax.core.models import MODELS  # noqa: E402
 
-JAX_STEP = ("train.make_train_step: {aug}forward, backward, BCE + soft Dice and/or "
-            "cross-entropy per head, AdamW + grad clip")
+JAX_STEP = (
+  "train.make_train_step: {aug}forward, backward, BCE + soft Dice and/or "
+  "cross-entropy per head, AdamW + grad clip"
+)
 TORCH_STEP = "forward, backward, BCE, Adam (no augmentation, Dice or clipping)"
 
 
@@ -91,20 +93,26 @@ def torch_unet_runner(size: int, args: argparse.Namespace) -> tuple[dict, Callab
 
   def double_conv(cin: int, cout: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+      nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+      nn.BatchNorm2d(cout),
+      nn.ReLU(True),
+      nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+      nn.BatchNorm2d(cout),
+      nn.ReLU(True),
+    )
 
   class TorchUNet(nn.Module):
-
     def __init__(self, base: int, depth: int):
       super().__init__()
       widths = [base * 2**i for i in range(depth + 1)]
-      self.down = nn.ModuleList(double_conv(ci, co) for ci, co in
-                                zip([1] + widths[:-2], widths[:-1]))
+      self.down = nn.ModuleList(
+        double_conv(ci, co) for ci, co in zip([1] + widths[:-2], widths[:-1])
+      )
       self.bottleneck = double_conv(widths[-2], widths[-1])
       rev = widths[::-1]
-      self.ups = nn.ModuleList(nn.ConvTranspose2d(ci, co, 2, stride=2)
-                               for ci, co in zip(rev[:-1], rev[1:]))
+      self.ups = nn.ModuleList(
+        nn.ConvTranspose2d(ci, co, 2, stride=2) for ci, co in zip(rev[:-1], rev[1:])
+      )
       self.blocks = nn.ModuleList(double_conv(2 * co, co) for co in rev[1:])
       self.head = nn.Conv2d(base, 1, 1)
 
@@ -134,8 +142,9 @@ def torch_unet_runner(size: int, args: argparse.Namespace) -> tuple[dict, Callab
     loss.backward()
     optimizer.step()
 
-  return dict(model="unet (pytorch)", size=size, params=params,
-              threads=torch.get_num_threads()), run
+  return dict(
+    model="unet (pytorch)", size=size, params=params, threads=torch.get_num_threads()
+  ), run
 
 
 def main() -> None:
@@ -146,28 +155,40 @@ def main() -> None:
   parser.add_argument("--base_features", type=int, default=16)
   parser.add_argument("--depth", type=int, default=4)
   parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--no_aug", action="store_true",
-                      help="time the JAX step without its paired augmentation")
+  parser.add_argument(
+    "--no_aug", action="store_true", help="time the JAX step without its paired augmentation"
+  )
   parser.add_argument("--steps", type=int, default=5, help="timed train steps per row")
   parser.add_argument("--torch_size", type=int, default=256, help="0: skip PyTorch")
-  parser.add_argument("--rounds", type=int, default=3,
-                      help="alternating JAX / PyTorch rounds of --steps for the ratio")
+  parser.add_argument(
+    "--rounds",
+    type=int,
+    default=3,
+    help="alternating JAX / PyTorch rounds of --steps for the ratio",
+  )
   args = parser.parse_args()
 
   jax_step = JAX_STEP.format(aug="" if args.no_aug else "paired augmentation, ")
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, "
-        f"base {args.base_features}, depth {args.depth}, {args.dtype}; step = {jax_step}")
-  header = (f"{'model':<16} {'size':>5} {'params':>11} {'GFLOPs/img':>11} "
-            f"{'ms/img':>8} {'img/s':>7} {'compile s':>9}")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, "
+    f"base {args.base_features}, depth {args.depth}, {args.dtype}; step = {jax_step}"
+  )
+  header = (
+    f"{'model':<16} {'size':>5} {'params':>11} {'GFLOPs/img':>11} "
+    f"{'ms/img':>8} {'img/s':>7} {'compile s':>9}"
+  )
   print(header)
   print("-" * len(header))
   for name in args.models.split(","):
     for size in map(int, args.sizes.split(",")):
       info, run = jax_runner(name, size, args)
       seconds = _time(run, args.steps)
-      print(f"{name:<16} {size:>5} {info['params']:>11,} {info['gflops']:>11.2f} "
-            f"{1e3 * seconds / args.batch:>8.1f} {args.batch / seconds:>7.2f} "
-            f"{info['compile_s']:>9.1f}", flush=True)
+      print(
+        f"{name:<16} {size:>5} {info['params']:>11,} {info['gflops']:>11.2f} "
+        f"{1e3 * seconds / args.batch:>8.1f} {args.batch / seconds:>7.2f} "
+        f"{info['compile_s']:>9.1f}",
+        flush=True,
+      )
   if not args.torch_size:
     return
   torch_bench = torch_unet_runner(args.torch_size, args)
@@ -182,11 +203,15 @@ def main() -> None:
     jax_s.append(_time(jax_run, args.steps))
     torch_s.append(_time(torch_run, args.steps))
   jax_ips, torch_ips = args.batch / np.median(jax_s), args.batch / np.median(torch_s)
-  print(f"\nU-Net {args.torch_size} px, median of {args.rounds} alternating rounds of "
-        f"{args.steps} steps (PyTorch {torch_info['params']:,} params, "
-        f"{torch_info['threads']} threads):")
-  print(f"  JAX/Flax NNX {jax_ips:.2f} img/s, PyTorch {torch_ips:.2f} img/s, "
-        f"JAX / PyTorch = {jax_ips / torch_ips:.2f}x")
+  print(
+    f"\nU-Net {args.torch_size} px, median of {args.rounds} alternating rounds of "
+    f"{args.steps} steps (PyTorch {torch_info['params']:,} params, "
+    f"{torch_info['threads']} threads):"
+  )
+  print(
+    f"  JAX/Flax NNX {jax_ips:.2f} img/s, PyTorch {torch_ips:.2f} img/s, "
+    f"JAX / PyTorch = {jax_ips / torch_ips:.2f}x"
+  )
   print(f"  JAX step: {jax_step}.\n  PyTorch step: {TORCH_STEP}.")
 
 

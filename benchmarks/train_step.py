@@ -21,13 +21,15 @@ from cxr_jax.core import models  # noqa: E402
 from cxr_jax.workflows import train  # noqa: E402
 
 
-def real_train_step(config: ml_collections.ConfigDict
-                    ) -> tuple[nnx.GraphDef, train.TrainState, Callable]:
+def real_train_step(
+  config: ml_collections.ConfigDict,
+) -> tuple[nnx.GraphDef, train.TrainState, Callable]:
   """(graphdef, initial state, jitted `step(state, batch) -> (state, scalars)`), the state
   donated as in training: always pass the state the previous call returned."""
   tx = train.create_optimizer(config)
-  graphdef = nnx.graphdef(nnx.eval_shape(
-      lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))))
+  graphdef = nnx.graphdef(
+    nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
+  )
   state = jax.jit(lambda: train.create_train_state(config, tx))()
   step = jax.jit(train.make_train_step(graphdef, config, tx), donate_argnums=0)
   return graphdef, state, step
@@ -35,16 +37,20 @@ def real_train_step(config: ml_collections.ConfigDict
 
 def device_batch(host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
   """A host batch's numeric fields on the default device (ids stay behind)."""
-  return {k: jnp.asarray(v) for k, v in host_batch.items()
-          if np.asarray(v).dtype.kind in "biuf"}
+  return {k: jnp.asarray(v) for k, v in host_batch.items() if np.asarray(v).dtype.kind in "biuf"}
 
 
 def random_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, jax.Array]:
   """A batch shaped like the loader's: every example masked, labelled, weight 1."""
   rng = np.random.default_rng(seed)
   image = rng.normal(size=(batch_size, image_size, image_size, 1)).astype(np.float32)
-  return device_batch({
-      "image": image, "mask": (image > 0).astype(np.float32),
-      "has_mask": np.ones(batch_size, np.float32), "weight": np.ones(batch_size, np.float32),
+  return device_batch(
+    {
+      "image": image,
+      "mask": (image > 0).astype(np.float32),
+      "has_mask": np.ones(batch_size, np.float32),
+      "weight": np.ones(batch_size, np.float32),
       "label": rng.integers(0, 2, batch_size).astype(np.int32),
-      "source": np.zeros(batch_size, np.int32)})
+      "source": np.zeros(batch_size, np.int32),
+    }
+  )

@@ -52,10 +52,16 @@ def write_eval_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
       writer.writerow({k: _csv_value(row.get(k)) for k in evaluation.CSV_FIELDS})
 
 
-def run(workdir: str, split: str = "test", *, checkpoint: str = "latest", batch_size: int = 0,
-        progress: bool = True,
-        restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
-        sources: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> dict[str, Any]:
+def run(
+  workdir: str,
+  split: str = "test",
+  *,
+  checkpoint: str = "latest",
+  batch_size: int = 0,
+  progress: bool = True,
+  restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
+  sources: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> dict[str, Any]:
   """Evaluates a run on `split`; writes DIR/eval/<split>.{json,csv}, report and figures.
 
   Args:
@@ -83,10 +89,16 @@ def run(workdir: str, split: str = "test", *, checkpoint: str = "latest", batch_
       source = rundir.load_split(config, name, dataset)
       return lung_crop.maybe_crop(config, name, source, workdir)
 
-  summary, result = evaluation.evaluate_split(config, model, split, get_source,
-                                              batch_size=batch_size, progress=progress)
-  summary = {"split": split, "workdir": os.path.abspath(workdir), "checkpoint": checkpoint,
-             "step": step, **summary}
+  summary, result = evaluation.evaluate_split(
+    config, model, split, get_source, batch_size=batch_size, progress=progress
+  )
+  summary = {
+    "split": split,
+    "workdir": os.path.abspath(workdir),
+    "checkpoint": checkpoint,
+    "step": step,
+    **summary,
+  }
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   write_eval_csv(result.rows, os.path.join(out_dir, f"{split}.csv"))
@@ -104,23 +116,30 @@ def main(argv: list[str]) -> None:
   quiet_logs.install()
   args = flags.FLAGS
   summary = run(args.workdir, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size)
-  lines = [f"evaluate: {summary['num_images']} {args.split} images, {summary['model']} "
-           f"({args.checkpoint} checkpoint, step {summary['step']})"]
+  lines = [
+    f"evaluate: {summary['num_images']} {args.split} images, {summary['model']} "
+    f"({args.checkpoint} checkpoint, step {summary['step']})"
+  ]
   if "segmentation" in summary:
     seg = summary["segmentation"]
     for variant in ("raw", "postprocessed"):
       overall = seg[variant]["all"]
-      lines.append(f"  {variant:>13}: dice {overall['dice']['mean']:.4f} (median "
-                   f"{overall['dice']['median']:.4f}), hd95 {overall['hd95_px']['mean']:.2f} px, "
-                   f"asd {overall['asd_px']['mean']:.2f} px")
+      lines.append(
+        f"  {variant:>13}: dice {overall['dice']['mean']:.4f} (median "
+        f"{overall['dice']['median']:.4f}), hd95 {overall['hd95_px']['mean']:.2f} px, "
+        f"asd {overall['asd_px']['mean']:.2f} px"
+      )
   if "classification" in summary:
     cls = summary["classification"]
-    lines.append(f"  classifier: auc {cls['auc']:.4f} [{cls['auc_ci95'][0]:.4f}, "
-                 f"{cls['auc_ci95'][1]:.4f}], accuracy {cls['accuracy']:.4f}, sensitivity "
-                 f"{cls['sensitivity']:.4f} / specificity {cls['specificity']:.4f} at "
-                 f"{cls['threshold']:.3f}, ece {cls['ece']:.4f}")
-  lines.append(f"  wrote {os.path.join(args.workdir, 'eval', args.split)}.json, .csv, "
-               f"{summary['report']}")
+    lines.append(
+      f"  classifier: auc {cls['auc']:.4f} [{cls['auc_ci95'][0]:.4f}, "
+      f"{cls['auc_ci95'][1]:.4f}], accuracy {cls['accuracy']:.4f}, sensitivity "
+      f"{cls['sensitivity']:.4f} / specificity {cls['specificity']:.4f} at "
+      f"{cls['threshold']:.3f}, ece {cls['ece']:.4f}"
+    )
+  lines.append(
+    f"  wrote {os.path.join(args.workdir, 'eval', args.split)}.json, .csv, {summary['report']}"
+  )
   print("\n".join(lines), file=sys.stderr)
 
 
@@ -129,8 +148,7 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints).")
   flags.DEFINE_string("split", "test", "Dataset split: test, validation or train.")
   flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint to score.")
-  flags.DEFINE_integer("batch_size", 0, "Images per forward pass (0: the run's "
-                       "eval_batch_size).")
+  flags.DEFINE_integer("batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).")
   flags.mark_flags_as_required(["workdir"])
 
 

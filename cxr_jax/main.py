@@ -13,17 +13,26 @@ from ml_collections import config_flags
 from cxr_jax.core import quiet_logs
 from cxr_jax.workflows import train
 
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/cxr_jax", "Where checkpoints, metrics and "
-                               "TensorBoard events go; an existing run there is resumed.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  "/tmp/cxr_jax",
+  "Where checkpoints, metrics and TensorBoard events go; an existing run there is resumed.",
+)
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() (TPU pods, SLURM and other "
-    "clusters it detects; else pass --coordinator_address and friends).")
+  "multihost",
+  False,
+  "Call jax.distributed.initialize() (TPU pods, SLURM and other "
+  "clusters it detects; else pass --coordinator_address and friends).",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 config_flags.DEFINE_config_file(
-    "config", None, "Training config, e.g. configs/unet.py or configs/unet.py:smoke.",
-    lock_config=True)
+  "config",
+  None,
+  "Training config, e.g. configs/unet.py or configs/unet.py:smoke.",
+  lock_config=True,
+)
 
 
 def main(argv: list[str]) -> None:
@@ -33,13 +42,19 @@ def main(argv: list[str]) -> None:
   if _COORDINATOR.value:
     # Cross-process collectives for CPU devices (a no-op for GPU and TPU ones).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(
+      _COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
   elif _MULTIHOST.value:
     jax.distributed.initialize()
-  logging.info("JAX process %d of %d; %d local and %d global devices (%s).",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.default_backend())
+  logging.info(
+    "JAX process %d of %d; %d local and %d global devices (%s).",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.default_backend(),
+  )
   train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
 
 

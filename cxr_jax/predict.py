@@ -42,6 +42,7 @@ from cxr_jax.workflows import lung_crop
 
 # ----- reading images -----
 
+
 def load_grey(path: str | os.PathLike) -> np.ndarray:
   """Reads a PNG/JPEG as one grey channel [H, W] uint8, exactly as the dataset decodes it.
 
@@ -80,13 +81,19 @@ def output_stems(paths: Sequence[pathlib.Path]) -> list[str]:
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
   for start in range(0, len(items), size):
-    yield items[start:start + size]
+    yield items[start : start + size]
 
 
-def predict_files(inference: Inference, paths: Sequence[pathlib.Path],
-                  output: str | os.PathLike, *, clean: bool = False,
-                  progress: bool = True, segmenter: lung_crop.Segmenter | None = None,
-                  margin: float = 0.0) -> tuple[list[dict], list[str]]:
+def predict_files(
+  inference: Inference,
+  paths: Sequence[pathlib.Path],
+  output: str | os.PathLike,
+  *,
+  clean: bool = False,
+  progress: bool = True,
+  segmenter: lung_crop.Segmenter | None = None,
+  margin: float = 0.0,
+) -> tuple[list[dict], list[str]]:
   """Predicts each file and writes its mask and overlay; -> (CSV rows, error messages).
 
   Files are read one batch at a time, so a folder of any length fits in memory. With
@@ -111,15 +118,21 @@ def predict_files(inference: Inference, paths: Sequence[pathlib.Path],
       lungs = segmenter.predict(batch) if segmenter is not None else None
       predictions = predict_images(inference, batch, clean=clean, lungs=lungs, margin=margin)
       for (path, image), pred in zip(loaded, predictions):
-        row = {"image": path.name, "height": pred.height, "width": pred.width,
-               "lung_fraction": "", "lung_fraction_post": ""}
+        row = {
+          "image": path.name,
+          "height": pred.height,
+          "width": pred.width,
+          "lung_fraction": "",
+          "lung_fraction_post": "",
+        }
         if pred.mask is not None:
           row["lung_fraction"] = f"{pred.mask.mean():.6f}"
           if pred.mask_post is not None:
             row["lung_fraction_post"] = f"{pred.mask_post.mean():.6f}"
           mask = pred.output_mask
           Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(
-              output / "masks" / f"{stems[path]}.png")
+            output / "masks" / f"{stems[path]}.png"
+          )
           rgb = overlays.overlay(image, mask)
           Image.fromarray(rgb).save(output / "overlays" / f"{stems[path]}.png")
         if pred.p_abnormal is not None:
@@ -132,21 +145,31 @@ def predict_files(inference: Inference, paths: Sequence[pathlib.Path],
   return rows, errors
 
 
-def write_predictions_csv(rows: Sequence[dict], path: str | os.PathLike, classifies: bool,
-                          postprocessed: bool = False) -> None:
+def write_predictions_csv(
+  rows: Sequence[dict], path: str | os.PathLike, classifies: bool, postprocessed: bool = False
+) -> None:
   """predictions.csv, one row per image (columns: see the module docstring)."""
-  fields = (["image", "height", "width", "lung_fraction"]
-            + (["lung_fraction_post"] if postprocessed else [])
-            + (["p_abnormal"] if classifies else []))
+  fields = (
+    ["image", "height", "width", "lung_fraction"]
+    + (["lung_fraction_post"] if postprocessed else [])
+    + (["p_abnormal"] if classifies else [])
+  )
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
 
 
-def run(workdir: str, input_path: str, output: str, *, checkpoint: str = "latest",
-        batch_size: int = 0, progress: bool = True,
-        restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None) -> int:
+def run(
+  workdir: str,
+  input_path: str,
+  output: str,
+  *,
+  checkpoint: str = "latest",
+  batch_size: int = 0,
+  progress: bool = True,
+  restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
+) -> int:
   """The command: predicts `input_path` into `output`; returns the exit status (0: all ok).
 
   `restored` ((config, model), e.g. from a test) skips reading the workdir's checkpoint.
@@ -165,14 +188,22 @@ def run(workdir: str, input_path: str, output: str, *, checkpoint: str = "latest
   if config.data.get("crop_to_lungs", False):  # trained on lung crops: predict on them too
     segmenter = lung_crop.load_segmenter(config.data.crop_workdir, batch_size=batch_size)
     margin = float(config.data.crop_margin)
-  rows, errors = predict_files(inference, paths, output, clean=clean, progress=progress,
-                               segmenter=segmenter, margin=margin)
-  write_predictions_csv(rows, pathlib.Path(output) / "predictions.csv", inference.classifies,
-            postprocessed=clean and (inference.segments or segmenter is not None))
+  rows, errors = predict_files(
+    inference, paths, output, clean=clean, progress=progress, segmenter=segmenter, margin=margin
+  )
+  write_predictions_csv(
+    rows,
+    pathlib.Path(output) / "predictions.csv",
+    inference.classifies,
+    postprocessed=clean and (inference.segments or segmenter is not None),
+  )
   for message in errors:
     print(f"predict: error: {message}", file=sys.stderr)
-  print(f"predict: {len(rows)} of {len(paths)} images predicted into {output}"
-        + (f"; {len(errors)} failed (listed above)" if errors else ""), file=sys.stderr)
+  print(
+    f"predict: {len(rows)} of {len(paths)} images predicted into {output}"
+    + (f"; {len(errors)} failed (listed above)" if errors else ""),
+    file=sys.stderr,
+  )
   return 1 if errors else 0
 
 
@@ -181,7 +212,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_logs.install()
   args = flags.FLAGS
-  sys.exit(run(args.workdir, args.input, args.output, checkpoint=args.checkpoint, batch_size=args.batch_size))
+  sys.exit(
+    run(
+      args.workdir, args.input, args.output, checkpoint=args.checkpoint, batch_size=args.batch_size
+    )
+  )
 
 
 def define_flags() -> None:
@@ -189,10 +224,10 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints).")
   flags.DEFINE_string("input", None, "An image, or a folder of PNG/JPEG images.")
   flags.DEFINE_string("output", None, "Folder for masks/, overlays/, predictions.csv.")
-  flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"],
-                    "Which checkpoint of the workdir to use.")
-  flags.DEFINE_integer("batch_size", 0, "Images per forward pass (0: the run's "
-                       "eval_batch_size).")
+  flags.DEFINE_enum(
+    "checkpoint", "latest", ["latest", "best"], "Which checkpoint of the workdir to use."
+  )
+  flags.DEFINE_integer("batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).")
   flags.mark_flags_as_required(["workdir", "input", "output"])
 
 

@@ -34,8 +34,8 @@ def pytest_sessionfinish(session, exitstatus):
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
   if os.path.basename(cache).startswith("cxr_jax_xla_cache_"):
     import shutil
-    shutil.rmtree(cache, ignore_errors=True)
 
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 # ----- a fake model shared by test_evaluate and test_predict -----

@@ -14,14 +14,21 @@ BATCH = 3
 THRESHOLD = 0.5
 # Strong settings, one geometric transform at a time (and all together).
 GEOMETRIC = {
-    "rotate": dict(rotate_deg=40.0),
-    "scale": dict(scale=0.4),
-    "shift": dict(shift=0.2),
-    "shear": dict(shear_deg=25.0),
-    "hflip": dict(hflip=True),
-    "elastic": dict(elastic_alpha=5.0, elastic_sigma=6.0),
-    "all": dict(rotate_deg=40.0, scale=0.4, shift=0.2, shear_deg=25.0, hflip=True,
-                elastic_alpha=5.0, elastic_sigma=6.0),
+  "rotate": dict(rotate_deg=40.0),
+  "scale": dict(scale=0.4),
+  "shift": dict(shift=0.2),
+  "shear": dict(shear_deg=25.0),
+  "hflip": dict(hflip=True),
+  "elastic": dict(elastic_alpha=5.0, elastic_sigma=6.0),
+  "all": dict(
+    rotate_deg=40.0,
+    scale=0.4,
+    shift=0.2,
+    shear_deg=25.0,
+    hflip=True,
+    elastic_alpha=5.0,
+    elastic_sigma=6.0,
+  ),
 }
 
 
@@ -82,7 +89,8 @@ def test_disabled_is_exact_identity():
   config.enabled = False
   image, mask = _blobs()
   out_image, out_mask = jax.jit(functools.partial(augment.augment_batch, aug_config=config))(
-      jax.random.key(0), image, mask)
+    jax.random.key(0), image, mask
+  )
   np.testing.assert_array_equal(out_image, image)
   np.testing.assert_array_equal(out_mask, mask)
 

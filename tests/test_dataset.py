@@ -53,8 +53,8 @@ def _jpeg(array: np.ndarray) -> bytes:
 def _soft_mask(shape, top, left, height, width) -> np.ndarray:
   """A rectangle of 255 with a one-pixel border of 100 (below the >127 threshold)."""
   mask = np.zeros(shape, np.uint8)
-  mask[top - 1:top + height + 1, left - 1:left + width + 1] = 100
-  mask[top:top + height, left:left + width] = 255
+  mask[top - 1 : top + height + 1, left - 1 : left + width + 1] = 100
+  mask[top : top + height, left : left + width] = 255
   return mask
 
 
@@ -80,7 +80,7 @@ def _tree_files() -> dict[str, bytes]:
     "CXR_png/CHNCXR_0001_0.jpg": _jpeg(PLAIN),  # duplicate id: skipped, the .png is kept
     "CXR_png/CHNCXR_0002_1.jpg": _jpeg(RGB),
     "CXR_png/CHNCXR_0003_1.png": png,  # no mask
-    "CXR_png/CHNCXR_0004_0.png": png[:len(png) // 2],  # truncated: skipped with its mask
+    "CXR_png/CHNCXR_0004_0.png": png[: len(png) // 2],  # truncated: skipped with its mask
     "CXR_png/CHNCXR_0005_0.png": png,  # its mask has the wrong size: kept without mask
     "masks/MCUCXR_0001_0.png": _png(MASKS["MCUCXR_0001_0"]),
     "masks/MCUCXR_0002_1.png": _png(MASKS["MCUCXR_0002_1"]),
@@ -97,8 +97,14 @@ def _tree_files() -> dict[str, bytes]:
   return files
 
 
-EXPECTED_IDS = {"MCUCXR_0001_0", "MCUCXR_0002_1", "CHNCXR_0001_0", "CHNCXR_0002_1",
-                "CHNCXR_0003_1", "CHNCXR_0005_0"}
+EXPECTED_IDS = {
+  "MCUCXR_0001_0",
+  "MCUCXR_0002_1",
+  "CHNCXR_0001_0",
+  "CHNCXR_0002_1",
+  "CHNCXR_0003_1",
+  "CHNCXR_0005_0",
+}
 EXPECTED_SKIPPED = {
   "Lung Segmentation/CXR_png/CHNCXR_0001_0.jpg": "duplicate id",
   "Lung Segmentation/CXR_png/CHNCXR_0004_0.png": "unreadable image",
@@ -169,10 +175,12 @@ def _check_fake_archive_records(records: dict[str, dict]) -> None:
   np.testing.assert_array_equal(records["CHNCXR_0002_1"]["image"][..., 0], np.asarray(jpeg))
   np.testing.assert_array_equal(records["CHNCXR_0005_0"]["image"][..., 0], PLAIN)
   assert records["CHNCXR_0002_1"]["image"].shape == (30, 44, 1)
+
   # Clinical readings, both formats; absent -> '' / -1.
   def reading(image_id):
     r = records[image_id]
     return r["sex"].decode(), int(r["age"]), r["finding"].decode()
+
   assert reading("MCUCXR_0001_0") == ("F", 27, "normal")
   assert reading("CHNCXR_0001_0") == ("M", 45, "STB,ATB in the left upper field")
   assert reading("CHNCXR_0002_1") == ("F", 35, "normal")
@@ -184,7 +192,9 @@ def _check_skipped(builder, location_prefix: str = "") -> None:
   assert len(skipped) == len(EXPECTED_SKIPPED), skipped
   for file, reason in EXPECTED_SKIPPED.items():
     assert any(line.startswith(location_prefix + file) and reason in line for line in skipped), (
-      file, skipped)
+      file,
+      skipped,
+    )
 
 
 def test_kaggle_folder_with_both_roots(archive_dir, tmp_path, caplog, capsys):
@@ -195,7 +205,8 @@ def test_kaggle_folder_with_both_roots(archive_dir, tmp_path, caplog, capsys):
   summary = [r.getMessage() for r in caplog.records if "Build summary" in r.getMessage()]
   assert summary == [
     "Build summary: 5 files skipped (duplicate id: 1, mask without an image: 1, "
-    "unreadable image: 1, its image was skipped: 1, mask size differs: 1)."], summary
+    "unreadable image: 1, its image was skipped: 1, mask size differs: 1)."
+  ], summary
   # The CLI reloads the prepared dataset (manual_dir is not read again) and prints counts
   # and the skipped files kept in the dataset's metadata.
   if "dataset" not in flags.FLAGS:  # defined by `python -m cxr_jax.data.prepare` only
@@ -231,15 +242,17 @@ def test_only_the_data_root(archive_dir, tmp_path):
 
 def test_strict_raises_with_the_file_name(archive_dir, tmp_path):
   with pytest.raises(DataError, match=r"CHNCXR_0001_0\.jpg: duplicate id"):
-    datasets.load_builder("kaggle", data_dir=str(tmp_path), manual_dir=str(archive_dir),
-                         strict=True)
+    datasets.load_builder(
+      "kaggle", data_dir=str(tmp_path), manual_dir=str(archive_dir), strict=True
+    )
 
 
 def test_empty_manual_dir_says_where_and_what(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(kaggle_archive.ArchiveError) as error:
-    datasets.load_builder("kaggle", data_dir=str(tmp_path / "tfds"),
-                         manual_dir=str(tmp_path / "empty"))
+    datasets.load_builder(
+      "kaggle", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "empty")
+    )
   message = str(error.value)
   assert str(tmp_path / "empty") in message
   assert "CXR_png" in message and "Lung Segmentation" in message and "manual_dir" in message
@@ -247,14 +260,19 @@ def test_empty_manual_dir_says_where_and_what(tmp_path):
     kaggle_archive.find_archive(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("text, expected", [
-  (MONTGOMERY_READING, ("F", 27, "normal")),
-  ("Patient's Sex: M\nPatient's Age: 045Y\nright upper lobe\ncavity\n",
-   ("M", 45, "right upper lobe cavity")),
-  (SHENZHEN_READING, ("M", 45, "STB,ATB in the left upper field")),
-  ("Female 8yrs\nnormal", ("F", 8, "normal")),
-  ("", ("", -1, "")),
-])
+@pytest.mark.parametrize(
+  "text, expected",
+  [
+    (MONTGOMERY_READING, ("F", 27, "normal")),
+    (
+      "Patient's Sex: M\nPatient's Age: 045Y\nright upper lobe\ncavity\n",
+      ("M", 45, "right upper lobe cavity"),
+    ),
+    (SHENZHEN_READING, ("M", 45, "STB,ATB in the left upper field")),
+    ("Female 8yrs\nnormal", ("F", 8, "normal")),
+    ("", ("", -1, "")),
+  ],
+)
 def test_parse_readings(text, expected):
   assert kaggle_archive.parse_readings(text) == expected
 
@@ -271,7 +289,8 @@ def test_synthetic_builder(tmp_path):
   builder = datasets.load_builder("synthetic", data_dir=str(tmp_path), synthetic_examples=12)
   assert builder.info.config_name == "synthetic_12"
   default = cxr_masks_and_labels.CxrMasksAndLabels(
-    config=cxr_masks_and_labels.config_for("synthetic", 400), data_dir=str(tmp_path))
+    config=cxr_masks_and_labels.config_for("synthetic", 400), data_dir=str(tmp_path)
+  )
   assert default.info.config_name == "synthetic"
   records = _records(builder)
   assert set(records) == {f"synthetic_{i:05d}" for i in range(12)}
@@ -332,10 +351,12 @@ def test_data_sources_pickle_for_grain_workers(tmp_path):
 
 def test_importing_prepare_defines_no_flags():
   """Importing the prepare command must not define its CLI flags in other programs."""
-  code = ("from absl import flags; import cxr_jax.data.prepare as p; "
-          "leaked = [n for n in ('dataset', 'manual_dir', 'data_dir', 'strict', "
-          "'synthetic_examples') if n in flags.FLAGS]; assert not leaked, leaked; "
-          "p.define_flags(); assert 'manual_dir' in flags.FLAGS")
+  code = (
+    "from absl import flags; import cxr_jax.data.prepare as p; "
+    "leaked = [n for n in ('dataset', 'manual_dir', 'data_dir', 'strict', "
+    "'synthetic_examples') if n in flags.FLAGS]; assert not leaked, leaked; "
+    "p.define_flags(); assert 'manual_dir' in flags.FLAGS"
+  )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
 
 
@@ -344,9 +365,13 @@ def test_missing_split_says_which_and_what_to_change(tmp_path):
   missing = {"train", "validation", "test"} - set(builder.info.splits)
   assert missing  # 12 phantoms leave a split empty; the builder drops it
   split = missing.pop()
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       rf"no '{split}' split .*--config.data.synthetic_examples to at least "
-      rf"{cxr_masks_and_labels.min_examples('synthetic')}")):
+      rf"{cxr_masks_and_labels.min_examples('synthetic')}"
+    ),
+  ):
     datasets.split_source(builder, split)
   present = next(iter(builder.info.splits))
   records = datasets.split_source(builder, present, skip_decoding=("image",))
@@ -363,15 +388,19 @@ def test_min_synthetic_examples_fills_every_split():
 def test_open_dataset_builds_on_process_0_first(tmp_path, monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   calls = []
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
-                      lambda x: calls.append(("sync", int(x))) or x)
+  monkeypatch.setattr(
+    multihost_utils, "broadcast_one_to_all", lambda x: calls.append(("sync", int(x))) or x
+  )
   real_load = datasets.load_builder
-  monkeypatch.setattr(datasets, "load_builder",
-                      lambda *a, **k: calls.append(("load",)) or real_load(*a, **k))
+  monkeypatch.setattr(
+    datasets, "load_builder", lambda *a, **k: calls.append(("load",)) or real_load(*a, **k)
+  )
   data_config = ml_collections.ConfigDict(
-      {"name": "synthetic", "manual_dir": "", "data_dir": str(tmp_path), "synthetic_examples": 12})
+    {"name": "synthetic", "manual_dir": "", "data_dir": str(tmp_path), "synthetic_examples": 12}
+  )
   synthetic = ("sync", 1)  # the cross-host check of the resolved name (its registry index)
   monkeypatch.setattr(jax, "process_index", lambda: 0)
   assert rundir.open_dataset(data_config).builder.info.config_name == "synthetic_12"
@@ -382,7 +411,6 @@ def test_open_dataset_builds_on_process_0_first(tmp_path, monkeypatch):
   assert calls == [synthetic, ("sync", 1), ("load",)]  # loads only after process 0 is done
   # Process 0 failing: it raises its own error, the others a pointer to it.
   answers = iter([1, 0])  # process 0 resolved 'synthetic' too, then failed to build it
-  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
-                      lambda x: np.int32(next(answers)))
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(next(answers)))
   with pytest.raises(RuntimeError, match="Process 0 failed to prepare"):
     rundir.open_dataset(data_config)

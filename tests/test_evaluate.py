@@ -19,6 +19,7 @@ from cxr_jax.data import registry
 
 def small_config() -> ml_collections.ConfigDict:
   from configs import default
+
   config = default.get_config()
   config.data.image_size = 32
   config.eval_batch_size = 4
@@ -33,22 +34,32 @@ def make_records(shapes, seed=0, sources=None, labels=None):
     rows, cols = np.mgrid[:h, :w]
     mask = np.zeros((h, w), np.uint8)
     for cx in (0.3, 0.7):
-      mask |= (((rows - 0.5 * h) / (0.35 * h)) ** 2 + ((cols - cx * w) / (0.15 * w)) ** 2
-               <= 1).astype(np.uint8)
+      mask |= (
+        ((rows - 0.5 * h) / (0.35 * h)) ** 2 + ((cols - cx * w) / (0.15 * w)) ** 2 <= 1
+      ).astype(np.uint8)
     image = 30 + 160 * mask + rng.integers(0, 20, (h, w))
     label = 0 if labels is None else labels[k]
     if label:  # abnormal: a brighter top-left corner (what the fake classifier looks at)
       image[: h // 2, : w // 2] += 40
     source = 2 if sources is None else sources[k]
     spacing, estimated = kaggle.pixel_spacing(registry.source_names()[source], h, w)
-    records.append({
-        "image": np.clip(image, 0, 255).astype(np.uint8)[..., None], "mask": mask[..., None],
-        "has_mask": True, "label": label, "source": source, "id": f"case{k}".encode(),
-        "spacing_mm": np.asarray(spacing, np.float32), "spacing_estimated": estimated})
+    records.append(
+      {
+        "image": np.clip(image, 0, 255).astype(np.uint8)[..., None],
+        "mask": mask[..., None],
+        "has_mask": True,
+        "label": label,
+        "source": source,
+        "id": f"case{k}".encode(),
+        "spacing_mm": np.asarray(spacing, np.float32),
+        "spacing_estimated": estimated,
+      }
+    )
   return records
 
 
 # ----- classifier statistics -----
+
 
 def test_one_auc_with_keyword_arguments():
   """One AUC, with keyword arguments (there were two, with opposite argument orders)."""
@@ -56,8 +67,9 @@ def test_one_auc_with_keyword_arguments():
   labels = np.array([0, 0, 1, 1])
   scores = np.array([0.1, 0.4, 0.35, 0.8])
   assert classification_stats.roc_auc(scores=scores, labels=labels) == pytest.approx(0.75)
-  summary = classification_stats.classification_summary(labels, scores, threshold=0.5,
-                                            threshold_from="test", seed=0)
+  summary = classification_stats.classification_summary(
+    labels, scores, threshold=0.5, threshold_from="test", seed=0
+  )
   assert summary["auc"] == pytest.approx(0.75)
   assert math.isnan(classification_stats.roc_auc(scores=np.arange(3.0), labels=np.ones(3)))
 
@@ -92,6 +104,7 @@ def test_expected_calibration_error_by_hand():
 
 # ----- native resolution -----
 
+
 @pytest.mark.parametrize("shape", [(97, 61), (50, 130), (512, 512)])
 def test_native_resolution_round_trip(shape):
   """A mask letterboxed to the model's square and mapped back overlaps itself closely."""
@@ -101,18 +114,21 @@ def test_native_resolution_round_trip(shape):
   back = preprocess.unletterbox(boxed, box, order="bilinear") >= 0.5
   assert back.shape == shape
   from cxr_jax.core import surface
+
   m = surface.mask_metrics(back, truth)
   assert m["dice"] > 0.97 and m["hd95_px"] <= 2 * max(shape) / 64
 
 
 # ----- the command, on records made here -----
 
+
 def test_evaluate_segmenter_writes_json_csv_and_report(tmp_path, fake_model):
   config = small_config()
   shapes = [(97, 61), (64, 64), (50, 130), (80, 80), (70, 90)]
   test = make_records(shapes, sources=[0, 1, 2, 0, 1])
-  summary = evaluate.run(str(tmp_path), "test", restored=(config, fake_model()),
-                              sources={"test": test}, progress=False)
+  summary = evaluate.run(
+    str(tmp_path), "test", restored=(config, fake_model()), sources={"test": test}, progress=False
+  )
   seg = summary["segmentation"]
   assert summary["num_images"] == 5 and seg["num_images_with_mask"] == 5
   assert seg["raw"]["all"]["dice"]["mean"] > 0.9  # fake model ~ truth, scored at native size
@@ -124,9 +140,22 @@ def test_evaluate_segmenter_writes_json_csv_and_report(tmp_path, fake_model):
   with open(tmp_path / "eval" / "test.csv") as f:
     rows = list(csv.DictReader(f))
   assert [(int(r["height"]), int(r["width"])) for r in rows] == shapes
-  for name in ("id", "source", "label", "dice", "iou", "precision", "recall", "hd95_px",
-               "asd_px", "hd95_mm", "asd_mm", "dice_post", "lung_fraction",
-               "lung_fraction_post"):
+  for name in (
+    "id",
+    "source",
+    "label",
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "hd95_px",
+    "asd_px",
+    "hd95_mm",
+    "asd_mm",
+    "dice_post",
+    "lung_fraction",
+    "lung_fraction_post",
+  ):
     assert name in rows[0]
   montgomery = [r for r in rows if r["source"] == "montgomery"]
   assert all(r["hd95_mm"] and r["spacing_estimated"] == "1" for r in montgomery)
@@ -140,8 +169,12 @@ def test_evaluate_classifier_threshold_from_validation(tmp_path, fake_model):
   test = make_records([(60, 50)] * 6, labels=labels, seed=1)
   validation = make_records([(50, 60)] * 6, labels=labels[::-1], seed=2)
   summary = evaluate.run(
-      str(tmp_path), "test", restored=(config, fake_model(classify=True, segment=False)),
-      sources={"test": test, "validation": validation}, progress=False)
+    str(tmp_path),
+    "test",
+    restored=(config, fake_model(classify=True, segment=False)),
+    sources={"test": test, "validation": validation},
+    progress=False,
+  )
   c = summary["classification"]
   assert "segmentation" not in summary
   assert c["auc"] == pytest.approx(1.0)  # the drawn corner separates the classes
@@ -176,11 +209,22 @@ def test_command_on_a_workdir_and_the_synthetic_dataset(tmp_path):
   config.data.data_dir = str(tmp_path / "tfds")
   make_random_workdir(tmp_path / "run", config)
   done = subprocess.run(
-      [sys.executable, "-m", "cxr_jax.evaluate", f"--workdir={tmp_path / 'run'}",
-       "--split=test", "--checkpoint=best", "--batch_size=4"],
-      capture_output=True, text=True, timeout=300, check=False,
-      cwd=pathlib.Path(__file__).resolve().parents[1],
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-m",
+      "cxr_jax.evaluate",
+      f"--workdir={tmp_path / 'run'}",
+      "--split=test",
+      "--checkpoint=best",
+      "--batch_size=4",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   summary = json.loads((tmp_path / "run" / "eval" / "test.json").read_text())
   assert summary["step"] == 1 and summary["checkpoint"] == "best"

@@ -47,7 +47,8 @@ def test_segmentation_loss_is_mean_over_masked_images():
   per_image = np.asarray(parts["bce"] + 1.0 - parts["dice"])
   weight = jnp.array([1.0, 0.0, 1.0, 1.0])
   np.testing.assert_allclose(
-      losses.segmentation_loss(logits, mask, weight), per_image[[0, 2, 3]].mean(), rtol=1e-6)
+    losses.segmentation_loss(logits, mask, weight), per_image[[0, 2, 3]].mean(), rtol=1e-6
+  )
 
 
 def test_bce_stable_for_huge_logits():
@@ -84,13 +85,15 @@ def test_unmasked_examples_ignored_bitwise():
 def test_all_zero_weight_gives_zero_loss_and_gradient():
   logits, mask = _batch()
   weight = jnp.zeros(4)
-  loss, grad = jax.jit(jax.value_and_grad(
-      lambda x: losses.segmentation_loss(x, mask, weight)))(logits)
+  loss, grad = jax.jit(jax.value_and_grad(lambda x: losses.segmentation_loss(x, mask, weight)))(
+    logits
+  )
   assert float(loss) == 0.0
   assert np.all(np.asarray(grad) == 0.0)
   class_logits = jnp.ones((4, 2))
-  loss, grad = jax.jit(jax.value_and_grad(
-      lambda x: losses.classification_loss(x, jnp.array([0, 1, 1, 0]), weight)))(class_logits)
+  loss, grad = jax.jit(
+    jax.value_and_grad(lambda x: losses.classification_loss(x, jnp.array([0, 1, 1, 0]), weight))
+  )(class_logits)
   assert float(loss) == 0.0
   assert np.all(np.asarray(grad) == 0.0)
 
@@ -99,10 +102,12 @@ def test_classification_loss_hand_computed_and_masked():
   class_logits = jnp.array([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0], [100.0, -100.0]])
   label = jnp.array([0, 1, 1, 1])
   weight = jnp.array([1.0, 1.0, 1.0, 0.0])
-  expected = (math.log(2.0) + (math.log(math.exp(2.0) + 1.0) - 0.0)
-              + (math.log(1.0 + math.exp(3.0)) - 3.0)) / 3
-  np.testing.assert_allclose(losses.classification_loss(class_logits, label, weight), expected,
-                             rtol=1e-6)
+  expected = (
+    math.log(2.0) + (math.log(math.exp(2.0) + 1.0) - 0.0) + (math.log(1.0 + math.exp(3.0)) - 3.0)
+  ) / 3
+  np.testing.assert_allclose(
+    losses.classification_loss(class_logits, label, weight), expected, rtol=1e-6
+  )
   changed = class_logits.at[3].set(jnp.array([jnp.nan, 123.0]))
   grad_fn = jax.jit(jax.value_and_grad(lambda x: losses.classification_loss(x, label, weight)))
   (la, ga), (lb, gb) = grad_fn(class_logits), grad_fn(changed)
@@ -153,9 +158,14 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_batch_matches_unsharded():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-c", _SHARDED_SCRIPT],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert "OK" in result.stdout

@@ -89,8 +89,13 @@ def test_box_cache_is_checked_against_the_segmenter(tmp_path, monkeypatch, caplo
     return {"a": (1, 2, 3, 4)}
 
   monkeypatch.setattr(lung_crop, "segmenter_step", lambda workdir: step["value"])
-  monkeypatch.setattr(lung_crop, "load_segmenter", lambda workdir, batch_size=16:
-                      lung_crop.Segmenter(None, os.path.abspath(workdir), step["value"]))
+  monkeypatch.setattr(
+    lung_crop,
+    "load_segmenter",
+    lambda workdir, batch_size=16: lung_crop.Segmenter(
+      None, os.path.abspath(workdir), step["value"]
+    ),
+  )
   monkeypatch.setattr(lung_crop, "compute_lung_boxes", fake_compute)
   config = default.get_config()
   config.data.crop_to_lungs = True
@@ -157,8 +162,9 @@ def test_segment_crop_classify_end_to_end(tmp_path):
   # predict feeds the crop classifier lung crops, as in training.
   images = tmp_path / "images"
   images.mkdir()
-  builder = datasets.load_builder("synthetic", data_dir=str(data_dir),
-                                 synthetic_examples=int(config.data.synthetic_examples))
+  builder = datasets.load_builder(
+    "synthetic", data_dir=str(data_dir), synthetic_examples=int(config.data.synthetic_examples)
+  )
   source = builder.as_data_source("test")  # native, uncropped images
   for k in range(3):
     Image.fromarray(source[k]["image"][..., 0]).save(images / f"x{k}.png")
@@ -178,8 +184,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
   cropped, whole = [], []
   for image, box in zip(native, boxes):
     if box is not None:
-      top, left, bottom, right = crops.grow_box(box, cls_config.data.crop_margin,
-                                                    *image.shape)
+      top, left, bottom, right = crops.grow_box(box, cls_config.data.crop_margin, *image.shape)
       image_crop = image[top:bottom, left:right]
     else:
       image_crop = image

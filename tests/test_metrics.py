@@ -45,13 +45,15 @@ def test_binary_scores_hand_computed():
   pred, true = _masks()
   assert pred[0].sum() == 4 and true[0].sum() == 6 and (pred[0] * true[0]).sum() == 3
   expected = {
-      "dice": [6 / 10, 1, 1, 0],
-      "iou": [3 / 7, 1, 1, 0],
-      "precision": [3 / 4, 1, 1, 0],
-      "recall": [3 / 6, 1, 1, 0],
+    "dice": [6 / 10, 1, 1, 0],
+    "iou": [3 / 7, 1, 1, 0],
+    "precision": [3 / 4, 1, 1, 0],
+    "recall": [3 / 6, 1, 1, 0],
   }
-  for impl in (lambda p, t: metrics.binary_scores(p > 0, t > 0),
-               lambda p, t: metrics.segmentation_scores(jnp.asarray(_logits(p)), jnp.asarray(t))):
+  for impl in (
+    lambda p, t: metrics.binary_scores(p > 0, t > 0),
+    lambda p, t: metrics.segmentation_scores(jnp.asarray(_logits(p)), jnp.asarray(t)),
+  ):
     scores = impl(pred, true)
     for key, values in expected.items():
       np.testing.assert_allclose(np.asarray(scores[key]), values, rtol=1e-6, err_msg=key)
@@ -63,7 +65,11 @@ def test_binary_scores_empty_truth_nonempty_prediction():
   scores = metrics.binary_scores(pred, np.zeros_like(pred))
   assert isinstance(scores["dice"], np.ndarray)  # numpy in, numpy out
   assert {k: float(v[0]) for k, v in scores.items()} == {
-      "dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0}
+    "dice": 0.0,
+    "iou": 0.0,
+    "precision": 0.0,
+    "recall": 0.0,
+  }
 
 
 def test_segmentation_metrics_average_over_masked_real_images_across_batches():
@@ -72,14 +78,20 @@ def test_segmentation_metrics_average_over_masked_real_images_across_batches():
   # Batch 1: images 0, 1 and an unmasked image (garbage prediction) -> only 0, 1 count.
   # Batch 2: images 2, 3 and a padding example (weight 0, has_mask 1) -> only 2, 3 count.
   garbage = np.full((1, 4, 4, 1), BIG, np.float32)
-  b1 = dict(mask_logits=np.concatenate([logits[:2], garbage]),
-            mask=np.concatenate([true[:2], np.zeros((1, 4, 4, 1), np.float32)]),
-            has_mask=np.array([1, 1, 0], np.float32), weight=np.ones(3, np.float32),
-            loss=np.float32(0.5))
-  b2 = dict(mask_logits=np.concatenate([logits[2:], garbage]),
-            mask=np.concatenate([true[2:], np.ones((1, 4, 4, 1), np.float32)]),
-            has_mask=np.ones(3, np.float32), weight=np.array([1, 1, 0], np.float32),
-            loss=np.array([1.0, 2.0, 100.0], np.float32))  # per-example losses work too
+  b1 = dict(
+    mask_logits=np.concatenate([logits[:2], garbage]),
+    mask=np.concatenate([true[:2], np.zeros((1, 4, 4, 1), np.float32)]),
+    has_mask=np.array([1, 1, 0], np.float32),
+    weight=np.ones(3, np.float32),
+    loss=np.float32(0.5),
+  )
+  b2 = dict(
+    mask_logits=np.concatenate([logits[2:], garbage]),
+    mask=np.concatenate([true[2:], np.ones((1, 4, 4, 1), np.float32)]),
+    has_mask=np.ones(3, np.float32),
+    weight=np.array([1, 1, 0], np.float32),
+    loss=np.array([1.0, 2.0, 100.0], np.float32),
+  )  # per-example losses work too
 
   @jax.jit
   def eval_step(batch):
@@ -100,18 +112,26 @@ def test_segmentation_metrics_average_over_masked_real_images_across_batches():
 
 
 def test_segmentation_metrics_without_any_mask_are_nan():
-  batch = dict(mask_logits=np.zeros((2, 2, 2, 1), np.float32),
-               mask=np.zeros((2, 2, 2, 1), np.float32), has_mask=np.zeros(2, np.float32),
-               weight=np.ones(2, np.float32), loss=np.float32(0))
+  batch = dict(
+    mask_logits=np.zeros((2, 2, 2, 1), np.float32),
+    mask=np.zeros((2, 2, 2, 1), np.float32),
+    has_mask=np.zeros(2, np.float32),
+    weight=np.ones(2, np.float32),
+    loss=np.float32(0),
+  )
   result = metrics.SegmentationMetrics.single_from_model_output(**batch).compute()
   assert all(math.isnan(v) for v in result.values())
 
 
 def _brute_force_auc(scores, labels):
-  pairs = [(p, n) for p, n in itertools.product(range(len(scores)), repeat=2)
-           if labels[p] == 1 and labels[n] == 0]
-  wins = sum(1.0 if scores[p] > scores[n] else 0.5 if scores[p] == scores[n] else 0.0
-             for p, n in pairs)
+  pairs = [
+    (p, n)
+    for p, n in itertools.product(range(len(scores)), repeat=2)
+    if labels[p] == 1 and labels[n] == 0
+  ]
+  wins = sum(
+    1.0 if scores[p] > scores[n] else 0.5 if scores[p] == scores[n] else 0.0 for p, n in pairs
+  )
   return wins / len(pairs)
 
 
@@ -123,16 +143,20 @@ def test_roc_auc_against_pairwise_count_with_ties():
     labels = rng.integers(0, 2, n)
     if labels.min() == labels.max():
       labels[0] = 1 - labels[0]
-    np.testing.assert_allclose(classification_stats.roc_auc(scores, labels),
-                               _brute_force_auc(scores, labels), rtol=1e-12)
+    np.testing.assert_allclose(
+      classification_stats.roc_auc(scores, labels), _brute_force_auc(scores, labels), rtol=1e-12
+    )
   assert classification_stats.roc_auc([0.1, 0.9], [0, 1]) == 1.0
   assert classification_stats.roc_auc([0.5, 0.5], [0, 1]) == 0.5
   assert math.isnan(classification_stats.roc_auc([0.1, 0.9], [1, 1]))
   # Weight 0 drops an example; weight 2 counts it twice.
-  np.testing.assert_allclose(classification_stats.roc_auc([0.1, 0.9, 0.3], [0, 1, 1], [1, 1, 0]), 1.0)
   np.testing.assert_allclose(
-      classification_stats.roc_auc([0.2, 0.4, 0.3], [0, 1, 0], [1, 1, 2]),
-      _brute_force_auc([0.2, 0.4, 0.3, 0.3], [0, 1, 0, 0]))
+    classification_stats.roc_auc([0.1, 0.9, 0.3], [0, 1, 1], [1, 1, 0]), 1.0
+  )
+  np.testing.assert_allclose(
+    classification_stats.roc_auc([0.2, 0.4, 0.3], [0, 1, 0], [1, 1, 2]),
+    _brute_force_auc([0.2, 0.4, 0.3, 0.3], [0, 1, 0, 0]),
+  )
 
 
 def _class_logits(p: np.ndarray) -> np.ndarray:
@@ -147,10 +171,18 @@ def test_classification_metrics_hand_computed_with_padding():
   p2 = np.array([0.7, 0.99, 0.01], np.float32)  # the last two are padding
   label2 = np.array([1, 0, 1], np.int32)
   batches = [
-      dict(class_logits=_class_logits(p1), label=label1, weight=np.ones(4, np.float32),
-           loss=np.float32(0.25)),
-      dict(class_logits=_class_logits(p2), label=label2,
-           weight=np.array([1, 0, 0], np.float32), loss=np.float32(1.0)),
+    dict(
+      class_logits=_class_logits(p1),
+      label=label1,
+      weight=np.ones(4, np.float32),
+      loss=np.float32(0.25),
+    ),
+    dict(
+      class_logits=_class_logits(p2),
+      label=label2,
+      weight=np.array([1, 0, 0], np.float32),
+      loss=np.float32(1.0),
+    ),
   ]
   eval_step = jax.jit(lambda b: metrics.ClassificationMetrics.single_from_model_output(**b))
   merged = None
@@ -169,7 +201,8 @@ def test_classification_metrics_hand_computed_with_padding():
 
 def test_gather_copies_to_numpy():
   m = metrics.ClassificationMetrics.single_from_model_output(
-      class_logits=jnp.zeros((2, 2)), label=jnp.array([0, 1]), weight=jnp.ones(2), loss=0.0)
+    class_logits=jnp.zeros((2, 2)), label=jnp.array([0, 1]), weight=jnp.ones(2), loss=0.0
+  )
   host = metrics.gather(m)
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
   assert host.auc.compute() == 0.5
@@ -213,10 +246,14 @@ print("OK", got)
 
 
 def test_sharded_batch_matches_unsharded():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT],
-                          cwd=pathlib.Path(__file__).resolve().parents[1], env=env,
-                          capture_output=True, text=True, timeout=120)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-c", _SHARDED_SCRIPT],
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert "OK" in result.stdout

@@ -46,6 +46,7 @@ def _output_shapes(model: nnx.Module, shape: tuple[int, ...], **call_kwargs) -> 
 
 # ----- registry and config -----
 
+
 def test_create_model_from_default_config_for_every_name():
   config = default.get_config("smoke")
   for name, cls in MODELS.items():
@@ -63,8 +64,9 @@ def test_unknown_name_lists_valid_names():
     assert name in str(error.value)
 
 
-@pytest.mark.parametrize("key,value", [("norm", "layer"), ("upsample", "deconv"),
-                                       ("dtype", "float16")])
+@pytest.mark.parametrize(
+  "key,value", [("norm", "layer"), ("upsample", "deconv"), ("dtype", "float16")]
+)
 def test_bad_option_names_the_config_key(key, value):
   config = default.get_config().model
   config[key] = value
@@ -73,6 +75,7 @@ def test_bad_option_names_the_config_key(key, value):
 
 
 # ----- shapes -----
+
 
 @pytest.mark.parametrize("cls", [UNet, AttentionUNet, MultiTaskUNet])
 @pytest.mark.parametrize("height,width", [(16, 16), (32, 32), (16, 48), (64, 32)])
@@ -106,6 +109,7 @@ def test_attention_maps_are_shaped_like_their_skips():
 
 # ----- parameter counts (hand-derived in unet.py / attention_unet.py docstrings) -----
 
+
 def test_unet_has_the_published_31m_parameters():
   assert _param_count(_abstract(UNet, base_features=64, depth=4, norm="none")) == 31_030_593
   # Norm: conv biases dropped (-5,888), scale and shift added (+11,776).
@@ -114,22 +118,28 @@ def test_unet_has_the_published_31m_parameters():
 
 
 def test_attention_unet_adds_1_045_444_gate_parameters():
-  assert _param_count(_abstract(AttentionUNet, base_features=64, depth=4,
-                                norm="none")) == 31_030_593 + 1_045_444
-  assert _param_count(_abstract(AttentionUNet, base_features=64, depth=4,
-                                norm="batch")) == 31_036_481 + 1_045_444
+  assert (
+    _param_count(_abstract(AttentionUNet, base_features=64, depth=4, norm="none"))
+    == 31_030_593 + 1_045_444
+  )
+  assert (
+    _param_count(_abstract(AttentionUNet, base_features=64, depth=4, norm="batch"))
+    == 31_036_481 + 1_045_444
+  )
 
 
 def test_multitask_adds_a_dense_head_on_the_bottleneck():
-  assert _param_count(_abstract(MultiTaskUNet, base_features=64, depth=4,
-                                norm="batch")) == 31_036_481 + 1024 * 2 + 2
+  assert (
+    _param_count(_abstract(MultiTaskUNet, base_features=64, depth=4, norm="batch"))
+    == 31_036_481 + 1024 * 2 + 2
+  )
 
 
 def test_classifier_parameter_count():
   # base b=16, depth 4, 2 classes, norm: convs without bias, each norm 2*C.
   b, total, width = 16, 9 * 16 + 2 * 16, 16  # stem
   for i in range(4):
-    out = b * 2**(i + 1)
+    out = b * 2 ** (i + 1)
     total += 9 * width * out + 9 * out * out + width * out + 3 * 2 * out  # block 1 + shortcut
     total += 2 * 9 * out * out + 2 * 2 * out  # block 2
     width = out
@@ -154,6 +164,7 @@ def test_transpose_conv_matches_nnx_conv_transpose_with_flipped_kernel():
 
 
 # ----- numerics (one compile each) -----
+
 
 def test_attention_coefficients_in_unit_interval_and_bfloat16_matches_float32():
   # One compile for both checks (the multi-task test also trains in bf16).
@@ -181,22 +192,25 @@ def test_attention_coefficients_in_unit_interval_and_bfloat16_matches_float32():
 
 # ----- learning, with the trainer's jit(split/merge) pattern -----
 
+
 def _segmentation_loss(out, batch):
   return optax.sigmoid_binary_cross_entropy(out["mask_logits"], batch["mask"]).mean()
 
 
 def _classification_loss(out, batch):
-  return optax.softmax_cross_entropy_with_integer_labels(out["class_logits"],
-                                                         batch["label"]).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(out["class_logits"], batch["label"]).mean()
 
 
 def _tiny_batch():
   yy, xx = jnp.mgrid[:16, :16]
-  disc = ((yy - 8.0)**2 + (xx - 6.0)**2 < 20).astype(jnp.float32)
+  disc = ((yy - 8.0) ** 2 + (xx - 6.0) ** 2 < 20).astype(jnp.float32)
   images = jnp.stack([disc, 1 - disc, jnp.roll(disc, 4, axis=1), 0.5 * disc])[..., None]
   images = images + 0.1 * jax.random.normal(jax.random.key(3), images.shape)
-  return {"image": images, "mask": (images > 0.3).astype(jnp.float32),
-          "label": jnp.array([0, 1, 0, 1])}
+  return {
+    "image": images,
+    "mask": (images > 0.3).astype(jnp.float32),
+    "label": jnp.array([0, 1, 0, 1]),
+  }
 
 
 def _train(cls, loss_fn, steps: int = 20, **kwargs):
@@ -210,8 +224,7 @@ def _train(cls, loss_fn, steps: int = 20, **kwargs):
   @jax.jit  # donate_argnums=0 in the trainer; not here, the test keeps state0
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(
-        lambda m: loss_fn(m(batch["image"], train=True), batch))(model)
+    loss, grads = nnx.value_and_grad(lambda m: loss_fn(m(batch["image"], train=True), batch))(model)
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), loss
 
@@ -240,18 +253,24 @@ def test_unet_learns_under_jit_split_merge_and_updates_batch_stats_and_dropout()
   assert counts and all(int(c) > int(c0) for c0, c in zip(counts0, counts))  # fresh masks
 
 
-@pytest.mark.parametrize("cls,loss_fn,kwargs", [
+@pytest.mark.parametrize(
+  "cls,loss_fn,kwargs",
+  [
     (AttentionUNet, _segmentation_loss, dict(norm="group", upsample="resize")),
     (Classifier, _classification_loss, {}),
-])
+  ],
+)
 def test_model_learns_one_batch(cls, loss_fn, kwargs):
   losses, _, _ = _train(cls, loss_fn, **kwargs)
   assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_multitask_learns_both_heads_in_bfloat16():
-  losses, _, model = _train(MultiTaskUNet, lambda out, batch: _segmentation_loss(out, batch)
-                            + _classification_loss(out, batch), dtype="bfloat16")
+  losses, _, model = _train(
+    MultiTaskUNet,
+    lambda out, batch: _segmentation_loss(out, batch) + _classification_loss(out, batch),
+    dtype="bfloat16",
+  )
   assert losses[-1] < 0.5 * losses[0], losses
   state = nnx.state(model, nnx.Param, nnx.BatchStat)
   assert {v.dtype for v in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}

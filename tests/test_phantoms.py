@@ -27,7 +27,9 @@ def test_shapes_sizes_and_types(examples):
   assert any(h != w for h, w in shapes)  # some non-square
   for p in examples:
     h, w = p.image.shape
-    assert phantoms.MIN_SIDE <= h <= phantoms.MAX_SIDE and phantoms.MIN_SIDE <= w <= phantoms.MAX_SIDE
+    assert (
+      phantoms.MIN_SIDE <= h <= phantoms.MAX_SIDE and phantoms.MIN_SIDE <= w <= phantoms.MAX_SIDE
+    )
     assert p.image.dtype == np.uint8 and p.lungs.dtype == np.uint8
     assert p.lungs.shape == p.image.shape and set(np.unique(p.lungs)) <= {0, 1}
   assert np.std([p.image.mean() for p in examples]) > 3  # varied brightness / contrast
@@ -45,7 +47,7 @@ def test_lungs_are_two_dark_fields(examples):
     fraction = p.lungs.mean()
     assert 0.1 < fraction < 0.45
     h, w = p.lungs.shape
-    assert p.lungs[:, : w // 2].any() and p.lungs[:, w // 2:].any()  # both sides
+    assert p.lungs[:, : w // 2].any() and p.lungs[:, w // 2 :].any()  # both sides
     assert not p.lungs[:, w // 2 - 1 : w // 2 + 1].any()  # mediastinum between them
     # Air is dark: the lungs are darker than the soft tissue right around them.
     body = p.image > np.percentile(p.image, 30)

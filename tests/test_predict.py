@@ -26,6 +26,7 @@ from cxr_jax.data import preprocess
 
 def _config() -> ml_collections.ConfigDict:
   from configs import default
+
   config = default.get_config()
   config.data.image_size = 32
   config.eval_batch_size = 2
@@ -38,7 +39,8 @@ def _lungs(height: int, width: int) -> np.ndarray:
   lungs = np.zeros((height, width), bool)
   for cx in (0.3, 0.7):
     lungs |= ((rows - 0.5 * height) / (0.35 * height)) ** 2 + (
-        (cols - cx * width) / (0.15 * width)) ** 2 <= 1
+      (cols - cx * width) / (0.15 * width)
+    ) ** 2 <= 1
   return 0.15 + 0.7 * lungs
 
 
@@ -50,7 +52,8 @@ def awkward_folder(tmp_path_factory) -> pathlib.Path:
   rgb[..., 0] = rgb[..., 0] // 2  # a colour cast: must still become one grey channel
   Image.fromarray(rgb, mode="RGB").save(folder / "colour.jpg", quality=90)
   Image.fromarray((_lungs(3000, 2500) * 255).astype(np.uint8)).save(
-      folder / "big.png", compress_level=1)
+    folder / "big.png", compress_level=1
+  )
   (folder / "notes.png").write_text("this is not an image\n")
   (folder / "readme.txt").write_text("skipped: not a .png/.jpg\n")
   return folder
@@ -96,8 +99,16 @@ def test_lung_fraction_is_raw_and_post_is_reported(tmp_path, fake_model):
   config = _config()
   config.postprocess = True
   out = tmp_path / "out"
-  assert predict.run("unused", str(tmp_path / "speck.png"), str(out),
-                     restored=(config, fake_model()), progress=False) == 0
+  assert (
+    predict.run(
+      "unused",
+      str(tmp_path / "speck.png"),
+      str(out),
+      restored=(config, fake_model()),
+      progress=False,
+    )
+    == 0
+  )
   fields, rows = _read_csv(out / "predictions.csv")
   assert fields == ["image", "height", "width", "lung_fraction", "lung_fraction_post"]
   written = np.asarray(Image.open(out / "masks" / "speck.png")) > 0  # post-processed
@@ -113,8 +124,9 @@ def test_native_mask_threshold_and_clean():
 
 
 def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model):
-  status = predict.run("unused", str(awkward_folder), str(tmp_path),
-                       restored=(_config(), fake_model()), progress=True)
+  status = predict.run(
+    "unused", str(awkward_folder), str(tmp_path), restored=(_config(), fake_model()), progress=True
+  )
   assert status == 1  # something failed ...
   err = capsys.readouterr().err
   assert "notes.png" in err and "readme.txt" in err and "3 of 4" in err
@@ -136,8 +148,13 @@ def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model)
 
 
 def test_single_image_and_classifier_column(awkward_folder, tmp_path, fake_model):
-  status = predict.run("unused", str(awkward_folder / "colour.jpg"), str(tmp_path),
-                       restored=(_config(), fake_model(classify=True)), progress=False)
+  status = predict.run(
+    "unused",
+    str(awkward_folder / "colour.jpg"),
+    str(tmp_path),
+    restored=(_config(), fake_model(classify=True)),
+    progress=False,
+  )
   assert status == 0
   fields, rows = _read_csv(tmp_path / "predictions.csv")
   assert fields == ["image", "height", "width", "lung_fraction", "p_abnormal"]
@@ -158,6 +175,7 @@ def test_progress_bar_reaches_the_total(capsys):
 
 
 # ----- the command, on a workdir -----
+
 
 def make_random_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """A workdir like a run's (config.json, one Orbax checkpoint) holding random weights.
@@ -181,23 +199,36 @@ def make_random_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict
   rest = jax.tree_util.tree_map_with_path(fill, rest)
   workdir.mkdir(parents=True, exist_ok=True)
   manager = checkpoint.create_manager(str(workdir), config)
-  checkpoint.save(manager, 1, {"model": {"params": params, "rest": rest}}, None,
-                  metrics={config.best_metric: 0.5})
+  checkpoint.save(
+    manager, 1, {"model": {"params": params, "rest": rest}}, None, metrics={config.best_metric: 0.5}
+  )
   manager.wait_until_finished()
   (workdir / "config.json").write_text(json.dumps({"config": config.to_dict()}))
 
 
 def test_command_on_a_workdir(awkward_folder, tmp_path):
   from configs import default
+
   config = default.get_config("smoke")
   make_random_workdir(tmp_path / "run", config)
   out = tmp_path / "out"
   done = subprocess.run(
-      [sys.executable, "-m", "cxr_jax.predict", f"--workdir={tmp_path / 'run'}",
-       f"--input={awkward_folder}", f"--output={out}", "--checkpoint=best"],
-      capture_output=True, text=True, timeout=300, check=False,
-      cwd=pathlib.Path(__file__).resolve().parents[1],
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-m",
+      "cxr_jax.predict",
+      f"--workdir={tmp_path / 'run'}",
+      f"--input={awkward_folder}",
+      f"--output={out}",
+      "--checkpoint=best",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert done.returncode == 1, done.stderr
   assert "notes.png" in done.stderr
   _, rows = _read_csv(out / "predictions.csv")

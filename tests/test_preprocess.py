@@ -16,11 +16,14 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
   return float((a & b).sum() / (a | b).sum())
 
 
-@pytest.mark.parametrize("shape,size", [
-    ((512, 400), 128),   # downscale, portrait
-    ((300, 420), 128),   # downscale, landscape
-    ((24, 36), 64),      # upscale
-])
+@pytest.mark.parametrize(
+  "shape,size",
+  [
+    ((512, 400), 128),  # downscale, portrait
+    ((300, 420), 128),  # downscale, landscape
+    ((24, 36), 64),  # upscale
+  ],
+)
 def test_mask_round_trip_to_native_size(shape, size):
   mask = _ellipse(*shape)
   boxed = preprocess.prepare_mask(mask[..., None], size)
@@ -60,15 +63,19 @@ def test_normalise_ignores_burnt_in_text_and_borders():
   assert abs(b[inside].mean()) < 0.1 and abs(b[inside].std() - 1) < 0.1
 
 
-@pytest.mark.parametrize("image", [
-    np.zeros((1, 1), np.uint8),                      # 1x1
-    np.zeros((300, 200), np.uint8),                  # all black
-    np.full((40, 40, 1), 255, np.uint8),             # all white
+@pytest.mark.parametrize(
+  "image",
+  [
+    np.zeros((1, 1), np.uint8),  # 1x1
+    np.zeros((300, 200), np.uint8),  # all black
+    np.full((40, 40, 1), 255, np.uint8),  # all white
     (np.arange(8000 * 8000, dtype=np.uint32) % 251).astype(np.uint8).reshape(8000, 8000),
     np.linspace(0, 65535, 50 * 70).reshape(50, 70).astype(np.uint16),  # 16-bit
-    np.linspace(-3, 3, 30 * 20).reshape(30, 20),     # float64
+    np.linspace(-3, 3, 30 * 20).reshape(30, 20),  # float64
     np.eye(12, dtype=bool),
-], ids=["1x1", "black", "white", "8000x8000", "uint16", "float64", "bool"])
+  ],
+  ids=["1x1", "black", "white", "8000x8000", "uint16", "float64", "bool"],
+)
 def test_prepare_image_handles_odd_inputs(image):
   out, box = preprocess.prepare_image(image, 32)
   assert out.shape == (32, 32) and out.dtype == np.float32
@@ -76,12 +83,15 @@ def test_prepare_image_handles_odd_inputs(image):
   assert (box.height, box.width) == image.shape[:2]
 
 
-@pytest.mark.parametrize("image,error", [
+@pytest.mark.parametrize(
+  "image,error",
+  [
     (np.zeros((10, 10, 3), np.uint8), "one grey channel"),
     (np.zeros((0, 5), np.uint8), "empty"),
     (np.array([["a"]]), "dtype"),
     (np.full((4, 4), np.nan), "NaN"),
-])
+  ],
+)
 def test_bad_input_raises_clear_errors(image, error):
   with pytest.raises((ValueError, TypeError), match=error):
     preprocess.prepare_image(image, 32)

@@ -19,18 +19,24 @@ def _result(num: int = 7, attention: bool = True) -> evaluation.SplitResult:
     truth = np.zeros((40, 50), bool)
     truth[8:32, 6:22] = truth[8:32, 28:44] = True
     pred = truth.copy()
-    pred[8:8 + 2 * k] = False  # worse with k
+    pred[8 : 8 + 2 * k] = False  # worse with k
     source = registry.source_names()[k % 3]
-    row = {"id": f"img{k}", "source": source, "label": k % 2, "has_mask": 1,
-           "p_abnormal": float(np.clip(0.5 + (k % 2 - 0.5) * 0.6 + rng.normal(0, 0.2), 0, 1))}
+    row = {
+      "id": f"img{k}",
+      "source": source,
+      "label": k % 2,
+      "has_mask": 1,
+      "p_abnormal": float(np.clip(0.5 + (k % 2 - 0.5) * 0.6 + rng.normal(0, 0.2), 0, 1)),
+    }
     row.update(surface.mask_metrics(pred, truth))
     row.update({f"{m}_post": v for m, v in surface.mask_metrics(pred, truth).items()})
     rows.append(row)
     gates = [rng.random((16, 16)), rng.random((8, 8))] if attention and k < 2 else None
     image = (rng.random((40, 50)) * 80 + truth * 120).astype(np.uint8)
     model_input = np.pad(image[:, 5:45], ((0, 0), (0, 0))).astype(np.float32) / 255
-    cases[row["id"]] = evaluation.Case(row["id"], source, image, truth, pred, pred, gates,
-                                     model_input if gates else None)
+    cases[row["id"]] = evaluation.Case(
+      row["id"], source, image, truth, pred, pred, gates, model_input if gates else None
+    )
   labels = np.array([r["label"] for r in rows])
   probs = np.array([r["p_abnormal"] for r in rows])
   return evaluation.SplitResult(rows, cases, labels, probs)
@@ -38,14 +44,21 @@ def _result(num: int = 7, attention: bool = True) -> evaluation.SplitResult:
 
 def _summary(result: evaluation.SplitResult) -> dict:
   from configs import default
+
   config = default.get_config()
   return {
-      "model": "attention_unet", "dataset": "synthetic", "workdir": "/tmp/x",
-      "checkpoint": "best", "step": 6, "num_images": len(result.rows), "image_size": 32,
-      "created": "now",
-      "segmentation": evaluation._segmentation_summary(result.rows, config),  # pylint: disable=protected-access
-      "classification": classification_stats.classification_summary(
-          result.labels, result.probs, threshold=0.5, threshold_from="validation", seed=0),
+    "model": "attention_unet",
+    "dataset": "synthetic",
+    "workdir": "/tmp/x",
+    "checkpoint": "best",
+    "step": 6,
+    "num_images": len(result.rows),
+    "image_size": 32,
+    "created": "now",
+    "segmentation": evaluation._segmentation_summary(result.rows, config),  # pylint: disable=protected-access
+    "classification": classification_stats.classification_summary(
+      result.labels, result.probs, threshold=0.5, threshold_from="validation", seed=0
+    ),
   }
 
 
@@ -53,19 +66,32 @@ def test_report_has_every_section_and_figure(tmp_path):
   result = _result()
   path = report.write_report(str(tmp_path), "test", _summary(result), result)
   html = open(path).read()
-  for title in ("Segmentation at native resolution", "Per source", "worst images",
-                "Best, median and worst cases", "Dice distribution", "Attention maps",
-                "Classification", "ROC curve", "Reliability diagram"):
+  for title in (
+    "Segmentation at native resolution",
+    "Per source",
+    "worst images",
+    "Best, median and worst cases",
+    "Dice distribution",
+    "Attention maps",
+    "Classification",
+    "ROC curve",
+    "Reliability diagram",
+  ):
     assert title in html, title
   images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', html)
   names = [name for name, _ in images]
-  assert names == ["test_cases.png", "test_dice.png", "test_attention.png", "test_roc.png",
-                   "test_reliability.png"]
+  assert names == [
+    "test_cases.png",
+    "test_dice.png",
+    "test_attention.png",
+    "test_roc.png",
+    "test_reliability.png",
+  ]
   for name, data in images:  # inline copy == the PNG file beside the report
     png = base64.b64decode(data)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / name).read_bytes() == png
-  assert "src=\"http" not in html  # self-contained
+  assert 'src="http' not in html  # self-contained
   for source in ("montgomery", "shenzhen", "synthetic"):
     assert source in html
 
@@ -74,8 +100,7 @@ def test_best_median_worst_selection():
   rows = [{"id": str(k), "has_mask": 1, "dice": d} for k, d in enumerate([0.9, 0.5, 0.7])]
   rows.append({"id": "no_mask", "has_mask": 0, "dice": float("nan")})
   picks = report.select_cases(rows)
-  assert [(role, r["id"]) for role, r in picks] == [("best", "0"), ("median", "2"),
-                                                    ("worst", "1")]
+  assert [(role, r["id"]) for role, r in picks] == [("best", "0"), ("median", "2"), ("worst", "1")]
 
 
 def test_segmentation_only_report_has_no_classifier_figures(tmp_path):

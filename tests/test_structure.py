@@ -32,19 +32,35 @@ def test_no_import_cycles():
 
 
 def test_no_module_over_the_limit():
-  lengths = {str(p.relative_to(REPO_ROOT)): len(p.read_text().splitlines())
-             for p in PACKAGE.rglob("*.py")}
+  lengths = {
+    str(p.relative_to(REPO_ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")
+  }
   assert max(lengths.values()) <= MAX_MODULE_LINES, sorted(
-      ((n, p) for p, n in lengths.items() if n > MAX_MODULE_LINES), reverse=True)
+    ((n, p) for p, n in lengths.items() if n > MAX_MODULE_LINES), reverse=True
+  )
 
 
 def test_data_code_and_worker_transforms_load_no_jax(tmp_path):
   """What grain workers unpickle (the transforms over a source) needs numpy, not jax."""
-  source = [{"image": np.full((40, 30, 1), 100, np.uint8), "mask": np.ones((40, 30, 1), np.uint8),
-             "has_mask": True, "label": 1, "source": 0, "id": b"x"}]
+  source = [
+    {
+      "image": np.full((40, 30, 1), 100, np.uint8),
+      "mask": np.ones((40, 30, 1), np.uint8),
+      "has_mask": True,
+      "label": 1,
+      "source": 0,
+      "id": b"x",
+    }
+  ]
   path = tmp_path / "transform.pkl"
-  path.write_bytes(pickle.dumps((transforms.ReadExample(source, 16),
-                                 transforms.BalancedIndex([np.arange(3), np.arange(3, 5)], 0))))
+  path.write_bytes(
+    pickle.dumps(
+      (
+        transforms.ReadExample(source, 16),
+        transforms.BalancedIndex([np.arange(3), np.arange(3, 5)], 0),
+      )
+    )
+  )
   code = f"""
 import pickle, sys
 import cxr_jax.data
@@ -61,6 +77,7 @@ assert not loaded, loaded
 
 
 # ----- a dataset is a reader plus one registry entry -----
+
 
 class SquaresReader:
   """A tiny generated dataset: a bright square (the 'lung') on a dark field."""
@@ -84,18 +101,30 @@ class SquaresReader:
     size = int(rng.integers(40, 64))
     mask = np.zeros((size, size), np.uint8)
     top, left = rng.integers(4, size // 3, 2)
-    mask[top:top + size // 2, left:left + size // 2] = 1
+    mask[top : top + size // 2, left : left + size // 2] = 1
     image = (40 + 150 * mask + rng.integers(0, 30, mask.shape)).astype(np.uint8)
-    return Example(id=f"square_{index:03d}", image=image, mask=mask, label=index % 2,
-                   source="squares", spacing_mm=(0.5, 0.5))
+    return Example(
+      id=f"square_{index:03d}",
+      image=image,
+      mask=mask,
+      label=index % 2,
+      source="squares",
+      spacing_mm=(0.5, 0.5),
+    )
 
 
 @pytest.fixture
 def squares_kind():
-  kind = registry.register(registry.DatasetKind(
-      name="squares", description="Bright squares (a test kind).",
-      sources={"squares": "#2ca02c"}, open_reader=SquaresReader, default_size=40,
-      id_of=lambda i: f"square_{i:03d}"))
+  kind = registry.register(
+    registry.DatasetKind(
+      name="squares",
+      description="Bright squares (a test kind).",
+      sources={"squares": "#2ca02c"},
+      open_reader=SquaresReader,
+      default_size=40,
+      id_of=lambda i: f"square_{i:03d}",
+    )
+  )
   yield kind
   registry.unregister(kind.name)
 

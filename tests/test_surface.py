@@ -78,7 +78,7 @@ def test_cropped_distances_match_brute_force():
     truth = np.zeros((30, 40), bool)
     for mask in (pred, truth):
       r, c = rng.integers(2, 20), rng.integers(2, 30)
-      mask[r:r + rng.integers(2, 9), c:c + rng.integers(2, 9)] = True
+      mask[r : r + rng.integers(2, 9), c : c + rng.integers(2, 9)] = True
     d_pred, d_truth = surface.surface_distances(pred, truth)
     bp, bt = np.argwhere(surface.boundary(pred)), np.argwhere(surface.boundary(truth))
     pairwise = np.linalg.norm(bp[:, None, :] - bt[None, :, :], axis=-1)
@@ -93,6 +93,7 @@ def test_masks_of_different_shapes_are_refused():
 
 def test_pixel_spacing_is_the_kaggle_readers():
   from cxr_jax.data import kaggle
+
   assert kaggle.pixel_spacing("montgomery", 4892, 4020) == ((0.0875, 0.0875), False)
   (row_mm, col_mm), estimated = kaggle.pixel_spacing("montgomery", 512, 512)
   assert estimated
@@ -103,10 +104,10 @@ def test_pixel_spacing_is_the_kaggle_readers():
 
 def test_aggregate_summaries_per_source_and_worst():
   rows = [
-      {"id": "a", "source": "montgomery", "dice": 0.9, "hd95_mm": 4.0},
-      {"id": "b", "source": "montgomery", "dice": 0.5, "hd95_mm": 10.0},
-      {"id": "c", "source": "shenzhen", "dice": 0.7, "hd95_mm": math.nan},
-      {"id": "d", "source": "shenzhen", "dice": 0.8, "hd95_mm": math.nan},
+    {"id": "a", "source": "montgomery", "dice": 0.9, "hd95_mm": 4.0},
+    {"id": "b", "source": "montgomery", "dice": 0.5, "hd95_mm": 10.0},
+    {"id": "c", "source": "shenzhen", "dice": 0.7, "hd95_mm": math.nan},
+    {"id": "d", "source": "shenzhen", "dice": 0.8, "hd95_mm": math.nan},
   ]
   agg = surface.aggregate(rows, metrics=("dice", "hd95_mm"), num_worst=2)
   assert agg["all"]["dice"]["mean"] == pytest.approx(0.725)
@@ -124,6 +125,7 @@ def test_aggregate_summaries_per_source_and_worst():
 def test_one_overlap_implementation():
   """surface's overlap scores are metrics.binary_scores' (same empty-mask convention)."""
   from cxr_jax.core import metrics
+
   rng = np.random.default_rng(0)
   pred, truth = rng.random((2, 3, 9, 11)) > 0.6
   pred[1] = False  # nothing predicted, truth not empty: precision 0/0 -> 0

@@ -76,18 +76,33 @@ def test_running_again_resumes_from_the_checkpoint(data_dir, tmp_path):
   config.num_train_steps = 8
   train.train_and_evaluate(config, str(workdir))
   after = read_metrics(workdir)
-  assert after[:len(before)] == before
-  assert [line["step"] for line in after[len(before):] if line["split"] == "train"] == [8]
+  assert after[: len(before)] == before
+  assert [line["step"] for line in after[len(before) :] if line["split"] == "train"] == [8]
 
 
 def _run_main(workdir, data_dir, *extra, env=None, script=None, check=True):
-  args = [f"--config={REPO_ROOT}/configs/unet.py:smoke", f"--workdir={workdir}",
-          f"--config.data.data_dir={data_dir}", "--config.num_train_steps=12",
-          "--config.checkpoint_every_steps=4", "--config.eval_every_steps=6", *extra]
-  command = [sys.executable, "-c", script, *args] if script else [
-      sys.executable, "-m", "cxr_jax.main", *args]
-  proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, timeout=300)
+  args = [
+    f"--config={REPO_ROOT}/configs/unet.py:smoke",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    "--config.num_train_steps=12",
+    "--config.checkpoint_every_steps=4",
+    "--config.eval_every_steps=6",
+    *extra,
+  ]
+  command = (
+    [sys.executable, "-c", script, *args]
+    if script
+    else [sys.executable, "-m", "cxr_jax.main", *args]
+  )
+  proc = subprocess.run(
+    command,
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+    timeout=300,
+  )
   if check:
     assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
@@ -126,6 +141,7 @@ def test_kill_minus_9_then_resume_is_bitwise_identical(data_dir, tmp_path):
   _run_main(killed, data_dir)  # the same command resumes
   for a, b in zip(_final_params(straight), _final_params(killed), strict=True):
     np.testing.assert_array_equal(a, b)
+
   # The resumed run's metrics continue the uninterrupted ones.
   def last(workdir):
     return [line for line in read_metrics(workdir) if line["split"] == "validation"][-1]
@@ -171,25 +187,57 @@ def test_two_processes_train_as_one_job(data_dir, tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   workdir = tmp_path / "two"
-  args = [sys.executable, "-m", "cxr_jax.main", f"--config={REPO_ROOT}/configs/unet.py:smoke",
-          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  args = [
+    sys.executable,
+    "-m",
+    "cxr_jax.main",
+    f"--config={REPO_ROOT}/configs/unet.py:smoke",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--num_processes=2",
+  ]
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  }
+  procs = [
+    subprocess.Popen(
+      args + [f"--process_id={i}"],
+      cwd=REPO_ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   logs = [p.communicate(timeout=300)[1] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   assert json.loads((workdir / "config.json").read_text())["devices"] == {
-      "platform": "cpu", "count": 2, "processes": 2}
+    "platform": "cpu",
+    "count": 2,
+    "processes": 2,
+  }
   # Metrics are global: both processes report the same validation numbers ...
-  validation = [[line.split("validation:")[1].rsplit(" (", 1)[0]  # without the timing
-                 for line in log.splitlines() if "validation:" in line] for log in logs]
+  validation = [
+    [
+      line.split("validation:")[1].rsplit(" (", 1)[0]  # without the timing
+      for line in log.splitlines()
+      if "validation:" in line
+    ]
+    for log in logs
+  ]
   assert len(validation[0]) == 2 and validation[0] == validation[1]
   # ... and only process 0 writes them, once.
   assert [(line["step"], line["split"]) for line in read_metrics(workdir)] == [
-      (2, "train"), (3, "validation"), (4, "train"), (6, "train"), (6, "validation")]
+    (2, "train"),
+    (3, "validation"),
+    (4, "train"),
+    (6, "train"),
+    (6, "validation"),
+  ]
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [3, 6]

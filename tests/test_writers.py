@@ -21,8 +21,8 @@ def _read_events(workdir: str) -> list[event_pb2.Event]:
       data = f.read()
     offset = 0
     while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset:offset + 8])
-      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      events.append(event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length]))
       offset += 12 + length + 4
   return events
 
@@ -37,28 +37,44 @@ def test_jsonl_and_tensorboard(tmp_path):
   with writers.create_writer(workdir, just_logging=False) as writer:
     writer.write_hparams({"seed": 0, "model": {"name": "unet", "depth": 4}, "aug": {"on": True}})
     writer.write_scalars(2, {"train/loss": np.float32(0.5), "train/learning_rate": 1e-3})
-    writer.write_scalars(3, {"validation/dice": jnp.float32(0.75), "validation/loss": np.nan,
-                             "train/loss": 0.25, "grad_norm": 2})
+    writer.write_scalars(
+      3,
+      {
+        "validation/dice": jnp.float32(0.75),
+        "validation/loss": np.nan,
+        "train/loss": 0.25,
+        "grad_norm": 2,
+      },
+    )
     images = np.zeros((2, 8, 8, 3), np.float32)
     images[..., 0] = 1.0
-    writer.write_images(3, {"validation/overlays": images,
-                            "validation/gray": np.full((1, 8, 8, 1), 128, np.uint8)})
+    writer.write_images(
+      3, {"validation/overlays": images, "validation/gray": np.full((1, 8, 8, 1), 128, np.uint8)}
+    )
   rows = _read_jsonl(workdir)
   assert rows == [
-      {"step": 2, "split": "train", "learning_rate": 1e-3, "loss": 0.5},
-      {"step": 3, "split": "validation", "dice": 0.75, "loss": None},
-      {"step": 3, "split": "train", "loss": 0.25, "grad_norm": 2.0},
+    {"step": 2, "split": "train", "learning_rate": 1e-3, "loss": 0.5},
+    {"step": 3, "split": "validation", "dice": 0.75, "loss": None},
+    {"step": 3, "split": "train", "loss": 0.25, "grad_norm": 2.0},
   ]
   events = _read_events(workdir)
-  scalars = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value
-             if v.HasField("simple_value")}
+  scalars = {
+    (e.step, v.tag): v.simple_value
+    for e in events
+    for v in e.summary.value
+    if v.HasField("simple_value")
+  }
   assert scalars[(2, "train/loss")] == 0.5
   assert scalars[(3, "validation/dice")] == 0.75
   assert scalars[(3, "grad_norm")] == 2.0
   image_tags = {(e.step, v.tag) for e in events for v in e.summary.value if v.HasField("image")}
   assert image_tags == {(3, "validation/overlays"), (3, "validation/gray")}
-  png = next(v.image.encoded_image_string for e in events for v in e.summary.value
-             if v.tag == "validation/overlays")
+  png = next(
+    v.image.encoded_image_string
+    for e in events
+    for v in e.summary.value
+    if v.tag == "validation/overlays"
+  )
   assert png.startswith(b"\x89PNG")
   assert any(b"model.name" in e.SerializeToString() for e in events)  # hparams
 

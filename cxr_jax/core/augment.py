@@ -24,6 +24,7 @@ from jax.scipy import ndimage
 @dataclasses.dataclass(frozen=True)
 class AugParams:
   """The `config.aug` fields as Python floats (hashable, read once at trace time)."""
+
   enabled: bool = True
   rotate_deg: float = 0.0
   scale: float = 0.0
@@ -56,13 +57,22 @@ class AugParams:
 
   @property
   def geometric(self) -> bool:
-    return bool(self.rotate_deg or self.scale or self.shift or self.shear_deg or self.hflip
-                or self.elastic_alpha)
+    return bool(
+      self.rotate_deg
+      or self.scale
+      or self.shift
+      or self.shear_deg
+      or self.hflip
+      or self.elastic_alpha
+    )
 
 
-def augment_batch(key: jax.Array, image: jax.Array, mask: jax.Array,
-                  aug_config: ml_collections.ConfigDict | AugParams
-                  ) -> tuple[jax.Array, jax.Array]:
+def augment_batch(
+  key: jax.Array,
+  image: jax.Array,
+  mask: jax.Array,
+  aug_config: ml_collections.ConfigDict | AugParams,
+) -> tuple[jax.Array, jax.Array]:
   """Augments a batch, one independent draw per example.
 
   Args:
@@ -83,8 +93,9 @@ def augment_batch(key: jax.Array, image: jax.Array, mask: jax.Array,
   return jax.vmap(lambda k, x, m: _augment_one(k, x, m, params))(keys, image, mask)
 
 
-def _augment_one(key: jax.Array, image: jax.Array, mask: jax.Array,
-                 params: AugParams) -> tuple[jax.Array, jax.Array]:
+def _augment_one(
+  key: jax.Array, image: jax.Array, mask: jax.Array, params: AugParams
+) -> tuple[jax.Array, jax.Array]:
   """[S, S, 1] image and mask -> augmented pair."""
   geom_key, elastic_key, intensity_key = jax.random.split(key, 3)
   x, m = image[..., 0], mask[..., 0]
@@ -173,4 +184,3 @@ def _intensity(key: jax.Array, x: jax.Array, params: AugParams) -> jax.Array:
   if params.noise_std:
     x = x + params.noise_std * jax.random.normal(k_noise, x.shape)
   return x
-

@@ -28,8 +28,9 @@ def metric_mode(name: str) -> str:
   return "min" if metrics_lib.lower_is_better(name) else "max"
 
 
-def create_manager(workdir: str, config: ml_collections.ConfigDict, *,
-                   read_only: bool = False) -> ocp.CheckpointManager:
+def create_manager(
+  workdir: str, config: ml_collections.ConfigDict, *, read_only: bool = False
+) -> ocp.CheckpointManager:
   """The run's CheckpointManager: latest `max_to_keep` plus the best by `best_metric`."""
   best_metric = config.best_metric
   mode = metric_mode(best_metric)
@@ -41,21 +42,36 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict, *,
       return math.inf if mode == "min" else -math.inf
     return float(value)
 
-  policy = checkpoint_managers.AnyPreservationPolicy([
+  policy = checkpoint_managers.AnyPreservationPolicy(
+    [
       checkpoint_managers.LatestN(n=config.max_to_keep),
-      checkpoint_managers.BestN(get_metric_fn=get_metric, reverse=(mode == "min"), n=1,
-                                keep_checkpoints_without_metrics=False),
-  ])
+      checkpoint_managers.BestN(
+        get_metric_fn=get_metric,
+        reverse=(mode == "min"),
+        n=1,
+        keep_checkpoints_without_metrics=False,
+      ),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
-      best_fn=get_metric, best_mode=mode, preservation_policy=policy,
-      cleanup_tmp_directories=True, read_only=read_only)
+    best_fn=get_metric,
+    best_mode=mode,
+    preservation_policy=policy,
+    cleanup_tmp_directories=True,
+    read_only=read_only,
+  )
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, items: Mapping[str, Any],
-         data_iterator: grain.DatasetIterator | None,
-         metrics: Mapping[str, float] | None = None) -> None:
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  items: Mapping[str, Any],
+  data_iterator: grain.DatasetIterator | None,
+  metrics: Mapping[str, float] | None = None,
+) -> None:
   """Saves `items` (pytrees: model, optimizer, train) and the data iterator at `step`."""
   args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
   if data_iterator is not None:
@@ -63,8 +79,12 @@ def save(manager: ocp.CheckpointManager, step: int, items: Mapping[str, Any],
   manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_items: Mapping[str, Any],
-            data_iterator: grain.DatasetIterator | None) -> dict[str, Any]:
+def restore(
+  manager: ocp.CheckpointManager,
+  step: int,
+  abstract_items: Mapping[str, Any],
+  data_iterator: grain.DatasetIterator | None,
+) -> dict[str, Any]:
   """Restores the items shaped (and sharded) like `abstract_items`; the iterator in place."""
   args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
   if data_iterator is not None:
@@ -73,13 +93,20 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_items: Mapping[s
   return {name: restored[name] for name in abstract_items}
 
 
-def restore_model(manager: ocp.CheckpointManager, step: int, params: nnx.State,
-                  model_state: nnx.State, sharding: jax.sharding.Sharding
-                  ) -> tuple[nnx.State, nnx.State]:
+def restore_model(
+  manager: ocp.CheckpointManager,
+  step: int,
+  params: nnx.State,
+  model_state: nnx.State,
+  sharding: jax.sharding.Sharding,
+) -> tuple[nnx.State, nnx.State]:
   """Only the model item of checkpoint `step`, shaped like the abstract `params` and
   `model_state`, placed with `sharding` (e.g. one device, for inference)."""
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          {"params": params, "rest": model_state})
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+    {"params": params, "rest": model_state},
+  )
   restored = manager.restore(
-      step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))["model"]
+    step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract))
+  )["model"]
   return restored["params"], restored["rest"]

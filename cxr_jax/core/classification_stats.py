@@ -28,8 +28,10 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray, weight: np.ndarray | None = 
   labels = np.asarray(labels).ravel()
   weight = np.ones_like(scores) if weight is None else np.asarray(weight, np.float64).ravel()
   if not scores.shape == labels.shape == weight.shape:
-    raise ValueError(f"scores {scores.shape}, labels {labels.shape} and weight {weight.shape} "
-                     "must have the same length.")
+    raise ValueError(
+      f"scores {scores.shape}, labels {labels.shape} and weight {weight.shape} "
+      "must have the same length."
+    )
   keep = weight > 0
   scores, weight = scores[keep], weight[keep]
   positive = labels[keep] == 1
@@ -55,9 +57,14 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
   return {"fpr": fpr, "tpr": tpr, "threshold": thresholds}
 
 
-def bootstrap_auc_interval(labels: np.ndarray, scores: np.ndarray, *, seed: int,
-                           num_samples: int = NUM_BOOTSTRAP,
-                           level: float = 0.95) -> tuple[float, float]:
+def bootstrap_auc_interval(
+  labels: np.ndarray,
+  scores: np.ndarray,
+  *,
+  seed: int,
+  num_samples: int = NUM_BOOTSTRAP,
+  level: float = 0.95,
+) -> tuple[float, float]:
   """Percentile bootstrap interval of the AUC (resampling images with replacement).
 
   Resamples holding a single class have no AUC and are drawn again; seeded, so the same
@@ -96,8 +103,9 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
   return float((chosen + lower.max()) / 2) if lower.size else float(chosen) / 2
 
 
-def sensitivity_specificity(labels: np.ndarray, scores: np.ndarray,
-                            threshold: float) -> tuple[float, float]:
+def sensitivity_specificity(
+  labels: np.ndarray, scores: np.ndarray, threshold: float
+) -> tuple[float, float]:
   """(sensitivity, specificity) of `score >= threshold`; NaN for a class that is absent."""
   labels, predicted = np.asarray(labels).astype(bool), np.asarray(scores) >= threshold
   sens = (predicted & labels).sum() / labels.sum() if labels.any() else math.nan
@@ -105,8 +113,9 @@ def sensitivity_specificity(labels: np.ndarray, scores: np.ndarray,
   return float(sens), float(spec)
 
 
-def reliability_bins(labels: np.ndarray, probs: np.ndarray,
-                     num_bins: int = NUM_CALIBRATION_BINS) -> dict[str, np.ndarray]:
+def reliability_bins(
+  labels: np.ndarray, probs: np.ndarray, num_bins: int = NUM_CALIBRATION_BINS
+) -> dict[str, np.ndarray]:
   """Equal-width bins of p(abnormal): {'lower', 'upper', 'count', 'confidence', 'accuracy'}.
 
   confidence: the bin's mean predicted probability; accuracy: its observed fraction of
@@ -119,12 +128,18 @@ def reliability_bins(labels: np.ndarray, probs: np.ndarray,
   with np.errstate(invalid="ignore", divide="ignore"):
     confidence = np.bincount(which, probs, num_bins) / count
     accuracy = np.bincount(which, labels, num_bins) / count
-  return {"lower": edges[:-1], "upper": edges[1:], "count": count,
-          "confidence": confidence, "accuracy": accuracy}
+  return {
+    "lower": edges[:-1],
+    "upper": edges[1:],
+    "count": count,
+    "confidence": confidence,
+    "accuracy": accuracy,
+  }
 
 
-def expected_calibration_error(labels: np.ndarray, probs: np.ndarray,
-                               num_bins: int = NUM_CALIBRATION_BINS) -> float:
+def expected_calibration_error(
+  labels: np.ndarray, probs: np.ndarray, num_bins: int = NUM_CALIBRATION_BINS
+) -> float:
   """ECE of p(abnormal): sum over bins of (count / N) * |observed - mean predicted|."""
   bins = reliability_bins(labels, probs, num_bins)
   used = bins["count"] > 0
@@ -134,19 +149,25 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray,
   return float((bins["count"][used] * gaps).sum() / bins["count"].sum())
 
 
-def classification_summary(labels: np.ndarray, probs: np.ndarray, *, threshold: float,
-                           threshold_from: str, seed: int) -> dict[str, Any]:
+def classification_summary(
+  labels: np.ndarray, probs: np.ndarray, *, threshold: float, threshold_from: str, seed: int
+) -> dict[str, Any]:
   """Every classifier number evaluate reports, at the given (validation-chosen) threshold."""
   labels, probs = np.asarray(labels).astype(bool), np.asarray(probs, np.float64)
   lo, hi = bootstrap_auc_interval(labels, probs, seed=seed)
   sens, spec = sensitivity_specificity(labels, probs, threshold)
   return {
-      "num_images": int(labels.size), "num_abnormal": int(labels.sum()),
-      "accuracy": float(((probs >= 0.5) == labels).mean()),
-      "accuracy_at_threshold": float(((probs >= threshold) == labels).mean()),
-      "auc": roc_auc(scores=probs, labels=labels), "auc_ci95": [lo, hi],
-      "threshold": threshold, "threshold_from": threshold_from,
-      "sensitivity": sens, "specificity": spec,
-      "ece": expected_calibration_error(labels, probs),
-      "bootstrap_samples": NUM_BOOTSTRAP, "bootstrap_seed": seed,
+    "num_images": int(labels.size),
+    "num_abnormal": int(labels.sum()),
+    "accuracy": float(((probs >= 0.5) == labels).mean()),
+    "accuracy_at_threshold": float(((probs >= threshold) == labels).mean()),
+    "auc": roc_auc(scores=probs, labels=labels),
+    "auc_ci95": [lo, hi],
+    "threshold": threshold,
+    "threshold_from": threshold_from,
+    "sensitivity": sens,
+    "specificity": spec,
+    "ece": expected_calibration_error(labels, probs),
+    "bootstrap_samples": NUM_BOOTSTRAP,
+    "bootstrap_seed": seed,
   }

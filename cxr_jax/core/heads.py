@@ -50,21 +50,33 @@ class Head:
 
 
 HEADS = (
-    Head(
-        output="mask_logits", name="seg", task="segmentation",
-        loss=lambda logits, batch, config: losses.segmentation_loss(
-            logits, batch["mask"], batch["has_mask"] * batch["weight"],
-            dice_weight=config.loss.dice_weight),
-        loss_weight=lambda config: 1.0,
-        metrics=metrics.SegmentationMetrics,
-        probability_key="prob", probability=lambda logits: jax.nn.sigmoid(logits[..., 0])),
-    Head(
-        output="class_logits", name="cls", task="classification",
-        loss=lambda logits, batch, config: losses.classification_loss(
-            logits, batch["label"], batch["weight"]),
-        loss_weight=lambda config: config.loss.class_weight,
-        metrics=metrics.ClassificationMetrics,
-        probability_key="p_abnormal", probability=metrics.p_abnormal),
+  Head(
+    output="mask_logits",
+    name="seg",
+    task="segmentation",
+    loss=lambda logits, batch, config: losses.segmentation_loss(
+      logits,
+      batch["mask"],
+      batch["has_mask"] * batch["weight"],
+      dice_weight=config.loss.dice_weight,
+    ),
+    loss_weight=lambda config: 1.0,
+    metrics=metrics.SegmentationMetrics,
+    probability_key="prob",
+    probability=lambda logits: jax.nn.sigmoid(logits[..., 0]),
+  ),
+  Head(
+    output="class_logits",
+    name="cls",
+    task="classification",
+    loss=lambda logits, batch, config: losses.classification_loss(
+      logits, batch["label"], batch["weight"]
+    ),
+    loss_weight=lambda config: config.loss.class_weight,
+    metrics=metrics.ClassificationMetrics,
+    probability_key="p_abnormal",
+    probability=metrics.p_abnormal,
+  ),
 )
 
 
@@ -73,8 +85,9 @@ def present(outputs: Mapping[str, Any]) -> list[Head]:
   return [head for head in HEADS if head.output in outputs]
 
 
-def compute_losses(outputs: Mapping[str, jax.Array], batch: Batch,
-                   config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+def compute_losses(
+  outputs: Mapping[str, jax.Array], batch: Batch, config: ml_collections.ConfigDict
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and each head's part (`<name>_loss`); one head has weight 1."""
   heads = present(outputs)
   parts, total = {}, 0.0
@@ -85,12 +98,16 @@ def compute_losses(outputs: Mapping[str, jax.Array], batch: Batch,
   return total, parts
 
 
-def metric_collections(outputs: Mapping[str, jax.Array], batch: Batch,
-                       parts: Mapping[str, jax.Array]) -> dict[str, clu_metrics.Collection]:
+def metric_collections(
+  outputs: Mapping[str, jax.Array], batch: Batch, parts: Mapping[str, jax.Array]
+) -> dict[str, clu_metrics.Collection]:
   """Each head's metrics of one batch (inside jit), keyed by head name."""
-  return {head.name: head.metrics.single_from_model_output(
-              **batch, **{head.output: outputs[head.output]}, loss=parts[head.loss_key])
-          for head in present(outputs)}
+  return {
+    head.name: head.metrics.single_from_model_output(
+      **batch, **{head.output: outputs[head.output]}, loss=parts[head.loss_key]
+    )
+    for head in present(outputs)
+  }
 
 
 def metric_name(head_name: str, key: str) -> str:
@@ -100,11 +117,11 @@ def metric_name(head_name: str, key: str) -> str:
 
 def validation_metric_names(outputs: Mapping[str, Any]) -> set[str]:
   """Every validation metric a model with these outputs reports."""
-  return {metric_name(head.name, key) for head in present(outputs)
-          for key in head.metrics.__annotations__}
+  return {
+    metric_name(head.name, key) for head in present(outputs) for key in head.metrics.__annotations__
+  }
 
 
 def probabilities(outputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """{probability_key: probabilities} of every head present."""
-  return {head.probability_key: head.probability(outputs[head.output])
-          for head in present(outputs)}
+  return {head.probability_key: head.probability(outputs[head.output]) for head in present(outputs)}

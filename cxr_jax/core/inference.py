@@ -26,8 +26,14 @@ class Inference:
   when `attention=True`).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, model: nnx.Module, *,
-               batch_size: int, attention: bool = False):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    model: nnx.Module,
+    *,
+    batch_size: int,
+    attention: bool = False,
+  ):
     self.config = config
     self.image_size = int(config.data.image_size)
     self.batch_size = batch_size
@@ -46,8 +52,9 @@ class Inference:
 
     self._state = state
     self._forward = forward
-    probe = jax.eval_shape(forward, state, jax.ShapeDtypeStruct(
-        (1, self.image_size, self.image_size, 1), np.float32))
+    probe = jax.eval_shape(
+      forward, state, jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 1), np.float32)
+    )
     self.heads = [head for head in heads.HEADS if head.probability_key in probe]
     self.segments = "prob" in probe
     self.classifies = "p_abnormal" in probe
@@ -63,8 +70,7 @@ class Inference:
     return jax.tree.map(lambda x: np.asarray(x)[:count], outputs)
 
 
-def native_mask(prob: np.ndarray, letterbox: preprocess.Letterbox, *,
-                clean: bool) -> np.ndarray:
+def native_mask(prob: np.ndarray, letterbox: preprocess.Letterbox, *, clean: bool) -> np.ndarray:
   """A segmenter's p(lung) [S, S] (letterboxed) -> the mask at the native size, bool [H, W].
 
   The one mapping from model output to a native mask (prediction, evaluation and lung
@@ -79,13 +85,14 @@ def native_mask(prob: np.ndarray, letterbox: preprocess.Letterbox, *,
 @dataclasses.dataclass
 class Prediction:
   """One image's outputs at its native size."""
+
   height: int
   width: int
   mask: np.ndarray | None  # bool [H, W], raw (thresholded); None when nothing segments
   mask_post: np.ndarray | None  # bool [H, W], post-processed; None unless asked for
   p_abnormal: float | None
   crop: tuple[int, int, int, int] | None = None  # lung crop the classifier saw (top, left,
-                                                 # bottom, right); None: the whole image
+  # bottom, right); None: the whole image
 
   @property
   def output_mask(self) -> np.ndarray | None:
@@ -93,10 +100,14 @@ class Prediction:
     return self.mask_post if self.mask_post is not None else self.mask
 
 
-def predict_images(inference: Inference, images: Sequence[np.ndarray], *,
-                   clean: bool = False,
-                   lungs: Sequence[tuple[np.ndarray, crops_lib.Box | None]] | None = None,
-                   margin: float = 0.0) -> list[Prediction]:
+def predict_images(
+  inference: Inference,
+  images: Sequence[np.ndarray],
+  *,
+  clean: bool = False,
+  lungs: Sequence[tuple[np.ndarray, crops_lib.Box | None]] | None = None,
+  margin: float = 0.0,
+) -> list[Prediction]:
   """Predicts native grey images [H, W] (one batch at most `inference.batch_size`).
 
   With `lungs` (a segmenter's (raw lung mask, lung box) per image, for a run trained on lung
@@ -112,8 +123,9 @@ def predict_images(inference: Inference, images: Sequence[np.ndarray], *,
       masks[k] = raw
       if box is not None:
         crops[k] = crops_lib.grow_box(box, margin, *image.shape[:2])
-  views = [image if c is None else image[c[0]:c[2], c[1]:c[3]]
-           for image, c in zip(images, crops)]
+  views = [
+    image if c is None else image[c[0] : c[2], c[1] : c[3]] for image, c in zip(images, crops)
+  ]
   prepared = [preprocess.prepare_image(view, size) for view in views]
   outputs = inference(np.stack([x for x, _ in prepared])[..., None])
   results = []
@@ -124,7 +136,7 @@ def predict_images(inference: Inference, images: Sequence[np.ndarray], *,
       mask = native_mask(outputs["prob"][i], box, clean=False)
       if crop is not None:  # back into the full image's frame: no lung outside the crop
         canvas = np.zeros((height, width), bool)
-        canvas[crop[0]:crop[2], crop[1]:crop[3]] = mask
+        canvas[crop[0] : crop[2], crop[1] : crop[3]] = mask
         mask = canvas
     mask_post = postprocess.clean_mask(mask) if (clean and mask is not None) else None
     p = float(outputs["p_abnormal"][i]) if inference.classifies else None

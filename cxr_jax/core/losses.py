@@ -34,7 +34,9 @@ def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
   values = jnp.asarray(values, jnp.float32)
   weight = jnp.asarray(weight, jnp.float32)
   if values.shape != weight.shape:
-    raise ValueError(f"values {values.shape} and weight {weight.shape} must have the same [B] shape.")
+    raise ValueError(
+      f"values {values.shape} and weight {weight.shape} must have the same [B] shape."
+    )
   counts = weight > 0
   total = jnp.sum(jnp.where(counts, weight * values, 0.0))
   return total / jnp.maximum(jnp.sum(jnp.where(counts, weight, 0.0)), _EPS)
@@ -43,11 +45,13 @@ def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
 def _check_mask_shapes(mask_logits: jax.Array, mask: jax.Array) -> None:
   if mask_logits.shape != mask.shape or mask_logits.ndim != 4:
     raise ValueError(
-        f"mask_logits {mask_logits.shape} and mask {mask.shape} must both be [B, H, W, 1].")
+      f"mask_logits {mask_logits.shape} and mask {mask.shape} must both be [B, H, W, 1]."
+    )
 
 
 def segmentation_loss_per_image(
-    mask_logits: jax.Array, mask: jax.Array, *, smooth: float = 1.0) -> dict[str, jax.Array]:
+  mask_logits: jax.Array, mask: jax.Array, *, smooth: float = 1.0
+) -> dict[str, jax.Array]:
   """Per-image parts of the segmentation loss.
 
   Args:
@@ -73,8 +77,13 @@ def segmentation_loss_per_image(
 
 
 def segmentation_loss(
-    mask_logits: jax.Array, mask: jax.Array, weight: jax.Array, dice_weight: float = 1.0,
-    *, smooth: float = 1.0) -> jax.Array:
+  mask_logits: jax.Array,
+  mask: jax.Array,
+  weight: jax.Array,
+  dice_weight: float = 1.0,
+  *,
+  smooth: float = 1.0,
+) -> jax.Array:
   """BCE + dice_weight * (1 - soft Dice), per image, then the weighted mean over images.
 
   Args:
@@ -92,14 +101,16 @@ def segmentation_loss(
   # Zeroed inputs keep even a NaN logit of an ignored image out of the gradient.
   counts = (jnp.asarray(weight) > 0)[:, None, None, None]
   parts = segmentation_loss_per_image(
-      jnp.where(counts, mask_logits, 0), jnp.where(counts, mask, 0), smooth=smooth)
+    jnp.where(counts, mask_logits, 0), jnp.where(counts, mask, 0), smooth=smooth
+  )
   return weighted_mean(parts["bce"] + dice_weight * (1.0 - parts["dice"]), weight)
 
 
 def _check_class_shapes(class_logits: jax.Array, label: jax.Array) -> None:
   if class_logits.ndim != 2 or label.shape != class_logits.shape[:1]:
     raise ValueError(
-        f"class_logits {class_logits.shape} must be [B, C] and label {label.shape} must be [B].")
+      f"class_logits {class_logits.shape} must be [B, C] and label {label.shape} must be [B]."
+    )
 
 
 def classification_loss_per_example(class_logits: jax.Array, label: jax.Array) -> jax.Array:
@@ -123,5 +134,6 @@ def classification_loss(class_logits: jax.Array, label: jax.Array, weight: jax.A
   _check_class_shapes(class_logits, label)
   counts = jnp.asarray(weight) > 0
   per_example = classification_loss_per_example(
-      jnp.where(counts[:, None], class_logits, 0), jnp.where(counts, label, 0))
+    jnp.where(counts[:, None], class_logits, 0), jnp.where(counts, label, 0)
+  )
   return weighted_mean(per_example, weight)

@@ -65,10 +65,10 @@ def binary_scores(pred: Any, true: Any) -> dict[str, Any]:
     return xp.where(den > 0, num / safe, xp.where(both_empty, 1.0, 0.0)).astype(xp.float32)
 
   return {
-      "dice": ratio(2.0 * tp, n_pred + n_true),
-      "iou": ratio(tp, n_pred + n_true - tp),
-      "precision": ratio(tp, n_pred),
-      "recall": ratio(tp, n_true),
+    "dice": ratio(2.0 * tp, n_pred + n_true),
+    "iou": ratio(tp, n_pred + n_true - tp),
+    "precision": ratio(tp, n_pred),
+    "recall": ratio(tp, n_true),
   }
 
 
@@ -119,10 +119,10 @@ def _segmentation_score(key: str) -> type[WeightedAverage]:
 
   @flax.struct.dataclass
   class Score(WeightedAverage):
-
     @classmethod
-    def from_model_output(cls, mask_logits: jax.Array, mask: jax.Array, has_mask: jax.Array,
-                          weight: jax.Array, **_) -> WeightedAverage:
+    def from_model_output(
+      cls, mask_logits: jax.Array, mask: jax.Array, has_mask: jax.Array, weight: jax.Array, **_
+    ) -> WeightedAverage:
       scores = segmentation_scores(mask_logits, mask)
       return cls.from_values(scores[key], has_mask * weight)
 
@@ -141,8 +141,9 @@ class SegmentationLoss(WeightedAverage):
   """The segmentation loss averaged over images with a mask (scalar batch loss or [B])."""
 
   @classmethod
-  def from_model_output(cls, loss: jax.Array, has_mask: jax.Array, weight: jax.Array,
-                        **_) -> WeightedAverage:
+  def from_model_output(
+    cls, loss: jax.Array, has_mask: jax.Array, weight: jax.Array, **_
+  ) -> WeightedAverage:
     return cls.from_values(loss, has_mask * weight)
 
 
@@ -167,8 +168,9 @@ class Accuracy(WeightedAverage):
   """Fraction of real examples whose argmax class is the label."""
 
   @classmethod
-  def from_model_output(cls, class_logits: jax.Array, label: jax.Array, weight: jax.Array,
-                        **_) -> WeightedAverage:
+  def from_model_output(
+    cls, class_logits: jax.Array, label: jax.Array, weight: jax.Array, **_
+  ) -> WeightedAverage:
     correct = jnp.argmax(class_logits, axis=-1) == label
     return cls.from_values(correct, weight)
 
@@ -178,8 +180,9 @@ class Sensitivity(WeightedAverage):
   """Fraction of abnormal (label 1) examples with p_abnormal >= 0.5."""
 
   @classmethod
-  def from_model_output(cls, class_logits: jax.Array, label: jax.Array, weight: jax.Array,
-                        **_) -> WeightedAverage:
+  def from_model_output(
+    cls, class_logits: jax.Array, label: jax.Array, weight: jax.Array, **_
+  ) -> WeightedAverage:
     return cls.from_values(p_abnormal(class_logits) >= 0.5, weight * (label == 1))
 
 
@@ -188,8 +191,9 @@ class Specificity(WeightedAverage):
   """Fraction of normal (label 0) examples with p_abnormal < 0.5."""
 
   @classmethod
-  def from_model_output(cls, class_logits: jax.Array, label: jax.Array, weight: jax.Array,
-                        **_) -> WeightedAverage:
+  def from_model_output(
+    cls, class_logits: jax.Array, label: jax.Array, weight: jax.Array, **_
+  ) -> WeightedAverage:
     return cls.from_values(p_abnormal(class_logits) < 0.5, weight * (label == 0))
 
 
@@ -198,10 +202,12 @@ class AUC(clu_metrics.CollectingMetric.from_outputs(("p_abnormal", "label", "wei
   """ROC AUC of p_abnormal over every example merged (collected on the host, see `gather`)."""
 
   @classmethod
-  def from_model_output(cls, class_logits: jax.Array, label: jax.Array, weight: jax.Array,
-                        **_) -> "AUC":
+  def from_model_output(
+    cls, class_logits: jax.Array, label: jax.Array, weight: jax.Array, **_
+  ) -> "AUC":
     return super().from_model_output(
-        p_abnormal=p_abnormal(class_logits), label=label, weight=weight)
+      p_abnormal=p_abnormal(class_logits), label=label, weight=weight
+    )
 
   def compute(self) -> float:
     if not self.values:
@@ -262,4 +268,3 @@ def gather(tree: Any) -> Any:
     return np.asarray(x)
 
   return jax.tree.map(fetch, tree)
-

@@ -38,8 +38,14 @@ def _as_mask(name: str, mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
   return mask > 0.5 if mask.dtype != bool else mask
 
 
-def overlay(image: np.ndarray, mask_pred: np.ndarray, mask_true: np.ndarray | None = None,
-            *, alpha: float = 0.35, thickness: int | None = None) -> np.ndarray:
+def overlay(
+  image: np.ndarray,
+  mask_pred: np.ndarray,
+  mask_true: np.ndarray | None = None,
+  *,
+  alpha: float = 0.35,
+  thickness: int | None = None,
+) -> np.ndarray:
   """Draws masks on a grey image.
 
   Args:

@@ -22,8 +22,10 @@ class Progress:
     elapsed = time.monotonic() - self.start
     eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
     filled = int(round(done * self.width))
-    line = (f"{self.desc} [{'#' * filled}{'.' * (self.width - filled)}] "
-            f"{self.count}/{self.total} {elapsed:.0f}s elapsed, ~{eta:.0f}s left")
+    line = (
+      f"{self.desc} [{'#' * filled}{'.' * (self.width - filled)}] "
+      f"{self.count}/{self.total} {elapsed:.0f}s elapsed, ~{eta:.0f}s left"
+    )
     if self._tty:
       self.stream.write(f"\r{line} {note[:40]:<40}")
       self.stream.flush()

@@ -12,8 +12,7 @@ class _QuietLibraries(logging.Filter):
   """Drops INFO records of chatty libraries (their warnings and errors still show)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not any(
-        part in record.pathname for part in _CHATTY)
+    return record.levelno >= logging.WARNING or not any(part in record.pathname for part in _CHATTY)
 
 
 def install() -> None:

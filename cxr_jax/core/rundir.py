@@ -1,9 +1,9 @@
 """The run directory: config.json, which checkpoint, and the run's dataset splits.
 
-    DIR/config.json        resolved config, package versions, git commit, dataset, devices
-    DIR/checkpoints/       Orbax (checkpoint.py)
-    DIR/metrics.jsonl      writers.py; TensorBoard events in DIR
-    DIR/eval/              evaluate's outputs
+DIR/config.json        resolved config, package versions, git commit, dataset, devices
+DIR/checkpoints/       Orbax (checkpoint.py)
+DIR/metrics.jsonl      writers.py; TensorBoard events in DIR
+DIR/eval/              evaluate's outputs
 """
 
 import dataclasses
@@ -30,22 +30,40 @@ from cxr_jax.data import datasets
 from cxr_jax.data import registry
 
 CONFIG_FILE = "config.json"
-_VERSIONED_PACKAGES = ("cxr_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
-                       "tensorflow-datasets", "numpy", "clu", "ml-collections")
+_VERSIONED_PACKAGES = (
+  "cxr_jax",
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "grain",
+  "tensorflow-datasets",
+  "numpy",
+  "clu",
+  "ml-collections",
+)
 
 
 # ----- config.json -----
 
+
 def _git_commit() -> str:
   try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+    return subprocess.run(
+      ["git", "rev-parse", "HEAD"],
+      capture_output=True,
+      text=True,
+      cwd=os.path.dirname(__file__),
+      timeout=10,
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return ""
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict,
-                 dataset_info: Mapping[str, Any]) -> None:
+def write_config(
+  workdir: str, config: ml_collections.ConfigDict, dataset_info: Mapping[str, Any]
+) -> None:
   """DIR/config.json: resolved config, package versions, git commit, dataset name+version."""
   versions = {}
   for package in _VERSIONED_PACKAGES:
@@ -53,11 +71,18 @@ def write_config(workdir: str, config: ml_collections.ConfigDict,
       versions[package] = metadata.version(package)
     except metadata.PackageNotFoundError:
       versions[package] = None
-  record = {"config": config.to_dict(), "dataset": dict(dataset_info),
-            "versions": versions, "python": platform.python_version(),
-            "git_commit": _git_commit(),
-            "devices": {"platform": jax.default_backend(), "count": jax.device_count(),
-                        "processes": jax.process_count()}}
+  record = {
+    "config": config.to_dict(),
+    "dataset": dict(dataset_info),
+    "versions": versions,
+    "python": platform.python_version(),
+    "git_commit": _git_commit(),
+    "devices": {
+      "platform": jax.default_backend(),
+      "count": jax.device_count(),
+      "processes": jax.process_count(),
+    },
+  }
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     json.dump(record, f, indent=2, sort_keys=True)
 
@@ -67,7 +92,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"{path} not found: is {workdir!r} the --workdir of a cxr_jax.main run?")
+      f"{path} not found: is {workdir!r} the --workdir of a cxr_jax.main run?"
+    )
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f)["config"])
 
@@ -77,14 +103,18 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     return
   stored = load_config(workdir)
-  changed = [f"model.{k}: {stored.model[k]!r} -> {config.model[k]!r}"
-             for k in config.model if k in stored.model and stored.model[k] != config.model[k]
-             and k != "dtype"]
+  changed = [
+    f"model.{k}: {stored.model[k]!r} -> {config.model[k]!r}"
+    for k in config.model
+    if k in stored.model and stored.model[k] != config.model[k] and k != "dtype"
+  ]
   if stored.data.image_size != config.data.image_size:
     changed.append(f"data.image_size: {stored.data.image_size} -> {config.data.image_size}")
   if changed:
-    raise ValueError(f"{workdir} holds checkpoints of another model ({'; '.join(changed)}). "
-                     "Resume with the same settings, or train into a new --workdir.")
+    raise ValueError(
+      f"{workdir} holds checkpoints of another model ({'; '.join(changed)}). "
+      "Resume with the same settings, or train into a new --workdir."
+    )
 
 
 # ----- which checkpoint -----
@@ -100,8 +130,9 @@ def select_step(manager: ocp.CheckpointManager, which: str | int) -> int:
   latest = manager.latest_step()
   if isinstance(which, (int, np.integer)):
     if which not in manager.all_steps():
-      raise FileNotFoundError(f"No complete checkpoint at step {which} in {where}; steps: "
-                              f"{sorted(manager.all_steps())}.")
+      raise FileNotFoundError(
+        f"No complete checkpoint at step {which} in {where}; steps: {sorted(manager.all_steps())}."
+      )
     return int(which)
   if which not in CHECKPOINT_CHOICES:
     raise ValueError(f"checkpoint must be one of {CHECKPOINT_CHOICES} or a step, got {which!r}")
@@ -113,13 +144,15 @@ def select_step(manager: ocp.CheckpointManager, which: str | int) -> int:
   if evaluated:
     return int(manager.best_step())
   if which == "best":
-    raise FileNotFoundError(f"No evaluated checkpoint in {where} to choose the best from; "
-                            "use --checkpoint=latest.")
+    raise FileNotFoundError(
+      f"No evaluated checkpoint in {where} to choose the best from; use --checkpoint=latest."
+    )
   return int(latest)
 
 
-def restore_model(workdir: str, which: str | int = "latest"
-                  ) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
+def restore_model(
+  workdir: str, which: str | int = "latest"
+) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
   """(config, trained model in eval mode, its step) of a run's checkpoint `which`."""
   config = load_config(workdir)
   manager = checkpoint.create_manager(workdir, config, read_only=True)
@@ -137,6 +170,7 @@ def restore_model(workdir: str, which: str | int = "latest"
 
 # ----- the run's dataset -----
 
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A run's prepared dataset."""
@@ -148,9 +182,14 @@ class Dataset:
   def info(self, requested: str) -> dict[str, Any]:
     """What config.json records about it."""
     info = self.builder.info
-    return {"name": info.full_name, "version": str(info.version), "requested": requested,
-            "resolved": self.name, "manual_dir": self.manual_dir,
-            "splits": {k: v.num_examples for k, v in info.splits.items()}}
+    return {
+      "name": info.full_name,
+      "version": str(info.version),
+      "requested": requested,
+      "resolved": self.name,
+      "manual_dir": self.manual_dir,
+      "splits": {k: v.num_examples for k, v in info.splits.items()},
+    }
 
 
 def open_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
@@ -165,8 +204,11 @@ def open_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
 
   def load():
     return datasets.load_builder(
-        name, data_dir=os.path.expanduser(data_config.data_dir), manual_dir=manual_dir,
-        synthetic_examples=int(data_config.synthetic_examples))
+      name,
+      data_dir=os.path.expanduser(data_config.data_dir),
+      manual_dir=manual_dir,
+      synthetic_examples=int(data_config.synthetic_examples),
+    )
 
   if jax.process_count() == 1:
     return Dataset(load(), name, manual_dir)
@@ -181,8 +223,9 @@ def open_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     raise error
   if not ok:
     raise RuntimeError(
-        f"Process 0 failed to prepare dataset {name!r} into {data_config.data_dir!r}; its log "
-        "says why. Fix that (or build it once with `python -m cxr_jax.data.prepare`) and rerun.")
+      f"Process 0 failed to prepare dataset {name!r} into {data_config.data_dir!r}; its log "
+      "says why. Fix that (or build it once with `python -m cxr_jax.data.prepare`) and rerun."
+    )
   return Dataset(builder if builder is not None else load(), name, manual_dir)
 
 
@@ -194,13 +237,15 @@ def _check_same_on_all_hosts(name: str) -> None:
   chosen = names[int(multihost_utils.broadcast_one_to_all(np.int32(names.index(name))))]
   if chosen != name:
     raise ValueError(
-        f"Process {jax.process_index()} resolved the dataset to {name!r}, process 0 "
-        f"to {chosen!r}: set --config.data.name and --config.data.manual_dir explicitly, to "
-        "a path every host sees.")
+      f"Process {jax.process_index()} resolved the dataset to {name!r}, process 0 "
+      f"to {chosen!r}: set --config.data.name and --config.data.manual_dir explicitly, to "
+      "a path every host sees."
+    )
 
 
-def load_split(config: ml_collections.ConfigDict, split: str,
-               dataset: Dataset | None = None) -> Sequence[Mapping[str, Any]]:
+def load_split(
+  config: ml_collections.ConfigDict, split: str, dataset: Dataset | None = None
+) -> Sequence[Mapping[str, Any]]:
   """The run's `split` as a random-access source (preparing the dataset if needed)."""
   dataset = dataset or open_dataset(config.data)
   return datasets.split_source(dataset.builder, split)

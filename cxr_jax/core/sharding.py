@@ -22,8 +22,8 @@ def create_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A 1-D mesh over all (or the given) devices, with a `data` axis."""
   devices = jax.devices() if devices is None else devices
   return jax.make_mesh(
-      (len(devices),), (DATA_AXIS,),
-      axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+  )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -38,8 +38,9 @@ def data_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, name: str = "batch_size") -> int:
   """This process's rows of a global batch over `mesh`, or an error naming a value that works
   (`input_pipeline.check_batch_size`, with the mesh's device count)."""
-  return input_pipeline.check_batch_size(batch_size, num_devices=mesh.devices.size,
-                                         process_count=jax.process_count(), name=name)
+  return input_pipeline.check_batch_size(
+    batch_size, num_devices=mesh.devices.size, process_count=jax.process_count(), name=name
+  )
 
 
 def to_global(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

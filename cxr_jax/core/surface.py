@@ -37,8 +37,9 @@ def boundary(mask: np.ndarray) -> np.ndarray:
   return mask & ~ndimage.binary_erosion(mask)
 
 
-def surface_distances(pred: np.ndarray, truth: np.ndarray,
-                      spacing: tuple[float, float] = (1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+def surface_distances(
+  pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)
+) -> tuple[np.ndarray, np.ndarray]:
   """Directed boundary distances (pred -> truth, truth -> pred), in units of `spacing`.
 
   Both masks must be non-empty. Only the bounding box of the two masks is transformed, which
@@ -46,18 +47,20 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray,
   """
   pred, truth = _as_bool_pair(pred, truth)
   if not pred.any() or not truth.any():
-    raise ValueError("surface_distances needs two non-empty masks; "
-                     "surface_metrics defines the empty cases.")
+    raise ValueError(
+      "surface_distances needs two non-empty masks; surface_metrics defines the empty cases."
+    )
   rows, cols = np.nonzero(pred | truth)
-  box = np.s_[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+  box = np.s_[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
   pred_edge, truth_edge = boundary(pred)[box], boundary(truth)[box]
   to_truth = ndimage.distance_transform_edt(~truth_edge, sampling=spacing)
   to_pred = ndimage.distance_transform_edt(~pred_edge, sampling=spacing)
   return to_truth[pred_edge], to_pred[truth_edge]
 
 
-def surface_metrics(pred: np.ndarray, truth: np.ndarray,
-                    spacing: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
+def surface_metrics(
+  pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)
+) -> dict[str, float]:
   """HD95 and ASSD of two binary masks [H, W], in units of `spacing` (pixels by default)."""
   pred, truth = _as_bool_pair(pred, truth)
   has_pred, has_truth = pred.any(), truth.any()
@@ -69,13 +72,14 @@ def surface_metrics(pred: np.ndarray, truth: np.ndarray,
     return {"hd95": diagonal, "asd": diagonal}
   d_pred, d_truth = surface_distances(pred, truth, spacing)
   return {
-      "hd95": float(np.percentile(np.concatenate([d_pred, d_truth]), 95)),
-      "asd": float((d_pred.mean() + d_truth.mean()) / 2),
+    "hd95": float(np.percentile(np.concatenate([d_pred, d_truth]), 95)),
+    "asd": float((d_pred.mean() + d_truth.mean()) / 2),
   }
 
 
-def mask_metrics(pred: np.ndarray, truth: np.ndarray,
-                 spacing: Spacing | None = None) -> dict[str, float]:
+def mask_metrics(
+  pred: np.ndarray, truth: np.ndarray, spacing: Spacing | None = None
+) -> dict[str, float]:
   """Every per-image mask metric (`MASK_METRICS`); the `_mm` ones NaN when spacing is None."""
   scores = overlap_metrics(pred, truth)
   px = surface_metrics(pred, truth)
@@ -95,32 +99,48 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
   if not values.size:
     nan = math.nan
     return {"mean": nan, "median": nan, "std": nan, "min": nan, "max": nan, "count": 0}
-  return {"mean": float(values.mean()), "median": float(np.median(values)),
-          "std": float(values.std()), "min": float(values.min()),
-          "max": float(values.max()), "count": int(values.size)}
+  return {
+    "mean": float(values.mean()),
+    "median": float(np.median(values)),
+    "std": float(values.std()),
+    "min": float(values.min()),
+    "max": float(values.max()),
+    "count": int(values.size),
+  }
 
 
-def aggregate(rows: Sequence[Mapping[str, object]], *, metrics: Sequence[str] = MASK_METRICS,
-              num_worst: int = 5, rank_by: str = "dice") -> dict[str, object]:
+def aggregate(
+  rows: Sequence[Mapping[str, object]],
+  *,
+  metrics: Sequence[str] = MASK_METRICS,
+  num_worst: int = 5,
+  rank_by: str = "dice",
+) -> dict[str, object]:
   """Aggregates per-image rows (dicts with 'id', 'source' and `metrics`).
 
   Returns {'all': {metric: summary}, 'per_source': {source: {metric: summary}},
   'worst': [{'id', 'source', rank_by}, ...]} with the `num_worst` images ranked by `rank_by`.
   """
+
   def by_metric(subset):
     return {m: summarise([r[m] for r in subset]) for m in metrics}
 
   known = registry.source_names()
-  sources = sorted({str(r["source"]) for r in rows},
-                   key=lambda s: known.index(s) if s in known else len(known))
+  sources = sorted(
+    {str(r["source"]) for r in rows}, key=lambda s: known.index(s) if s in known else len(known)
+  )
   sign = 1 if lower_is_better(rank_by) else -1
-  ranked = sorted((r for r in rows if np.isfinite(r[rank_by])),
-                  key=lambda r: sign * float(r[rank_by]), reverse=True)
+  ranked = sorted(
+    (r for r in rows if np.isfinite(r[rank_by])),
+    key=lambda r: sign * float(r[rank_by]),
+    reverse=True,
+  )
   return {
-      "all": by_metric(rows),
-      "per_source": {s: by_metric([r for r in rows if r["source"] == s]) for s in sources},
-      "worst": [{"id": r["id"], "source": r["source"], rank_by: float(r[rank_by])}
-                for r in ranked[:num_worst]],
+    "all": by_metric(rows),
+    "per_source": {s: by_metric([r for r in rows if r["source"] == s]) for s in sources},
+    "worst": [
+      {"id": r["id"], "source": r["source"], rank_by: float(r[rank_by])} for r in ranked[:num_worst]
+    ],
   }
 
 
@@ -129,7 +149,9 @@ def _as_bool_pair(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.n
   pred = pred[..., 0] if pred.ndim == 3 and pred.shape[-1] == 1 else pred
   truth = truth[..., 0] if truth.ndim == 3 and truth.shape[-1] == 1 else truth
   if pred.shape != truth.shape or pred.ndim != 2:
-    raise ValueError(f"masks must be [H, W] of one shape; got pred {pred.shape}, "
-                     f"truth {truth.shape}. Map predictions to the native size first "
-                     "(inference.native_mask).")
+    raise ValueError(
+      f"masks must be [H, W] of one shape; got pred {pred.shape}, "
+      f"truth {truth.shape}. Map predictions to the native size first "
+      "(inference.native_mask)."
+    )
   return pred, truth

@@ -52,7 +52,7 @@ class MetricWriter(abc.ABC):
 
 
 def split_name(name: str, default_split: str) -> tuple[str, str]:
-  """"validation/dice" -> ("validation", "dice"); "loss" -> (default_split, "loss")."""
+  """ "validation/dice" -> ("validation", "dice"); "loss" -> (default_split, "loss")."""
   split, sep, rest = name.partition("/")
   return (split, rest) if sep and split and rest else (default_split, name)
 
@@ -77,21 +77,22 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _to_uint8_images(tag: str, images: Any) -> np.ndarray:
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"images[{tag!r}] has shape {images.shape}; expected [N, H, W, C] with "
-                     "C in {1, 3, 4}.")
+    raise ValueError(
+      f"images[{tag!r}] has shape {images.shape}; expected [N, H, W, C] with C in {{1, 3, 4}}."
+    )
   if images.dtype == np.uint8:
     return images
   if images.dtype.kind not in "fb":
-    raise ValueError(f"images[{tag!r}] has dtype {images.dtype}; expected uint8 or float in "
-                     "[0, 1].")
+    raise ValueError(
+      f"images[{tag!r}] has dtype {images.dtype}; expected uint8 or float in [0, 1]."
+    )
   return np.round(np.clip(images.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
 
 
 class JsonlWriter(MetricWriter):
   """Appends scalars to a JSONL file, one object per (step, split), flushed per line."""
 
-  def __init__(self, path: str, *, default_split: str = "train",
-               resume_step: int | None = None):
+  def __init__(self, path: str, *, default_split: str = "train", resume_step: int | None = None):
     self.path = path
     self.default_split = default_split
     _clean_tail(path, resume_step)
@@ -142,8 +143,9 @@ def _clean_tail(path: str, resume_step: int | None) -> None:
     keep.append(line)
   if partial or len(keep) != len(lines):
     if partial:
-      logging.warning("%s: dropping a partial last line (a run killed mid-write): %r",
-                      path, partial[:200])
+      logging.warning(
+        "%s: dropping a partial last line (a run killed mid-write): %r", path, partial[:200]
+      )
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
       f.write("".join(line + "\n" for line in keep))
@@ -156,8 +158,7 @@ class TensorBoardWriter(MetricWriter):
   def __init__(self, logdir: str, *, resume_step: int | None = None):
     # purge_step: TensorBoard hides the events of steps >= it from an earlier, killed run.
     purge_step = None if resume_step is None else resume_step + 1
-    self._writer = tensorboardX.SummaryWriter(logdir=logdir, purge_step=purge_step,
-                                              flush_secs=30)
+    self._writer = tensorboardX.SummaryWriter(logdir=logdir, purge_step=purge_step, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     for tag, value in scalars.items():
@@ -165,8 +166,9 @@ class TensorBoardWriter(MetricWriter):
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
     for tag, batch in images.items():
-      self._writer.add_images(tag, _to_uint8_images(tag, batch), global_step=int(step),
-                              dataformats="NHWC")
+      self._writer.add_images(
+        tag, _to_uint8_images(tag, batch), global_step=int(step), dataformats="NHWC"
+      )
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     flat = {}
@@ -193,16 +195,24 @@ class LoggingWriter(MetricWriter):
   """absl logging of scalars (and of what images/hparams were written)."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    logging.info("[%d] %s", step, ", ".join(
-        f"{name}={_to_float(value):.6g}" for name, value in scalars.items()))
+    logging.info(
+      "[%d] %s",
+      step,
+      ", ".join(f"{name}={_to_float(value):.6g}" for name, value in scalars.items()),
+    )
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-    logging.info("[%d] images: %s", step, ", ".join(
-        f"{tag} {np.shape(value)}" for tag, value in images.items()))
+    logging.info(
+      "[%d] images: %s",
+      step,
+      ", ".join(f"{tag} {np.shape(value)}" for tag, value in images.items()),
+    )
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    logging.info("hparams: %s", ", ".join(
-        f"{key}={value!r}" for key, value in sorted(_flatten(hparams).items())))
+    logging.info(
+      "hparams: %s",
+      ", ".join(f"{key}={value!r}" for key, value in sorted(_flatten(hparams).items())),
+    )
 
 
 class MultiWriter(MetricWriter):
@@ -232,9 +242,14 @@ class MultiWriter(MetricWriter):
       writer.close()
 
 
-def create_writer(workdir: str, *, just_logging: bool | None = None,
-                  default_split: str = "train", resume_step: int | None = None,
-                  log: bool = True) -> MultiWriter:
+def create_writer(
+  workdir: str,
+  *,
+  just_logging: bool | None = None,
+  default_split: str = "train",
+  resume_step: int | None = None,
+  log: bool = True,
+) -> MultiWriter:
   """The run's writer: DIR/metrics.jsonl + TensorBoard events in DIR + logging.
 
   Args:
@@ -252,9 +267,12 @@ def create_writer(workdir: str, *, just_logging: bool | None = None,
   if just_logging:
     return MultiWriter(logger)
   os.makedirs(workdir, exist_ok=True)
-  return MultiWriter([
-      JsonlWriter(os.path.join(workdir, METRICS_FILE), default_split=default_split,
-                  resume_step=resume_step),
+  return MultiWriter(
+    [
+      JsonlWriter(
+        os.path.join(workdir, METRICS_FILE), default_split=default_split, resume_step=resume_step
+      ),
       TensorBoardWriter(workdir, resume_step=resume_step),
       *logger,
-  ])
+    ]
+  )

@@ -28,8 +28,9 @@ def grow_box(box: Box, margin: float, height: int, width: int) -> Box:
 class CroppedSource:
   """A data source whose images (and masks) are cropped to given boxes; picklable."""
 
-  def __init__(self, source: Sequence[Mapping[str, Any]], boxes: Mapping[str, Box | None],
-               margin: float):
+  def __init__(
+    self, source: Sequence[Mapping[str, Any]], boxes: Mapping[str, Box | None], margin: float
+  ):
     self._source, self._boxes, self._margin = source, dict(boxes), margin
 
   def __len__(self) -> int:

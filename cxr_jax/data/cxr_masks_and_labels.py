@@ -59,8 +59,12 @@ def config_for(kind: str, num_examples: int = 0) -> CxrConfig:
 def _config(kind: str, num_examples: int) -> CxrConfig:
   entry = registry.get(kind)
   sized = entry.generated and num_examples != entry.default_size
-  return CxrConfig(name=f"{kind}_{num_examples}" if sized else kind, kind=kind,
-                   num_examples=num_examples, description=entry.description)
+  return CxrConfig(
+    name=f"{kind}_{num_examples}" if sized else kind,
+    kind=kind,
+    num_examples=num_examples,
+    description=entry.description,
+  )
 
 
 def min_examples(kind: str) -> int:
@@ -73,14 +77,15 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
-      "1.0.0": "Kaggle archive and synthetic phantoms.",
-      "1.1.0": "Per-image pixel spacing (spacing_mm, spacing_estimated).",
+    "1.0.0": "Kaggle archive and synthetic phantoms.",
+    "1.1.0": "Per-image pixel spacing (spacing_mm, spacing_estimated).",
   }
   BUILDER_CONFIGS = [config_for(name) for name in registry.names()]
   DEFAULT_CONFIG_NAME = "synthetic"
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Download the Kaggle dataset 'Chest Xray Masks and Labels' and pass its .zip, or the "
-      "folder it unpacks to, as manual_dir.")
+    "Download the Kaggle dataset 'Chest Xray Masks and Labels' and pass its .zip, or the "
+    "folder it unpacks to, as manual_dir."
+  )
 
   def __init__(self, *, strict: bool = False, **kwargs):
     """strict: raise on the first unusable file instead of skipping and counting it."""
@@ -92,23 +97,25 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-            "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-            "has_mask": np.bool_,
-            "label": tfds.features.ClassLabel(names=["normal", "abnormal"]),
-            "source": tfds.features.ClassLabel(names=list(registry.source_names())),
-            "id": tfds.features.Text(),
-            "sex": tfds.features.Text(),
-            "age": np.int32,
-            "finding": tfds.features.Text(),
-            "spacing_mm": tfds.features.Tensor(shape=(2,), dtype=np.float32),
-            "spacing_estimated": np.bool_,
-        }),
-        metadata=tfds.core.MetadataDict(),
-        homepage="https://www.kaggle.com/datasets/nikhilpandey360/chest-xray-masks-and-labels",
-        citation="Jaeger et al. 2014, IEEE TMI 33(2):233-45; Candemir et al. 2014, "
-        "IEEE TMI 33(2):577-90.",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+          "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+          "has_mask": np.bool_,
+          "label": tfds.features.ClassLabel(names=["normal", "abnormal"]),
+          "source": tfds.features.ClassLabel(names=list(registry.source_names())),
+          "id": tfds.features.Text(),
+          "sex": tfds.features.Text(),
+          "age": np.int32,
+          "finding": tfds.features.Text(),
+          "spacing_mm": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+          "spacing_estimated": np.bool_,
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+      homepage="https://www.kaggle.com/datasets/nikhilpandey360/chest-xray-masks-and-labels",
+      citation="Jaeger et al. 2014, IEEE TMI 33(2):233-45; Candemir et al. 2014, "
+      "IEEE TMI 33(2):577-90.",
     )
 
   def _split_generators(self, dl_manager):
@@ -122,8 +129,10 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
       self._skip(skip, reader)
     items = reader.items()
     if not items:
-      raise DataError(f"No usable images in {reader.describe()}: {len(self.skipped)} files "
-                      f"skipped ({self._reasons()}).")
+      raise DataError(
+        f"No usable images in {reader.describe()}: {len(self.skipped)} files "
+        f"skipped ({self._reasons()})."
+      )
     by_split = _group(items, key=lambda item: split_of(item[0]))
     return {split: self._generate_examples(reader, group) for split, group in by_split.items()}
 
@@ -144,16 +153,20 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
       if example is None:
         continue
       if example.source not in kind.sources:
-        raise DataError(f"{image_id}: source {example.source!r} is not one of dataset kind "
-                        f"{kind.name!r}'s sources {list(kind.sources)}.")
+        raise DataError(
+          f"{image_id}: source {example.source!r} is not one of dataset kind "
+          f"{kind.name!r}'s sources {list(kind.sources)}."
+        )
       yield image_id, _features(example, source_names.index(example.source))
 
   def _skip(self, skip: Skip, reader: registry.Reader) -> None:
     where = reader.where(skip.file)
     message = str(skip).removeprefix(skip.file + ": ")
     if self.strict:
-      raise DataError(f"{where}: {message}. (strict mode; pass strict=False / --nostrict to "
-                      "skip such files and count them instead.)")
+      raise DataError(
+        f"{where}: {message}. (strict mode; pass strict=False / --nostrict to "
+        "skip such files and count them instead.)"
+      )
     logging.warning("Skipping %s: %s", where, message)
     self.skipped.append(skip)
 
@@ -167,17 +180,17 @@ def _features(example: Example, source: int) -> dict:
   """An Example as the builder's features."""
   has_mask = example.mask is not None
   return {
-      "image": example.image_png or images.encode_png(example.image),
-      "mask": images.encode_png(example.mask if has_mask else np.zeros_like(example.image)),
-      "has_mask": has_mask,
-      "label": example.label,
-      "source": source,
-      "id": example.id,
-      "sex": example.sex,
-      "age": example.age,
-      "finding": example.finding,
-      "spacing_mm": np.asarray(example.spacing_mm, np.float32),
-      "spacing_estimated": example.spacing_estimated,
+    "image": example.image_png or images.encode_png(example.image),
+    "mask": images.encode_png(example.mask if has_mask else np.zeros_like(example.image)),
+    "has_mask": has_mask,
+    "label": example.label,
+    "source": source,
+    "id": example.id,
+    "sex": example.sex,
+    "age": example.age,
+    "finding": example.finding,
+    "spacing_mm": np.asarray(example.spacing_mm, np.float32),
+    "spacing_estimated": example.spacing_estimated,
   }
 
 

@@ -16,8 +16,14 @@ from cxr_jax.data.records import DataError
 MANUAL_DIR_ENV = "CXR_MANUAL_DIR"
 
 
-def load_builder(name: str, *, data_dir: str, manual_dir: str = "", synthetic_examples: int = 0,
-                 strict: bool = False) -> tfds.core.DatasetBuilder:
+def load_builder(
+  name: str,
+  *,
+  data_dir: str,
+  manual_dir: str = "",
+  synthetic_examples: int = 0,
+  strict: bool = False,
+) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder of dataset `name` (a `registry` kind).
 
   Builds it into `data_dir` first when it is not there yet (a prepared dataset is reused
@@ -33,13 +39,17 @@ def load_builder(name: str, *, data_dir: str, manual_dir: str = "", synthetic_ex
   kind = registry.get(name)
   manual_dir = "" if kind.generated else (manual_dir or os.environ.get(MANUAL_DIR_ENV, ""))
   builder = cxr_masks_and_labels.CxrMasksAndLabels(
-      config=cxr_masks_and_labels.config_for(name, synthetic_examples),
-      data_dir=os.path.expanduser(data_dir), strict=strict)
+    config=cxr_masks_and_labels.config_for(name, synthetic_examples),
+    data_dir=os.path.expanduser(data_dir),
+    strict=strict,
+  )
   if not kind.generated and not _is_prepared(builder):
     kind.find(manual_dir)  # fails early, saying where it looked
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
-      try_download_gcs=False))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(
+      manual_dir=os.path.expanduser(manual_dir) if manual_dir else None, try_download_gcs=False
+    )
+  )
   return builder
 
 
@@ -60,8 +70,10 @@ def resolve_name(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
     return name, "" if kind.generated else manual_dir
   if not manual_dir:
     logging.warning(
-        "data.name='auto': using the SYNTHETIC phantoms (config.data.manual_dir and $%s are "
-        "empty; set one to the Kaggle archive to train on real X-rays).", MANUAL_DIR_ENV)
+      "data.name='auto': using the SYNTHETIC phantoms (config.data.manual_dir and $%s are "
+      "empty; set one to the Kaggle archive to train on real X-rays).",
+      MANUAL_DIR_ENV,
+    )
     return registry.AUTO_FALLBACK, ""
   reasons = []
   for kind in registry.KINDS.values():
@@ -74,13 +86,13 @@ def resolve_name(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
       continue
     logging.warning("data.name='auto': using the REAL %r data at %s.", kind.name, where)
     return kind.name, manual_dir
-  logging.warning("data.name='auto': using the SYNTHETIC phantoms, because: %s",
-                  " ".join(reasons))
+  logging.warning("data.name='auto': using the SYNTHETIC phantoms, because: %s", " ".join(reasons))
   return registry.AUTO_FALLBACK, ""
 
 
-def split_source(builder: tfds.core.DatasetBuilder, split: str, *,
-                 skip_decoding: Sequence[str] = ()) -> Sequence[dict]:
+def split_source(
+  builder: tfds.core.DatasetBuilder, split: str, *, skip_decoding: Sequence[str] = ()
+) -> Sequence[dict]:
   """`builder`'s `split` as a random-access source (`len`, `[i]`), or a clear error.
 
   The builder leaves out empty splits, which a small synthetic set can have: asking for one
@@ -98,15 +110,20 @@ def split_source(builder: tfds.core.DatasetBuilder, split: str, *,
     kind = registry.get(config.kind)
     if kind.generated:
       minimum = cxr_masks_and_labels.min_examples(kind.name)
-      fix = (f"the {kind.name} set has {config.num_examples} examples; set "
-             f"--config.data.synthetic_examples to at least {minimum} (default "
-             f"{kind.default_size}) so every split gets some")
+      fix = (
+        f"the {kind.name} set has {config.num_examples} examples; set "
+        f"--config.data.synthetic_examples to at least {minimum} (default "
+        f"{kind.default_size}) so every split gets some"
+      )
     else:
-      fix = ("no image of the archive hashes into it; use a fuller archive in "
-             "config.data.manual_dir (and a fresh config.data.data_dir)")
+      fix = (
+        "no image of the archive hashes into it; use a fuller archive in "
+        "config.data.manual_dir (and a fresh config.data.data_dir)"
+      )
     raise ValueError(
-        f"Dataset {builder.info.full_name} in {builder.data_dir} has no {split!r} split (it "
-        f"has {', '.join(splits) or 'none'}; empty splits are left out): {fix}.")
+      f"Dataset {builder.info.full_name} in {builder.data_dir} has no {split!r} split (it "
+      f"has {', '.join(splits) or 'none'}; empty splits are left out): {fix}."
+    )
   decoders = {name: tfds.decode.SkipDecoding() for name in skip_decoding}
   return builder.as_data_source(split, decoders=decoders or None)
 

@@ -47,7 +47,8 @@ def encode_png(array: np.ndarray) -> bytes:
   """Encodes [H, W] or [H, W, 1] uint8 as a greyscale PNG."""
   buffer = io.BytesIO()
   Image.fromarray(np.asarray(array, np.uint8).reshape(array.shape[:2])).save(
-    buffer, format="png", compress_level=3)
+    buffer, format="png", compress_level=3
+  )
   return buffer.getvalue()
 
 

@@ -37,6 +37,7 @@ Batch = dict[str, np.ndarray]
 
 # ----- checks -----
 
+
 def check_image_size(config: ml_collections.ConfigDict) -> int:
   """Returns config.data.image_size, or says which value to use.
 
@@ -45,16 +46,20 @@ def check_image_size(config: ml_collections.ConfigDict) -> int:
   size = config.data.image_size
   if isinstance(size, (tuple, list)):
     raise ValueError(
-        f"config.data.image_size={size!r}: must be one int, the side of the square the model "
-        f"sees (images are letterboxed, not stretched); set e.g. --config.data.image_size=128.")
+      f"config.data.image_size={size!r}: must be one int, the side of the square the model "
+      f"sees (images are letterboxed, not stretched); set e.g. --config.data.image_size=128."
+    )
   if not isinstance(size, (int, np.integer)) or size < _MIN_IMAGE_SIZE:
-    raise ValueError(f"config.data.image_size={size!r} must be an int >= {_MIN_IMAGE_SIZE}; "
-                     "set e.g. --config.data.image_size=128.")
+    raise ValueError(
+      f"config.data.image_size={size!r} must be an int >= {_MIN_IMAGE_SIZE}; "
+      "set e.g. --config.data.image_size=128."
+    )
   return int(size)
 
 
-def check_batch_size(batch_size: int, *, num_devices: int, process_count: int,
-                     name: str = "batch_size") -> int:
+def check_batch_size(
+  batch_size: int, *, num_devices: int, process_count: int, name: str = "batch_size"
+) -> int:
   """Returns this process's rows of a global batch, or says which value of `name` to use.
 
   The one batch-size check (`sharding.check_batch_size` passes the mesh's device count):
@@ -65,9 +70,10 @@ def check_batch_size(batch_size: int, *, num_devices: int, process_count: int,
   if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0 or batch_size % unit:
     fix = max(1, round(batch_size / unit) if isinstance(batch_size, (int, float)) else 1) * unit
     raise ValueError(
-        f"config.{name}={batch_size!r} must be a positive multiple of {unit} (the device "
-        f"count is {num_devices}, the process count {process_count}); set "
-        f"--config.{name}={fix}.")
+      f"config.{name}={batch_size!r} must be a positive multiple of {unit} (the device "
+      f"count is {num_devices}, the process count {process_count}); set "
+      f"--config.{name}={fix}."
+    )
   return int(batch_size) // process_count
 
 
@@ -87,7 +93,7 @@ def _scan(source: Sequence[dict[str, Any]], indices: np.ndarray) -> tuple[np.nda
   has_mask = np.zeros(len(indices), bool)
   labels = np.zeros(len(indices), np.int64)
   for start in range(0, len(indices), _SCAN_CHUNK):
-    chunk = [int(i) for i in indices[start:start + _SCAN_CHUNK]]
+    chunk = [int(i) for i in indices[start : start + _SCAN_CHUNK]]
     if hasattr(view, "__getitems__"):
       records = view.__getitems__(chunk)  # one batched read (array_record)
     else:
@@ -103,8 +109,12 @@ def _process_slice(num_examples: int, process_index: int, process_count: int) ->
   return np.arange(num_examples, dtype=np.int64)[process_index::process_count]
 
 
-def _train_indices(config: ml_collections.ConfigDict, source: Sequence[dict[str, Any]],
-                   process_index: int, process_count: int) -> grain.MapDataset:
+def _train_indices(
+  config: ml_collections.ConfigDict,
+  source: Sequence[dict[str, Any]],
+  process_index: int,
+  process_count: int,
+) -> grain.MapDataset:
   """An endless MapDataset of this process's source indices, reshuffled every epoch."""
   examples = config.data.examples
   if examples not in EXAMPLES:
@@ -117,24 +127,27 @@ def _train_indices(config: ml_collections.ConfigDict, source: Sequence[dict[str,
       indices, labels = indices[has_mask], labels[has_mask]
   if len(indices) == 0:
     raise ValueError(
-        f"no training examples for process {process_index}/{process_count} with "
-        f"config.data.examples={examples!r} (source has {len(source)} records); "
-        f"use 'all' or 'all_without_masks' when the data has no masks.")
+      f"no training examples for process {process_index}/{process_count} with "
+      f"config.data.examples={examples!r} (source has {len(source)} records); "
+      f"use 'all' or 'all_without_masks' when the data has no masks."
+    )
   if not balance:
     return grain.MapDataset.source(indices).shuffle(seed=config.seed).repeat()
   classes = sorted(set(labels.tolist()))
   if len(classes) < 2:
     raise ValueError(
-        f"config.data.balance_classes=True but process {process_index} sees only label(s) "
-        f"{classes}; set --config.data.balance_classes=False.")
+      f"config.data.balance_classes=True but process {process_index} sees only label(s) "
+      f"{classes}; set --config.data.balance_classes=False."
+    )
   sampler = transforms.BalancedIndex([indices[labels == c] for c in classes], seed=config.seed)
   return grain.MapDataset.range(sampler.epoch_length).repeat().map_with_index(sampler)
 
 
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
   # grain wants a buffer at least as deep as its read threads.
-  return grain.ReadOptions(num_threads=_READ_THREADS,
-                           prefetch_buffer_size=max(_READ_THREADS, int(config.data.prefetch)))
+  return grain.ReadOptions(
+    num_threads=_READ_THREADS, prefetch_buffer_size=max(_READ_THREADS, int(config.data.prefetch))
+  )
 
 
 def _ensure_flags_parsed() -> None:
@@ -146,9 +159,14 @@ def _ensure_flags_parsed() -> None:
 
 # ----- public loaders -----
 
-def create_train_iterator(config: ml_collections.ConfigDict, source: Sequence[dict[str, Any]],
-                          *, process_index: int, process_count: int
-                          ) -> grain.DatasetIterator:
+
+def create_train_iterator(
+  config: ml_collections.ConfigDict,
+  source: Sequence[dict[str, Any]],
+  *,
+  process_index: int,
+  process_count: int,
+) -> grain.DatasetIterator:
   """Endless, checkpointable iterator of this process's training host batches.
 
   Args:
@@ -173,14 +191,19 @@ def create_train_iterator(config: ml_collections.ConfigDict, source: Sequence[di
     raise ValueError(f"config.data.num_workers={num_workers} must be >= 0 (0: main process).")
   with_masks = config.data.examples != "all_without_masks"
   read_source = source if with_masks else datasets.skip_decoding(source, ("mask",))
-  dataset = (_train_indices(config, source, process_index, process_count)
-             .map(transforms.ReadExample(read_source, size, with_masks))
-             .batch(batch, drop_remainder=True)
-             .to_iter_dataset(_read_options(config)))
+  dataset = (
+    _train_indices(config, source, process_index, process_count)
+    .map(transforms.ReadExample(read_source, size, with_masks))
+    .batch(batch, drop_remainder=True)
+    .to_iter_dataset(_read_options(config))
+  )
   if num_workers:
     _ensure_flags_parsed()
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(1, int(config.data.prefetch))))
+    dataset = dataset.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=max(1, int(config.data.prefetch))
+      )
+    )
   return iter(dataset)
 
 
@@ -191,6 +214,7 @@ class EvalBatches:
   Every process gets the same number of batches (`len(self)`), so multi-host evaluation
   steps stay in lockstep.
   """
+
   dataset: grain.MapDataset
   read_options: grain.ReadOptions
   num_examples: int  # real (weight 1) examples in this process's batches
@@ -202,8 +226,13 @@ class EvalBatches:
     return iter(self.dataset.to_iter_dataset(self.read_options))
 
 
-def create_eval_batches(config: ml_collections.ConfigDict, source: Sequence[dict[str, Any]],
-                        *, process_index: int, process_count: int) -> EvalBatches:
+def create_eval_batches(
+  config: ml_collections.ConfigDict,
+  source: Sequence[dict[str, Any]],
+  *,
+  process_index: int,
+  process_count: int,
+) -> EvalBatches:
   """This process's share of `source` in order (no shuffle), every example exactly once.
 
   Batches have config.eval_batch_size // process_count rows; rows past the end of the data
@@ -211,16 +240,25 @@ def create_eval_batches(config: ml_collections.ConfigDict, source: Sequence[dict
   """
   _check_process(process_index, process_count)
   size = check_image_size(config)
-  batch = check_batch_size(config.eval_batch_size, num_devices=1, process_count=process_count,
-                           name="eval_batch_size")
+  batch = check_batch_size(
+    config.eval_batch_size, num_devices=1, process_count=process_count, name="eval_batch_size"
+  )
   indices = _process_slice(len(source), process_index, process_count)
   per_process = math.ceil(len(source) / process_count)
   num_batches = max(1, math.ceil(per_process / batch))
   padded = np.full(num_batches * batch, -1, np.int64)
-  padded[:len(indices)] = indices
-  dataset = (grain.MapDataset.source(padded)
-             .map(transforms.ReadExample(source, size))
-             .batch(batch, drop_remainder=True))
-  logging.info("eval: %d examples in %d batches of %d for process %d/%d", len(indices),
-               num_batches, batch, process_index, process_count)
+  padded[: len(indices)] = indices
+  dataset = (
+    grain.MapDataset.source(padded)
+    .map(transforms.ReadExample(source, size))
+    .batch(batch, drop_remainder=True)
+  )
+  logging.info(
+    "eval: %d examples in %d batches of %d for process %d/%d",
+    len(indices),
+    num_batches,
+    batch,
+    process_index,
+    process_count,
+  )
   return EvalBatches(dataset, _read_options(config), num_examples=len(indices))

@@ -49,8 +49,11 @@ class KaggleReader:
     self._archive = kaggle_archive.find_archive(manual_dir)
     logging.info("Reading the archive at %s", self._archive.describe())
     for ignored in self._archive.ignored_roots:
-      logging.info("Ignoring %s: a copy of the tree read from %s.",
-                   self._archive.tree.describe(ignored), self._archive.describe())
+      logging.info(
+        "Ignoring %s: a copy of the tree read from %s.",
+        self._archive.tree.describe(ignored),
+        self._archive.describe(),
+      )
     self._records, self.skipped = kaggle_archive.scan_archive(self._archive)
 
   def describe(self) -> str:
@@ -78,10 +81,18 @@ class KaggleReader:
       sex, age, finding = kaggle_archive.parse_readings(text)
     spacing, estimated = pixel_spacing(record.source, *grey.shape)
     return Example(
-        id=record.id, image=grey, mask=self._read_mask(record, grey.shape, skip),
-        label=record.label, source=record.source, spacing_mm=spacing,
-        spacing_estimated=estimated, sex=sex, age=age, finding=finding,
-        image_png=data if images.is_grey8_png(data) else None)
+      id=record.id,
+      image=grey,
+      mask=self._read_mask(record, grey.shape, skip),
+      label=record.label,
+      source=record.source,
+      spacing_mm=spacing,
+      spacing_estimated=estimated,
+      sex=sex,
+      age=age,
+      finding=finding,
+      image_png=data if images.is_grey8_png(data) else None,
+    )
 
   def _read_mask(self, record, shape, skip) -> np.ndarray | None:
     """The 0/1 mask of a record, or None (no mask, or a mask that cannot be used)."""
@@ -94,9 +105,16 @@ class KaggleReader:
       skip(Skip(record.mask, "unreadable mask", f"{e}; {kept}"))
       return None
     if mask.shape != shape:
-      skip(Skip(record.mask, "mask size differs", (
-          f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is {shape[0]}x{shape[1]}; "
-          f"{kept}")))
+      skip(
+        Skip(
+          record.mask,
+          "mask size differs",
+          (
+            f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is {shape[0]}x{shape[1]}; "
+            f"{kept}"
+          ),
+        )
+      )
       return None
     if not mask.any():
       skip(Skip(record.mask, "empty mask", f"nothing > 127; {kept}"))

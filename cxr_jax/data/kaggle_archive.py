@@ -42,6 +42,7 @@ class ArchiveError(DataError):
 @dataclasses.dataclass(frozen=True)
 class Record:
   """One chest X-ray of the archive, before decoding. Paths are relative to the tree."""
+
   id: str
   source: str  # 'montgomery' | 'shenzhen'
   label: int  # 0 normal, 1 abnormal
@@ -91,7 +92,8 @@ def _open_zip(path: pathlib.Path) -> _Tree:
   except (zipfile.BadZipFile, OSError) as e:
     raise ArchiveError(f"Cannot open {path} as a .zip archive ({e}); expected {EXPECTED}.") from e
   names = [
-    n for n in zip_file.namelist()
+    n
+    for n in zip_file.namelist()
     if not n.endswith("/") and not any(part in _IGNORED_DIRS for part in n.split("/"))
   ]
   return _Tree(str(path), names, zip_file)
@@ -112,6 +114,7 @@ def _roots(tree: _Tree) -> dict[str, int]:
 @dataclasses.dataclass
 class Archive:
   """The archive tree chosen inside manual_dir: `root` is '' or a prefix ending in '/'."""
+
   tree: _Tree
   root: str
   ignored_roots: list[str]
@@ -185,7 +188,8 @@ def _children(tree: _Tree, folder: str) -> list[str]:
     return stem, suffix != ".png", name
 
   return sorted(
-    (n for n in tree.names if n.startswith(folder) and "/" not in n[len(folder):]), key=order)
+    (n for n in tree.names if n.startswith(folder) and "/" not in n[len(folder) :]), key=order
+  )
 
 
 def scan_archive(archive: Archive) -> tuple[list[Record], list[Skip]]:
@@ -204,7 +208,9 @@ def scan_archive(archive: Archive) -> tuple[list[Record], list[Skip]]:
     if suffix not in IMAGE_SUFFIXES:
       skipped.append(Skip(name, "not an image", f"expected {'/'.join(IMAGE_SUFFIXES)}"))
     elif not _ID_PATTERN.match(stem):
-      skipped.append(Skip(name, "unrecognised name", "expected MCUCXR_<n>_<0|1> or CHNCXR_<n>_<0|1>"))
+      skipped.append(
+        Skip(name, "unrecognised name", "expected MCUCXR_<n>_<0|1> or CHNCXR_<n>_<0|1>")
+      )
     elif stem in images:
       skipped.append(Skip(name, "duplicate id", f"{stem} already read from {images[stem]}"))
     else:
@@ -238,9 +244,16 @@ def scan_archive(archive: Archive) -> tuple[list[Record], list[Skip]]:
   records = []
   for image_id, name in sorted(images.items()):
     prefix, _, label = image_id.split("_")
-    records.append(Record(
-      id=image_id, source=SOURCE_OF_PREFIX[prefix], label=int(label), image=name,
-      mask=masks.get(image_id), readings=readings.get(image_id)))
+    records.append(
+      Record(
+        id=image_id,
+        source=SOURCE_OF_PREFIX[prefix],
+        label=int(label),
+        image=name,
+        mask=masks.get(image_id),
+        readings=readings.get(image_id),
+      )
+    )
   return records, skipped
 
 
@@ -254,7 +267,8 @@ def _parent(root: str) -> str:
 _MONTGOMERY_SEX = re.compile(r"Patient'?s\s+Sex\s*:\s*([MF])", re.IGNORECASE)
 _MONTGOMERY_AGE = re.compile(r"Patient'?s\s+Age\s*:\s*0*(\d+)\s*Y?", re.IGNORECASE)
 _SHENZHEN_SEX_AGE = re.compile(
-  r"^\s*(male|female|m|f)\b[\s,:]*(\d+)?\s*(?:yrs?|years?|y)?", re.IGNORECASE)
+  r"^\s*(male|female|m|f)\b[\s,:]*(\d+)?\s*(?:yrs?|years?|y)?", re.IGNORECASE
+)
 
 
 def parse_readings(text: str) -> tuple[str, int, str]:

@@ -35,6 +35,7 @@ class Phantom:
   examples with has_mask False, whose stored mask is all zero). opacity: [H, W] float32,
   the brightening added by lesions (all zero for normal examples).
   """
+
   image: np.ndarray
   lungs: np.ndarray
   opacity: np.ndarray
@@ -50,15 +51,24 @@ def make_phantom(seed: int, index: int) -> Phantom:
   label = int(rng.random() < ABNORMAL_FRACTION)
   v, u = np.meshgrid(
     (np.arange(height, dtype=np.float32) + 0.5) / height,
-    (np.arange(width, dtype=np.float32) + 0.5) / width * 2 - 1, indexing="ij")
+    (np.arange(width, dtype=np.float32) + 0.5) / width * 2 - 1,
+    indexing="ij",
+  )
   pixel = 1.0 / min(height, width)  # one pixel in normalised units (roughly)
 
   # ----- anatomy (hard regions) -----
   u0 = rng.normal(0, 0.03)
   body_half_width = rng.uniform(0.78, 0.95) * (0.5 + 0.5 * np.sqrt(np.clip(v / 0.3, 0, 1)))
   body = (np.abs(u - u0) < body_half_width).astype(np.float32)
-  heart = _ellipse(u, v, u0 + rng.uniform(0.1, 0.2), rng.uniform(0.6, 0.7),
-                   rng.uniform(0.24, 0.34), rng.uniform(0.15, 0.22), rng.uniform(-0.4, 0.1))
+  heart = _ellipse(
+    u,
+    v,
+    u0 + rng.uniform(0.1, 0.2),
+    rng.uniform(0.6, 0.7),
+    rng.uniform(0.24, 0.34),
+    rng.uniform(0.15, 0.22),
+    rng.uniform(-0.4, 0.1),
+  )
   mediastinum = np.abs(u - u0) < rng.uniform(0.06, 0.11)
   lungs = np.zeros((height, width), bool)
   diaphragm = np.zeros((height, width), bool)
@@ -90,8 +100,13 @@ def make_phantom(seed: int, index: int) -> Phantom:
   image = np.clip((image - lo) / (hi - lo), 0, 1) ** rng.uniform(0.8, 1.25)
   image += rng.uniform(0.01, 0.035) * rng.standard_normal(image.shape, dtype=np.float32)
   image = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
-  return Phantom(image=image, lungs=lungs.astype(np.uint8), opacity=opacity.astype(np.float32),
-                 has_mask=has_mask, label=label)
+  return Phantom(
+    image=image,
+    lungs=lungs.astype(np.uint8),
+    opacity=opacity.astype(np.float32),
+    has_mask=has_mask,
+    label=label,
+  )
 
 
 def _draw_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -146,7 +161,7 @@ def _ribs(rng, u, v, u0, pixel) -> np.ndarray:
     spacing = rng.uniform(0.06, 0.08)
     count = int(rng.integers(8, 11))
     thick = rng.uniform(0.014, 0.026)
-    curve = top + rng.uniform(0.0, 0.1) * lateral + rng.uniform(0.25, 0.45) * lateral ** 2
+    curve = top + rng.uniform(0.0, 0.1) * lateral + rng.uniform(0.25, 0.45) * lateral**2
     phase = (v - curve) / spacing
     k = np.floor(phase + 0.5)
     dist = np.abs(phase - k) * spacing
@@ -173,7 +188,7 @@ def _lesions(rng, u, v, lungs, lung_depth) -> np.ndarray:
       i = rng.integers(len(ys))
       sigma = rng.uniform(0.025, 0.06)
       d2 = (u - u[ys[i], xs[i]]) ** 2 + (v - v[ys[i], xs[i]]) ** 2
-      out += rng.uniform(0.5, 0.9) * lung_depth * np.exp(-d2 / (2 * sigma ** 2))
+      out += rng.uniform(0.5, 0.9) * lung_depth * np.exp(-d2 / (2 * sigma**2))
   return out * lungs
 
 
@@ -201,8 +216,7 @@ def _smooth_noise(rng, height: int, width: int, cells: int) -> np.ndarray:
   fy, fx = (y - y0)[:, None], (x - x0)[None, :]
   g00, g01 = grid[y0][:, x0], grid[y0][:, x0 + 1]
   g10, g11 = grid[y0 + 1][:, x0], grid[y0 + 1][:, x0 + 1]
-  return (g00 * (1 - fy) * (1 - fx) + g01 * (1 - fy) * fx + g10 * fy * (1 - fx)
-          + g11 * fy * fx)
+  return g00 * (1 - fy) * (1 - fx) + g01 * (1 - fy) * fx + g10 * fy * (1 - fx) + g11 * fy * fx
 
 
 def phantom_id(index: int) -> str:
@@ -230,6 +244,10 @@ class PhantomReader:
   def read(self, index: int, skip) -> Example:
     del skip  # a phantom is always usable
     phantom = make_phantom(SYNTHETIC_SEED, index)
-    return Example(id=phantom_id(index), image=phantom.image,
-                   mask=phantom.lungs if phantom.has_mask else None, label=phantom.label,
-                   source="synthetic")
+    return Example(
+      id=phantom_id(index),
+      image=phantom.image,
+      mask=phantom.lungs if phantom.has_mask else None,
+      label=phantom.label,
+      source="synthetic",
+    )

@@ -24,6 +24,7 @@ from cxr_jax.data import registry
 
 # ----- counts -----
 
+
 def count_keys() -> tuple[str, ...]:
   """The table's columns: totals, masks, labels, then every registered source."""
   return ("total", "with_mask", "without_mask", "normal", "abnormal", *registry.source_names())
@@ -71,26 +72,40 @@ def format_counts(counts: dict[str, collections.Counter]) -> str:
     lines.append(f"{split:<11}" + "".join(f"{c[k]:>{width}}" for k in keys))
   total = rows["all"]
   sizes = sorted(((n, k[5:]) for k, n in total.items() if k.startswith("size ")), reverse=True)
-  lines.append(f"image sizes (HxW: count), {len(sizes)} distinct: "
-               + ", ".join(f"{s}: {n}" for n, s in sizes[:6]) + (" ..." if len(sizes) > 6 else ""))
-  checks = ("mask_not_binary", "mask_size_differs", "empty_mask_with_has_mask",
-            "mask_without_has_mask")
+  lines.append(
+    f"image sizes (HxW: count), {len(sizes)} distinct: "
+    + ", ".join(f"{s}: {n}" for n, s in sizes[:6])
+    + (" ..." if len(sizes) > 6 else "")
+  )
+  checks = (
+    "mask_not_binary",
+    "mask_size_differs",
+    "empty_mask_with_has_mask",
+    "mask_without_has_mask",
+  )
   lines.append("checks (must be 0): " + ", ".join(f"{k}={total[k]}" for k in checks))
   return "\n".join(lines)
 
 
 # ----- command line -----
 
+
 def define_flags() -> None:
   """The command's flags; defined only when run as a command, so importing prepare (as
   train.py does) adds no flags to other programs."""
-  flags.DEFINE_enum("dataset", "synthetic", [*registry.names(), "auto"],
-                    "Which config of cxr_masks_and_labels to build.")
+  flags.DEFINE_enum(
+    "dataset",
+    "synthetic",
+    [*registry.names(), "auto"],
+    "Which config of cxr_masks_and_labels to build.",
+  )
   flags.DEFINE_string(
-    "manual_dir", "", f"Kaggle archive: its folder or .zip ('' -> ${datasets.MANUAL_DIR_ENV}).")
+    "manual_dir", "", f"Kaggle archive: its folder or .zip ('' -> ${datasets.MANUAL_DIR_ENV})."
+  )
   flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data dir.")
   flags.DEFINE_integer(
-    "synthetic_examples", 0, "Number of synthetic examples (all splits; 0: the default).")
+    "synthetic_examples", 0, "Number of synthetic examples (all splits; 0: the default)."
+  )
   flags.DEFINE_bool("strict", False, "Fail on the first unusable file.")
 
 
@@ -100,10 +115,16 @@ def main(argv: Sequence[str]) -> None:
   args = flags.FLAGS
   name, manual_dir = args.dataset, args.manual_dir
   if name == "auto":
-    name, manual_dir = datasets.resolve_name(ml_collections.ConfigDict(
-      {"name": "auto", "manual_dir": manual_dir}))
-  builder = datasets.load_builder(name, data_dir=args.data_dir, manual_dir=manual_dir,
-                         synthetic_examples=args.synthetic_examples, strict=args.strict)
+    name, manual_dir = datasets.resolve_name(
+      ml_collections.ConfigDict({"name": "auto", "manual_dir": manual_dir})
+    )
+  builder = datasets.load_builder(
+    name,
+    data_dir=args.data_dir,
+    manual_dir=manual_dir,
+    synthetic_examples=args.synthetic_examples,
+    strict=args.strict,
+  )
   print(f"{builder.info.full_name} in {builder.data_dir}")
   print(format_counts(split_counts(builder)))
   skipped = builder.info.metadata.get("skipped", []) if builder.info.metadata else []

@@ -33,6 +33,7 @@ class Letterbox:
   pad_top, pad_left: rows/columns of padding before the content.
   height, width: the native image's shape.
   """
+
   scale: float
   pad_top: int
   pad_left: int
@@ -47,8 +48,10 @@ class Letterbox:
 def content_shape(height: int, width: int, size: int) -> tuple[int, int]:
   """Shape of a `height` x `width` image after scaling its long side to `size`."""
   long_side = max(height, width)
-  return (max(1, min(size, round(height * size / long_side))),
-          max(1, min(size, round(width * size / long_side))))
+  return (
+    max(1, min(size, round(height * size / long_side))),
+    max(1, min(size, round(width * size / long_side))),
+  )
 
 
 def _as_2d(image: np.ndarray, what: str) -> np.ndarray:
@@ -56,8 +59,10 @@ def _as_2d(image: np.ndarray, what: str) -> np.ndarray:
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
   if image.ndim != 2:
-    raise ValueError(f"{what} must be [H, W] or [H, W, 1] (one grey channel), got shape "
-                     f"{image.shape}; convert colour images to grey first.")
+    raise ValueError(
+      f"{what} must be [H, W] or [H, W, 1] (one grey channel), got shape "
+      f"{image.shape}; convert colour images to grey first."
+    )
   if image.shape[0] < 1 or image.shape[1] < 1:
     raise ValueError(f"{what} is empty (shape {image.shape}).")
   return image
@@ -93,8 +98,9 @@ def _resize(image: np.ndarray, shape: tuple[int, int], order: str) -> np.ndarray
   return np.asarray(out)
 
 
-def letterbox(image: np.ndarray, size: int, *, order: str = "bilinear",
-              pad_value: float = 0) -> tuple[np.ndarray, Letterbox]:
+def letterbox(
+  image: np.ndarray, size: int, *, order: str = "bilinear", pad_value: float = 0
+) -> tuple[np.ndarray, Letterbox]:
   """Scales the long side of `image` to `size` and pads the short side, centred.
 
   Args:
@@ -116,9 +122,10 @@ def letterbox(image: np.ndarray, size: int, *, order: str = "bilinear",
   content = _resize(image, (rows, cols), order)
   pad_top, pad_left = (size - rows) // 2, (size - cols) // 2
   out = np.full((size, size), pad_value, dtype=content.dtype)
-  out[pad_top:pad_top + rows, pad_left:pad_left + cols] = content
-  box = Letterbox(scale=size / max(height, width), pad_top=pad_top, pad_left=pad_left,
-                  height=height, width=width)
+  out[pad_top : pad_top + rows, pad_left : pad_left + cols] = content
+  box = Letterbox(
+    scale=size / max(height, width), pad_top=pad_top, pad_left=pad_left, height=height, width=width
+  )
   return out, box
 
 
@@ -140,9 +147,11 @@ def unletterbox(pred: np.ndarray, box: Letterbox, *, order: str = "bilinear") ->
   size = pred.shape[0]
   rows, cols = box.content_shape(size)
   if box.pad_top != (size - rows) // 2 or box.pad_left != (size - cols) // 2:
-    raise ValueError(f"{box} does not match a {size}x{size} prediction (expected pad "
-                     f"({(size - rows) // 2}, {(size - cols) // 2})); pass the box of this image.")
-  crop = pred[box.pad_top:box.pad_top + rows, box.pad_left:box.pad_left + cols]
+    raise ValueError(
+      f"{box} does not match a {size}x{size} prediction (expected pad "
+      f"({(size - rows) // 2}, {(size - cols) // 2})); pass the box of this image."
+    )
+  crop = pred[box.pad_top : box.pad_top + rows, box.pad_left : box.pad_left + cols]
   native = (box.height, box.width)
   if crop.ndim == 2:
     return _resize(crop, native, order)
@@ -193,10 +202,10 @@ def prepare_image(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
   """
   boxed, box = letterbox(image, size, order="bilinear")
   rows, cols = box.content_shape(size)
-  content = boxed[box.pad_top:box.pad_top + rows, box.pad_left:box.pad_left + cols]
+  content = boxed[box.pad_top : box.pad_top + rows, box.pad_left : box.pad_left + cols]
   content = normalise(content)
   out = np.full((size, size), content.min(), dtype=np.float32)
-  out[box.pad_top:box.pad_top + rows, box.pad_left:box.pad_left + cols] = content
+  out[box.pad_top : box.pad_top + rows, box.pad_left : box.pad_left + cols] = content
   return out, box
 
 

@@ -103,13 +103,22 @@ def source_colours() -> dict[str, str]:
   return {source: colour for kind in KINDS.values() for source, colour in kind.sources.items()}
 
 
-register(DatasetKind(
+register(
+  DatasetKind(
     name="kaggle",
     description="Montgomery + Shenzhen sets of the Kaggle archive (manual_dir).",
     sources={"montgomery": "#1f77b4", "shenzhen": "#ff7f0e"},
-    open_reader=kaggle.KaggleReader, find=kaggle.find))
-register(DatasetKind(
+    open_reader=kaggle.KaggleReader,
+    find=kaggle.find,
+  )
+)
+register(
+  DatasetKind(
     name="synthetic",
     description=f"Procedural chest X-ray phantoms (seed {phantoms.SYNTHETIC_SEED}).",
     sources={"synthetic": "#7f7f7f"},
-    open_reader=phantoms.PhantomReader, default_size=400, id_of=phantoms.phantom_id))
+    open_reader=phantoms.PhantomReader,
+    default_size=400,
+    id_of=phantoms.phantom_id,
+  )
+)

@@ -42,31 +42,31 @@ class ReadExample:
     else:
       mask = np.zeros((size, size), np.float32)
     return {
-        "image": image[..., None],
-        "mask": mask[..., None],
-        "has_mask": np.float32(has_mask),
-        "label": np.int32(record.get("label", 0)),
-        "source": np.int32(record.get("source", 0)),
-        "weight": np.float32(1.0),
-        "orig_size": np.array([box.height, box.width], np.int32),
-        "scale": np.float32(box.scale),
-        "pad": np.array([box.pad_top, box.pad_left], np.int32),
-        "id": records.decode_id(record.get("id", b"")),
+      "image": image[..., None],
+      "mask": mask[..., None],
+      "has_mask": np.float32(has_mask),
+      "label": np.int32(record.get("label", 0)),
+      "source": np.int32(record.get("source", 0)),
+      "weight": np.float32(1.0),
+      "orig_size": np.array([box.height, box.width], np.int32),
+      "scale": np.float32(box.scale),
+      "pad": np.array([box.pad_top, box.pad_left], np.int32),
+      "id": records.decode_id(record.get("id", b"")),
     }
 
 
 def padding_example(size: int) -> dict[str, Any]:
   return {
-      "image": np.zeros((size, size, 1), np.float32),
-      "mask": np.zeros((size, size, 1), np.float32),
-      "has_mask": np.float32(0),
-      "label": np.int32(0),
-      "source": np.int32(0),
-      "weight": np.float32(0),
-      "orig_size": np.array([size, size], np.int32),
-      "scale": np.float32(1),
-      "pad": np.zeros(2, np.int32),
-      "id": "",
+    "image": np.zeros((size, size, 1), np.float32),
+    "mask": np.zeros((size, size, 1), np.float32),
+    "has_mask": np.float32(0),
+    "label": np.int32(0),
+    "source": np.int32(0),
+    "weight": np.float32(0),
+    "orig_size": np.array([size, size], np.int32),
+    "scale": np.float32(1),
+    "pad": np.zeros(2, np.int32),
+    "id": "",
   }
 
 

@@ -37,14 +37,17 @@ THUMBNAIL_SIDE = 320  # pixels kept per image for the report's pictures
 # image's pixels in the raw predicted mask (`native_mask`, as predict's CSV); `_post`: of the
 # post-processed mask.
 CSV_FIELDS = (
-    ["id", "source", "label", "has_mask", "height", "width", "spacing_mm", "spacing_estimated"]
-    + list(surface.MASK_METRICS) + [f"{m}_post" for m in surface.MASK_METRICS]
-    + ["lung_fraction", "lung_fraction_post", "p_abnormal"])
+  ["id", "source", "label", "has_mask", "height", "width", "spacing_mm", "spacing_estimated"]
+  + list(surface.MASK_METRICS)
+  + [f"{m}_post" for m in surface.MASK_METRICS]
+  + ["lung_fraction", "lung_fraction_post", "p_abnormal"]
+)
 
 
 @dataclasses.dataclass
 class Case:
   """What the report draws of one image: small copies of image, truth and prediction."""
+
   id: str
   source: str
   image: np.ndarray  # uint8 [h, w] (longest side THUMBNAIL_SIDE at most)
@@ -73,19 +76,24 @@ def _thumbnail(array: np.ndarray) -> np.ndarray:
   if array.dtype == np.bool_:
     small = Image.fromarray(array.astype(np.uint8) * 255).resize(size, Image.Resampling.BOX)
     return np.asarray(small) >= 128
-  return np.asarray(Image.fromarray(array).resize(size, Image.Resampling.BILINEAR,
-                                                  reducing_gap=3.0))
+  return np.asarray(
+    Image.fromarray(array).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+  )
 
 
-def predict_split(inference: Inference, config: ml_collections.ConfigDict,
-                  source: Sequence[Mapping[str, Any]], *, native: bool = True,
-                  progress: str = "") -> SplitResult:
+def predict_split(
+  inference: Inference,
+  config: ml_collections.ConfigDict,
+  source: Sequence[Mapping[str, Any]],
+  *,
+  native: bool = True,
+  progress: str = "",
+) -> SplitResult:
   """Predicts every example of `source` (eval batches) and scores it at native resolution.
 
   native=False only collects labels and p(abnormal) (threshold choice on validation).
   """
-  batches = input_pipeline.create_eval_batches(config, source, process_index=0,
-                                               process_count=1)
+  batches = input_pipeline.create_eval_batches(config, source, process_index=0, process_count=1)
   rows, cases, labels, probs = [], {}, [], []
   bar = Progress(len(source), progress) if progress else None
   attention_left = NUM_ATTENTION_CASES
@@ -99,8 +107,10 @@ def predict_split(inference: Inference, config: ml_collections.ConfigDict,
       if native:
         record = source[position]
         if records.decode_id(record["id"]) != batch["id"][i]:
-          raise RuntimeError(f"eval batch order differs from the source at {position}: "
-                             f"{batch['id'][i]!r} vs {records.decode_id(record['id'])!r}")
+          raise RuntimeError(
+            f"eval batch order differs from the source at {position}: "
+            f"{batch['id'][i]!r} vs {records.decode_id(record['id'])!r}"
+          )
         row, case = _score_image(record, batch, i, outputs, inference)
         row["p_abnormal"] = p
         if attention_left and "attention" in outputs and case.truth is not None:
@@ -114,27 +124,46 @@ def predict_split(inference: Inference, config: ml_collections.ConfigDict,
       bar.update(int((batch["weight"] > 0).sum()))
   if bar:
     bar.close()
-  return SplitResult(rows, cases, np.asarray(labels, np.int64),
-                     np.asarray(probs, np.float64) if inference.classifies else None)
+  return SplitResult(
+    rows,
+    cases,
+    np.asarray(labels, np.int64),
+    np.asarray(probs, np.float64) if inference.classifies else None,
+  )
 
 
-def _score_image(record: Mapping[str, Any], batch: Mapping[str, np.ndarray], i: int,
-                 outputs: Mapping[str, Any], inference: Inference) -> tuple[dict, Case]:
+def _score_image(
+  record: Mapping[str, Any],
+  batch: Mapping[str, np.ndarray],
+  i: int,
+  outputs: Mapping[str, Any],
+  inference: Inference,
+) -> tuple[dict, Case]:
   """Per-image row (metrics at native size) and its report thumbnails."""
   image = np.asarray(record["image"])[..., 0]
   height, width = image.shape
   src = _source_name(int(batch["source"][i]))
   has_mask = bool(record.get("has_mask", False))
   spacing = _spacing(record)
-  row = {"id": batch["id"][i], "source": src, "label": int(batch["label"][i]),
-         "has_mask": int(has_mask), "height": height, "width": width,
-         "spacing_mm": "" if spacing is None else f"{spacing[0]:.4f}x{spacing[1]:.4f}",
-         "spacing_estimated": "" if spacing is None else int(record["spacing_estimated"])}
+  row = {
+    "id": batch["id"][i],
+    "source": src,
+    "label": int(batch["label"][i]),
+    "has_mask": int(has_mask),
+    "height": height,
+    "width": width,
+    "spacing_mm": "" if spacing is None else f"{spacing[0]:.4f}x{spacing[1]:.4f}",
+    "spacing_estimated": "" if spacing is None else int(record["spacing_estimated"]),
+  }
   case = Case(row["id"], src, _thumbnail(image), None, None, None)
   if inference.segments:
     box = preprocess.Letterbox(
-        scale=float(batch["scale"][i]), pad_top=int(batch["pad"][i][0]),
-        pad_left=int(batch["pad"][i][1]), height=height, width=width)
+      scale=float(batch["scale"][i]),
+      pad_top=int(batch["pad"][i][0]),
+      pad_left=int(batch["pad"][i][1]),
+      height=height,
+      width=width,
+    )
     pred = native_mask(outputs["prob"][i], box, clean=False)
     pred_post = postprocess.clean_mask(pred)  # == native_mask(..., clean=True)
     row["lung_fraction"] = float(pred.mean())
@@ -143,8 +172,9 @@ def _score_image(record: Mapping[str, Any], batch: Mapping[str, np.ndarray], i: 
     if has_mask:
       truth = np.asarray(record["mask"])[..., 0] > 0
       row.update(surface.mask_metrics(pred, truth, spacing))
-      row.update({f"{k}_post": v for k, v in
-                  surface.mask_metrics(pred_post, truth, spacing).items()})
+      row.update(
+        {f"{k}_post": v for k, v in surface.mask_metrics(pred_post, truth, spacing).items()}
+      )
       case.truth = _thumbnail(truth)
   return row, case
 
@@ -160,9 +190,15 @@ def _source_name(index: int) -> str:
   return names[index] if 0 <= index < len(names) else str(index)
 
 
-def evaluate_split(config: ml_collections.ConfigDict, model: nnx.Module, split: str,
-                   get_source: Callable[[str], Sequence[Mapping[str, Any]]], *,
-                   batch_size: int = 0, progress: bool = True) -> tuple[dict[str, Any], SplitResult]:
+def evaluate_split(
+  config: ml_collections.ConfigDict,
+  model: nnx.Module,
+  split: str,
+  get_source: Callable[[str], Sequence[Mapping[str, Any]]],
+  *,
+  batch_size: int = 0,
+  progress: bool = True,
+) -> tuple[dict[str, Any], SplitResult]:
   """Scores `model` on `split` at native resolution -> (summary, per-image result).
 
   Args:
@@ -177,71 +213,96 @@ def evaluate_split(config: ml_collections.ConfigDict, model: nnx.Module, split: 
   config.eval_batch_size = batch_size or int(config.eval_batch_size)
   config.data.num_workers = 0
   inference = Inference(config, model, batch_size=config.eval_batch_size, attention=True)
-  result = predict_split(inference, config, get_source(split),
-                         progress=f"evaluate {split}" if progress else "")
+  result = predict_split(
+    inference, config, get_source(split), progress=f"evaluate {split}" if progress else ""
+  )
   summary: dict[str, Any] = {
-      "split": split, "model": config.model.name, "dataset": config.data.name,
-      "image_size": int(config.data.image_size), "num_images": len(result.rows),
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "split": split,
+    "model": config.model.name,
+    "dataset": config.data.name,
+    "image_size": int(config.data.image_size),
+    "num_images": len(result.rows),
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   for head in inference.heads:
     if head.task == "segmentation":
       summary[head.task] = _segmentation_summary(result.rows, config)
     elif head.task == "classification":
-      summary[head.task] = _classification_summary(result, inference, config, split, get_source,
-                                                   progress)
+      summary[head.task] = _classification_summary(
+        result, inference, config, split, get_source, progress
+      )
   return summary, result
 
 
-def _segmentation_summary(rows: Sequence[Mapping[str, Any]],
-                          config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _segmentation_summary(
+  rows: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict
+) -> dict[str, Any]:
   masked = [r for r in rows if r["has_mask"]]
-  post_rows = [{"id": r["id"], "source": r["source"],
-                **{m: r[f"{m}_post"] for m in surface.MASK_METRICS}} for r in masked]
+  post_rows = [
+    {"id": r["id"], "source": r["source"], **{m: r[f"{m}_post"] for m in surface.MASK_METRICS}}
+    for r in masked
+  ]
   raw = surface.aggregate(masked, num_worst=NUM_WORST)
   post = surface.aggregate(post_rows, num_worst=NUM_WORST)
   with_mm = [r for r in masked if r.get("spacing_estimated") != ""]
   estimated = sum(r.get("spacing_estimated") == 1 for r in with_mm)
   return {
-      "num_images_with_mask": len(masked),
-      "primary": "postprocessed" if config.get("postprocess", False) else "raw",
-      "raw": raw, "postprocessed": post,
-      "dice": raw["all"]["dice"]["mean"], "dice_postprocessed": post["all"]["dice"]["mean"],
-      "notes": {
-          "threshold": f"p(lung) >= {MASK_THRESHOLD} after bilinear mapping to the "
-                       "native size",
-          "postprocessed": "two largest 8-connected components kept, holes filled",
-          "empty_masks": "both empty: overlap 1, distances 0; one empty: overlap 0, "
-                         "distances = image diagonal",
-          "hd95": "95th percentile of boundary distances, both directions pooled",
-          "asd": "average symmetric surface distance (mean of the two directed means)",
-          "mm": (f"{len(with_mm)} of {len(masked)} images have a known pixel spacing"
-                 + (f", estimated for {estimated} (resized images)" if estimated else "")),
-      },
+    "num_images_with_mask": len(masked),
+    "primary": "postprocessed" if config.get("postprocess", False) else "raw",
+    "raw": raw,
+    "postprocessed": post,
+    "dice": raw["all"]["dice"]["mean"],
+    "dice_postprocessed": post["all"]["dice"]["mean"],
+    "notes": {
+      "threshold": f"p(lung) >= {MASK_THRESHOLD} after bilinear mapping to the native size",
+      "postprocessed": "two largest 8-connected components kept, holes filled",
+      "empty_masks": "both empty: overlap 1, distances 0; one empty: overlap 0, "
+      "distances = image diagonal",
+      "hd95": "95th percentile of boundary distances, both directions pooled",
+      "asd": "average symmetric surface distance (mean of the two directed means)",
+      "mm": (
+        f"{len(with_mm)} of {len(masked)} images have a known pixel spacing"
+        + (f", estimated for {estimated} (resized images)" if estimated else "")
+      ),
+    },
   }
 
 
-def _classification_summary(result: SplitResult, inference: Inference,
-                            config: ml_collections.ConfigDict, split: str, get_source,
-                            progress: bool) -> dict[str, Any]:
+def _classification_summary(
+  result: SplitResult,
+  inference: Inference,
+  config: ml_collections.ConfigDict,
+  split: str,
+  get_source,
+  progress: bool,
+) -> dict[str, Any]:
   if split == "validation":
     labels, probs, origin = result.labels, result.probs, "validation (the evaluated split)"
   else:
-    val = predict_split(inference, config, get_source("validation"), native=False,
-                        progress="threshold on validation" if progress else "")
+    val = predict_split(
+      inference,
+      config,
+      get_source("validation"),
+      native=False,
+      progress="threshold on validation" if progress else "",
+    )
     labels, probs, origin = val.labels, val.probs, "validation"
   threshold = classification_stats.youden_threshold(labels, probs)
   if not math.isfinite(threshold):
     threshold, origin = 0.5, "0.5 (validation has a single class)"
-  summary = classification_stats.classification_summary(result.labels, result.probs, threshold=threshold,
-                                   threshold_from=origin, seed=int(config.seed))
+  summary = classification_stats.classification_summary(
+    result.labels, result.probs, threshold=threshold, threshold_from=origin, seed=int(config.seed)
+  )
   per_source = {}
   for name in registry.source_names():
     index = np.array([r["source"] == name for r in result.rows], bool)
     if index.any():
       per_source[name] = {
-          "num_images": int(index.sum()),
-          "auc": classification_stats.roc_auc(scores=result.probs[index], labels=result.labels[index]),
-          "accuracy": float(((result.probs[index] >= 0.5) == result.labels[index]).mean())}
+        "num_images": int(index.sum()),
+        "auc": classification_stats.roc_auc(
+          scores=result.probs[index], labels=result.labels[index]
+        ),
+        "accuracy": float(((result.probs[index] >= 0.5) == result.labels[index]).mean()),
+      }
   summary["per_source"] = per_source
   return summary

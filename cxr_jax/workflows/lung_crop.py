@@ -51,7 +51,7 @@ class Segmenter:
     size = self.inference.image_size
     results = []
     for start in range(0, len(images), self.inference.batch_size):
-      chunk = [np.asarray(image) for image in images[start:start + self.inference.batch_size]]
+      chunk = [np.asarray(image) for image in images[start : start + self.inference.batch_size]]
       chunk = [image[..., 0] if image.ndim == 3 else image for image in chunk]
       prepared = [preprocess.prepare_image(image, size) for image in chunk]
       probs = self.inference(np.stack([x for x, _ in prepared])[..., None])["prob"]
@@ -63,25 +63,28 @@ class Segmenter:
 
 def _check_segmentation_workdir(seg_workdir: str) -> None:
   if not seg_workdir:
-    raise ValueError("config.data.crop_to_lungs needs --config.data.crop_workdir=DIR, the "
-                     "workdir of a trained segmentation run (configs/unet.py).")
+    raise ValueError(
+      "config.data.crop_to_lungs needs --config.data.crop_workdir=DIR, the "
+      "workdir of a trained segmentation run (configs/unet.py)."
+    )
   if not os.path.exists(os.path.join(seg_workdir, rundir.CONFIG_FILE)):
     raise FileNotFoundError(
-        f"config.data.crop_workdir={seg_workdir!r} is not a training workdir (no "
-        "config.json): train a segmentation model first, e.g. python -m cxr_jax.main "
-        "--config=configs/unet.py --workdir=DIR, and pass that DIR.")
+      f"config.data.crop_workdir={seg_workdir!r} is not a training workdir (no "
+      "config.json): train a segmentation model first, e.g. python -m cxr_jax.main "
+      "--config=configs/unet.py --workdir=DIR, and pass that DIR."
+    )
 
 
 def segmenter_step(seg_workdir: str) -> int:
   """The checkpoint step `load_segmenter(seg_workdir)` restores."""
   _check_segmentation_workdir(seg_workdir)
-  manager = checkpoint.create_manager(seg_workdir, rundir.load_config(seg_workdir),
-                                      read_only=True)
+  manager = checkpoint.create_manager(seg_workdir, rundir.load_config(seg_workdir), read_only=True)
   try:
     return rundir.select_step(manager, SEGMENTER_CHECKPOINT)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"config.data.crop_workdir={seg_workdir!r}: {e} Train the "
-                            "segmentation run first.") from e
+    raise FileNotFoundError(
+      f"config.data.crop_workdir={seg_workdir!r}: {e} Train the segmentation run first."
+    ) from e
 
 
 def load_segmenter(seg_workdir: str, *, batch_size: int = 16) -> Segmenter:
@@ -90,13 +93,16 @@ def load_segmenter(seg_workdir: str, *, batch_size: int = 16) -> Segmenter:
   seg_config, model, step = rundir.restore_model(seg_workdir, SEGMENTER_CHECKPOINT)
   inference = inference_lib.Inference(seg_config, model, batch_size=batch_size)
   if not inference.segments:
-    raise ValueError(f"config.data.crop_workdir={seg_workdir!r} holds a "
-                     f"{seg_config.model.name!r} model, which does not segment lungs.")
+    raise ValueError(
+      f"config.data.crop_workdir={seg_workdir!r} holds a "
+      f"{seg_config.model.name!r} model, which does not segment lungs."
+    )
   return Segmenter(inference, os.path.abspath(seg_workdir), step)
 
 
-def compute_lung_boxes(segmenter: Segmenter, source: Sequence[Mapping[str, Any]], *,
-                       progress: bool = True) -> dict[str, crops.Box | None]:
+def compute_lung_boxes(
+  segmenter: Segmenter, source: Sequence[Mapping[str, Any]], *, progress: bool = True
+) -> dict[str, crops.Box | None]:
   """Predicted lung boxes (native pixels) of every image of `source`, keyed by id."""
   batch_size = segmenter.inference.batch_size
   boxes: dict[str, crops.Box | None] = {}
@@ -128,9 +134,9 @@ def _stale_reason(cache: str, seg_workdir: str, step: int) -> str:
   return ""
 
 
-def maybe_crop(config: ml_collections.ConfigDict, split: str,
-               source: Sequence[Mapping[str, Any]], workdir: str
-               ) -> Sequence[Mapping[str, Any]]:
+def maybe_crop(
+  config: ml_collections.ConfigDict, split: str, source: Sequence[Mapping[str, Any]], workdir: str
+) -> Sequence[Mapping[str, Any]]:
   """`source` cropped to the lungs when `config.data.crop_to_lungs`, else `source`.
 
   Every process must call it (it synchronises them when there are several).
@@ -149,14 +155,25 @@ def maybe_crop(config: ml_collections.ConfigDict, split: str,
       boxes = compute_lung_boxes(segmenter, source)
       os.makedirs(workdir, exist_ok=True)
       with open(cache + ".tmp", "w") as f:
-        json.dump({"seg_workdir": segmenter.workdir, "seg_step": segmenter.step,
-                   "seg_checkpoint": SEGMENTER_CHECKPOINT, "boxes": boxes}, f)
+        json.dump(
+          {
+            "seg_workdir": segmenter.workdir,
+            "seg_step": segmenter.step,
+            "seg_checkpoint": SEGMENTER_CHECKPOINT,
+            "boxes": boxes,
+          },
+          f,
+        )
       os.replace(cache + ".tmp", cache)  # never a half-written cache
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"lung_boxes_{split}")
   with open(cache) as f:
     boxes = {k: (tuple(v) if v else None) for k, v in json.load(f)["boxes"].items()}
   missing = sum(box is None for box in boxes.values())
-  logging.info("Lung crops for %s: %d images, %d without a predicted lung (kept whole).",
-               split, len(boxes), missing)
+  logging.info(
+    "Lung crops for %s: %d images, %d without a predicted lung (kept whole).",
+    split,
+    len(boxes),
+    missing,
+  )
   return crops.CroppedSource(source, boxes, float(config.data.crop_margin))

@@ -39,6 +39,7 @@ from cxr_jax.workflows import lung_crop
 @flax.struct.dataclass
 class TrainState:
   """Everything the step changes. Pytree; replicated over the mesh."""
+
   step: jax.Array  # int32 []
   params: nnx.State  # nnx.Param variables
   model_state: nnx.State  # the other variables: batch statistics, dropout RNG counters
@@ -47,15 +48,21 @@ class TrainState:
 
   def checkpoint_items(self) -> dict[str, Any]:
     # 'rest': the model state's name on disk since the first release, so older runs resume.
-    return {"model": {"params": self.params, "rest": self.model_state},
-            "optimizer": self.opt_state,
-            "train": {"step": self.step, "rng": self.rng}}
+    return {
+      "model": {"params": self.params, "rest": self.model_state},
+      "optimizer": self.opt_state,
+      "train": {"step": self.step, "rng": self.rng},
+    }
 
   @classmethod
   def from_checkpoint_items(cls, items: Mapping[str, Any]) -> "TrainState":
-    return cls(step=items["train"]["step"], params=items["model"]["params"],
-               model_state=items["model"]["rest"], opt_state=items["optimizer"],
-               rng=items["train"]["rng"])
+    return cls(
+      step=items["train"]["step"],
+      params=items["model"]["params"],
+      model_state=items["model"]["rest"],
+      opt_state=items["optimizer"],
+      rng=items["train"]["rng"],
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -68,8 +75,9 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
   if optim.schedule == "constant":
     after = optax.constant_schedule(optim.learning_rate)
   elif optim.schedule == "cosine":
-    after = optax.cosine_decay_schedule(optim.learning_rate,
-                                        max(1, config.num_train_steps - warmup))
+    after = optax.cosine_decay_schedule(
+      optim.learning_rate, max(1, config.num_train_steps - warmup)
+    )
   else:
     raise ValueError(f"config.optim.schedule={optim.schedule!r}; valid: 'cosine', 'constant'.")
   warm = optax.linear_schedule(optim.learning_rate / max(1, warmup), optim.learning_rate, warmup)
@@ -95,29 +103,36 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
   return tx
 
 
-def create_train_state(config: ml_collections.ConfigDict,
-                       tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(
+  config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+) -> TrainState:
   """A fresh TrainState from `config.seed` (run it under jax.jit with out_shardings)."""
   # Parameters from an 'rbg' key: XLA compiles the threefry initialisers of a U-Net ~9x
   # slower on CPU (33 s vs 4 s for the smoke model), and init runs once, unsharded.
   rngs = nnx.Rngs(params=jax.random.key(config.seed, impl="rbg"), dropout=config.seed + 1)
   model = models.create_model(config.model, rngs=rngs)
   _, params, model_state = nnx.split(model, nnx.Param, ...)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                    opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(config.seed)))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=model_state,
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(jax.random.key(config.seed)),
+  )
 
 
 # ----------------------------------------------------------------------------------------
 # Steps.
 # ----------------------------------------------------------------------------------------
-def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation):
+def make_train_step(
+  graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+):
   """Returns `train_step(state, batch) -> (state, scalars)`; pure, ready for jax.jit."""
   lr_fn = create_learning_rate_fn(config)
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]
-                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+  def train_step(
+    state: TrainState, batch: dict[str, jax.Array]
+  ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update.
 
     Args:
@@ -139,13 +154,19 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
       return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
 
     (loss, (model_state, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.model_state)
+      state.params, state.model_state
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state)
-    scalars = {"loss": loss, "learning_rate": lr_fn(state.step),
-               "grad_norm": optax.tree.norm(grads), **parts}
+    new_state = state.replace(
+      step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+    )
+    scalars = {
+      "loss": loss,
+      "learning_rate": lr_fn(state.step),
+      "grad_norm": optax.tree.norm(grads),
+      **parts,
+    }
     return new_state, scalars
 
   return train_step
@@ -179,8 +200,11 @@ class ProgressLog:
     steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
     eta = (self.num_train_steps - step) / max(steps_per_sec, 1e-9)
-    return {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self.batch_size,
-            "eta_min": eta / 60}
+    return {
+      "steps_per_sec": steps_per_sec,
+      "images_per_sec": steps_per_sec * self.batch_size,
+      "eta_min": eta / 60,
+    }
 
 
 def _stop_on_nonfinite(history: list[dict[str, np.ndarray]], manager, workdir: str) -> None:
@@ -189,19 +213,24 @@ def _stop_on_nonfinite(history: list[dict[str, np.ndarray]], manager, workdir: s
       manager.wait_until_finished()  # name a checkpoint that is complete
       good = manager.latest_step()
       raise FloatingPointError(
-          f"Non-finite training loss at step {int(scalars['step'])}. The last good checkpoint "
-          f"is step {good} in {workdir}/checkpoints. Try a lower --config.optim.learning_rate "
-          f"(now {scalars['learning_rate']:.3g}), gradient clipping "
-          "(--config.optim.grad_clip=1.0), --config.model.dtype=float32, or check the input "
-          "images; the same command resumes from that checkpoint.")
+        f"Non-finite training loss at step {int(scalars['step'])}. The last good checkpoint "
+        f"is step {good} in {workdir}/checkpoints. Try a lower --config.optim.learning_rate "
+        f"(now {scalars['learning_rate']:.3g}), gradient clipping "
+        "(--config.optim.grad_clip=1.0), --config.model.dtype=float32, or check the input "
+        "images; the same command resumes from that checkpoint."
+      )
 
 
 # ----------------------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------------------
-def run_validation(eval_step, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]],
-                   mesh: jax.sharding.Mesh, num_images: int = 0
-                   ) -> tuple[dict[str, float], np.ndarray | None]:
+def run_validation(
+  eval_step,
+  state: TrainState,
+  batches: Iterable[Mapping[str, np.ndarray]],
+  mesh: jax.sharding.Mesh,
+  num_images: int = 0,
+) -> tuple[dict[str, float], np.ndarray | None]:
   """Metrics over every example of `batches` and, optionally, a few prediction overlays."""
   merged: dict[str, Any] = {}
   pictures = None
@@ -222,14 +251,27 @@ def run_validation(eval_step, state: TrainState, batches: Iterable[Mapping[str, 
 
 def _overlays(host_batch, mask_logits: jax.Array, num_images: int) -> np.ndarray:
   """[N,S,S,3] uint8 overlays of this process's first examples."""
-  local = np.asarray(multihost_utils.global_array_to_host_local_array(
-      mask_logits, mask_logits.sharding.mesh, mask_logits.sharding.spec))
+  local = np.asarray(
+    multihost_utils.global_array_to_host_local_array(
+      mask_logits, mask_logits.sharding.mesh, mask_logits.sharding.spec
+    )
+  )
   n = min(num_images, int(np.sum(host_batch["weight"] > 0)))  # real examples come first
   size = local.shape[1:3]
-  return np.stack([
-      overlays.overlay(host_batch["image"][i, ..., 0], local[i, ..., 0] > 0,
-                       host_batch["mask"][i, ..., 0] if host_batch["has_mask"][i] else None)
-      for i in range(n)]) if n else np.zeros((0, *size, 3), np.uint8)
+  return (
+    np.stack(
+      [
+        overlays.overlay(
+          host_batch["image"][i, ..., 0],
+          local[i, ..., 0] > 0,
+          host_batch["mask"][i, ..., 0] if host_batch["has_mask"][i] else None,
+        )
+        for i in range(n)
+      ]
+    )
+    if n
+    else np.zeros((0, *size, 3), np.uint8)
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,21 +295,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   requested = config.data.name
   dataset = rundir.open_dataset(config.data)
   config.data.name, config.data.manual_dir = dataset.name, dataset.manual_dir
-  logging.info("Dataset: %s (config.data.name=%r)%s", dataset.name, requested,
-               f", files at {dataset.manual_dir}" if dataset.manual_dir else "")
+  logging.info(
+    "Dataset: %s (config.data.name=%r)%s",
+    dataset.name,
+    requested,
+    f", files at {dataset.manual_dir}" if dataset.manual_dir else "",
+  )
 
   # ----- mesh -----
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   replicated = sharding.replicated(mesh)
-  logging.info("Mesh: %d devices (%s), %d processes, this is process %d.",
-               jax.device_count(), jax.default_backend(), jax.process_count(),
-               jax.process_index())
+  logging.info(
+    "Mesh: %d devices (%s), %d processes, this is process %d.",
+    jax.device_count(),
+    jax.default_backend(),
+    jax.process_count(),
+    jax.process_index(),
+  )
 
-  sources = {split: lung_crop.maybe_crop(config, split,
-                                         rundir.load_split(config, split, dataset), workdir)
-             for split in ("train", "validation")}
+  sources = {
+    split: lung_crop.maybe_crop(config, split, rundir.load_split(config, split, dataset), workdir)
+    for split in ("train", "validation")
+  }
   process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   train_iter = input_pipeline.create_train_iterator(config, sources["train"], **process)
   eval_batches = input_pipeline.create_eval_batches(config, sources["validation"], **process)
@@ -276,7 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = create_optimizer(config)
   init_state = functools.partial(create_train_state, config, tx)
   abstract_model = nnx.eval_shape(
-      lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
+    lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))
+  )
   graphdef = nnx.graphdef(abstract_model)
   abstract_state = jax.eval_shape(init_state)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
@@ -289,8 +341,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rundir.check_resumable(workdir, config)
     step = manager.latest_step()
     abstract_items = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        abstract_state, state_sharding).checkpoint_items()
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state,
+      state_sharding,
+    ).checkpoint_items()
     items = checkpoint.restore(manager, step, abstract_items, train_iter)
     state = TrainState.from_checkpoint_items(items)
     logging.info("Resumed from step %d in %s.", step, manager.directory)
@@ -302,11 +356,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ----- compiled steps -----
   batch_sharding = sharding.data_sharded(mesh)
-  train_step = jax.jit(make_train_step(graphdef, config, tx),
-                       in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef, config),
-                      in_shardings=(state_sharding, batch_sharding))
+  train_step = jax.jit(
+    make_train_step(graphdef, config, tx),
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    make_eval_step(graphdef, config), in_shardings=(state_sharding, batch_sharding)
+  )
 
   # ----- loop -----
   # On resume, drop what the killed run logged after its last checkpoint. The loop logs its
@@ -329,34 +387,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         fetched = jax.device_get(history)
         history = []
         _stop_on_nonfinite(fetched, manager, workdir)
-        summary = {k: float(np.mean([h[k] for h in fetched])) for k in fetched[-1]
-                   if k != "step"}
+        summary = {k: float(np.mean([h[k] for h in fetched])) for k in fetched[-1] if k != "step"}
         summary["learning_rate"] = float(fetched[-1]["learning_rate"])
         summary.update(progress(step))
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
         logging.info(
-            "step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  %.1f images/s  ETA %.1f min",
-            step, config.num_train_steps, summary["loss"], summary["learning_rate"],
-            summary["steps_per_sec"], summary["images_per_sec"], summary["eta_min"])
+          "step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  %.1f images/s  ETA %.1f min",
+          step,
+          config.num_train_steps,
+          summary["loss"],
+          summary["learning_rate"],
+          summary["steps_per_sec"],
+          summary["images_per_sec"],
+          summary["eta_min"],
+        )
 
       evaluated = step % config.eval_every_steps == 0 or is_last
       if evaluated:
         t0 = time.perf_counter()
-        val_metrics, pictures = run_validation(eval_step, state, eval_batches, mesh,
-                                               config.num_eval_images)
+        val_metrics, pictures = run_validation(
+          eval_step, state, eval_batches, mesh, config.num_eval_images
+        )
         writer.write_scalars(step, {f"validation/{k}": v for k, v in val_metrics.items()})
         if pictures is not None and len(pictures):
           writer.write_images(step, {"validation/overlays": pictures})
-        logging.info("step %d validation: %s (%.1fs)", step, "  ".join(
-            f"{k} {v:.4f}" for k, v in sorted(val_metrics.items())), time.perf_counter() - t0)
+        logging.info(
+          "step %d validation: %s (%.1fs)",
+          step,
+          "  ".join(f"{k} {v:.4f}" for k, v in sorted(val_metrics.items())),
+          time.perf_counter() - t0,
+        )
         progress.last_time += time.perf_counter() - t0  # keep eval out of steps/s
 
       # Every evaluated state is saved too, so the best checkpoint is the best evaluation.
       if step % config.checkpoint_every_steps == 0 or evaluated:
         if history:  # never save a state whose loss went non-finite since the last report
           _stop_on_nonfinite(jax.device_get(history), manager, workdir)
-        checkpoint.save(manager, step, state.checkpoint_items(), train_iter,
-                        metrics=val_metrics if evaluated else None)
+        checkpoint.save(
+          manager,
+          step,
+          state.checkpoint_items(),
+          train_iter,
+          metrics=val_metrics if evaluated else None,
+        )
     manager.wait_until_finished()
   finally:
     writer.close()
@@ -366,13 +439,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def check_model(config: ml_collections.ConfigDict) -> None:
   """Fails at start-up when the model cannot take `config.data.image_size` (its own error
   names what fits) or does not report `config.best_metric`."""
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))))
+  graphdef, state = nnx.split(
+    nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
+  )
   size = config.data.image_size
   outputs = jax.eval_shape(
-      lambda state: nnx.merge(graphdef, state)(jnp.zeros((1, size, size, 1)), train=False),
-      state)
+    lambda state: nnx.merge(graphdef, state)(jnp.zeros((1, size, size, 1)), train=False), state
+  )
   names = heads.validation_metric_names(outputs)
   if config.best_metric not in names:
-    raise ValueError(f"config.best_metric={config.best_metric!r} is not a validation metric "
-                     f"of {config.model.name!r}; valid: {sorted(names)}.")
+    raise ValueError(
+      f"config.best_metric={config.best_metric!r} is not a validation metric "
+      f"of {config.model.name!r}; valid: {sorted(names)}."
+    )

@@ -16,10 +16,10 @@ from cxr_jax.core.models.unet import MultiTaskUNet
 from cxr_jax.core.models.unet import UNet
 
 MODELS: dict[str, type[nnx.Module]] = {
-    "unet": UNet,
-    "attention_unet": AttentionUNet,
-    "classifier": Classifier,
-    "multitask": MultiTaskUNet,
+  "unet": UNet,
+  "attention_unet": AttentionUNet,
+  "classifier": Classifier,
+  "multitask": MultiTaskUNet,
 }
 
 
@@ -31,8 +31,7 @@ def create_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> 
   """
   name = model_config.name
   if name not in MODELS:
-    raise ValueError(
-        f"Unknown model config.model.name={name!r}; valid names: {sorted(MODELS)}.")
+    raise ValueError(f"Unknown model config.model.name={name!r}; valid names: {sorted(MODELS)}.")
   return MODELS[name].from_config(model_config, rngs=rngs)
 
 

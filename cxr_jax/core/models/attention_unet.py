@@ -27,10 +27,25 @@ from cxr_jax.core.models.unet import _backbone_kwargs
 class AttentionGate(nnx.Module):
   """Additive attention gate: (skip [B,H,W,F_l], g [B,H/2,W/2,F_g]) -> (gated skip, alpha)."""
 
-  def __init__(self, skip_features: int, gate_features: int, inter_features: int, *,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.theta_x = nnx.Conv(skip_features, inter_features, (2, 2), strides=2, padding="VALID",
-                            use_bias=False, dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    skip_features: int,
+    gate_features: int,
+    inter_features: int,
+    *,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+  ):
+    self.theta_x = nnx.Conv(
+      skip_features,
+      inter_features,
+      (2, 2),
+      strides=2,
+      padding="VALID",
+      use_bias=False,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.phi_g = nnx.Conv(gate_features, inter_features, (1, 1), dtype=dtype, rngs=rngs)
     self.psi = nnx.Conv(inter_features, 1, (1, 1), dtype=dtype, rngs=rngs)
 
@@ -49,26 +64,50 @@ class AttentionUNet(nnx.Module):
   (full resolution) first.
   """
 
-  def __init__(self, *, in_features: int = 1, out_features: int = 1, base_features: int = 64,
-               depth: int = 4, norm: str = "batch", dropout: float = 0.0,
-               upsample: str = "transpose", dtype: str = "float32", rngs: nnx.Rngs):
-    self.unet = UNet(in_features=in_features, out_features=out_features,
-                     base_features=base_features, depth=depth, norm=norm, dropout=dropout,
-                     upsample=upsample, dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    *,
+    in_features: int = 1,
+    out_features: int = 1,
+    base_features: int = 64,
+    depth: int = 4,
+    norm: str = "batch",
+    dropout: float = 0.0,
+    upsample: str = "transpose",
+    dtype: str = "float32",
+    rngs: nnx.Rngs,
+  ):
+    self.unet = UNet(
+      in_features=in_features,
+      out_features=out_features,
+      base_features=base_features,
+      depth=depth,
+      norm=norm,
+      dropout=dropout,
+      upsample=upsample,
+      dtype=dtype,
+      rngs=rngs,
+    )
     widths = self.unet.encoder.widths
-    self.gates = nnx.List([
-        AttentionGate(widths[i], widths[i + 1], max(widths[i] // 2, 1),
-                      dtype=self.unet.dtype, rngs=rngs)
-        for i in range(depth)])
+    self.gates = nnx.List(
+      [
+        AttentionGate(
+          widths[i], widths[i + 1], max(widths[i] // 2, 1), dtype=self.unet.dtype, rngs=rngs
+        )
+        for i in range(depth)
+      ]
+    )
 
   @classmethod
-  def from_config(cls, model_config: ml_collections.ConfigDict, *,
-                  rngs: nnx.Rngs) -> "AttentionUNet":
+  def from_config(
+    cls, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+  ) -> "AttentionUNet":
     """Builds the model from `config.model` (same keys as the U-Net)."""
     return cls(**_backbone_kwargs(model_config), rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, train: bool,
-               return_attention: bool = False) -> dict[str, jax.Array | list[jax.Array]]:
+  def __call__(
+    self, x: jax.Array, *, train: bool, return_attention: bool = False
+  ) -> dict[str, jax.Array | list[jax.Array]]:
     unet = self.unet
     layers.check_input(x, 2**unet.depth, type(self).__name__)
     skips, bottleneck = unet.encoder(x.astype(unet.dtype), train=train)

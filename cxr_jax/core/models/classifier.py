@@ -28,16 +28,33 @@ from cxr_jax.core.models import layers
 class BasicBlock(nnx.Module):
   """Two 3x3 conv-norm layers with a residual shortcut (projected when the shape changes)."""
 
-  def __init__(self, in_features: int, out_features: int, *, strides: int, norm: str,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.conv1 = layers.ConvNormAct(in_features, out_features, strides=strides, norm=norm,
-                                    dtype=dtype, rngs=rngs)
-    self.conv2 = layers.ConvNormAct(out_features, out_features, norm=norm, act=False,
-                                    zero_init_norm=True, dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    strides: int,
+    norm: str,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+  ):
+    self.conv1 = layers.ConvNormAct(
+      in_features, out_features, strides=strides, norm=norm, dtype=dtype, rngs=rngs
+    )
+    self.conv2 = layers.ConvNormAct(
+      out_features, out_features, norm=norm, act=False, zero_init_norm=True, dtype=dtype, rngs=rngs
+    )
     if strides != 1 or in_features != out_features:
-      self.shortcut = layers.ConvNormAct(in_features, out_features, kernel_size=1,
-                                         strides=strides, norm=norm, act=False, dtype=dtype,
-                                         rngs=rngs)
+      self.shortcut = layers.ConvNormAct(
+        in_features,
+        out_features,
+        kernel_size=1,
+        strides=strides,
+        norm=norm,
+        act=False,
+        dtype=dtype,
+        rngs=rngs,
+      )
     else:
       self.shortcut = None
 
@@ -50,19 +67,29 @@ class BasicBlock(nnx.Module):
 class Classifier(nnx.Module):
   """x [B, H, W, in_features] -> {'class_logits': [B, num_classes]} (float32)."""
 
-  def __init__(self, *, in_features: int = 1, num_classes: int = 2, base_features: int = 16,
-               depth: int = 4, norm: str = "batch", dropout: float = 0.0,
-               dtype: str = "float32", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    in_features: int = 1,
+    num_classes: int = 2,
+    base_features: int = 16,
+    depth: int = 4,
+    norm: str = "batch",
+    dropout: float = 0.0,
+    dtype: str = "float32",
+    rngs: nnx.Rngs,
+  ):
     if depth < 1:
       raise ValueError(f"config.model.depth={depth} must be at least 1.")
     self.depth = depth
     self.dtype = layers.compute_dtype(dtype)
-    self.stem = layers.ConvNormAct(in_features, base_features, norm=norm, dtype=self.dtype,
-                                   rngs=rngs)
+    self.stem = layers.ConvNormAct(
+      in_features, base_features, norm=norm, dtype=self.dtype, rngs=rngs
+    )
     blocks = []
     width = base_features
     for i in range(depth):
-      out = base_features * 2**(i + 1)
+      out = base_features * 2 ** (i + 1)
       blocks.append(BasicBlock(width, out, strides=2, norm=norm, dtype=self.dtype, rngs=rngs))
       blocks.append(BasicBlock(out, out, strides=1, norm=norm, dtype=self.dtype, rngs=rngs))
       width = out
@@ -71,12 +98,17 @@ class Classifier(nnx.Module):
     self.head = nnx.Linear(width, num_classes, rngs=rngs)
 
   @classmethod
-  def from_config(cls, model_config: ml_collections.ConfigDict, *,
-                  rngs: nnx.Rngs) -> "Classifier":
+  def from_config(cls, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> "Classifier":
     """Builds the model from `config.model` (base_features, depth, norm, dropout, ...)."""
-    return cls(num_classes=model_config.num_classes, base_features=model_config.base_features,
-               depth=model_config.depth, norm=model_config.norm,
-               dropout=model_config.dropout, dtype=model_config.dtype, rngs=rngs)
+    return cls(
+      num_classes=model_config.num_classes,
+      base_features=model_config.base_features,
+      depth=model_config.depth,
+      norm=model_config.norm,
+      dropout=model_config.dropout,
+      dtype=model_config.dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     layers.check_input(x, 2**self.depth, type(self).__name__)

@@ -21,8 +21,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def compute_dtype(name: str) -> jnp.dtype:
   """Maps `config.model.dtype` ('float32' | 'bfloat16') to a jnp dtype."""
   if name not in DTYPES:
-    raise ValueError(
-        f"config.model.dtype={name!r} is not supported; use one of {sorted(DTYPES)}.")
+    raise ValueError(f"config.model.dtype={name!r} is not supported; use one of {sorted(DTYPES)}.")
   return DTYPES[name]
 
 
@@ -38,31 +37,37 @@ def check_input(x: jax.Array, stride: int, model: str) -> None:
     raise ValueError(f"{model} expects images [B, H, W, C]; got shape {x.shape}.")
   height, width = x.shape[1:3]
   if height % stride or width % stride:
+
     def fits(n: int) -> str:
       lower, upper = (n // stride) * stride, (n // stride + 1) * stride
       return f"{lower} or {upper}" if lower else f"{upper}"
+
     raise ValueError(
-        f"{model} downsamples by {stride}, so height and width must be multiples of {stride}; "
-        f"got {height}x{width}. Use e.g. height {fits(height)} and width {fits(width)} "
-        f"(config.data.image_size), or lower config.model.depth.")
+      f"{model} downsamples by {stride}, so height and width must be multiples of {stride}; "
+      f"got {height}x{width}. Use e.g. height {fits(height)} and width {fits(width)} "
+      f"(config.data.image_size), or lower config.model.depth."
+    )
 
 
 class Norm(nnx.Module):
   """BatchNorm, GroupNorm or identity, chosen by name ('batch' | 'group' | 'none')."""
 
-  def __init__(self, kind: str, features: int, *, dtype: jnp.dtype, zero_init: bool = False,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, kind: str, features: int, *, dtype: jnp.dtype, zero_init: bool = False, rngs: nnx.Rngs
+  ):
     check_choice("norm", kind, NORMS)
     self.kind = kind
     scale_init = nnx.initializers.zeros if zero_init else nnx.initializers.ones
     if kind == "batch":
       # momentum 0.9: small datasets give few steps, running averages must catch up quickly.
-      self.norm = nnx.BatchNorm(features, momentum=0.9, dtype=dtype, scale_init=scale_init,
-                                rngs=rngs)
+      self.norm = nnx.BatchNorm(
+        features, momentum=0.9, dtype=dtype, scale_init=scale_init, rngs=rngs
+      )
     elif kind == "group":
       # 32 groups (Wu & He 2018) where the width allows it; gcd keeps it a divisor.
-      self.norm = nnx.GroupNorm(features, num_groups=math.gcd(32, features), dtype=dtype,
-                                scale_init=scale_init, rngs=rngs)
+      self.norm = nnx.GroupNorm(
+        features, num_groups=math.gcd(32, features), dtype=dtype, scale_init=scale_init, rngs=rngs
+      )
     else:
       self.norm = None
 
@@ -80,12 +85,29 @@ class ConvNormAct(nnx.Module):
   The convolution has no bias when a normalisation follows (its shift makes it redundant).
   """
 
-  def __init__(self, in_features: int, out_features: int, *, norm: str, dtype: jnp.dtype,
-               kernel_size: int = 3, strides: int = 1, act: bool = True,
-               zero_init_norm: bool = False, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(in_features, out_features, (kernel_size, kernel_size),
-                         strides=strides, padding="SAME", use_bias=norm == "none",
-                         dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    norm: str,
+    dtype: jnp.dtype,
+    kernel_size: int = 3,
+    strides: int = 1,
+    act: bool = True,
+    zero_init_norm: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    self.conv = nnx.Conv(
+      in_features,
+      out_features,
+      (kernel_size, kernel_size),
+      strides=strides,
+      padding="SAME",
+      use_bias=norm == "none",
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.norm = Norm(norm, out_features, dtype=dtype, zero_init=zero_init_norm, rngs=rngs)
     self.act = act
 
@@ -117,8 +139,16 @@ class Dropout(nnx.Module):
 class DoubleConv(nnx.Module):
   """The U-Net level: two padded 3x3 conv -> norm -> ReLU, then dropout."""
 
-  def __init__(self, in_features: int, out_features: int, *, norm: str, dropout: float,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    norm: str,
+    dropout: float,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+  ):
     self.conv1 = ConvNormAct(in_features, out_features, norm=norm, dtype=dtype, rngs=rngs)
     self.conv2 = ConvNormAct(out_features, out_features, norm=norm, dtype=dtype, rngs=rngs)
     self.dropout = Dropout(dropout, rngs=rngs)
@@ -155,8 +185,7 @@ class TransposeConv2x2(nnx.Module):
   convolution XLA would run for it (4x the work).
   """
 
-  def __init__(self, in_features: int, out_features: int, *, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, in_features: int, out_features: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
     init = nnx.initializers.lecun_normal(in_axis=2, out_axis=3, batch_axis=(0, 1))
     self.kernel = nnx.Param(init(rngs.params(), (2, 2, in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,)))
@@ -178,15 +207,15 @@ class Upsample(nnx.Module):
   2016).
   """
 
-  def __init__(self, in_features: int, out_features: int, *, mode: str, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, in_features: int, out_features: int, *, mode: str, dtype: jnp.dtype, rngs: nnx.Rngs
+  ):
     check_choice("upsample", mode, UPSAMPLES)
     self.mode = mode
     if mode == "transpose":
       self.up = TransposeConv2x2(in_features, out_features, dtype=dtype, rngs=rngs)
     else:
-      self.up = nnx.Conv(in_features, out_features, (3, 3), padding="SAME", dtype=dtype,
-                         rngs=rngs)
+      self.up = nnx.Conv(in_features, out_features, (3, 3), padding="SAME", dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.mode == "resize":
@@ -200,19 +229,32 @@ class Encoder(nnx.Module):
   Level i has base_features * 2**i channels; the bottleneck has base_features * 2**depth.
   """
 
-  def __init__(self, in_features: int, *, base_features: int, depth: int, norm: str,
-               dropout: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    *,
+    base_features: int,
+    depth: int,
+    norm: str,
+    dropout: float,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+  ):
     if depth < 1:
       raise ValueError(f"config.model.depth={depth} must be at least 1.")
     if base_features < 1:
       raise ValueError(f"config.model.base_features={base_features} must be at least 1.")
     widths = [base_features * 2**i for i in range(depth + 1)]
     self.widths = widths
-    self.levels = nnx.List([
+    self.levels = nnx.List(
+      [
         DoubleConv(cin, cout, norm=norm, dropout=dropout, dtype=dtype, rngs=rngs)
-        for cin, cout in zip([in_features] + widths[:-2], widths[:-1])])
-    self.bottleneck = DoubleConv(widths[-2], widths[-1], norm=norm, dropout=dropout,
-                                 dtype=dtype, rngs=rngs)
+        for cin, cout in zip([in_features] + widths[:-2], widths[:-1])
+      ]
+    )
+    self.bottleneck = DoubleConv(
+      widths[-2], widths[-1], norm=norm, dropout=dropout, dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[list[jax.Array], jax.Array]:
     """x [B, H, W, Cin] -> (skips, finest first: [B, H/2**i, W/2**i, widths[i]], bottleneck)."""
@@ -227,20 +269,39 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
   """The expanding path: upsample, concatenate the (optionally gated) skip, DoubleConv."""
 
-  def __init__(self, widths: Sequence[int], *, norm: str, dropout: float, upsample: str,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    widths: Sequence[int],
+    *,
+    norm: str,
+    dropout: float,
+    upsample: str,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+  ):
     # Built from the coarsest level up; ups[j] / blocks[j] serve skip level depth-1-j.
     coarse_to_fine = list(reversed(widths))
-    self.ups = nnx.List([
+    self.ups = nnx.List(
+      [
         Upsample(cin, cout, mode=upsample, dtype=dtype, rngs=rngs)
-        for cin, cout in zip(coarse_to_fine[:-1], coarse_to_fine[1:])])
-    self.blocks = nnx.List([
+        for cin, cout in zip(coarse_to_fine[:-1], coarse_to_fine[1:])
+      ]
+    )
+    self.blocks = nnx.List(
+      [
         DoubleConv(2 * cout, cout, norm=norm, dropout=dropout, dtype=dtype, rngs=rngs)
-        for cout in coarse_to_fine[1:]])
+        for cout in coarse_to_fine[1:]
+      ]
+    )
 
-  def __call__(self, bottleneck: jax.Array, skips: list[jax.Array], *, train: bool,
-               gates: Sequence[nnx.Module] | None = None
-               ) -> tuple[jax.Array, list[jax.Array]]:
+  def __call__(
+    self,
+    bottleneck: jax.Array,
+    skips: list[jax.Array],
+    *,
+    train: bool,
+    gates: Sequence[nnx.Module] | None = None,
+  ) -> tuple[jax.Array, list[jax.Array]]:
     """Returns (features at full resolution, gate maps finest first; [] without gates).
 
     gates[i], when given, is called as `gate(skip_i, g) -> (gated skip, coefficients)`, with
@@ -248,8 +309,9 @@ class Decoder(nnx.Module):
     """
     x = bottleneck
     coefficients = []
-    for up, block, skip, level in zip(self.ups, self.blocks, reversed(skips),
-                                      reversed(range(len(skips)))):
+    for up, block, skip, level in zip(
+      self.ups, self.blocks, reversed(skips), reversed(range(len(skips)))
+    ):
       if gates is not None:
         skip, alpha = gates[level](skip, x)
         coefficients.append(alpha)

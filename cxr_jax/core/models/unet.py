@@ -35,15 +35,38 @@ class UNet(nnx.Module):
   H and W must be multiples of 2**depth (non-square is fine).
   """
 
-  def __init__(self, *, in_features: int = 1, out_features: int = 1, base_features: int = 64,
-               depth: int = 4, norm: str = "batch", dropout: float = 0.0,
-               upsample: str = "transpose", dtype: str = "float32", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    in_features: int = 1,
+    out_features: int = 1,
+    base_features: int = 64,
+    depth: int = 4,
+    norm: str = "batch",
+    dropout: float = 0.0,
+    upsample: str = "transpose",
+    dtype: str = "float32",
+    rngs: nnx.Rngs,
+  ):
     self.depth = depth
     self.dtype = layers.compute_dtype(dtype)
-    self.encoder = layers.Encoder(in_features, base_features=base_features, depth=depth,
-                                  norm=norm, dropout=dropout, dtype=self.dtype, rngs=rngs)
-    self.decoder = layers.Decoder(self.encoder.widths, norm=norm, dropout=dropout,
-                                  upsample=upsample, dtype=self.dtype, rngs=rngs)
+    self.encoder = layers.Encoder(
+      in_features,
+      base_features=base_features,
+      depth=depth,
+      norm=norm,
+      dropout=dropout,
+      dtype=self.dtype,
+      rngs=rngs,
+    )
+    self.decoder = layers.Decoder(
+      self.encoder.widths,
+      norm=norm,
+      dropout=dropout,
+      upsample=upsample,
+      dtype=self.dtype,
+      rngs=rngs,
+    )
     # Logits in float32: they feed BCE and Dice, and the 1x1 conv is cheap.
     self.head = nnx.Conv(base_features, out_features, (1, 1), dtype=jnp.float32, rngs=rngs)
 
@@ -67,22 +90,40 @@ class MultiTaskUNet(nnx.Module):
   (base_features * 2**depth * num_classes + num_classes parameters on top of the U-Net).
   """
 
-  def __init__(self, *, in_features: int = 1, out_features: int = 1, base_features: int = 64,
-               depth: int = 4, norm: str = "batch", dropout: float = 0.0,
-               upsample: str = "transpose", num_classes: int = 2, dtype: str = "float32",
-               rngs: nnx.Rngs):
-    self.unet = UNet(in_features=in_features, out_features=out_features,
-                     base_features=base_features, depth=depth, norm=norm, dropout=dropout,
-                     upsample=upsample, dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    *,
+    in_features: int = 1,
+    out_features: int = 1,
+    base_features: int = 64,
+    depth: int = 4,
+    norm: str = "batch",
+    dropout: float = 0.0,
+    upsample: str = "transpose",
+    num_classes: int = 2,
+    dtype: str = "float32",
+    rngs: nnx.Rngs,
+  ):
+    self.unet = UNet(
+      in_features=in_features,
+      out_features=out_features,
+      base_features=base_features,
+      depth=depth,
+      norm=norm,
+      dropout=dropout,
+      upsample=upsample,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.class_dropout = layers.Dropout(dropout, rngs=rngs)
     self.class_head = nnx.Linear(self.unet.encoder.widths[-1], num_classes, rngs=rngs)
 
   @classmethod
-  def from_config(cls, model_config: ml_collections.ConfigDict, *,
-                  rngs: nnx.Rngs) -> "MultiTaskUNet":
+  def from_config(
+    cls, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+  ) -> "MultiTaskUNet":
     """Builds the model from `config.model` (the U-Net keys plus num_classes)."""
-    return cls(**_backbone_kwargs(model_config), num_classes=model_config.num_classes,
-               rngs=rngs)
+    return cls(**_backbone_kwargs(model_config), num_classes=model_config.num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     unet = self.unet
@@ -90,12 +131,19 @@ class MultiTaskUNet(nnx.Module):
     skips, bottleneck = unet.encoder(x.astype(unet.dtype), train=train)
     features, _ = unet.decoder(bottleneck, skips, train=train)
     pooled = self.class_dropout(layers.global_average_pool(bottleneck), train=train)
-    return {"mask_logits": unet.head(features).astype(jnp.float32),
-            "class_logits": self.class_head(pooled).astype(jnp.float32)}
+    return {
+      "mask_logits": unet.head(features).astype(jnp.float32),
+      "class_logits": self.class_head(pooled).astype(jnp.float32),
+    }
 
 
 def _backbone_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The `config.model` keys every U-Net variant takes."""
-  return dict(base_features=model_config.base_features, depth=model_config.depth,
-              norm=model_config.norm, dropout=model_config.dropout,
-              upsample=model_config.upsample, dtype=model_config.dtype)
+  return dict(
+    base_features=model_config.base_features,
+    depth=model_config.depth,
+    norm=model_config.norm,
+    dropout=model_config.dropout,
+    upsample=model_config.upsample,
+    dtype=model_config.dtype,
+  )
