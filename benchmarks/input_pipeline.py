@@ -3,7 +3,7 @@
     python benchmarks/input_pipeline.py [--config=configs/default.py] [--batches=40]
 
 Prints host-pipeline images/s with 0, 1 and 2 grain workers, the jitted augmentation's time
-per batch, and the trainer's own train step (`train.make_train_step` under `jax.jit` with the
+per batch, and the trainer's own train step (`steps.make_train_step` under `jax.jit` with the
 state donated: augmentation, forward, every head's loss, the config's optimiser), with
 augmentation on and off, for the config's dataset (synthetic unless the real archive is
 found). Goals: loader >= 3x the train step's images/s, augmentation < 10% of a step.

@@ -5,7 +5,7 @@
 
 Per model and image size it prints the parameter count, forward GFLOPs per image from XLA's
 cost analysis of the compiled forward pass, and the time per image of the trainer's own train
-step: `jax.jit(train.make_train_step(...), donate_argnums=0)` on a `train.TrainState` built as
+step: `jax.jit(steps.make_train_step(...), donate_argnums=0)` on a `steps.TrainState` built as
 `train_and_evaluate` builds it, from configs/default.py with this script's model settings
 (paired augmentation unless --no_aug, forward, the loss of every head the model has, AdamW
 with clipping and the warmup/cosine schedule). Where PyTorch is installed, it also times the
@@ -30,7 +30,7 @@ from configs import default  # noqa: E402
 from cxr_jax.core.models import MODELS  # noqa: E402
 
 JAX_STEP = (
-  "train.make_train_step: {aug}forward, backward, BCE + soft Dice and/or "
+  "steps.make_train_step: {aug}forward, backward, BCE + soft Dice and/or "
   "cross-entropy per head, AdamW + grad clip"
 )
 TORCH_STEP = "forward, backward, BCE, Adam (no augmentation, Dice or clipping)"

@@ -1,8 +1,8 @@
 """The trainer's own train step, set up for the benchmarks (not run by CI).
 
 `real_train_step(config)` builds what `cxr_jax.workflows.train.train_and_evaluate` runs: the optimiser
-from `train.create_optimizer`, `train.create_train_state`, and
-`jax.jit(train.make_train_step(...), donate_argnums=0)`: paired augmentation (when
+from `steps.create_optimizer`, `steps.create_train_state`, and
+`jax.jit(steps.make_train_step(...), donate_argnums=0)`: paired augmentation (when
 config.aug.enabled), forward, the loss of every head the model has, and the optax update. Single device, unsharded (the benchmarks time one host).
 """
 
@@ -18,20 +18,20 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, uninstalled
 from cxr_jax.core import models  # noqa: E402
-from cxr_jax.workflows import train  # noqa: E402
+from cxr_jax.core import steps  # noqa: E402
 
 
 def real_train_step(
   config: ml_collections.ConfigDict,
-) -> tuple[nnx.GraphDef, train.TrainState, Callable]:
+) -> tuple[nnx.GraphDef, steps.TrainState, Callable]:
   """(graphdef, initial state, jitted `step(state, batch) -> (state, scalars)`), the state
   donated as in training: always pass the state the previous call returned."""
-  tx = train.create_optimizer(config)
+  tx = steps.create_optimizer(config)
   graphdef = nnx.graphdef(
     nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
   )
-  state = jax.jit(lambda: train.create_train_state(config, tx))()
-  step = jax.jit(train.make_train_step(graphdef, config, tx), donate_argnums=0)
+  state = jax.jit(lambda: steps.create_train_state(config, tx))()
+  step = jax.jit(steps.make_train_step(graphdef, config, tx), donate_argnums=0)
   return graphdef, state, step
 
 

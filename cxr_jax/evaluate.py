@@ -148,7 +148,9 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints).")
   flags.DEFINE_string("split", "test", "Dataset split: test, validation or train.")
   flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint to score.")
-  flags.DEFINE_integer("batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).")
+  flags.DEFINE_integer(
+    "batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).", lower_bound=0
+  )
   flags.mark_flags_as_required(["workdir"])
 
 

@@ -227,7 +227,9 @@ def define_flags() -> None:
   flags.DEFINE_enum(
     "checkpoint", "latest", ["latest", "best"], "Which checkpoint of the workdir to use."
   )
-  flags.DEFINE_integer("batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).")
+  flags.DEFINE_integer(
+    "batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).", lower_bound=0
+  )
   flags.mark_flags_as_required(["workdir", "input", "output"])
 
 

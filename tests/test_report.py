@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 
+from cxr_jax import figures
 from cxr_jax import report
 from cxr_jax.core import classification_stats
 from cxr_jax.core import surface
@@ -99,7 +100,7 @@ def test_report_has_every_section_and_figure(tmp_path):
 def test_best_median_worst_selection():
   rows = [{"id": str(k), "has_mask": 1, "dice": d} for k, d in enumerate([0.9, 0.5, 0.7])]
   rows.append({"id": "no_mask", "has_mask": 0, "dice": float("nan")})
-  picks = report.select_cases(rows)
+  picks = figures.select_cases(rows)
   assert [(role, r["id"]) for role, r in picks] == [("best", "0"), ("median", "2"), ("worst", "1")]
 
 

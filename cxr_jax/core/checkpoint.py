@@ -8,9 +8,10 @@ killed mid-save restores the newest complete one. The latest `config.max_to_keep
 plus the best by `config.best_metric`.
 """
 
+import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
@@ -91,6 +92,39 @@ def restore(
     args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   return {name: restored[name] for name in abstract_items}
+
+
+def restore_newest_readable(
+  manager: ocp.CheckpointManager,
+  steps: list[int],
+  restore_fn: Callable[[int], Any],
+) -> tuple[int, Any]:
+  """(step, restore_fn(step)) for the first of `steps` that reads back.
+
+  A damaged checkpoint (a truncated array file, cut metadata) is named, with what to delete,
+  and the next one is tried. When none reads, the first one's error is raised: a mismatch
+  that every checkpoint shares (another model or optimiser) is not damage.
+  """
+  errors = []
+  for step in steps:
+    try:
+      return step, restore_fn(step)
+    except Exception as e:  # noqa: BLE001  (TensorStore, JSON and Orbax errors alike)
+      errors.append(e)
+      if len(errors) == len(steps):
+        break
+      path = os.path.join(str(manager.directory), str(step))
+      reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+      logging.error(
+        "Checkpoint %s cannot be read (%s: %s); trying the next older one. Delete that "
+        "folder if it stays unreadable.",
+        path,
+        type(e).__name__,
+        reason,
+      )
+  if not errors:
+    raise FileNotFoundError(f"No complete checkpoint in {manager.directory}.")
+  raise errors[0]
 
 
 def restore_model(

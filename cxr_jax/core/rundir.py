@@ -117,6 +117,23 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
     )
 
 
+# ----- paths -----
+
+
+def check_path(path: str, flag: str) -> str:
+  """Refuses paths a storage layer would rewrite; returns `path`.
+
+  TensorStore (Orbax's array storage) reads a backslash as a separator: the arrays of
+  `runs/x\\y` land in `runs/x/y`, outside the run directory, and the run cannot resume.
+  """
+  if "\\" in path:
+    raise ValueError(
+      f"{flag}={path!r} contains a backslash, which TensorStore (Orbax's array storage) reads "
+      "as '/': checkpoints would land outside the directory. Use a name without '\\'."
+    )
+  return path
+
+
 # ----- which checkpoint -----
 
 CHECKPOINT_CHOICES = ("latest", "best", "best_or_latest")
@@ -153,15 +170,26 @@ def select_step(manager: ocp.CheckpointManager, which: str | int) -> int:
 def restore_model(
   workdir: str, which: str | int = "latest"
 ) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
-  """(config, trained model in eval mode, its step) of a run's checkpoint `which`."""
+  """(config, trained model in eval mode, its step) of a run's checkpoint `which`.
+
+  A named choice whose checkpoint cannot be read falls back to the newest one that can (with
+  an error naming the damaged one); an explicit step does not.
+  """
   config = load_config(workdir)
   manager = checkpoint.create_manager(workdir, config, read_only=True)
   step = select_step(manager, which)
+  candidates = [step]
+  if not isinstance(which, (int, np.integer)):
+    candidates += [s for s in sorted(manager.all_steps(), reverse=True) if s != step]
   abstract_model = nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
   graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
   # Onto this process's first device, whatever mesh the run was trained on.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  params, model_state = checkpoint.restore_model(manager, step, params, model_state, device)
+  step, (params, model_state) = checkpoint.restore_newest_readable(
+    manager,
+    candidates,
+    lambda step: checkpoint.restore_model(manager, step, params, model_state, device),
+  )
   model = nnx.merge(graphdef, params, model_state)
   model.eval()
   logging.info("Restored %s checkpoint at step %d from %s", which, step, workdir)

@@ -1,9 +1,8 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`, readable top to bottom.
 
-The step is one pure function under `jax.jit`: paired augmentation, forward, loss and the
-optax update, with parameters and optimiser state replicated over the mesh and batches split
-over its `data` axis. Model state travels as `nnx.split` pytrees (params, model_state),
-which is faster on the hot path than `nnx.jit`.
+The step (`core.steps`) is one pure function under `jax.jit`: paired augmentation, forward,
+loss and the optax update, with parameters and optimiser state replicated over the mesh and
+batches split over its `data` axis.
 """
 
 import functools
@@ -14,174 +13,26 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cxr_jax.core import augment
 from cxr_jax.core import checkpoint
+from cxr_jax.core import config_checks
 from cxr_jax.core import heads
 from cxr_jax.core import metrics as metrics_lib
 from cxr_jax.core import models
 from cxr_jax.core import overlays
+from cxr_jax.core import run_lock
 from cxr_jax.core import rundir
 from cxr_jax.core import sharding
+from cxr_jax.core import steps
 from cxr_jax.core import writers
 from cxr_jax.data import input_pipeline
 from cxr_jax.workflows import lung_crop
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything the step changes. Pytree; replicated over the mesh."""
-
-  step: jax.Array  # int32 []
-  params: nnx.State  # nnx.Param variables
-  model_state: nnx.State  # the other variables: batch statistics, dropout RNG counters
-  opt_state: optax.OptState
-  rng: jax.Array  # uint32 [2], raw key data; step keys are fold_in(rng, step)
-
-  def checkpoint_items(self) -> dict[str, Any]:
-    # 'rest': the model state's name on disk since the first release, so older runs resume.
-    return {
-      "model": {"params": self.params, "rest": self.model_state},
-      "optimizer": self.opt_state,
-      "train": {"step": self.step, "rng": self.rng},
-    }
-
-  @classmethod
-  def from_checkpoint_items(cls, items: Mapping[str, Any]) -> "TrainState":
-    return cls(
-      step=items["train"]["step"],
-      params=items["model"]["params"],
-      model_state=items["model"]["rest"],
-      opt_state=items["optimizer"],
-      rng=items["train"]["rng"],
-    )
-
-
-# ----------------------------------------------------------------------------------------
-# Optimiser.
-# ----------------------------------------------------------------------------------------
-def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup, then cosine decay to zero (or constant) over `num_train_steps`."""
-  optim = config.optim
-  warmup = min(optim.warmup_steps, config.num_train_steps)
-  if optim.schedule == "constant":
-    after = optax.constant_schedule(optim.learning_rate)
-  elif optim.schedule == "cosine":
-    after = optax.cosine_decay_schedule(
-      optim.learning_rate, max(1, config.num_train_steps - warmup)
-    )
-  else:
-    raise ValueError(f"config.optim.schedule={optim.schedule!r}; valid: 'cosine', 'constant'.")
-  warm = optax.linear_schedule(optim.learning_rate / max(1, warmup), optim.learning_rate, warmup)
-  return optax.join_schedules([warm, after], [warmup])
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW (decay on kernels only) or Adam, with optional global-norm clipping."""
-  optim = config.optim
-  learning_rate = create_learning_rate_fn(config)
-
-  def decay_mask(params):
-    return jax.tree.map(lambda p: p.ndim > 1, params)
-
-  if optim.name == "adamw":
-    tx = optax.adamw(learning_rate, weight_decay=optim.weight_decay, mask=decay_mask)
-  elif optim.name == "adam":
-    tx = optax.adam(learning_rate)
-  else:
-    raise ValueError(f"config.optim.name={optim.name!r}; valid: 'adamw', 'adam'.")
-  if optim.grad_clip:
-    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
-  return tx
-
-
-def create_train_state(
-  config: ml_collections.ConfigDict, tx: optax.GradientTransformation
-) -> TrainState:
-  """A fresh TrainState from `config.seed` (run it under jax.jit with out_shardings)."""
-  # Parameters from an 'rbg' key: XLA compiles the threefry initialisers of a U-Net ~9x
-  # slower on CPU (33 s vs 4 s for the smoke model), and init runs once, unsharded.
-  rngs = nnx.Rngs(params=jax.random.key(config.seed, impl="rbg"), dropout=config.seed + 1)
-  model = models.create_model(config.model, rngs=rngs)
-  _, params, model_state = nnx.split(model, nnx.Param, ...)
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    model_state=model_state,
-    opt_state=tx.init(params),
-    rng=jax.random.key_data(jax.random.key(config.seed)),
-  )
-
-
-# ----------------------------------------------------------------------------------------
-# Steps.
-# ----------------------------------------------------------------------------------------
-def make_train_step(
-  graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, tx: optax.GradientTransformation
-):
-  """Returns `train_step(state, batch) -> (state, scalars)`; pure, ready for jax.jit."""
-  lr_fn = create_learning_rate_fn(config)
-
-  def train_step(
-    state: TrainState, batch: dict[str, jax.Array]
-  ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update.
-
-    Args:
-      state: replicated TrainState.
-      batch: global arrays, leading axis split over `data`: image [B,S,S,1] float32,
-        mask [B,S,S,1], has_mask/weight [B] float32, label [B] int32.
-    Returns:
-      The new state and replicated scalars: loss and its parts, learning rate, grad norm.
-    """
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    image, mask = augment.augment_batch(step_key, batch["image"], batch["mask"], config.aug)
-    batch = dict(batch, image=image, mask=mask)
-
-    def loss_fn(params, model_state):
-      # copy=True: fresh Variables of this trace level, which NNX lets the model mutate.
-      model = nnx.merge(graphdef, params, model_state, copy=True)
-      outputs = model(batch["image"], train=True)
-      loss, parts = heads.compute_losses(outputs, batch, config)
-      return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
-
-    (loss, (model_state, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state.model_state
-    )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-      step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
-    )
-    scalars = {
-      "loss": loss,
-      "learning_rate": lr_fn(state.step),
-      "grad_norm": optax.tree.norm(grads),
-      **parts,
-    }
-    return new_state, scalars
-
-  return train_step
-
-
-def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
-  """Returns `eval_step(state, batch) -> (metrics collections, outputs)`; pure."""
-
-  def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-    model = nnx.merge(graphdef, state.params, state.model_state, copy=True)
-    outputs = model(batch["image"], train=False)
-    _, parts = heads.compute_losses(outputs, batch, config)
-    return heads.metric_collections(outputs, batch, parts), outputs
-
-  return eval_step
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,7 +77,7 @@ def _stop_on_nonfinite(history: list[dict[str, np.ndarray]], manager, workdir: s
 # ----------------------------------------------------------------------------------------
 def run_validation(
   eval_step,
-  state: TrainState,
+  state: steps.TrainState,
   batches: Iterable[Mapping[str, np.ndarray]],
   mesh: jax.sharding.Mesh,
   num_images: int = 0,
@@ -283,13 +134,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Running it again on the same workdir resumes from the newest complete checkpoint.
   Returns the last validation metrics.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = os.path.abspath(os.path.expanduser(rundir.check_path(workdir, "--workdir")))
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
   if config.data.crop_workdir:
     config.data.crop_workdir = os.path.abspath(os.path.expanduser(config.data.crop_workdir))
+  config_checks.check_training_config(config)
+  check_model(config)  # seconds, before anything is read or written
+  os.makedirs(workdir, exist_ok=True)
+  lock = run_lock.lock_run(workdir)  # before reading checkpoints another run may be writing
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
 
-  check_model(config)  # seconds before the data is read
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ----- data -----
   requested = config.data.name
@@ -324,8 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_batches = input_pipeline.create_eval_batches(config, sources["validation"], **process)
 
   # ----- model and optimiser -----
-  tx = create_optimizer(config)
-  init_state = functools.partial(create_train_state, config, tx)
+  tx = steps.create_optimizer(config)
+  init_state = functools.partial(steps.create_train_state, config, tx)
   abstract_model = nnx.eval_shape(
     lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))
   )
@@ -339,14 +199,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager = checkpoint.create_manager(workdir, config)
   if manager.latest_step() is not None:
     rundir.check_resumable(workdir, config)
-    step = manager.latest_step()
     abstract_items = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_state,
       state_sharding,
     ).checkpoint_items()
-    items = checkpoint.restore(manager, step, abstract_items, train_iter)
-    state = TrainState.from_checkpoint_items(items)
+    step, items = checkpoint.restore_newest_readable(
+      manager,
+      sorted(manager.all_steps(), reverse=True),
+      lambda step: checkpoint.restore(manager, step, abstract_items, train_iter),
+    )
+    state = steps.TrainState.from_checkpoint_items(items)
     logging.info("Resumed from step %d in %s.", step, manager.directory)
   else:
     state = jax.jit(init_state, out_shardings=state_sharding)()
@@ -357,13 +220,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ----- compiled steps -----
   batch_sharding = sharding.data_sharded(mesh)
   train_step = jax.jit(
-    make_train_step(graphdef, config, tx),
+    steps.make_train_step(graphdef, config, tx),
     in_shardings=(state_sharding, batch_sharding),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
   )
   eval_step = jax.jit(
-    make_eval_step(graphdef, config), in_shardings=(state_sharding, batch_sharding)
+    steps.make_eval_step(graphdef, config), in_shardings=(state_sharding, batch_sharding)
   )
 
   # ----- loop -----

@@ -1,0 +1,122 @@
+"""One training run per directory: DIR/run.lock."""
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+LOCK_FILE = "run.lock"
+LOCK_HEARTBEAT_S = 30.0
+LOCK_STALE_S = 300.0  # a lock not refreshed for this long belongs to a run that died
+
+
+class RunLock:
+  """DIR/run.lock: one training run per directory, on local disks and shared filesystems.
+
+  Created with O_EXCL (atomic on local disks and NFS); a thread refreshes its time every
+  LOCK_HEARTBEAT_S. A lock is taken over when its process is gone (same host) or its
+  heartbeat is older than LOCK_STALE_S (a killed run, any host), so kill -9 never leaves a
+  directory stuck for long. Use as a context manager; release() removes the file.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def __enter__(self) -> "RunLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+  def acquire(self) -> None:
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    for _ in range(2):  # a second try after removing a stale lock
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if holder is None:
+          continue  # vanished or stale: removed, try again
+        raise RuntimeError(
+          f"{os.path.dirname(self.path)} is in use by another run (pid {holder.get('pid')} on "
+          f"host {holder.get('host')!r}, started {time.ctime(holder.get('started', 0))}). "
+          f"Wait for it to finish, or train into another --workdir. If that run is dead, "
+          f"delete {self.path} (it is also taken over once {LOCK_STALE_S:.0f} s old)."
+        ) from None
+      with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+      self._thread = threading.Thread(target=self._beat, daemon=True, name="run-lock")
+      self._thread.start()
+      return
+    raise RuntimeError(f"Could not take {self.path}; another run keeps taking it.")
+
+  def _holder(self) -> dict | None:
+    """The live holder's record; None (after removing the file) when it is stale."""
+    try:
+      age = time.time() - os.path.getmtime(self.path)
+      with open(self.path) as f:
+        holder = json.load(f)
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      holder = {}  # half-written by a run killed at its start: judged by age alone
+    dead_here = holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))
+    if dead_here or age > LOCK_STALE_S:
+      logging.warning("Taking over %s from a run that is gone (%s).", self.path, holder)
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self.path)
+      return None
+    return holder
+
+  def _beat(self) -> None:
+    while not self._stop.wait(LOCK_HEARTBEAT_S):
+      with contextlib.suppress(OSError):
+        os.utime(self.path)
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self.path)
+
+
+def lock_run(workdir: str) -> RunLock | None:
+  """Process 0 takes DIR's RunLock; every process learns whether it got it (collective)."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = RunLock(workdir)
+      lock.acquire()
+    except RuntimeError as e:
+      error = e
+  if jax.process_count() > 1:
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not ok and error is None:
+      raise RuntimeError(f"Process 0 could not lock {workdir}; its log says why.")
+  if error is not None:
+    raise error
+  return lock
+
+
+def _pid_alive(pid) -> bool:
+  if not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
