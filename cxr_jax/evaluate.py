@@ -5,7 +5,6 @@ Scores a run at native resolution (`workflows.evaluation`) and writes DIR/eval/<
 DIR/eval/<split>_report.html with its figures (`report`).
 """
 
-import csv
 import json
 import logging
 import math
@@ -19,8 +18,9 @@ from absl import app
 from absl import flags
 from flax import nnx
 
+from cxr_jax import cli
 from cxr_jax import report
-from cxr_jax.core import quiet_logs
+from cxr_jax.core import csv_tables
 from cxr_jax.core import rundir
 from cxr_jax.workflows import evaluation
 from cxr_jax.workflows import lung_crop
@@ -35,21 +35,6 @@ def json_safe(value: Any) -> Any:
   if isinstance(value, (list, tuple)):
     return [json_safe(v) for v in value]
   return value
-
-
-def _csv_value(value: Any) -> Any:
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return ""
-  return f"{value:.6g}" if isinstance(value, float) else value
-
-
-def write_eval_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
-  """DIR/eval/<split>.csv: CSV_FIELDS, one row per image; blank where not defined."""
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=evaluation.CSV_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: _csv_value(row.get(k)) for k in evaluation.CSV_FIELDS})
 
 
 def run(
@@ -101,7 +86,7 @@ def run(
   }
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
-  write_eval_csv(result.rows, os.path.join(out_dir, f"{split}.csv"))
+  csv_tables.write_csv(os.path.join(out_dir, f"{split}.csv"), evaluation.CSV_FIELDS, result.rows)
   html = report.write_report(out_dir, split, summary, result)
   summary["report"] = os.path.basename(html)
   with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
@@ -113,7 +98,7 @@ def run(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  quiet_logs.install()
+  cli.quiet_library_logs()
   args = flags.FLAGS
   summary = run(args.workdir, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size)
   lines = [
@@ -156,4 +141,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

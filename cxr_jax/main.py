@@ -10,7 +10,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from cxr_jax.core import quiet_logs
+from cxr_jax import cli
 from cxr_jax.workflows import train
 
 _WORKDIR = flags.DEFINE_string(
@@ -38,7 +38,7 @@ config_flags.DEFINE_config_file(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  quiet_logs.install()
+  cli.quiet_library_logs()
   if _COORDINATOR.value:
     # Cross-process collectives for CPU devices (a no-op for GPU and TPU ones).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ segments first); its masks are then the segmenter's lungs. A file that cannot be
 named on stderr, the others still get predictions, and the exit status is 1.
 """
 
-import csv
 import os
 import pathlib
 import sys
@@ -30,8 +29,9 @@ from absl import flags
 from flax import nnx
 from PIL import Image
 
+from cxr_jax import cli
+from cxr_jax.core import csv_tables
 from cxr_jax.core import overlays
-from cxr_jax.core import quiet_logs
 from cxr_jax.core import rundir
 from cxr_jax.core.inference import Inference
 from cxr_jax.core.inference import predict_images
@@ -154,10 +154,7 @@ def write_predictions_csv(
     + (["lung_fraction_post"] if postprocessed else [])
     + (["p_abnormal"] if classifies else [])
   )
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+  csv_tables.write_csv(path, fields, rows)
 
 
 def run(
@@ -174,6 +171,12 @@ def run(
 
   `restored` ((config, model), e.g. from a test) skips reading the workdir's checkpoint.
   """
+  if os.path.exists(output) and not os.path.isdir(output):
+    print(
+      f"predict: --output={output} is a file; give a folder (it is created if missing).",
+      file=sys.stderr,
+    )
+    return 2
   paths, skipped = list_inputs(input_path)
   for path in skipped:
     print(f"predict: skipping {path.name}: not a .png/.jpg/.jpeg file", file=sys.stderr)
@@ -210,7 +213,7 @@ def run(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  quiet_logs.install()
+  cli.quiet_library_logs()
   args = flags.FLAGS
   sys.exit(
     run(
@@ -235,4 +238,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -310,6 +310,9 @@ def test_resolve_name(archive_dir, tmp_path, monkeypatch):
   assert datasets.resolve_name(config) == ("synthetic", "")
   config.manual_dir = str(tmp_path)  # exists, holds no archive
   assert datasets.resolve_name(config) == ("synthetic", "")
+  config.manual_dir = str(tmp_path / "misspelt")  # does not exist: an error (test_hardening)
+  with pytest.raises(ValueError, match="does not exist"):
+    datasets.resolve_name(config)
   config.manual_dir = ""
   monkeypatch.setenv(datasets.MANUAL_DIR_ENV, str(archive_dir))
   assert datasets.resolve_name(config) == ("kaggle", str(archive_dir))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from cxr_jax import evaluate
@@ -199,3 +200,240 @@ def test_predict_refuses_a_negative_batch_size(tmp_path):
   assert done.returncode != 0
   assert "--batch_size=-1" in done.stderr and "non-negative" in done.stderr
   assert not (tmp_path / "out").exists()
+
+
+# ----- hostile names and sizes -----
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_stay_text(tmp_path):
+  import csv
+
+  from cxr_jax.core import csv_tables
+
+  rows = [
+    {"image": '=HYPERLINK("http://x").png', "value": -0.5, "note": "+1"},
+    {"image": "@SUM(A1).png", "value": float("nan"), "note": "-x"},
+  ]
+  csv_tables.write_csv(tmp_path / "t.csv", ["image", "value", "note"], rows)
+  with open(tmp_path / "t.csv") as f:
+    got = list(csv.DictReader(f))
+  assert [r["image"] for r in got] == ['\'=HYPERLINK("http://x").png', "'@SUM(A1).png"]
+  assert [r["value"] for r in got] == ["-0.5", ""]  # numbers stay numbers
+  assert [r["note"] for r in got] == ["+1", "'-x"]
+
+
+def test_predict_writes_a_formula_file_name_as_text(tmp_path, fake_model):
+  import csv
+
+  from PIL import Image
+
+  from cxr_jax import predict
+  from tests.test_predict import _config
+
+  name = "=HYPERLINK(1).png"
+  Image.fromarray(np.full((40, 30), 200, np.uint8)).save(tmp_path / name)
+  out = tmp_path / "out"
+  assert (
+    predict.run(
+      "unused", str(tmp_path / name), str(out), restored=(_config(), fake_model()), progress=False
+    )
+    == 0
+  )
+  with open(out / "predictions.csv") as f:
+    assert next(csv.DictReader(f))["image"] == "'" + name
+
+
+def test_an_oversized_zip_member_is_skipped_without_reading_it(tmp_path, monkeypatch):
+  import zipfile
+
+  from cxr_jax.data import datasets
+  from cxr_jax.data import kaggle_archive
+  from tests.test_dataset import _png
+
+  archive = tmp_path / "archive.zip"
+  with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+    z.writestr("Lung Segmentation/CXR_png/CHNCXR_0001_0.png", _png(np.zeros((8, 8), np.uint8)))
+    z.writestr("Lung Segmentation/CXR_png/CHNCXR_0002_1.png", b"\0" * (3 * 2**20))  # a bomb
+  monkeypatch.setattr(kaggle_archive, "MAX_FILE_BYTES", 2**20)
+  builder = datasets.load_builder(
+    "kaggle", data_dir=str(tmp_path / "tfds"), manual_dir=str(archive)
+  )
+  skipped = builder.info.metadata["skipped"]
+  assert len(skipped) == 1 and "CHNCXR_0002_1.png: unreadable image (3 MiB, over" in skipped[0]
+
+
+def test_ids_take_ascii_digits_only():
+  from cxr_jax.data import kaggle_archive
+
+  assert kaggle_archive._ID_PATTERN.fullmatch("CHNCXR_0904_0")
+  assert not kaggle_archive._ID_PATTERN.fullmatch("CHNCXR_\u0660\u0669\u0660\u0664_0")
+  assert not kaggle_archive._ID_PATTERN.fullmatch("CHNCXR_0904_0\n")
+
+
+def test_the_tpu_launcher_passes_paths_through_quoted(tmp_path):
+  stub = tmp_path / "bin"
+  stub.mkdir()
+  (stub / "gcloud").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "${@: -1}"\n')
+  (stub / "gcloud").chmod(0o755)
+  workdir, data_dir = "/runs/a b;touch pwned", "/data/$(id)"
+  env = {
+    **os.environ,
+    "PATH": f"{stub}:{os.environ['PATH']}",
+    "TPU": "t",
+    "ZONE": "z",
+    "WORKDIR": workdir,
+    "DATA_DIR": data_dir,
+  }
+  remote = subprocess.run(
+    ["bash", str(REPO_ROOT / "launch" / "tpu_vm.sh"), "--config.seed=3"],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
+  train_command = remote.rsplit(" && ", 1)[1]  # what each worker runs after cd and pip
+  printed = subprocess.run(
+    ["bash", "-c", 'python() { printf "%s\\n" "$@"; }; ' + train_command],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=tmp_path,
+  ).stdout
+  assert f"--workdir={workdir}" in printed.splitlines()
+  assert f"--config.data.data_dir={data_dir}" in printed.splitlines()
+  assert "--config.seed=3" in printed.splitlines() and not (tmp_path / "pwned").exists()
+
+
+# ----- prepare: unusable splits, another archive, a misspelt one -----
+
+
+def _tiny_archive(root, files):
+  from tests.test_dataset import _png
+
+  tree = root / "Lung Segmentation" / "CXR_png"
+  tree.mkdir(parents=True)
+  for name, data in files.items():
+    (tree / name).write_bytes(data if isinstance(data, bytes) else _png(data))
+  return root
+
+
+def _prepare(capsys, **flag_values):
+  from absl import flags
+  from absl.testing import flagsaver
+
+  from cxr_jax.data import prepare
+
+  if "dataset" not in flags.FLAGS:
+    prepare.define_flags()
+  with flagsaver.flagsaver(**flag_values):
+    prepare.main(["prepare"])
+  return capsys.readouterr().out
+
+
+def test_prepare_finishes_when_every_image_of_a_split_is_unreadable(tmp_path, capsys):
+  from cxr_jax.data import splits
+
+  ids = [f"CHNCXR_{i:04d}_{i % 2}" for i in range(1, 40)]
+  test_ids = [i for i in ids if splits.split_of(i) == "test"]
+  files = {f"{i}.png": np.full((16, 16), 100 + k, np.uint8) for k, i in enumerate(ids)}
+  for image_id in test_ids:
+    files[f"{image_id}.png"] = b""  # zero bytes
+  archive = _tiny_archive(tmp_path / "archive", files)
+  out = _prepare(capsys, dataset="kaggle", manual_dir=str(archive), data_dir=str(tmp_path / "tfds"))
+  assert "EMPTY splits: test" in out
+  lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+  assert lines["test"][1] == "0" and int(lines["all"][1]) == len(ids) - len(test_ids)
+  assert f"skipped files: {len(test_ids)}" in out
+
+
+def test_prepare_says_when_the_data_dir_holds_another_archive(tmp_path, capsys):
+  first = _tiny_archive(
+    tmp_path / "first",
+    {f"CHNCXR_{i:04d}_0.png": np.full((16, 16), i, np.uint8) for i in range(1, 30)},
+  )
+  data_dir = str(tmp_path / "tfds")
+  out = _prepare(capsys, dataset="kaggle", manual_dir=str(first), data_dir=data_dir)
+  assert f"built from {first}" in out and "WARNING" not in out
+  for other in (tmp_path / "second", tmp_path / "missing"):
+    if other.name == "second":
+      _tiny_archive(other, {"CHNCXR_0001_1.png": np.zeros((16, 16), np.uint8)})
+    out = _prepare(capsys, dataset="kaggle", manual_dir=str(other), data_dir=data_dir)
+    assert f"WARNING: not rebuilt from --manual_dir={other}" in out
+    assert f"built from {first}" in out
+
+
+def test_auto_with_a_misspelt_manual_dir_stops(tmp_path, monkeypatch):
+  import ml_collections
+
+  from cxr_jax.data import datasets
+  from cxr_jax.data.records import DataError
+
+  monkeypatch.delenv(datasets.MANUAL_DIR_ENV, raising=False)
+  config = ml_collections.ConfigDict({"name": "auto", "manual_dir": str(tmp_path / "archvie")})
+  with pytest.raises(DataError, match="does not exist .a typo.."):
+    datasets.resolve_name(config)
+
+
+# ----- messages -----
+
+
+def test_resuming_with_another_optimiser_names_the_keys(finished_run, tmp_path):
+  run, config = finished_run
+  workdir = _copy(run, tmp_path)
+  config.optim.name = "adam"
+  config.optim.grad_clip = 0.0
+  with pytest.raises(
+    ValueError,
+    match=r"optim.name: 'adamw' -> 'adam'; optim.grad_clip: 1.0 -> "
+    r"0.0.*new --workdir",
+  ):
+    train.train_and_evaluate(config, str(workdir))
+
+
+def _command(*args):
+  return subprocess.run(
+    [sys.executable, "-m", *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO_ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+
+
+def test_a_misspelt_config_key_is_one_line_not_tracebacks(tmp_path):
+  done = _command(
+    "cxr_jax.main",
+    f"--config={REPO_ROOT}/configs/unet.py:smoke",
+    f"--workdir={tmp_path}",
+    "--config.modle.name=unet",
+  )
+  assert done.returncode == 2
+  assert "unknown config key 'modle' Did you mean \"model\"" in done.stderr
+  assert "Traceback" not in done.stderr
+
+
+def test_an_unwritable_workdir_is_one_line_and_the_traceback_a_flag_away(tmp_path, data_dir):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  args = (
+    "cxr_jax.main",
+    f"--config={REPO_ROOT}/configs/unet.py:smoke",
+    f"--workdir={blocker}/run",
+    f"--config.data.data_dir={data_dir}",
+  )
+  done = _command(*args)
+  assert done.returncode == 1 and "Traceback" not in done.stderr
+  assert f"cannot write {blocker}/run: Not a directory" in done.stderr
+  assert "Traceback" in _command(*args, "--traceback").stderr
+
+
+def test_predict_output_that_is_a_file(tmp_path):
+  (tmp_path / "out").write_text("")
+  done = _command(
+    "cxr_jax.predict",
+    f"--workdir={tmp_path}",
+    f"--input={tmp_path}",
+    f"--output={tmp_path / 'out'}",
+  )
+  assert done.returncode == 2 and "is a file; give a folder" in done.stderr

@@ -108,3 +108,20 @@ def test_split_name_and_bad_images(tmp_path):
   with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
     with writers.TensorBoardWriter(str(tmp_path)) as writer:
       writer.write_images(0, {"x": np.zeros((8, 8))})
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_metrics_survive_a_deleted_or_replaced_file(tmp_path, how, caplog):
+  workdir = str(tmp_path)
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write('{"step": 1, "split": "train", "loss": 1.0}\n')  # an earlier session's line
+  writer = writers.create_writer(workdir, just_logging=False, resume_step=1)
+  writer.write_scalars(2, {"train/loss": 2.0})
+  os.remove(tmp_path / "metrics.jsonl")
+  if how == "replaced":
+    (tmp_path / "metrics.jsonl").write_text("")
+  writer.write_scalars(3, {"train/loss": 3.0, "validation/dice": 0.5})
+  writer.close()
+  rows = [(r["step"], r["split"]) for r in _read_jsonl(workdir)]
+  assert rows == [(1, "train"), (2, "train"), (3, "train"), (3, "validation")]
+  assert "deleted or replaced" in caplog.text

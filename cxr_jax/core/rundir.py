@@ -99,7 +99,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A resumed run must build the model its checkpoints hold."""
+  """A resumed run must build the model and optimiser state its checkpoints hold."""
   if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     return
   stored = load_config(workdir)
@@ -110,9 +110,14 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   ]
   if stored.data.image_size != config.data.image_size:
     changed.append(f"data.image_size: {stored.data.image_size} -> {config.data.image_size}")
+  # The optimiser state's structure: another optimiser, or clipping switched on or off.
+  if stored.optim.name != config.optim.name:
+    changed.append(f"optim.name: {stored.optim.name!r} -> {config.optim.name!r}")
+  if bool(stored.optim.grad_clip) != bool(config.optim.grad_clip):
+    changed.append(f"optim.grad_clip: {stored.optim.grad_clip} -> {config.optim.grad_clip}")
   if changed:
     raise ValueError(
-      f"{workdir} holds checkpoints of another model ({'; '.join(changed)}). "
+      f"{workdir} holds checkpoints of another model or optimiser ({'; '.join(changed)}). "
       "Resume with the same settings, or train into a new --workdir."
     )
 

@@ -90,13 +90,32 @@ def _to_uint8_images(tag: str, images: Any) -> np.ndarray:
 
 
 class JsonlWriter(MetricWriter):
-  """Appends scalars to a JSONL file, one object per (step, split), flushed per line."""
+  """Appends scalars to a JSONL file, one object per (step, split), flushed per line.
+
+  It keeps every line it holds: a file deleted or replaced mid-run is written again whole,
+  so nothing is lost.
+  """
 
   def __init__(self, path: str, *, default_split: str = "train", resume_step: int | None = None):
     self.path = path
     self.default_split = default_split
-    _clean_tail(path, resume_step)
+    self._lines = _clean_tail(path, resume_step)
     self._file = open(path, "a", encoding="utf-8")
+
+  def _reopen_if_gone(self) -> None:
+    try:
+      gone = not os.path.samestat(os.stat(self.path), os.fstat(self._file.fileno()))
+    except FileNotFoundError:
+      gone = True
+    if gone:
+      logging.warning(
+        "%s was deleted or replaced during the run; writing it again with all %d lines.",
+        self.path,
+        len(self._lines),
+      )
+      self._file.close()
+      self._file = open(self.path, "w", encoding="utf-8")
+      self._file.write("".join(line + "\n" for line in self._lines))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     rows: dict[str, dict[str, Any]] = {}
@@ -104,9 +123,12 @@ class JsonlWriter(MetricWriter):
       split, key = split_name(name, self.default_split)
       value = _to_float(value)
       rows.setdefault(split, {})[key] = value if math.isfinite(value) else None
+    self._reopen_if_gone()
     for split, values in rows.items():
       record = {"step": int(step), "split": split, **dict(sorted(values.items()))}
-      self._file.write(json.dumps(record, allow_nan=False) + "\n")
+      line = json.dumps(record, allow_nan=False)
+      self._lines.append(line)
+      self._file.write(line + "\n")
     self._file.flush()
 
   def write_images(self, step: int, images: Mapping[str, Any]) -> None:
@@ -124,10 +146,11 @@ class JsonlWriter(MetricWriter):
       self._file.close()
 
 
-def _clean_tail(path: str, resume_step: int | None) -> None:
-  """Drops a partial last line (a kill mid-write) and lines with step > resume_step."""
+def _clean_tail(path: str, resume_step: int | None) -> list[str]:
+  """Drops a partial last line (a kill mid-write) and lines with step > resume_step; returns
+  the lines kept."""
   if not os.path.exists(path):
-    return
+    return []
   with open(path, encoding="utf-8") as f:
     text = f.read()
   lines = text.split("\n")
@@ -150,6 +173,7 @@ def _clean_tail(path: str, resume_step: int | None) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
       f.write("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+  return keep
 
 
 class TensorBoardWriter(MetricWriter):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -94,6 +95,8 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     self.strict = strict
     self.skipped: list[Skip] = []
     self._manual_dir = None
+    self._unusable: dict[str, list[Skip]] = {}  # id -> why, from an earlier build attempt
+    self._failed: dict[str, list[Skip]] = {}  # id -> why, in this attempt
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -127,7 +130,12 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     reader = kind.open_reader(manual_dir, self.builder_config.num_examples)
     for skip in reader.skipped:
       self._skip(skip, reader)
-    items = reader.items()
+    items = []
+    for image_id, handle in reader.items():
+      if image_id in self._unusable:  # found unusable by an earlier attempt (see below)
+        self.skipped.extend(self._unusable[image_id])
+      else:
+        items.append((image_id, handle))
     if not items:
       raise DataError(
         f"No usable images in {reader.describe()}: {len(self.skipped)} files "
@@ -138,8 +146,28 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
 
   def _download_and_prepare(self, dl_manager, download_config):
     self._manual_dir = download_config.manual_dir
-    super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+    # A split whose every image turns out unusable yields nothing, which TFDS refuses. Images
+    # are only decoded while a split is written, so the build then starts again without the
+    # images found unusable (a split left empty is dropped): at most once per split.
+    self._unusable = {}
+    for _ in range(len(SPLIT_PERCENT)):
+      self._failed: dict[str, list[Skip]] = {}
+      try:
+        super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+        break
+      except AssertionError as e:
+        if "No examples were yielded" not in str(e) or not self._failed:
+          raise
+        logging.warning(
+          "Building again without the %d unusable images found so far (a split "
+          "had no usable image: %s).",
+          len(self._failed),
+          e,
+        )
+        self._unusable.update(self._failed)
     self.info.metadata["skipped"] = [str(s) for s in self.skipped]
+    manual_dir = self._manual_dir and os.path.abspath(os.path.expanduser(str(self._manual_dir)))
+    self.info.metadata["manual_dir"] = manual_dir or ""
     if self.skipped:
       logging.warning("Build summary: %d files skipped (%s).", len(self.skipped), self._reasons())
     else:
@@ -149,8 +177,10 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     kind = registry.get(self.builder_config.kind)
     source_names = registry.source_names()
     for image_id, handle in items:
+      before = len(self.skipped)
       example = reader.read(handle, lambda skip: self._skip(skip, reader))
       if example is None:
+        self._failed[image_id] = self.skipped[before:]
         continue
       if example.source not in kind.sources:
         raise DataError(

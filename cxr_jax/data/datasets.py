@@ -43,14 +43,40 @@ def load_builder(
     data_dir=os.path.expanduser(data_dir),
     strict=strict,
   )
-  if not kind.generated and not _is_prepared(builder):
+  prepared = _is_prepared(builder)
+  if not kind.generated and not prepared:
     kind.find(manual_dir)  # fails early, saying where it looked
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(
       manual_dir=os.path.expanduser(manual_dir) if manual_dir else None, try_download_gcs=False
     )
   )
+  if prepared and not kind.generated:
+    _warn_if_built_elsewhere(builder, manual_dir)
   return builder
+
+
+def _warn_if_built_elsewhere(builder: tfds.core.DatasetBuilder, manual_dir: str) -> None:
+  """A prepared dataset is reused as it is: say so when it came from other files."""
+  built_from = (builder.info.metadata or {}).get("manual_dir", "")
+  given = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else ""
+  if given and built_from and given != built_from:
+    missing = "" if os.path.exists(given) else " (which does not exist)"
+    logging.warning(
+      "%s was built from %s, not from the manual_dir given, %s%s: the prepared copy is used "
+      "as it is. To build from %s, use a fresh data_dir or delete %s.",
+      builder.data_dir,
+      built_from,
+      given,
+      missing,
+      given,
+      builder.data_dir,
+    )
+
+
+def built_from(builder: tfds.core.DatasetBuilder) -> str:
+  """The manual_dir a prepared dataset was built from ('' for generated kinds)."""
+  return (builder.info.metadata or {}).get("manual_dir", "")
 
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
@@ -68,6 +94,11 @@ def resolve_name(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
   if name != "auto":
     kind = registry.get(name)
     return name, "" if kind.generated else manual_dir
+  if manual_dir and not os.path.exists(os.path.expanduser(manual_dir)):
+    raise DataError(
+      f"config.data.manual_dir={manual_dir!r} does not exist (a typo?). Point it at the "
+      "archive, or leave it empty (or set --config.data.name=synthetic) for the phantoms."
+    )
   if not manual_dir:
     logging.warning(
       "data.name='auto': using the SYNTHETIC phantoms (config.data.manual_dir and $%s are "

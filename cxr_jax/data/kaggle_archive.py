@@ -24,7 +24,10 @@ from cxr_jax.data.records import DataError
 from cxr_jax.data.records import Skip
 
 SOURCE_OF_PREFIX = {"MCUCXR": "montgomery", "CHNCXR": "shenzhen"}
-_ID_PATTERN = re.compile(r"^(MCUCXR|CHNCXR)_\d+_([01])$")
+_ID_PATTERN = re.compile(r"^(MCUCXR|CHNCXR)_[0-9]+_([01])$")  # ASCII digits only
+# The largest file read (bytes): the real X-rays are tens of MB; a larger zip member or file
+# is a decompression bomb or not an X-ray, and would be read whole into memory.
+MAX_FILE_BYTES = 256 * 2**20
 _MAX_DEPTH = 3  # folders searched below manual_dir (and inside a .zip) for CXR_png/
 _IGNORED_DIRS = ("__MACOSX", ".ipynb_checkpoints")
 
@@ -64,8 +67,20 @@ class _Tree:
 
   def read(self, name: str) -> bytes:
     if self._zip is not None:
-      return self._zip.read(name)
-    return (pathlib.Path(self.location) / name).read_bytes()
+      size = self._zip.getinfo(name).file_size  # as declared; the read is capped too
+      opened = self._zip.open(name)
+    else:
+      path = pathlib.Path(self.location) / name
+      size = path.stat().st_size
+      opened = open(path, "rb")
+    with opened as f:
+      data = f.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""
+    if size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
+      raise ValueError(
+        f"{max(size, len(data)) / 2**20:.0f} MiB, over the "
+        f"{MAX_FILE_BYTES / 2**20:.0f} MiB read limit (a decompression bomb?)"
+      )
+    return data
 
   def describe(self, name: str) -> str:
     """A path a person can find: 'dir/Lung Segmentation/CXR_png/x.png' or 'a.zip:...'."""
@@ -207,7 +222,7 @@ def scan_archive(archive: Archive) -> tuple[list[Record], list[Skip]]:
     stem, suffix = _stem_and_suffix(name)
     if suffix not in IMAGE_SUFFIXES:
       skipped.append(Skip(name, "not an image", f"expected {'/'.join(IMAGE_SUFFIXES)}"))
-    elif not _ID_PATTERN.match(stem):
+    elif not _ID_PATTERN.fullmatch(stem):
       skipped.append(
         Skip(name, "unrecognised name", "expected MCUCXR_<n>_<0|1> or CHNCXR_<n>_<0|1>")
       )
@@ -264,10 +279,10 @@ def _parent(root: str) -> str:
 
 # ----- clinical readings -----
 
-_MONTGOMERY_SEX = re.compile(r"Patient'?s\s+Sex\s*:\s*([MF])", re.IGNORECASE)
-_MONTGOMERY_AGE = re.compile(r"Patient'?s\s+Age\s*:\s*0*(\d+)\s*Y?", re.IGNORECASE)
+_MONTGOMERY_SEX = re.compile(r"Patient'?s\s+Sex\s*:\s*([MF])", re.IGNORECASE | re.ASCII)
+_MONTGOMERY_AGE = re.compile(r"Patient'?s\s+Age\s*:\s*0*(\d+)\s*Y?", re.IGNORECASE | re.ASCII)
 _SHENZHEN_SEX_AGE = re.compile(
-  r"^\s*(male|female|m|f)\b[\s,:]*(\d+)?\s*(?:yrs?|years?|y)?", re.IGNORECASE
+  r"^\s*(male|female|m|f)\b[\s,:]*(\d+)?\s*(?:yrs?|years?|y)?", re.IGNORECASE | re.ASCII
 )
 
 

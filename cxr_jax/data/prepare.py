@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 from collections.abc import Sequence
 
 import ml_collections
@@ -19,8 +20,10 @@ from absl import app
 from absl import flags
 from PIL import Image
 
+from cxr_jax import cli
 from cxr_jax.data import datasets
 from cxr_jax.data import registry
+from cxr_jax.data.splits import SPLIT_PERCENT
 
 # ----- counts -----
 
@@ -37,7 +40,7 @@ def split_counts(builder: tfds.core.DatasetBuilder) -> dict[str, collections.Cou
   'mask_size_differs' (mask and image shapes differ), 'empty_mask_with_has_mask',
   'mask_without_has_mask'; and image sizes under 'size HxW'.
   """
-  counts = {}
+  counts = {split: collections.Counter() for split in SPLIT_PERCENT}  # empty ones stay 0
   sources = registry.source_names()
   for split in builder.info.splits:
     source = datasets.split_source(builder, split, skip_decoding=("image",))
@@ -84,6 +87,12 @@ def format_counts(counts: dict[str, collections.Counter]) -> str:
     "mask_without_has_mask",
   )
   lines.append("checks (must be 0): " + ", ".join(f"{k}={total[k]}" for k in checks))
+  empty = [split for split, c in counts.items() if not c["total"]]
+  if empty:
+    lines.append(
+      f"EMPTY splits: {', '.join(empty)} (no usable image hashed into them; "
+      "training and evaluation on them will fail: see the skipped files below)"
+    )
   return "\n".join(lines)
 
 
@@ -126,6 +135,15 @@ def main(argv: Sequence[str]) -> None:
     strict=args.strict,
   )
   print(f"{builder.info.full_name} in {builder.data_dir}")
+  source = datasets.built_from(builder)
+  if source:
+    print(f"built from {source}")
+    given = manual_dir or os.environ.get(datasets.MANUAL_DIR_ENV, "")
+    if given and os.path.abspath(os.path.expanduser(given)) != source:
+      print(
+        f"WARNING: not rebuilt from --manual_dir={given}: this data_dir already holds the "
+        f"dataset built from {source}. Use a fresh --data_dir, or delete {builder.data_dir}."
+      )
   print(format_counts(split_counts(builder)))
   skipped = builder.info.metadata.get("skipped", []) if builder.info.metadata else []
   print(f"skipped files: {len(skipped)}")
@@ -135,4 +153,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

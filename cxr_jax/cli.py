@@ -1,0 +1,78 @@
+"""What every command shares: flag errors, disk and permission errors and chatty library logs
+reduced to one line each (the traceback behind --traceback). Only absl: the data layer's
+prepare command uses it too."""
+
+import errno
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+
+# Orbax logs every file of every checkpoint at INFO; TFDS and grain their own progress.
+_CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
+# Errors of the machine, not of the code: full disk, quota, read-only or forbidden paths.
+# Also a path through a file (ENOTDIR) or onto a file (EEXIST, EISDIR).
+_ENVIRONMENT_ERRNOS = (
+  errno.ENOSPC,
+  errno.EDQUOT,
+  errno.EROFS,
+  errno.EACCES,
+  errno.EPERM,
+  errno.ENOTDIR,
+  errno.EEXIST,
+  errno.EISDIR,
+)
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO records of chatty libraries (their warnings and errors still show)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(part in record.pathname for part in _CHATTY)
+
+
+def quiet_library_logs() -> None:
+  """Filters absl's handler, through which these libraries log (call from a main)."""
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a config override's error (e.g. a misspelt key) as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except KeyError as e:  # config_flags: a key the config does not have
+    message = f"unknown config key {e.args[0] if e.args else e}"
+  except (AttributeError, ValueError, TypeError) as e:  # config_flags: a value of another type
+    message = str(e)
+  message = " ".join(message.split())  # one line
+  print(f"{os.path.basename(argv[0])}: error in the flags: {message}", file=sys.stderr)
+  print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+  sys.exit(2)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)` for a command: short messages for bad flags and for errors of the
+  machine (disk full, read-only or forbidden paths), exit status 2 and 1."""
+  flags.DEFINE_bool("traceback", False, "Show the full traceback of disk and permission errors.")
+
+  def guarded(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except OSError as e:
+      if flags.FLAGS.traceback or e.errno not in _ENVIRONMENT_ERRNOS:
+        raise
+      where = f" {e.filename}" if e.filename else ""
+      print(
+        f"{os.path.basename(argv[0])}: cannot write{where}: {e.strerror}. Free space or fix the permissions "
+        "(or choose another path) and rerun; --traceback shows where it happened.",
+        file=sys.stderr,
+      )
+      sys.exit(1)
+
+  app.run(guarded, flags_parser=_parse_flags)

@@ -1,0 +1,37 @@
+"""The one CSV writer of the commands' per-image tables (evaluate's and predict's)."""
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): a
+# file named '=HYPERLINK(...).png' must stay text.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def cell(value: Any) -> Any:
+  """A value as written: '' for None and NaN, floats with 6 significant digits, and text that
+  a spreadsheet would run as a formula prefixed with an apostrophe (numbers stay numbers)."""
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return ""
+  if isinstance(value, float):
+    return f"{value:.6g}"
+  if isinstance(value, str) and value.startswith(_FORMULA_START):
+    try:
+      float(value)
+    except ValueError:
+      return "'" + value
+  return value
+
+
+def write_csv(
+  path: str | os.PathLike, fields: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> None:
+  """A header row of `fields`, then one row per mapping (missing keys blank)."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: cell(row.get(k)) for k in fields})
