@@ -61,8 +61,21 @@ def test_pixel_inside_a_square():
   pred = _pixels((5, 5), (2, 2))
   m = surface.mask_metrics(pred, truth)
   assert m["dice"] == pytest.approx(0.2)
-  assert m["hd95_px"] == pytest.approx(math.sqrt(2))  # pooled 95th percentile of 9 distances
-  assert m["asd_px"] == pytest.approx((1 + (4 + 4 * math.sqrt(2)) / 8) / 2)
+  assert m["hd95_px"] == pytest.approx(math.sqrt(2))  # max(P95([1]), P95(truth->pred))
+  assert m["asd_px"] == pytest.approx((1 + 4 + 4 * math.sqrt(2)) / 9)  # pooled over 1 + 8
+
+
+def test_a_false_island_counts_in_hd95_and_assd():
+  """The conventions of MONAI / surface-distance: the larger directed 95th percentile, and
+  the pooled mean. A pooled HD95 would give 2.2 here, the mean of directed means 0.61."""
+  truth = np.zeros((15, 20), bool)
+  truth[1:4, 1:4] = True  # boundary: 8 pixels
+  pred = truth.copy()
+  pred[2, 14] = True  # an island 11 px right of the square's edge: 1 of pred's 9 boundary px
+  m = surface.surface_metrics(pred, truth)
+  # pred->truth sorted: eight 0s then 11; P95 sits at 7.6 -> 0.6 * 11. truth->pred: all 0.
+  assert m["hd95"] == pytest.approx(6.6)
+  assert m["asd"] == pytest.approx(11 / 17)
 
 
 def test_anisotropic_spacing():
