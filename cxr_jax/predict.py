@@ -1,7 +1,8 @@
 """`python -m cxr_jax.predict --workdir=DIR --input=PATH --output=OUT [--checkpoint=best]`
 
-PATH is an image or a folder of PNG/JPEG files (top level only) of any size, 8 or 16 bit,
-grey or colour, decoded exactly as the dataset decodes its files. Writes OUT/masks/<stem>.png
+PATH is an image or a folder of PNG/JPEG/DICOM files (top level only) of any size, 8 or 16
+bit, grey or colour, decoded as the dataset decodes its files (DICOM: windowed as its header
+says). Writes OUT/masks/<stem>.png
 (uint8 0/255 at the input's own height and width), OUT/overlays/<stem>.png and
 OUT/predictions.csv, one row per image:
 
@@ -10,6 +11,8 @@ OUT/predictions.csv, one row per image:
                             (`inference.native_mask`), as in evaluate's CSV
     lung_fraction_post      only when the run's config.postprocess: the same of the
                             post-processed mask, which is then the mask written to masks/
+    pixel_spacing_mm,       only when an input is DICOM with a pixel spacing: the spacing
+    lung_area_cm2           and the written mask's area
     p_abnormal              only when the model classifies
 
 A run trained on lung crops is fed lung crops here too (its config.data.crop_workdir
@@ -36,6 +39,7 @@ from cxr_jax.core import rundir
 from cxr_jax.core.inference import Inference
 from cxr_jax.core.inference import predict_images
 from cxr_jax.core.progress import Progress
+from cxr_jax.data import dicom
 from cxr_jax.data import images
 from cxr_jax.data.images import IMAGE_SUFFIXES
 from cxr_jax.workflows import lung_crop
@@ -43,20 +47,26 @@ from cxr_jax.workflows import lung_crop
 # ----- reading images -----
 
 
-def load_grey(path: str | os.PathLike) -> np.ndarray:
-  """Reads a PNG/JPEG as one grey channel [H, W] uint8, exactly as the dataset decodes it.
+def load_image(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float] | None]:
+  """(one grey channel [H, W] uint8, pixel spacing in mm or None) of a PNG, JPEG or DICOM.
 
-  `images.decode_greyscale`, the decoding the training data went through: 16/32-bit
-  greys stretched from their own min..max to 0..255, colour, palette and alpha images
-  converted to luminance. So the model sees here what it saw in training. Raises ValueError
-  naming the file when it is not a readable image.
+  PNG/JPEG go through `images.decode_greyscale`, the decoding the training data went
+  through (16/32-bit greys stretched from their own min..max, colour to luminance), so the
+  model sees here what it saw in training; DICOM through `dicom.decode_dicom` (rescaled,
+  windowed as its header says, MONOCHROME1 inverted), which also gives the spacing.
+  Raises ValueError naming the file when it is not a readable image.
   """
   try:
     data = pathlib.Path(path).read_bytes()
   except OSError as e:
     raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+  if dicom.is_dicom(data) or pathlib.Path(path).suffix.lower() in dicom.DICOM_SUFFIXES:
+    try:
+      return dicom.decode_dicom(data)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from e
   try:
-    return images.decode_greyscale(data)
+    return images.decode_greyscale(data), None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"{path}: not a readable PNG/JPEG image ({type(e).__name__}: {e})") from e
 
@@ -69,8 +79,9 @@ def list_inputs(path: str | os.PathLike) -> tuple[list[pathlib.Path], list[pathl
   if not path.is_dir():
     raise FileNotFoundError(f"--input={str(path)!r} is neither a file nor a folder.")
   files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-  images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-  return images, [p for p in files if p not in images]
+  suffixes = IMAGE_SUFFIXES + dicom.DICOM_SUFFIXES
+  inputs = [p for p in files if p.suffix.lower() in suffixes]
+  return inputs, [p for p in files if p not in inputs]
 
 
 def output_stems(paths: Sequence[pathlib.Path]) -> list[str]:
@@ -110,14 +121,14 @@ def predict_files(
     loaded = []
     for path in chunk:
       try:
-        loaded.append((path, load_grey(path)))
+        loaded.append((path, *load_image(path)))
       except ValueError as e:
         errors.append(str(e))
     if loaded:
-      batch = [image for _, image in loaded]
+      batch = [image for _, image, _ in loaded]
       lungs = segmenter.predict(batch) if segmenter is not None else None
       predictions = predict_images(inference, batch, clean=clean, lungs=lungs, margin=margin)
-      for (path, image), pred in zip(loaded, predictions):
+      for (path, image, spacing), pred in zip(loaded, predictions):
         row = {
           "image": path.name,
           "height": pred.height,
@@ -135,6 +146,9 @@ def predict_files(
           )
           rgb = overlays.overlay(image, mask)
           Image.fromarray(rgb).save(output / "overlays" / f"{stems[path]}.png")
+          if spacing is not None:  # DICOM: the written mask's area in cm^2
+            row["pixel_spacing_mm"] = f"{spacing[0]:.4f}x{spacing[1]:.4f}"
+            row["lung_area_cm2"] = f"{mask.sum() * spacing[0] * spacing[1] / 100:.3f}"
         if pred.p_abnormal is not None:
           row["p_abnormal"] = f"{pred.p_abnormal:.6f}"
         rows.append(row)
@@ -149,9 +163,11 @@ def write_predictions_csv(
   rows: Sequence[dict], path: str | os.PathLike, classifies: bool, postprocessed: bool = False
 ) -> None:
   """predictions.csv, one row per image (columns: see the module docstring)."""
+  with_spacing = any("lung_area_cm2" in row for row in rows)
   fields = (
     ["image", "height", "width", "lung_fraction"]
     + (["lung_fraction_post"] if postprocessed else [])
+    + (["pixel_spacing_mm", "lung_area_cm2"] if with_spacing else [])
     + (["p_abnormal"] if classifies else [])
   )
   csv_tables.write_csv(path, fields, rows)

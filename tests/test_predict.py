@@ -68,15 +68,15 @@ def _read_csv(path: pathlib.Path) -> tuple[list[str], list[dict]]:
     return reader.fieldnames, list(reader)
 
 
-def test_load_grey_decodes_like_the_dataset(awkward_folder):
-  deep = predict.load_grey(awkward_folder / "grey16.png")
+def test_load_image_decodes_like_the_dataset(awkward_folder):
+  deep = predict.load_image(awkward_folder / "grey16.png")[0]
   assert deep.dtype == np.uint8 and deep.min() == 0 and deep.max() == 255  # stretched
-  colour = predict.load_grey(awkward_folder / "colour.jpg")
+  colour = predict.load_image(awkward_folder / "colour.jpg")[0]
   assert colour.dtype == np.uint8 and colour.shape == (150, 220)
   with pytest.raises(ValueError, match="notes.png"):
-    predict.load_grey(awkward_folder / "notes.png")
+    predict.load_image(awkward_folder / "notes.png")[0]
   with pytest.raises(ValueError, match="missing.png"):
-    predict.load_grey(awkward_folder / "missing.png")
+    predict.load_image(awkward_folder / "missing.png")[0]
 
 
 def test_16_bit_png_gives_the_model_what_training_gave_it(tmp_path):
@@ -87,7 +87,7 @@ def test_16_bit_png_gives_the_model_what_training_gave_it(tmp_path):
   Image.fromarray(deep).save(tmp_path / "deep.png")
   stored = images.decode_greyscale((tmp_path / "deep.png").read_bytes())  # builder
   via_dataset, _ = preprocess.prepare_image(stored, 32)
-  via_predict, _ = preprocess.prepare_image(predict.load_grey(tmp_path / "deep.png"), 32)
+  via_predict, _ = preprocess.prepare_image(predict.load_image(tmp_path / "deep.png")[0], 32)
   np.testing.assert_array_equal(via_predict, via_dataset)
 
 
@@ -236,3 +236,92 @@ def test_command_on_a_workdir(awkward_folder, tmp_path):
   for name, shape in EXPECTED.items():
     mask = Image.open(out / "masks" / f"{pathlib.Path(name).stem}.png")
     assert (mask.height, mask.width) == shape
+
+
+# ----- DICOM -----
+
+
+def _write_dicom(
+  path: pathlib.Path,
+  stored: np.ndarray,
+  *,
+  photometric: str,
+  slope: float,
+  intercept: float,
+  center: float,
+  width: float,
+  spacing=None,
+) -> None:
+  """A minimal DICOM radiograph written by pydicom (16-bit, uncompressed)."""
+  from pydicom.dataset import FileDataset
+  from pydicom.dataset import FileMetaDataset
+  from pydicom.uid import ExplicitVRLittleEndian
+  from pydicom.uid import generate_uid
+
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+  ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+  ds.Modality, ds.PhotometricInterpretation = "DX", photometric
+  ds.Rows, ds.Columns = stored.shape
+  ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 16, 15
+  ds.PixelRepresentation = 0
+  ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+  ds.WindowCenter, ds.WindowWidth = center, width
+  if spacing:
+    ds.PixelSpacing = list(spacing)
+  ds.PixelData = stored.astype(np.uint16).tobytes()
+  ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_dicom_is_predicted_like_its_png_twin(tmp_path, fake_model):
+  """MONOCHROME2 and MONOCHROME1, 16 bit, rescaled and windowed to exactly the PNG's grey
+  levels: the same masks; the spacing gives the lung area in cm^2."""
+  grey = (_lungs(90, 70) * 255).round().astype(np.uint8)  # the PNG twin
+  Image.fromarray(grey).save(tmp_path / "twin.png")
+  g = grey.astype(np.int64)
+  # Modality values 2g (stored 4g + 100, slope 0.5, intercept -50), window 0..510 -> g.
+  _write_dicom(
+    tmp_path / "mono2.dcm",
+    4 * g + 100,
+    photometric="MONOCHROME2",
+    slope=0.5,
+    intercept=-50,
+    center=255,
+    width=510,
+    spacing=(0.2, 0.25),
+  )
+  # MONOCHROME1 (white is low): modality values 2 (255 - g), inverted after windowing.
+  _write_dicom(
+    tmp_path / "mono1.dcm",
+    4 * (255 - g) + 100,
+    photometric="MONOCHROME1",
+    slope=0.5,
+    intercept=-50,
+    center=255,
+    width=510,
+  )
+  for name in ("mono2.dcm", "mono1.dcm"):
+    decoded, _ = predict.load_image(tmp_path / name)
+    np.testing.assert_array_equal(decoded, grey)
+  out = tmp_path / "out"
+  assert (
+    predict.run(
+      "unused", str(tmp_path), str(out), restored=(_config(), fake_model()), progress=False
+    )
+    == 0
+  )
+  fields, rows = _read_csv(out / "predictions.csv")
+  assert "lung_area_cm2" in fields
+  rows = {r["image"]: r for r in rows}
+  twin = np.asarray(Image.open(out / "masks" / "twin.png"))
+  assert twin.any()
+  for stem in ("mono2", "mono1"):
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / f"{stem}.png")), twin)
+    assert rows[f"{stem}.dcm"]["lung_fraction"] == rows["twin.png"]["lung_fraction"]
+  area = (twin > 0).sum() * 0.2 * 0.25 / 100
+  assert float(rows["mono2.dcm"]["lung_area_cm2"]) == pytest.approx(area, abs=1e-3)
+  assert rows["mono2.dcm"]["pixel_spacing_mm"] == "0.2000x0.2500"
+  assert rows["mono1.dcm"]["lung_area_cm2"] == "" and rows["twin.png"]["lung_area_cm2"] == ""
