@@ -35,6 +35,7 @@ from PIL import Image
 from cxr_jax import cli
 from cxr_jax.core import csv_tables
 from cxr_jax.core import overlays
+from cxr_jax.core import portable
 from cxr_jax.core import rundir
 from cxr_jax.core.inference import Inference
 from cxr_jax.core.inference import predict_images
@@ -182,10 +183,12 @@ def run(
   batch_size: int = 0,
   progress: bool = True,
   restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
+  model_file: str = "",
 ) -> int:
   """The command: predicts `input_path` into `output`; returns the exit status (0: all ok).
 
-  `restored` ((config, model), e.g. from a test) skips reading the workdir's checkpoint.
+  `model_file` (a `python -m cxr_jax.export` file) replaces the workdir; `restored`
+  ((config, model), e.g. from a test) skips reading the workdir's checkpoint.
   """
   if os.path.exists(output) and not os.path.isdir(output):
     print(
@@ -195,16 +198,21 @@ def run(
     return 2
   paths, skipped = list_inputs(input_path)
   for path in skipped:
-    print(f"predict: skipping {path.name}: not a .png/.jpg/.jpeg file", file=sys.stderr)
+    print(f"predict: skipping {path.name}: not a PNG/JPEG/DICOM file", file=sys.stderr)
   if not paths:
-    print(f"predict: no PNG/JPEG files in {input_path}", file=sys.stderr)
+    print(f"predict: no PNG/JPEG/DICOM files in {input_path}", file=sys.stderr)
     return 1
-  config, model = restored or rundir.restore_model(workdir, checkpoint)[:2]
-  batch_size = min(batch_size or int(config.get("eval_batch_size", 8)), len(paths))
-  inference = Inference(config, model, batch_size=batch_size)
-  clean = bool(config.get("postprocess", False))
   segmenter, margin = None, 0.0
-  if config.data.get("crop_to_lungs", False):  # trained on lung crops: predict on them too
+  if model_file:
+    inference = portable.PortableModel(model_file, batch_size=batch_size)
+    inference.batch_size = min(inference.batch_size, len(paths))
+    clean = inference.settings["postprocess"]
+  else:
+    config, model = restored or rundir.restore_model(workdir, checkpoint)[:2]
+    batch_size = min(batch_size or int(config.get("eval_batch_size", 8)), len(paths))
+    inference = Inference(config, model, batch_size=batch_size)
+    clean = bool(config.get("postprocess", False))
+  if not model_file and config.data.get("crop_to_lungs", False):  # trained on lung crops
     segmenter = lung_crop.load_segmenter(config.data.crop_workdir, batch_size=batch_size)
     margin = float(config.data.crop_margin)
   rows, errors = predict_files(
@@ -231,17 +239,29 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
   args = flags.FLAGS
-  sys.exit(
-    run(
-      args.workdir, args.input, args.output, checkpoint=args.checkpoint, batch_size=args.batch_size
-    )
+  if bool(args.workdir) == bool(args.model):
+    raise app.UsageError("Give one of --workdir (a training run) or --model (an exported file).")
+  status = run(
+    args.workdir,
+    args.input,
+    args.output,
+    checkpoint=args.checkpoint,
+    batch_size=args.batch_size,
+    model_file=args.model or "",
   )
+  sys.exit(status)
 
 
 def define_flags() -> None:
   """The command's flags; defined only when run as a command, so importing is side-free."""
   flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints).")
-  flags.DEFINE_string("input", None, "An image, or a folder of PNG/JPEG images.")
+  flags.DEFINE_string(
+    "model",
+    None,
+    "A portable model (python -m cxr_jax.export), instead of "
+    "--workdir: needs neither the run directory nor the model code.",
+  )
+  flags.DEFINE_string("input", None, "An image, or a folder of PNG/JPEG/DICOM images.")
   flags.DEFINE_string("output", None, "Folder for masks/, overlays/, predictions.csv.")
   flags.DEFINE_enum(
     "checkpoint", "latest", ["latest", "best"], "Which checkpoint of the workdir to use."
@@ -249,7 +269,7 @@ def define_flags() -> None:
   flags.DEFINE_integer(
     "batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).", lower_bound=0
   )
-  flags.mark_flags_as_required(["workdir", "input", "output"])
+  flags.mark_flags_as_required(["input", "output"])
 
 
 if __name__ == "__main__":

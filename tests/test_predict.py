@@ -325,3 +325,65 @@ def test_dicom_is_predicted_like_its_png_twin(tmp_path, fake_model):
   assert float(rows["mono2.dcm"]["lung_area_cm2"]) == pytest.approx(area, abs=1e-3)
   assert rows["mono2.dcm"]["pixel_spacing_mm"] == "0.2000x0.2500"
   assert rows["mono1.dcm"]["lung_area_cm2"] == "" and rows["twin.png"]["lung_area_cm2"] == ""
+
+
+# ----- a portable model -----
+
+
+def test_exported_model_predicts_like_the_run_directory(awkward_folder, tmp_path):
+  """export -> predict --model (no run directory, no model code) gives predict's masks."""
+  from configs import default
+
+  config = default.get_config("smoke")
+  run = tmp_path / "run"
+  make_random_workdir(run, config)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  cwd = pathlib.Path(__file__).resolve().parents[1]
+
+  def command(*args):
+    return subprocess.run(
+      [sys.executable, "-m", *args],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+      cwd=cwd,
+      env=env,
+    )
+
+  exported = tmp_path / "unet.cxr"
+  done = command("cxr_jax.export", f"--workdir={run}", f"--output={exported}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  run.rename(tmp_path / "gone")  # the file must not need the run directory
+  code = (
+    "import sys, numpy as np; from cxr_jax.core import portable; "
+    f"m = portable.PortableModel({str(exported)!r}); out = m(np.zeros((3, 32, 32, 1))); "
+    "assert out['prob'].shape == (3, 32, 32), out; "
+    "assert 'cxr_jax.core.models' not in sys.modules  # no model code"
+  )
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd, env=env, timeout=120)
+  done = command(
+    "cxr_jax.predict",
+    f"--model={exported}",
+    f"--input={awkward_folder}",
+    f"--output={tmp_path / 'from_file'}",
+  )
+  assert done.returncode == 1 and "notes.png" in done.stderr  # the unreadable file, as before
+  (tmp_path / "gone").rename(run)
+  done = command(
+    "cxr_jax.predict",
+    f"--workdir={run}",
+    f"--input={awkward_folder}",
+    f"--output={tmp_path / 'from_run'}",
+    "--checkpoint=best",
+  )
+  assert done.returncode == 1
+  _, from_file = _read_csv(tmp_path / "from_file" / "predictions.csv")
+  _, from_run = _read_csv(tmp_path / "from_run" / "predictions.csv")
+  assert from_file == from_run and len(from_run) == len(EXPECTED)
+  for name in EXPECTED:
+    stem = pathlib.Path(name).stem
+    np.testing.assert_array_equal(
+      np.asarray(Image.open(tmp_path / "from_file" / "masks" / f"{stem}.png")),
+      np.asarray(Image.open(tmp_path / "from_run" / "masks" / f"{stem}.png")),
+    )

@@ -1,0 +1,47 @@
+"""`python -m cxr_jax.export --workdir=DIR --output=FILE [--checkpoint=best]`
+
+Writes a run's model as one portable file (`core.portable`): `predict --model=FILE` runs it
+with jax alone, without the model code or the run directory.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from cxr_jax import cli
+from cxr_jax.core import portable
+from cxr_jax.core import rundir
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
+  args = flags.FLAGS
+  config, model, step = rundir.restore_model(args.workdir, args.checkpoint)
+  settings = portable.export_model(
+    config,
+    model,
+    args.output,
+    provenance={"workdir": args.workdir, "checkpoint": args.checkpoint, "step": step},
+  )
+  print(
+    f"export: {settings['model']} (step {step}, {args.checkpoint} checkpoint) -> "
+    f"{args.output}; outputs {', '.join(settings['outputs'])}, input "
+    f"{settings['image_size']} px",
+    file=sys.stderr,
+  )
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when run as a command, so importing is side-free."""
+  flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints).")
+  flags.DEFINE_string("output", None, "The portable model file to write.")
+  flags.DEFINE_enum("checkpoint", "best", rundir.CHECKPOINT_CHOICES, "Which checkpoint.")
+  flags.mark_flags_as_required(["workdir", "output"])
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)
