@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 
 from absl import app
@@ -35,6 +36,16 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.WARNING or not any(part in record.pathname for part in _CHATTY)
 
 
+class _NoLibraryTracebacks(logging.Filter):
+  """Libraries' error records keep their one-line message, not the traceback behind it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and "/cxr_jax/" not in record.pathname:
+      record.msg = f"{record.getMessage()} [{record.exc_info[0].__name__}; --traceback for more]"
+      record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
 def quiet_library_logs() -> None:
   """Filters absl's handler, through which these libraries log (call from a main)."""
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -56,23 +67,68 @@ def _parse_flags(argv: list[str]) -> list[str]:
   sys.exit(2)
 
 
+def _disk_full(e: BaseException) -> bool:
+  """Orbax/TensorStore report a full disk as a ValueError, not an OSError."""
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "No space left on device" in text
+
+
+class _OneLinePerError:
+  """sys/threading excepthook: each distinct error once, as one line, not a traceback each.
+
+  A failed checkpoint write makes Orbax's and TensorStore's threads and callbacks report
+  the same failure dozens of times (a full disk gave 45 tracebacks).
+  """
+
+  def __init__(self):
+    self.seen: set[str] = set()
+
+  def __call__(self, *args) -> None:
+    exc_type, exc = (args[0].exc_type, args[0].exc_value) if len(args) == 1 else args[:2]
+    line = f"{exc_type.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if line not in self.seen:
+      self.seen.add(line)
+      print(f"(background) {line[:300]}", file=sys.stderr)
+
+
+def _exit_now(status: int) -> None:
+  """Exits without the interpreter's shutdown, where the failed save's background tasks
+  would report the same error again, after the message that says what to do."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` for a command: short messages for bad flags and for errors of the
   machine (disk full, read-only or forbidden paths), exit status 2 and 1."""
   flags.DEFINE_bool("traceback", False, "Show the full traceback of disk and permission errors.")
 
   def guarded(argv: list[str]) -> None:
+    if not flags.FLAGS.traceback:
+      sys.excepthook = threading.excepthook = _OneLinePerError()
+      absl_logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
     try:
       main(argv)
-    except OSError as e:
-      if flags.FLAGS.traceback or e.errno not in _ENVIRONMENT_ERRNOS:
+    except (OSError, ValueError, RuntimeError) as e:
+      if flags.FLAGS.traceback:
+        raise
+      if _disk_full(e):
+        print(
+          f"{os.path.basename(argv[0])}: the disk is full ({str(e).splitlines()[0][:200]}). "
+          "Free space (or choose another path) and rerun: the same command resumes from "
+          "the last complete checkpoint; --traceback shows where it happened.",
+          file=sys.stderr,
+        )
+        _exit_now(1)
+      if not isinstance(e, OSError) or e.errno not in _ENVIRONMENT_ERRNOS:
         raise
       where = f" {e.filename}" if e.filename else ""
       print(
-        f"{os.path.basename(argv[0])}: cannot write{where}: {e.strerror}. Free space or fix the permissions "
-        "(or choose another path) and rerun; --traceback shows where it happened.",
+        f"{os.path.basename(argv[0])}: cannot write{where}: {e.strerror}. Free space or fix "
+        "the permissions (or choose another path) and rerun; --traceback shows where.",
         file=sys.stderr,
       )
-      sys.exit(1)
+      _exit_now(1)
 
   app.run(guarded, flags_parser=_parse_flags)

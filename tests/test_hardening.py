@@ -437,3 +437,26 @@ def test_predict_output_that_is_a_file(tmp_path):
     f"--output={tmp_path / 'out'}",
   )
   assert done.returncode == 2 and "is a file; give a folder" in done.stderr
+
+
+def test_a_full_disk_ends_with_one_line_that_says_so(tmp_path, data_dir):
+  full = tmp_path / "full"
+  full.mkdir()
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full)], capture_output=True, text=True
+  )
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a small tmpfs here to fill: {mounted.stderr.strip()}")
+  try:
+    done = _command(
+      "cxr_jax.main",
+      f"--config={REPO_ROOT}/configs/unet.py:smoke",
+      f"--workdir={full}/run",
+      f"--config.data.data_dir={data_dir}",
+      "--config.model.base_features=16",
+    )  # checkpoints larger than the disk
+  finally:
+    subprocess.run(["umount", str(full)], check=False)
+  assert done.returncode == 1
+  last = done.stderr.strip().splitlines()[-1]
+  assert "the disk is full" in last and "rerun" in last, done.stderr[-2000:]
