@@ -460,3 +460,26 @@ def test_a_full_disk_ends_with_one_line_that_says_so(tmp_path, data_dir):
   assert done.returncode == 1
   last = done.stderr.strip().splitlines()[-1]
   assert "the disk is full" in last and "rerun" in last, done.stderr[-2000:]
+
+
+def test_a_read_only_workdir_is_one_line(tmp_path, data_dir):
+  read_only = tmp_path / "ro"
+  read_only.mkdir()
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)],
+    capture_output=True,
+    text=True,
+  )
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+  try:
+    done = _command(
+      "cxr_jax.main",
+      f"--config={REPO_ROOT}/configs/unet.py:smoke",
+      f"--workdir={read_only}/run",
+      f"--config.data.data_dir={data_dir}",
+    )
+  finally:
+    subprocess.run(["umount", str(read_only)], check=False)
+  assert done.returncode == 1 and "Traceback" not in done.stderr
+  assert f"cannot write {read_only}/run: Read-only file system" in done.stderr
