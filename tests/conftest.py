@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 
@@ -20,6 +21,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "chest-xray-masks-and-labels-512"
+
+
+def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  """`python -m ARGS` from the checkout on the CPU, output captured, never raising."""
+  return subprocess.run(
+    [sys.executable, "-m", *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+    cwd=REPO_ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from cxr_jax.core.inference import Inference
 from cxr_jax.data import kaggle
 from cxr_jax.data import preprocess
 from cxr_jax.data import registry
+from tests.conftest import run_module
 
 
 def small_config() -> ml_collections.ConfigDict:
@@ -196,10 +197,6 @@ def test_inference_pads_a_short_batch(fake_model):
 
 def test_command_on_a_workdir_and_the_synthetic_dataset(tmp_path):
   """`python -m cxr_jax.evaluate`: restore, build the run's dataset, write the outputs."""
-  import os
-  import pathlib
-  import subprocess
-  import sys
 
   from test_predict import make_random_workdir
 
@@ -208,22 +205,12 @@ def test_command_on_a_workdir_and_the_synthetic_dataset(tmp_path):
   config = default.get_config("smoke")
   config.data.data_dir = str(tmp_path / "tfds")
   make_random_workdir(tmp_path / "run", config)
-  done = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "cxr_jax.evaluate",
-      f"--workdir={tmp_path / 'run'}",
-      "--split=test",
-      "--checkpoint=best",
-      "--batch_size=4",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-    cwd=pathlib.Path(__file__).resolve().parents[1],
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  done = run_module(
+    "cxr_jax.evaluate",
+    f"--workdir={tmp_path / 'run'}",
+    "--split=test",
+    "--checkpoint=best",
+    "--batch_size=4",
   )
   assert done.returncode == 0, done.stderr[-3000:]
   summary = json.loads((tmp_path / "run" / "eval" / "test.json").read_text())

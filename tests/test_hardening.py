@@ -1,6 +1,7 @@
 """Hostile but realistic use: damaged checkpoints, two runs on one directory, bad paths and
 numbers. Each test reproduces a failure a user hit and asserts the new behaviour."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from cxr_jax.core import run_lock
 from cxr_jax.core import rundir
 from cxr_jax.workflows import train
 from tests.conftest import REPO_ROOT
+from tests.conftest import run_module
 from tests.test_train import read_metrics
 from tests.test_train import smoke_config
 
@@ -390,19 +392,8 @@ def test_resuming_with_another_optimiser_names_the_keys(finished_run, tmp_path):
     train.train_and_evaluate(config, str(workdir))
 
 
-def _command(*args):
-  return subprocess.run(
-    [sys.executable, "-m", *args],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    cwd=REPO_ROOT,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
-
-
 def test_a_misspelt_config_key_is_one_line_not_tracebacks(tmp_path):
-  done = _command(
+  done = run_module(
     "cxr_jax.main",
     f"--config={REPO_ROOT}/configs/unet.py:smoke",
     f"--workdir={tmp_path}",
@@ -422,15 +413,15 @@ def test_an_unwritable_workdir_is_one_line_and_the_traceback_a_flag_away(tmp_pat
     f"--workdir={blocker}/run",
     f"--config.data.data_dir={data_dir}",
   )
-  done = _command(*args)
+  done = run_module(*args)
   assert done.returncode == 1 and "Traceback" not in done.stderr
   assert f"cannot write {blocker}/run: Not a directory" in done.stderr
-  assert "Traceback" in _command(*args, "--traceback").stderr
+  assert "Traceback" in run_module(*args, "--traceback").stderr
 
 
 def test_predict_output_that_is_a_file(tmp_path):
   (tmp_path / "out").write_text("")
-  done = _command(
+  done = run_module(
     "cxr_jax.predict",
     f"--workdir={tmp_path}",
     f"--input={tmp_path}",
@@ -439,47 +430,42 @@ def test_predict_output_that_is_a_file(tmp_path):
   assert done.returncode == 2 and "is a file; give a folder" in done.stderr
 
 
-def test_a_full_disk_ends_with_one_line_that_says_so(tmp_path, data_dir):
-  full = tmp_path / "full"
-  full.mkdir()
+@contextlib.contextmanager
+def _tmpfs(path, options: str):
+  """A small tmpfs mounted at `path` (full or read-only disks on demand); skips without it."""
+  path.mkdir()
   mounted = subprocess.run(
-    ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full)], capture_output=True, text=True
+    ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
   )
   if mounted.returncode != 0:
-    pytest.skip(f"cannot mount a small tmpfs here to fill: {mounted.stderr.strip()}")
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
   try:
-    done = _command(
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_full_disk_ends_with_one_line_that_says_so(tmp_path, data_dir):
+  with _tmpfs(tmp_path / "full", "size=2m") as full:  # smaller than the checkpoints
+    done = run_module(
       "cxr_jax.main",
       f"--config={REPO_ROOT}/configs/unet.py:smoke",
       f"--workdir={full}/run",
       f"--config.data.data_dir={data_dir}",
       "--config.model.base_features=16",
-    )  # checkpoints larger than the disk
-  finally:
-    subprocess.run(["umount", str(full)], check=False)
+    )
   assert done.returncode == 1
   last = done.stderr.strip().splitlines()[-1]
   assert "the disk is full" in last and "rerun" in last, done.stderr[-2000:]
 
 
 def test_a_read_only_workdir_is_one_line(tmp_path, data_dir):
-  read_only = tmp_path / "ro"
-  read_only.mkdir()
-  mounted = subprocess.run(
-    ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)],
-    capture_output=True,
-    text=True,
-  )
-  if mounted.returncode != 0:
-    pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
-  try:
-    done = _command(
+  with _tmpfs(tmp_path / "ro", "ro,size=1m") as read_only:
+    done = run_module(
       "cxr_jax.main",
       f"--config={REPO_ROOT}/configs/unet.py:smoke",
       f"--workdir={read_only}/run",
       f"--config.data.data_dir={data_dir}",
     )
-  finally:
-    subprocess.run(["umount", str(read_only)], check=False)
   assert done.returncode == 1 and "Traceback" not in done.stderr
   assert f"cannot write {read_only}/run: Read-only file system" in done.stderr

@@ -22,6 +22,7 @@ from cxr_jax.core import inference
 from cxr_jax.core.progress import Progress
 from cxr_jax.data import images
 from cxr_jax.data import preprocess
+from tests.conftest import run_module
 
 
 def _config() -> ml_collections.ConfigDict:
@@ -212,22 +213,12 @@ def test_command_on_a_workdir(awkward_folder, tmp_path):
   config = default.get_config("smoke")
   make_random_workdir(tmp_path / "run", config)
   out = tmp_path / "out"
-  done = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "cxr_jax.predict",
-      f"--workdir={tmp_path / 'run'}",
-      f"--input={awkward_folder}",
-      f"--output={out}",
-      "--checkpoint=best",
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-    cwd=pathlib.Path(__file__).resolve().parents[1],
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  done = run_module(
+    "cxr_jax.predict",
+    f"--workdir={tmp_path / 'run'}",
+    f"--input={awkward_folder}",
+    f"--output={out}",
+    "--checkpoint=best",
   )
   assert done.returncode == 1, done.stderr
   assert "notes.png" in done.stderr
@@ -340,19 +331,8 @@ def test_exported_model_predicts_like_the_run_directory(awkward_folder, tmp_path
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   cwd = pathlib.Path(__file__).resolve().parents[1]
 
-  def command(*args):
-    return subprocess.run(
-      [sys.executable, "-m", *args],
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
-      cwd=cwd,
-      env=env,
-    )
-
   exported = tmp_path / "unet.cxr"
-  done = command("cxr_jax.export", f"--workdir={run}", f"--output={exported}")
+  done = run_module("cxr_jax.export", f"--workdir={run}", f"--output={exported}")
   assert done.returncode == 0, done.stderr[-3000:]
   run.rename(tmp_path / "gone")  # the file must not need the run directory
   code = (
@@ -362,7 +342,7 @@ def test_exported_model_predicts_like_the_run_directory(awkward_folder, tmp_path
     "assert 'cxr_jax.core.models' not in sys.modules  # no model code"
   )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd, env=env, timeout=120)
-  done = command(
+  done = run_module(
     "cxr_jax.predict",
     f"--model={exported}",
     f"--input={awkward_folder}",
@@ -370,7 +350,7 @@ def test_exported_model_predicts_like_the_run_directory(awkward_folder, tmp_path
   )
   assert done.returncode == 1 and "notes.png" in done.stderr  # the unreadable file, as before
   (tmp_path / "gone").rename(run)
-  done = command(
+  done = run_module(
     "cxr_jax.predict",
     f"--workdir={run}",
     f"--input={awkward_folder}",
