@@ -142,11 +142,13 @@ def predict_files(
           if pred.mask_post is not None:
             row["lung_fraction_post"] = f"{pred.mask_post.mean():.6f}"
           mask = pred.output_mask
+          # compress_level 1: zlib's default level took 86% of predict's time (noisy
+          # native-size overlays), for files only ~5% smaller (42.6 vs 44.7 MB for 48).
           Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(
-            output / "masks" / f"{stems[path]}.png"
+            output / "masks" / f"{stems[path]}.png", compress_level=1
           )
           rgb = overlays.overlay(image, mask)
-          Image.fromarray(rgb).save(output / "overlays" / f"{stems[path]}.png")
+          Image.fromarray(rgb).save(output / "overlays" / f"{stems[path]}.png", compress_level=1)
           if spacing is not None:  # DICOM: the written mask's area in cm^2
             row["pixel_spacing_mm"] = f"{spacing[0]:.4f}x{spacing[1]:.4f}"
             row["lung_area_cm2"] = f"{mask.sum() * spacing[0] * spacing[1] / 100:.3f}"
