@@ -19,6 +19,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.manual_dir = ""  # Kaggle archive root (or its .zip); '' -> $CXR_MANUAL_DIR.
   config.data.data_dir = "~/tensorflow_datasets"  # prepared TFDS datasets
   config.data.image_size = 128  # side of the letterboxed square the model sees
+  # Protocol (data/protocols.py): 'hash' (the dataset's splits) | 'kfold' (fold tests, fold+1
+  # validates) | 'cross_site' (train on train_sources, test on the others).
+  config.data.split = "hash"
+  config.data.num_folds = 5
+  config.data.fold = 0
+  config.data.train_sources = "montgomery"  # cross_site: comma-separated source names
   # Training examples: 'with_masks' | 'all' (unmasked ones train a class head only) |
   # 'all_without_masks' (classification: masks are not even read).
   config.data.examples = "with_masks"

@@ -236,3 +236,25 @@ def png_bytes(fig: plt.Figure) -> bytes:
 
 def is_finite_number(value: Any) -> bool:
   return isinstance(value, (int, float, np.floating)) and math.isfinite(float(value))
+
+
+def strip_figure(runs: Sequence[Mapping[str, Any]], metric: str) -> plt.Figure:
+  """One dot per run (seed, fold) of `metric` for each variant, and the variant's mean."""
+  variants = sorted({r["row"]["variant"] for r in runs})
+  fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(variants), 3.4))
+  rng = np.random.default_rng(0)
+  for k, variant in enumerate(variants):
+    values = [
+      r["row"][metric]
+      for r in runs
+      if r["row"]["variant"] == variant and is_finite_number(r["row"].get(metric))
+    ]
+    ax.scatter(k + rng.uniform(-0.12, 0.12, len(values)), values, s=18, color="#1f77b4", alpha=0.8)
+    if values:
+      ax.hlines(np.mean(values), k - 0.25, k + 0.25, color="black", lw=2)
+  ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right", fontsize=8)
+  ax.set_ylabel(metric)
+  ax.set_title(f"{metric}: one dot per run, bar at the mean", fontsize=9)
+  ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  return fig

@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from cxr_jax.core import checkpoint
 from cxr_jax.core import models
 from cxr_jax.data import datasets
+from cxr_jax.data import protocols
 from cxr_jax.data import registry
 
 CONFIG_FILE = "config.json"
@@ -279,6 +280,21 @@ def _check_same_on_all_hosts(name: str) -> None:
 def load_split(
   config: ml_collections.ConfigDict, split: str, dataset: Dataset | None = None
 ) -> Sequence[Mapping[str, Any]]:
-  """The run's `split` as a random-access source (preparing the dataset if needed)."""
+  """The run's `split` under its protocol (config.data.split) as a random-access source,
+  preparing the dataset if needed."""
   dataset = dataset or open_dataset(config.data)
-  return datasets.split_source(dataset.builder, split)
+  builder = dataset.builder
+  if config.data.get("split", "hash") == "hash":
+    return datasets.split_source(builder, split)
+  parts = {name: datasets.split_source(builder, name) for name in builder.info.splits}
+  meta = protocols.read_meta(
+    {name: datasets.skip_decoding(part, ("image", "mask")) for name, part in parts.items()}
+  )
+  assigned = protocols.assign_splits(meta, config.data, registry.source_names())
+  members = [(m["split"], m["position"]) for m, s in zip(meta, assigned) if s == split]
+  if not members:
+    raise ValueError(
+      f"No image of {builder.info.full_name} falls in {split!r} under config.data.split="
+      f"{config.data.split!r}; check config.data.fold / num_folds / train_sources."
+    )
+  return protocols.SubsetSource(parts, members)

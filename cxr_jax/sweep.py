@@ -1,0 +1,142 @@
+"""`python -m cxr_jax.sweep --sweep=configs/sweeps/NAME.py --root=DIR [--parallel=N]`
+
+Runs every (variant, seed, fold) of a sweep into DIR/<variant>/seed<s>[_fold<f>]: trains
+(`cxr_jax.main`, which resumes a half-finished run), then evaluates on the held-out split.
+Finished runs are skipped, so the same command continues an interrupted sweep. Then writes
+DIR/results.{csv,md,html} (`cxr_jax.results`). `--print_commands` prints the runs' command
+lines instead; `--print_commands=slurm` an sbatch array script that runs one run per task
+(`--run_index`).
+"""
+
+import concurrent.futures
+import dataclasses
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+
+from cxr_jax import cli
+from cxr_jax import results
+from cxr_jax.workflows import sweeps
+
+
+def load_sweep(path: str) -> sweeps.Sweep:
+  """The `Sweep` that `get_sweep()` in the file at `path` returns."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--sweep={path!r} does not exist (e.g. configs/sweeps/attention.py)")
+  spec = importlib.util.spec_from_file_location("cxr_jax_sweep_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sweep = module.get_sweep()
+  if not isinstance(sweep, sweeps.Sweep):
+    raise TypeError(f"{path}: get_sweep() must return a cxr_jax.workflows.sweeps.Sweep")
+  return sweep
+
+
+def run_one(sweep: sweeps.Sweep, sweep_file: str, run: sweeps.Run, root: str) -> tuple[str, int]:
+  """Trains and evaluates one run unless it is done; (its name, exit status)."""
+  workdir = os.path.join(root, run.name)
+  if sweeps.is_done(workdir, sweep.split):
+    return run.name, 0
+  sweeps.write_run_record(workdir, sweep_file, run)
+  with open(os.path.join(workdir, "sweep.log"), "a") as log:
+    for command in sweeps.commands(sweep, run, workdir):
+      log.write(f"$ {shlex.join(command)}\n")
+      log.flush()
+      status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+      if status:
+        return run.name, status
+  return run.name, 0
+
+
+def slurm_script(args, count: int) -> str:
+  command = shlex.join(
+    [sys.executable, "-m", "cxr_jax.sweep", f"--sweep={args.sweep}", f"--root={args.root}"]
+    + [f"--override={text}" for text in args.override]
+  )
+  return (
+    f"#!/usr/bin/env bash\n#SBATCH --array=0-{count - 1}\n#SBATCH --job-name=cxr_sweep\n"
+    f'{command} --run_index="$SLURM_ARRAY_TASK_ID" --results=false\n'
+  )
+
+
+def _parse_override(text: str) -> tuple[str, str]:
+  key, sep, value = text.partition("=")
+  if not sep or not key:
+    raise app.UsageError(f"--override={text!r}: expected KEY=VALUE, e.g. data.manual_dir=/data")
+  return key, value
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
+  sweep = load_sweep(args.sweep)
+  extra = dict(_parse_override(text) for text in args.override)
+  sweep = dataclasses.replace(sweep, overrides={**sweep.overrides, **extra})
+  runs = sweeps.expand(sweep)
+  if args.print_commands == "slurm":
+    print(slurm_script(args, len(runs)), end="")
+    return
+  if args.print_commands:
+    for run in runs:
+      for command in sweeps.commands(sweep, run, os.path.join(args.root, run.name)):
+        print(shlex.join(command))
+    return
+  if args.run_index is not None:
+    runs = [runs[args.run_index]]
+  todo = [r for r in runs if not sweeps.is_done(os.path.join(args.root, r.name), sweep.split)]
+  print(
+    f"sweep: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run "
+    f"({args.parallel} at a time) in {args.root}",
+    file=sys.stderr,
+  )
+  failed = []
+  with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
+    for name, status in pool.map(lambda r: run_one(sweep, args.sweep, r, args.root), todo):
+      print(f"sweep: {name} {'done' if not status else f'FAILED ({status})'}", file=sys.stderr)
+      if status:
+        failed.append(name)
+  if args.results and args.run_index is None:
+    written = results.write_results(
+      args.root,
+      [os.path.join(args.root, r.name) for r in runs],
+      baseline=sweeps.baseline(sweep),
+      split=sweep.split,
+    )
+    print(f"sweep: wrote {', '.join(written)}", file=sys.stderr)
+  if failed:
+    print(
+      f"sweep: {len(failed)} failed (their sweep.log says why): {', '.join(failed)}",
+      file=sys.stderr,
+    )
+    sys.exit(1)
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("sweep", None, "A sweep file, e.g. configs/sweeps/attention.py.")
+  flags.DEFINE_string("root", None, "Folder of the sweep's run directories.")
+  flags.DEFINE_integer("parallel", 1, "Runs at a time.", lower_bound=1)
+  flags.DEFINE_string(
+    "print_commands",
+    "",
+    "'1': print the runs' commands; 'slurm': an sbatch array script; nothing is run.",
+  )
+  flags.DEFINE_multi_string(
+    "override",
+    [],
+    "KEY=VALUE set in every run (after the sweep "
+    "file's), e.g. --override=data.manual_dir=/data/archive.",
+  )
+  flags.DEFINE_integer("run_index", None, "Run only this run of the sweep (SLURM arrays).")
+  flags.DEFINE_bool("results", True, "Write DIR/results.* once the runs are done.")
+  flags.mark_flags_as_required(["sweep", "root"])
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

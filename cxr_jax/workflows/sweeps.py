@@ -1,0 +1,135 @@
+"""Sweeps: a base config, named variants, seeds and folds, expanded into runs.
+
+A sweep file (`configs/sweeps/NAME.py`) defines `get_sweep()` returning a `Sweep`:
+
+    Sweep(config="configs/unet.py", variants={"unet": {}, "attention": {"model.name": ...}},
+          seeds=(0, 1), folds=5, overrides={"data.name": "kaggle"}, baseline="unet")
+
+`folds=N` runs every variant and seed on each of N folds (`config.data.split='kfold'`), 0
+keeps the config's own protocol. Each run gets ROOT/<variant>/seed<s>[_fold<f>], trained by
+`python -m cxr_jax.main` and scored on `split` by `python -m cxr_jax.evaluate`.
+"""
+
+import dataclasses
+import itertools
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+SWEEP_FILE = "sweep.json"  # in each run directory: which sweep, variant, seed and fold
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  config: str  # a config file, optionally with its ':arg'
+  variants: Mapping[str, Mapping[str, Any]]  # name -> config overrides ('model.name': ...)
+  seeds: Sequence[int] = (0,)
+  folds: int = 0
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # every run
+  split: str = "test"  # scored by evaluate
+  checkpoint: str = "best"
+  baseline: str = ""  # the variant others are compared with ('' : the first)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  variant: str
+  seed: int
+  fold: int | None
+  overrides: Mapping[str, Any]  # everything set on the command line, in order
+
+  @property
+  def name(self) -> str:
+    return f"{self.variant}/seed{self.seed}" + ("" if self.fold is None else f"_fold{self.fold}")
+
+
+def product(**axes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Variants crossing named axes: product(model={'unet': {...}, 'att': {...}},
+  aug={'none': {...}, 'default': {}}) -> {'model=unet,aug=none': {...}, ...}."""
+  variants = {}
+  for choice in itertools.product(*(list(values.items()) for values in axes.values())):
+    name = ",".join(f"{axis}={value}" for axis, (value, _) in zip(axes, choice))
+    merged: dict[str, Any] = {}
+    for _, overrides in choice:
+      merged.update(overrides)
+    variants[name] = merged
+  return variants
+
+
+def zipped(names: Sequence[str], **keys: Sequence[Any]) -> dict[str, dict[str, Any]]:
+  """Variants changing several keys together: zipped(['small', 'big'],
+  **{'data.image_size': [128, 256], 'model.base_features': [8, 16]})."""
+  if any(len(values) != len(names) for values in keys.values()):
+    raise ValueError(f"zipped: every key needs {len(names)} values, one per variant name.")
+  return {name: {key: values[i] for key, values in keys.items()} for i, name in enumerate(names)}
+
+
+def expand(sweep: Sweep) -> list[Run]:
+  """Every (variant, seed, fold) of the sweep, in a fixed order."""
+  if not sweep.variants:
+    raise ValueError("a sweep needs at least one variant")
+  runs = []
+  for variant, overrides in sweep.variants.items():
+    for seed in sweep.seeds:
+      for fold in range(sweep.folds) if sweep.folds else [None]:
+        settings = {**sweep.overrides, **overrides, "seed": int(seed)}
+        if fold is not None:
+          settings.update({"data.split": "kfold", "data.num_folds": sweep.folds, "data.fold": fold})
+        runs.append(Run(variant, int(seed), fold, settings))
+  return runs
+
+
+def baseline(sweep: Sweep) -> str:
+  return sweep.baseline or next(iter(sweep.variants))
+
+
+def _flag_value(value: Any) -> str:
+  return str(value) if not isinstance(value, str) else value
+
+
+def commands(sweep: Sweep, run: Run, workdir: str) -> list[list[str]]:
+  """The train and evaluate command lines of one run."""
+  train = [sys.executable, "-m", "cxr_jax.main", f"--config={sweep.config}", f"--workdir={workdir}"]
+  train += [f"--config.{key}={_flag_value(value)}" for key, value in run.overrides.items()]
+  evaluate = [
+    sys.executable,
+    "-m",
+    "cxr_jax.evaluate",
+    f"--workdir={workdir}",
+    f"--split={sweep.split}",
+    f"--checkpoint={sweep.checkpoint}",
+  ]
+  return [train, evaluate]
+
+
+def is_done(workdir: str, split: str) -> bool:
+  """Trained to its last step, and evaluated on `split` after its last checkpoint."""
+  summary = os.path.join(workdir, "eval", f"{split}.json")
+  config_path = os.path.join(workdir, "config.json")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not (os.path.exists(summary) and os.path.exists(config_path) and os.path.isdir(checkpoints)):
+    return False
+  with open(config_path) as f:
+    last_step = int(json.load(f)["config"]["num_train_steps"])
+  steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()]
+  if not steps or max(steps) != last_step:
+    return False
+  return os.path.getmtime(summary) >= os.path.getmtime(os.path.join(checkpoints, str(last_step)))
+
+
+def write_run_record(workdir: str, sweep_file: str, run: Run) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, SWEEP_FILE), "w") as f:
+    json.dump(
+      {
+        "sweep": sweep_file,
+        "variant": run.variant,
+        "seed": run.seed,
+        "fold": run.fold,
+        "overrides": dict(run.overrides),
+      },
+      f,
+      indent=2,
+    )

@@ -1,0 +1,132 @@
+"""Evaluation protocols: k-fold and cross-site splits as views over the prepared dataset."""
+
+import collections
+import random
+
+import ml_collections
+import pytest
+
+from cxr_jax.core import rundir
+from cxr_jax.data import datasets
+from cxr_jax.data import protocols
+from cxr_jax.data import records
+
+SOURCES = ("montgomery", "shenzhen", "synthetic")
+
+
+def _meta(n: int = 659, seed: int = 0) -> list[dict]:
+  """Records like the archive's: two sources of unequal size, both labels, hash splits."""
+  rng = random.Random(seed)
+  meta = []
+  for i in range(n):
+    source = 0 if i < 110 else 1
+    prefix = "MCUCXR" if source == 0 else "CHNCXR"
+    label = rng.random() < 0.45
+    meta.append(
+      {
+        "id": f"{prefix}_{i:04d}_{int(label)}",
+        "source": source,
+        "label": int(label),
+        "split": rng.choice(["train"] * 8 + ["validation", "test"]),
+        "position": i,
+      }
+    )
+  return meta
+
+
+def _config(**data) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+    {"split": "kfold", "num_folds": 5, "fold": 0, "train_sources": "montgomery", **data}
+  )
+
+
+def test_kfold_test_folds_partition_the_images_and_are_stratified():
+  meta = _meta()
+  tests, validations = collections.Counter(), collections.Counter()
+  per_fold = []
+  for fold in range(5):
+    splits = protocols.assign_splits(meta, _config(fold=fold), SOURCES)
+    tested = [m for m, s in zip(meta, splits) if s == "test"]
+    tests.update(m["id"] for m in tested)
+    validations.update(m["id"] for m, s in zip(meta, splits) if s == "validation")
+    per_fold.append(collections.Counter((m["source"], m["label"]) for m in tested))
+    assert collections.Counter(splits) == {
+      "test": len(tested),
+      "validation": collections.Counter(splits)["validation"],
+      "train": len(meta) - len(tested) - collections.Counter(splits)["validation"],
+    }
+  assert set(tests.values()) == {1} and len(tests) == len(meta)  # each id tested exactly once
+  assert set(validations.values()) == {1} and len(validations) == len(meta)
+  for stratum in {(m["source"], m["label"]) for m in meta}:
+    counts = [fold[stratum] for fold in per_fold]
+    assert max(counts) - min(counts) <= 1, (stratum, counts)
+  totals = [sum(fold.values()) for fold in per_fold]
+  assert max(totals) - min(totals) <= 1, totals
+
+
+def test_kfold_depends_on_the_ids_not_on_the_reading_order():
+  meta = _meta()
+  shuffled = list(meta)
+  random.Random(1).shuffle(shuffled)
+  folds = dict(
+    zip(
+      [m["id"] for m in meta],
+      protocols.kfold_assignment(
+        [m["id"] for m in meta], [(m["source"], m["label"]) for m in meta], 5
+      ),
+    )
+  )
+  again = dict(
+    zip(
+      [m["id"] for m in shuffled],
+      protocols.kfold_assignment(
+        [m["id"] for m in shuffled], [(m["source"], m["label"]) for m in shuffled], 5
+      ),
+    )
+  )
+  assert folds == again
+
+
+def test_cross_site_trains_on_one_source_and_tests_on_the_other():
+  meta = _meta()
+  for train_source, test_source in ((0, 1), (1, 0)):
+    config = _config(split="cross_site", train_sources=SOURCES[train_source])
+    splits = protocols.assign_splits(meta, config, SOURCES)
+    assert {m["source"] for m, s in zip(meta, splits) if s == "test"} == {test_source}
+    assert {m["source"] for m, s in zip(meta, splits) if s != "test"} == {train_source}
+    assert {m["split"] for m, s in zip(meta, splits) if s == "validation"} == {"validation"}
+  with pytest.raises(ValueError, match="train_sources='bethesda'"):
+    protocols.assign_splits(meta, _config(split="cross_site", train_sources="bethesda"), SOURCES)
+  with pytest.raises(ValueError, match="config.data.split='random'"):
+    protocols.assign_splits(meta, _config(split="random"), SOURCES)
+
+
+def test_a_protocol_is_a_view_over_the_prepared_splits(tmp_path):
+  data = ml_collections.ConfigDict(
+    {
+      "name": "synthetic",
+      "manual_dir": "",
+      "synthetic_examples": 60,
+      "data_dir": str(tmp_path),
+      "split": "kfold",
+      "num_folds": 3,
+      "fold": 1,
+      "train_sources": "",
+    }
+  )
+  config = ml_collections.ConfigDict({"data": data})
+  dataset = rundir.open_dataset(data)
+  views = {split: rundir.load_split(config, split, dataset) for split in protocols.SPLITS}
+  ids = {
+    split: [records.decode_id(view[i]["id"]) for i in range(len(view))]
+    for split, view in views.items()
+  }
+  every = [
+    records.decode_id(r["id"])
+    for name in dataset.builder.info.splits
+    for r in datasets.split_source(dataset.builder, name, skip_decoding=("image", "mask"))
+  ]
+  assert sorted(sum(ids.values(), [])) == sorted(every)  # a partition of the whole dataset
+  assert abs(len(ids["test"]) - 20) <= 1 and views["train"][0]["image"].ndim == 3
+  undecoded = views["test"].skip_decoding(("image",))
+  assert isinstance(undecoded[0]["image"], bytes)
