@@ -241,3 +241,24 @@ def test_two_processes_train_as_one_job(data_dir, tmp_path):
   ]
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [3, 6]
+
+
+def test_the_same_config_and_seed_give_bit_identical_parameters(data_dir, tmp_path):
+  first, second = tmp_path / "first", tmp_path / "second"
+  train.train_and_evaluate(smoke_config("unet", data_dir), str(first))
+  train.train_and_evaluate(smoke_config("unet", data_dir), str(second))
+  for a, b in zip(_final_params(first), _final_params(second), strict=True):
+    np.testing.assert_array_equal(a, b)
+  timing = ("steps_per_sec", "images_per_sec", "eta_min")
+
+  def without_timing(workdir):
+    return [{k: v for k, v in line.items() if k not in timing} for line in read_metrics(workdir)]
+
+  assert without_timing(first) == without_timing(second)  # every loss and metric, exactly
+  other = smoke_config("unet", data_dir)
+  other.seed = 1
+  train.train_and_evaluate(other, str(tmp_path / "other"))
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(_final_params(first), _final_params(tmp_path / "other"))
+  )
