@@ -61,7 +61,16 @@ def test_kfold_test_folds_partition_the_images_and_are_stratified():
     counts = [fold[stratum] for fold in per_fold]
     assert max(counts) - min(counts) <= 1, (stratum, counts)
   totals = [sum(fold.values()) for fold in per_fold]
-  assert max(totals) - min(totals) <= 1, totals
+  strata = len({(m["source"], m["label"]) for m in meta})
+  assert max(totals) - min(totals) <= strata, totals  # each stratum's extra image at most
+
+
+def test_kfold_keeps_every_fold_when_images_are_appended():
+  meta = _meta(600)
+  before = protocols.assign_splits(meta, _config(fold=2), SOURCES)
+  grown = meta + _meta(659)[600:]  # the next ids of both sources, as a new release adds them
+  after = protocols.assign_splits(grown, _config(fold=2), SOURCES)
+  assert after[: len(meta)] == before
 
 
 def test_kfold_depends_on_the_ids_not_on_the_reading_order():

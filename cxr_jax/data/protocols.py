@@ -2,7 +2,8 @@
 
     config.data.split = 'hash'        the dataset's own splits (a stable hash of each id)
                       = 'kfold'       config.data.num_folds folds, stratified by source and
-                                      label; fold f tests, fold f+1 validates, the rest train
+                                      label (stable when images are appended); fold f
+                                      tests, fold f+1 validates, the rest train
                       = 'cross_site'  train and validate on config.data.train_sources, test on
                                       every other source (e.g. Montgomery -> Shenzhen)
 
@@ -20,26 +21,22 @@ PROTOCOLS = ("hash", "kfold", "cross_site")
 SPLITS = ("train", "validation", "test")
 
 
-def _order_key(image_id: str) -> str:
-  return hashlib.md5(image_id.encode("utf-8")).hexdigest()
-
-
 def kfold_assignment(ids: Sequence[str], strata: Sequence[Any], num_folds: int) -> list[int]:
-  """The fold of each id: within each stratum (e.g. (source, label)), ids in the order of
-  their md5 are dealt to the folds in turn, the turn carried on from one stratum to the
-  next. So each stratum, and every fold's total, is split within one, and the assignment
-  depends on the ids alone (not on the order files are read in)."""
+  """The fold of each id: within each stratum (e.g. (source, label)), ids in sorted order are
+  dealt to the folds in turn, from a first fold fixed by the stratum's name.
+
+  So each stratum is split within one; the assignment depends on the ids alone (not on the
+  order files are read in); and images added with ids after the existing ones (how the
+  archive grows: MCUCXR_0001 ... CHNCXR_0662) leave every existing image in its fold.
+  """
   if num_folds < 2:
     raise ValueError(f"config.data.num_folds={num_folds} must be at least 2.")
   folds = [0] * len(ids)
-  position = 0
-  for stratum in sorted(set(strata), key=str):
-    members = sorted(
-      (i for i, s in enumerate(strata) if s == stratum), key=lambda i: _order_key(ids[i])
-    )
-    for i in members:
-      folds[i] = position % num_folds
-      position += 1
+  for stratum in set(strata):
+    start = int(hashlib.md5(repr(stratum).encode("utf-8")).hexdigest()[:8], 16)
+    members = sorted((i for i, s in enumerate(strata) if s == stratum), key=lambda i: ids[i])
+    for rank, i in enumerate(members):
+      folds[i] = (start + rank) % num_folds
   return folds
 
 
