@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.best_metric = "dice"  # validation metric whose best checkpoint is kept
   config.num_eval_images = 4  # prediction overlays written per evaluation
   config.postprocess = False  # keep the two largest components and fill holes
+  config.profile_steps = ""  # e.g. '10-15': a jax.profiler trace of those steps in DIR/profile
 
   if arg == "smoke":
     apply_smoke(config)

@@ -138,7 +138,9 @@ def test_kill_minus_9_then_resume_is_bitwise_identical(data_dir, tmp_path):
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   complete = [int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()]
   assert complete and max(complete) < 12  # it really stopped part-way
-  _run_main(killed, data_dir)  # the same command resumes
+  resumed = _run_main(killed, data_dir)  # the same command resumes
+  # ... without compiling the train step again: the persistent cache has it.
+  assert "Train step compiled" in resumed.stderr and "1 hit(s), 0 miss(es)" in resumed.stderr
   for a, b in zip(_final_params(straight), _final_params(killed), strict=True):
     np.testing.assert_array_equal(a, b)
 

@@ -26,10 +26,12 @@ from cxr_jax.core import heads
 from cxr_jax.core import metrics as metrics_lib
 from cxr_jax.core import models
 from cxr_jax.core import overlays
+from cxr_jax.core import preemption
 from cxr_jax.core import run_lock
 from cxr_jax.core import rundir
 from cxr_jax.core import sharding
 from cxr_jax.core import steps
+from cxr_jax.core import utilisation
 from cxr_jax.core import writers
 from cxr_jax.data import input_pipeline
 from cxr_jax.workflows import lung_crop
@@ -53,7 +55,9 @@ class ProgressLog:
     eta = (self.num_train_steps - step) / max(steps_per_sec, 1e-9)
     return {
       "steps_per_sec": steps_per_sec,
+      "step_time_s": 1 / max(steps_per_sec, 1e-9),
       "images_per_sec": steps_per_sec * self.batch_size,
+      "images_per_sec_per_device": steps_per_sec * self.batch_size / jax.device_count(),
       "eta_min": eta / 60,
     }
 
@@ -238,11 +242,28 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   progress = ProgressLog(config.num_train_steps, config.batch_size, first_step)
   history: list[dict[str, Any]] = []  # per-step device scalars since the last report
   val_metrics: dict[str, float] = {}
+  profile = utilisation.profile_window(config.get("profile_steps", ""), workdir)
+  watcher = preemption.PreemptionWatcher()
+  compiled_step, flops = None, None
+  device_kind = jax.devices()[0].device_kind
   logging.info("Training steps %d..%d.", first_step + 1, config.num_train_steps)
   try:
     for step in range(first_step + 1, config.num_train_steps + 1):
       batch = sharding.to_global(next(train_iter), mesh)
-      state, scalars = train_step(state, batch)
+      if compiled_step is None:  # compiled ahead of time: its cost analysis gives the FLOPs
+        t0, cache = time.perf_counter(), utilisation.CompilationCacheEvents()
+        compiled_step = train_step.lower(state, batch).compile()
+        flops = utilisation.step_flops(compiled_step)
+        logging.info(
+          "Train step compiled in %.1f s (%s); %s FLOPs per step per device.",
+          time.perf_counter() - t0,
+          cache.describe(),
+          f"{flops:.3g}" if flops else "unknown",
+        )
+      profile.before(step)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, scalars = compiled_step(state, batch)
+      profile.after(step, state)
       history.append(dict(scalars, step=step))
 
       is_last = step == config.num_train_steps
@@ -253,15 +274,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         summary = {k: float(np.mean([h[k] for h in fetched])) for k in fetched[-1] if k != "step"}
         summary["learning_rate"] = float(fetched[-1]["learning_rate"])
         summary.update(progress(step))
+        summary.update(utilisation.utilisation(flops, summary["steps_per_sec"], device_kind))
+        if flops:
+          summary["flops_per_step_per_device"] = flops
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
         logging.info(
-          "step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  %.1f images/s  ETA %.1f min",
+          "step %d/%d  loss %.4f  lr %.2e  %.0f ms/step  %.1f images/s (%.1f per device)%s"
+          "  ETA %.1f min",
           step,
           config.num_train_steps,
           summary["loss"],
           summary["learning_rate"],
-          summary["steps_per_sec"],
+          1000 * summary["step_time_s"],
           summary["images_per_sec"],
+          summary["images_per_sec_per_device"],
+          f"  MFU {summary['mfu']:.1%}" if "mfu" in summary else "",
           summary["eta_min"],
         )
 
@@ -283,7 +310,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         progress.last_time += time.perf_counter() - t0  # keep eval out of steps/s
 
       # Every evaluated state is saved too, so the best checkpoint is the best evaluation.
-      if step % config.checkpoint_every_steps == 0 or evaluated:
+      preempted = watcher.should_stop(step)  # every process, every step
+      if step % config.checkpoint_every_steps == 0 or evaluated or preempted:
         if history:  # never save a state whose loss went non-finite since the last report
           _stop_on_nonfinite(jax.device_get(history), manager, workdir)
         checkpoint.save(
@@ -293,8 +321,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           train_iter,
           metrics=val_metrics if evaluated else None,
         )
+      if preempted:
+        logging.warning("Preempted: saved step %d; the same command resumes from it.", step)
+        break
     manager.wait_until_finished()
   finally:
+    watcher.close()
+    profile.close()
     writer.close()
   return val_metrics
 

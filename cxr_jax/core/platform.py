@@ -1,0 +1,116 @@
+"""Starting on a machine or a cluster: jax.distributed, device checks, the compilation cache."""
+
+import glob
+import logging
+import os
+import re
+
+import jax
+
+
+def detected_cluster(environ=os.environ) -> str | None:
+  """The multi-process launcher this process runs under ('slurm', 'mpi', 'tpu'), or None.
+
+  Single-process jobs (one task, one TPU host) count as no cluster.
+  """
+
+  def count(name: str) -> int:
+    value = environ.get(name, "")
+    return int(value) if value.isdigit() else 0
+
+  if "SLURM_JOB_ID" in environ and max(count("SLURM_NTASKS"), count("SLURM_STEP_NUM_TASKS")) > 1:
+    return "slurm"
+  if count("OMPI_COMM_WORLD_SIZE") > 1 or count("PMI_SIZE") > 1:
+    return "mpi"
+  if len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+    return "tpu"
+  return None
+
+
+def local_accelerators() -> int:
+  """GPUs or TPU chips this host has (device files), whatever JAX makes of them."""
+  gpus = [p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)]
+  tpus = [p for p in glob.glob("/dev/accel*") if re.fullmatch(r"/dev/accel\d+", p)]
+  return len(gpus) or len(tpus)
+
+
+def _slurm_local_device_ids(environ=os.environ) -> list[int] | None:
+  """With one SLURM task per node JAX would use GPU 0 alone: name all of the node's GPUs."""
+  if environ.get("SLURM_NTASKS_PER_NODE", "") != "1":
+    return None
+  gpus = environ.get("SLURM_GPUS_ON_NODE", "")
+  count = int(gpus) if gpus.isdigit() else local_accelerators()
+  return list(range(count)) if count > 1 else None
+
+
+def start(
+  *,
+  coordinator_address: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  multihost: bool,
+  init_timeout_s: int,
+) -> str:
+  """Starts jax.distributed where the job has several processes; returns how it started."""
+  cluster = detected_cluster()
+  if not (coordinator_address or multihost or cluster):
+    return "single process"
+  # Cross-process collectives for CPU devices (a no-op for GPU and TPU ones).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address:
+    jax.distributed.initialize(
+      coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      initialization_timeout=init_timeout_s,
+    )
+    return f"coordinator {coordinator_address}"
+  local_device_ids = _slurm_local_device_ids() if cluster == "slurm" else None
+  jax.distributed.initialize(
+    local_device_ids=local_device_ids, initialization_timeout=init_timeout_s
+  )
+  return f"detected {cluster or 'cluster'}"
+
+
+def describe_devices(how: str) -> str:
+  local = jax.local_devices()
+  kinds = sorted({d.device_kind for d in local})
+  return (
+    f"JAX process {jax.process_index()} of {jax.process_count()} ({how}); "
+    f"{len(local)} local device(s) ({', '.join(kinds)}, {jax.default_backend()}), "
+    f"{jax.device_count()} in all."
+  )
+
+
+def check_devices(expected: int | None) -> None:
+  """Refuses a device count other than `expected`; warns when JAX sees fewer accelerators
+  than the host has (e.g. one GPU per SLURM node, or no CUDA build of jaxlib)."""
+  if expected and jax.device_count() != expected:
+    raise RuntimeError(
+      f"--expect_devices={expected}, but JAX sees {jax.device_count()} devices "
+      f"({jax.process_count()} processes x {jax.local_device_count()} local, "
+      f"{jax.default_backend()}). Check the launcher (one task per GPU, or all GPUs per task) "
+      "and that jax has the accelerator's build (e.g. jax[cuda12], jax[tpu])."
+    )
+  have = local_accelerators()
+  if have > jax.local_device_count() or (have and jax.default_backend() == "cpu"):
+    logging.warning(
+      "This host has %d accelerators but JAX uses %d local %s device(s): training on fewer "
+      "than you have. Launch one process per GPU, or give each process all of them.",
+      have,
+      jax.local_device_count(),
+      jax.default_backend(),
+    )
+
+
+def use_compilation_cache(directory: str) -> str:
+  """Turns on JAX's persistent compilation cache in `directory` ('' : off), unless
+  $JAX_COMPILATION_CACHE_DIR already chose one; returns where it is."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  if not directory:
+    return ""
+  directory = os.path.expanduser(directory)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return directory

@@ -1,0 +1,136 @@
+"""How busy the devices are: FLOPs of a compiled step, utilisation against a device's peak,
+the compilation cache's hits, and profiler traces.
+
+Peaks are dense bfloat16 matrix FLOP/s per chip or GPU, from the vendors' data sheets (the
+convention of MFU tables, e.g. MaxText's); a float32 model reads lower against them. Unknown
+devices (CPUs) have no peak, and no MFU is reported.
+"""
+
+import logging
+import os
+from typing import Any
+
+import jax
+
+# device_kind substring (lower case) -> peak dense bf16 FLOP/s. Checked in this order.
+PEAK_FLOPS = (
+  ("h100 pcie", 756e12),
+  ("h100", 989e12),
+  ("h200", 989e12),
+  ("b200", 2250e12),
+  ("a100", 312e12),
+  ("l4", 121e12),
+  ("v6 lite", 918e12),
+  ("v6e", 918e12),
+  ("v5 lite", 197e12),
+  ("v5e", 197e12),
+  ("v5p", 459e12),
+  ("v5", 459e12),
+  ("v4", 275e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Peak dense bf16 FLOP/s of one device of this kind, or None when unknown."""
+  kind = device_kind.lower()
+  for name, peak in PEAK_FLOPS:
+    if name in kind:
+      return peak
+  return None
+
+
+def step_flops(compiled: Any) -> float | None:
+  """FLOPs of one call of a compiled (AOT) function, per device, from XLA's cost analysis."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001  (not every backend implements it)
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def utilisation(
+  flops_per_step: float | None, steps_per_sec: float, device_kind: str
+) -> dict[str, float]:
+  """{'tflops_per_device': achieved, 'mfu': fraction of the peak} (each where known)."""
+  if not flops_per_step:
+    return {}
+  achieved = flops_per_step * steps_per_sec
+  out = {"tflops_per_device": achieved / 1e12}
+  peak = peak_flops(device_kind)
+  if peak:
+    out["mfu"] = achieved / peak
+  return out
+
+
+class CompilationCacheEvents:
+  """Counts the persistent compilation cache's hits and misses (jax.monitoring events)."""
+
+  _counts = {"/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
+  _listening = False
+
+  @classmethod
+  def _listen(cls, event: str, **kwargs) -> None:
+    del kwargs
+    if event in cls._counts:
+      cls._counts[event] += 1
+
+  def __init__(self):
+    if not CompilationCacheEvents._listening:
+      jax.monitoring.register_event_listener(CompilationCacheEvents._listen)
+      CompilationCacheEvents._listening = True
+    self._start = dict(self._counts)
+
+  def describe(self) -> str:
+    """'compilation cache: 1 hit' / '... 2 misses' / 'not used' since this object was made."""
+    hits, misses = (self._counts[k] - self._start[k] for k in self._counts)
+    if not hits and not misses:
+      return "compilation cache not used"
+    return f"compilation cache: {hits} hit(s), {misses} miss(es)"
+
+
+class ProfileWindow:
+  """A jax.profiler trace of steps [start, stop] into DIR/profile (process 0 only)."""
+
+  def __init__(self, start: int, stop: int, logdir: str):
+    self.start, self.stop, self.logdir, self.active = start, stop, logdir, False
+
+  def before(self, step: int) -> None:
+    if step == self.start and jax.process_index() == 0:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.stop:
+      jax.block_until_ready(state)
+      self.close()
+      logging.info(
+        "Profile of steps %d-%d written to %s (TensorBoard's profile tab).",
+        self.start,
+        self.stop,
+        self.logdir,
+      )
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def profile_window(profile_steps: str, workdir: str) -> ProfileWindow:
+  """config.profile_steps 'A-B' (e.g. '10-15'; '' for none) as a profile window."""
+  text = str(profile_steps or "")
+  if not text:
+    return ProfileWindow(0, -1, "")
+  try:
+    start, stop = (int(x) for x in text.split("-"))
+  except ValueError:
+    start, stop = 0, -1
+  if not 1 <= start <= stop:
+    raise ValueError(
+      f"config.profile_steps={text!r}: expected FIRST-LAST steps, e.g. "
+      "--config.profile_steps=10-15."
+    )
+  return ProfileWindow(start, stop, os.path.join(workdir, "profile"))
