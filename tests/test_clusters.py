@@ -36,7 +36,7 @@ def _slurm_job_id() -> int:
   raise RuntimeError("no free port in JAX's SLURM range")
 
 
-def _slurm_processes(workdir, data_dir, *extra, steps=40):
+def _slurm_processes(workdir, data_dir, *extra, steps=30):
   """Two `cxr_jax.main` processes with the environment `srun -n 2` gives, 2 CPU devices each."""
   job = _slurm_job_id()
   procs = []
@@ -59,8 +59,8 @@ def _slurm_processes(workdir, data_dir, *extra, steps=40):
       f"--workdir={workdir}",
       f"--config.data.data_dir={data_dir}",
       f"--config.num_train_steps={steps}",
-      "--config.eval_every_steps=20",
-      "--config.checkpoint_every_steps=20",
+      "--config.eval_every_steps=15",
+      "--config.checkpoint_every_steps=15",
       "--expect_devices=4",
       *extra,
     ]
@@ -106,7 +106,7 @@ def test_a_slurm_job_starts_by_itself_preempts_cleanly_and_resumes_exactly(data_
   ]
   assert saved[0] and saved[0] == saved[1], saved
   step = int(saved[0][0])
-  assert 10 <= step < 40
+  assert 10 <= step < 30
   assert step in [int(p.name) for p in (preempted / "checkpoints").iterdir() if p.name.isdigit()]
 
   # The same command resumes and ends where the uninterrupted job did, bit for bit.

@@ -251,7 +251,15 @@ def test_the_same_config_and_seed_give_bit_identical_parameters(data_dir, tmp_pa
   train.train_and_evaluate(smoke_config("unet", data_dir), str(second))
   for a, b in zip(_final_params(first), _final_params(second), strict=True):
     np.testing.assert_array_equal(a, b)
-  timing = ("steps_per_sec", "images_per_sec", "eta_min")
+  timing = (
+    "steps_per_sec",
+    "step_time_s",
+    "images_per_sec",
+    "images_per_sec_per_device",
+    "tflops_per_device",
+    "mfu",
+    "eta_min",
+  )
 
   def without_timing(workdir):
     return [{k: v for k, v in line.items() if k not in timing} for line in read_metrics(workdir)]
