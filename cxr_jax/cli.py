@@ -106,7 +106,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def guarded(argv: list[str]) -> None:
     if not flags.FLAGS.traceback:
-      sys.excepthook = threading.excepthook = _OneLinePerError()
+      threading.excepthook = _OneLinePerError()  # the main thread's errors keep tracebacks
       absl_logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
     try:
       main(argv)

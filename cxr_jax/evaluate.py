@@ -132,7 +132,7 @@ def define_flags() -> None:
   """The command's flags; defined only when run as a command, so importing is side-free."""
   flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints).")
   flags.DEFINE_string("split", "test", "Dataset split: test, validation or train.")
-  flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "Which checkpoint to score.")
+  flags.DEFINE_enum("checkpoint", "latest", rundir.CHECKPOINT_CHOICES, "Which checkpoint to score.")
   flags.DEFINE_integer(
     "batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).", lower_bound=0
   )

@@ -266,7 +266,7 @@ def define_flags() -> None:
   flags.DEFINE_string("input", None, "An image, or a folder of PNG/JPEG/DICOM images.")
   flags.DEFINE_string("output", None, "Folder for masks/, overlays/, predictions.csv.")
   flags.DEFINE_enum(
-    "checkpoint", "latest", ["latest", "best"], "Which checkpoint of the workdir to use."
+    "checkpoint", "latest", rundir.CHECKPOINT_CHOICES, "Which checkpoint of the workdir to use."
   )
   flags.DEFINE_integer(
     "batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).", lower_bound=0

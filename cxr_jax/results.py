@@ -95,7 +95,11 @@ def compare(runs: Sequence[dict], baseline: str) -> dict[str, dict[str, tuple]]:
         if math.isfinite(a) and math.isfinite(b):
           dice_a.append(a)
           dice_b.append(b)
-      scored = [i for i in shared if run["images"][i].get("p_abnormal")]
+      scored = [
+        i
+        for i in shared
+        if run["images"][i].get("p_abnormal") and base["images"][i].get("p_abnormal")
+      ]
       if scored:
         groups.append(
           (

@@ -37,19 +37,31 @@ def load_sweep(path: str) -> sweeps.Sweep:
   return sweep
 
 
-def run_one(sweep: sweeps.Sweep, sweep_file: str, run: sweeps.Run, root: str) -> tuple[str, int]:
+PREEMPTED = 143  # a run that stopped before its last step, as after SIGTERM
+
+
+def run_one(
+  sweep: sweeps.Sweep,
+  sweep_file: str,
+  run: sweeps.Run,
+  root: str,
+  env: dict[str, str] | None = None,
+) -> tuple[str, int]:
   """Trains and evaluates one run unless it is done; (its name, exit status)."""
   workdir = os.path.join(root, run.name)
   if sweeps.is_done(workdir, sweep.split):
     return run.name, 0
   sweeps.write_run_record(workdir, sweep_file, run)
+  train, evaluate = sweeps.commands(sweep, run, workdir)
   with open(os.path.join(workdir, "sweep.log"), "a") as log:
-    for command in sweeps.commands(sweep, run, workdir):
+    for command in (train, evaluate):
       log.write(f"$ {shlex.join(command)}\n")
       log.flush()
-      status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+      status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
       if status:
         return run.name, status
+      if command is train and not sweeps.is_trained(workdir):
+        return run.name, PREEMPTED  # stopped early (SIGTERM): rerun to finish it
   return run.name, 0
 
 
@@ -96,12 +108,21 @@ def main(argv: list[str]) -> None:
     file=sys.stderr,
   )
   failed = []
+  env = dict(os.environ)
+  if args.parallel > 1:  # runs sharing one accelerator: each takes its share of its memory
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.parallel:.2f}")
   with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
-    for name, status in pool.map(lambda r: run_one(sweep, args.sweep, r, args.root), todo):
-      print(f"sweep: {name} {'done' if not status else f'FAILED ({status})'}", file=sys.stderr)
+    for name, status in pool.map(lambda r: run_one(sweep, args.sweep, r, args.root, env), todo):
+      state = {0: "done", PREEMPTED: "stopped early (rerun to finish)"}.get(status)
+      print(f"sweep: {name} {state or f'FAILED ({status})'}", file=sys.stderr)
       if status:
         failed.append(name)
-  if args.results and args.run_index is None:
+  if failed:
+    print(
+      f"sweep: {len(failed)} not done (their sweep.log says why): {', '.join(failed)}",
+      file=sys.stderr,
+    )
+  if args.results and args.run_index is None and len(failed) < len(runs):
     written = results.write_results(
       args.root,
       [os.path.join(args.root, r.name) for r in runs],
@@ -110,10 +131,6 @@ def main(argv: list[str]) -> None:
     )
     print(f"sweep: wrote {', '.join(written)}", file=sys.stderr)
   if failed:
-    print(
-      f"sweep: {len(failed)} failed (their sweep.log says why): {', '.join(failed)}",
-      file=sys.stderr,
-    )
     sys.exit(1)
 
 

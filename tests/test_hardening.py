@@ -72,11 +72,11 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped(finished_run, tmp_path
   assert step == 6
   assert f"{newest} cannot be read" in caplog.text
 
-  # Training resumes from it and trains past the damage.
-  config.num_train_steps = 12
+  # Training resumes from it, deletes the unreadable one (Orbax would skip every save up to
+  # its step) and saves that step again, readable.
   train.train_and_evaluate(config, str(workdir))
   _, _, step = rundir.restore_model(str(workdir), "latest")
-  assert step == 12
+  assert step == 9
 
 
 def test_evaluate_records_the_step_it_restored(finished_run, tmp_path):
@@ -128,6 +128,15 @@ def test_a_killed_runs_lock_does_not_block(data_dir, tmp_path):
   config = smoke_config("unet", data_dir)
   train.train_and_evaluate(config, str(workdir))
   assert not lock.exists()
+
+
+def test_a_lock_taken_over_is_not_removed_by_its_former_holder(tmp_path):
+  lock = tmp_path / run_lock.LOCK_FILE
+  first = run_lock.RunLock(str(tmp_path))
+  first.acquire()
+  lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0, "token": "other"}))
+  first.release()  # not its lock any more: left for its new holder
+  assert json.loads(lock.read_text())["token"] == "other"
 
 
 def test_a_stale_lock_from_another_host_is_taken_over(tmp_path):

@@ -93,6 +93,9 @@ def check_devices(expected: int | None) -> None:
       "and that jax has the accelerator's build (e.g. jax[cuda12], jax[tpu])."
     )
   have = local_accelerators()
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("TPU_VISIBLE_CHIPS")
+  if visible is not None:  # a launcher gave this process some of the host's devices
+    have = len([d for d in visible.split(",") if d.strip()])
   if have > jax.local_device_count() or (have and jax.default_backend() == "cpu"):
     logging.warning(
       "This host has %d accelerators but JAX uses %d local %s device(s): training on fewer "

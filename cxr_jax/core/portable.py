@@ -21,6 +21,7 @@ from jax import export as jax_export
 from cxr_jax.core import heads
 
 FORMAT = "cxr_jax.portable/1"
+PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each: exported on a GPU, run on a laptop
 _MODEL, _SETTINGS = "model.jax_exported", "settings.json"
 
 
@@ -43,7 +44,7 @@ def export_model(
 
   size = int(config.data.image_size)
   (batch,) = jax_export.symbolic_shape("b")
-  exported = jax_export.export(jax.jit(infer))(
+  exported = jax_export.export(jax.jit(infer), platforms=PLATFORMS)(
     jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
   )
   settings = {

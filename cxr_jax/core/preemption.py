@@ -18,8 +18,9 @@ class PreemptionWatcher:
   def __init__(self):
     self._notice = False
     self._synced = jax.process_count() > 1  # jax.distributed is up: its sync manager
+    self._previous = None
     if not self._synced:
-      signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame) -> None:
     del frame
@@ -32,5 +33,6 @@ class PreemptionWatcher:
     return self._notice
 
   def close(self) -> None:
-    if not self._synced:
-      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

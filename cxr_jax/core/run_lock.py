@@ -28,6 +28,7 @@ class RunLock:
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, LOCK_FILE)
+    self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(8).hex()}"
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
 
@@ -39,8 +40,13 @@ class RunLock:
     self.release()
 
   def acquire(self) -> None:
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    for _ in range(2):  # a second try after removing a stale lock
+    record = {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "started": time.time(),
+      "token": self.token,
+    }
+    for _ in range(3):  # more tries after a stale lock was moved aside
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
       except FileExistsError:
@@ -53,8 +59,13 @@ class RunLock:
           f"Wait for it to finish, or train into another --workdir. If that run is dead, "
           f"delete {self.path} (it is also taken over once {LOCK_STALE_S:.0f} s old)."
         ) from None
-      with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
+      try:
+        with os.fdopen(fd, "w") as f:
+          json.dump(record, f)
+      except BaseException:
+        with contextlib.suppress(OSError):
+          os.remove(self.path)  # never leave a half-written lock behind
+        raise
       self._thread = threading.Thread(target=self._beat, daemon=True, name="run-lock")
       self._thread.start()
       return
@@ -72,14 +83,34 @@ class RunLock:
       holder = {}  # half-written by a run killed at its start: judged by age alone
     dead_here = holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))
     if dead_here or age > LOCK_STALE_S:
+      # Moved aside atomically: of several runs judging it stale, one moves it; none removes
+      # a lock another one has just created in its place.
+      aside = f"{self.path}.stale.{self.token}"
+      try:
+        os.rename(self.path, aside)
+      except FileNotFoundError:
+        return None  # another run moved it first: race for the new one
+      with open(aside) as f:
+        moved = f.read()
+      os.remove(aside)
+      if holder and moved.strip() and json.loads(moved) != holder:
+        raise RuntimeError(f"{self.path} changed hands while it was judged stale; try again.")
       logging.warning("Taking over %s from a run that is gone (%s).", self.path, holder)
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(self.path)
       return None
     return holder
 
+  def _is_mine(self) -> bool:
+    try:
+      with open(self.path) as f:
+        return json.load(f).get("token") == self.token
+    except (OSError, ValueError):
+      return False
+
   def _beat(self) -> None:
     while not self._stop.wait(LOCK_HEARTBEAT_S):
+      if not self._is_mine():
+        logging.error("%s is no longer this run's lock: another run took it over.", self.path)
+        return
       with contextlib.suppress(OSError):
         os.utime(self.path)
 
@@ -88,8 +119,9 @@ class RunLock:
     if self._thread is not None:
       self._thread.join()
       self._thread = None
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(self.path)
+      if self._is_mine():
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(self.path)
 
 
 def lock_run(workdir: str) -> RunLock | None:
@@ -99,7 +131,7 @@ def lock_run(workdir: str) -> RunLock | None:
     try:
       lock = RunLock(workdir)
       lock.acquire()
-    except RuntimeError as e:
+    except Exception as e:  # noqa: BLE001  (re-raised once every process knows)
       error = e
   if jax.process_count() > 1:
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))

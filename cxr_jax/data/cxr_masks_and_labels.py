@@ -106,7 +106,9 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
           "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
           "has_mask": np.bool_,
           "label": tfds.features.ClassLabel(names=["normal", "abnormal"]),
-          "source": tfds.features.ClassLabel(names=list(registry.source_names())),
+          "source": tfds.features.ClassLabel(
+            names=list(registry.source_names(upto=self.builder_config.kind))
+          ),
           "id": tfds.features.Text(),
           "sex": tfds.features.Text(),
           "age": np.int32,
@@ -165,6 +167,8 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
           e,
         )
         self._unusable.update(self._failed)
+    else:
+      raise DataError(f"Every split lost all its images to unusable files: {self._reasons()}.")
     self.info.metadata["skipped"] = [str(s) for s in self.skipped]
     manual_dir = self._manual_dir and os.path.abspath(os.path.expanduser(str(self._manual_dir)))
     self.info.metadata["manual_dir"] = manual_dir or ""

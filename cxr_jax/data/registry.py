@@ -94,9 +94,16 @@ def names() -> list[str]:
   return list(KINDS)
 
 
-def source_names() -> tuple[str, ...]:
-  """Every kind's sources in registration order: the `source` ClassLabel's names."""
-  return tuple(source for kind in KINDS.values() for source in kind.sources)
+def source_names(upto: str | None = None) -> tuple[str, ...]:
+  """Every kind's sources in registration order (up to and including kind `upto`): the
+  `source` ClassLabel's names. A kind's dataset holds the names up to its own, so kinds
+  registered later never change the features of a dataset already prepared."""
+  names = []
+  for kind in KINDS.values():
+    names.extend(kind.sources)
+    if kind.name == upto:
+      break
+  return tuple(names)
 
 
 def source_colours() -> dict[str, str]:

@@ -147,26 +147,20 @@ def maybe_crop(
   _check_segmentation_workdir(seg_workdir)
   seg_workdir = os.path.abspath(seg_workdir)
   cache = os.path.join(workdir, f"lung_boxes_{split}.json")
+  error = None
   if jax.process_index() == 0:
-    reason = _stale_reason(cache, seg_workdir, segmenter_step(seg_workdir))
-    if reason:
-      logging.info("Computing lung boxes for %s (%s: %s).", split, cache, reason)
-      segmenter = load_segmenter(seg_workdir, batch_size=16)
-      boxes = compute_lung_boxes(segmenter, source)
-      os.makedirs(workdir, exist_ok=True)
-      with open(cache + ".tmp", "w") as f:
-        json.dump(
-          {
-            "seg_workdir": segmenter.workdir,
-            "seg_step": segmenter.step,
-            "seg_checkpoint": SEGMENTER_CHECKPOINT,
-            "boxes": boxes,
-          },
-          f,
-        )
-      os.replace(cache + ".tmp", cache)  # never a half-written cache
+    try:
+      _write_box_cache(cache, seg_workdir, split, source, workdir)
+    except Exception as e:  # noqa: BLE001  (re-raised once every process knows)
+      error = e
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"lung_boxes_{split}")
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not ok and error is None:
+      raise RuntimeError(
+        f"Process 0 failed to compute the lung boxes of {split}; its log says why."
+      )
+  if error is not None:
+    raise error
   with open(cache) as f:
     boxes = {k: (tuple(v) if v else None) for k, v in json.load(f)["boxes"].items()}
   missing = sum(box is None for box in boxes.values())
@@ -177,3 +171,27 @@ def maybe_crop(
     missing,
   )
   return crops.CroppedSource(source, boxes, float(config.data.crop_margin))
+
+
+def _write_box_cache(
+  cache: str, seg_workdir: str, split: str, source: Sequence[Mapping[str, Any]], workdir: str
+) -> None:
+  """Computes and writes the lung boxes of `source` unless the cache is current."""
+  reason = _stale_reason(cache, seg_workdir, segmenter_step(seg_workdir))
+  if not reason:
+    return
+  logging.info("Computing lung boxes for %s (%s: %s).", split, cache, reason)
+  segmenter = load_segmenter(seg_workdir, batch_size=16)
+  boxes = compute_lung_boxes(segmenter, source)
+  os.makedirs(workdir, exist_ok=True)
+  with open(cache + ".tmp", "w") as f:
+    json.dump(
+      {
+        "seg_workdir": segmenter.workdir,
+        "seg_step": segmenter.step,
+        "seg_checkpoint": SEGMENTER_CHECKPOINT,
+        "boxes": boxes,
+      },
+      f,
+    )
+  os.replace(cache + ".tmp", cache)  # never a half-written cache

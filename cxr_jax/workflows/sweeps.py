@@ -104,19 +104,32 @@ def commands(sweep: Sweep, run: Run, workdir: str) -> list[list[str]]:
   return [train, evaluate]
 
 
-def is_done(workdir: str, split: str) -> bool:
-  """Trained to its last step, and evaluated on `split` after its last checkpoint."""
-  summary = os.path.join(workdir, "eval", f"{split}.json")
+def _last_steps(workdir: str) -> tuple[int | None, int | None]:
+  """(config.num_train_steps, the newest checkpoint's step) of a run directory."""
   config_path = os.path.join(workdir, "config.json")
   checkpoints = os.path.join(workdir, "checkpoints")
-  if not (os.path.exists(summary) and os.path.exists(config_path) and os.path.isdir(checkpoints)):
-    return False
+  if not (os.path.exists(config_path) and os.path.isdir(checkpoints)):
+    return None, None
   with open(config_path) as f:
     last_step = int(json.load(f)["config"]["num_train_steps"])
   steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()]
-  if not steps or max(steps) != last_step:
+  return last_step, max(steps) if steps else None
+
+
+def is_trained(workdir: str) -> bool:
+  """Trained to its last step (not stopped early)."""
+  last_step, newest = _last_steps(workdir)
+  return last_step is not None and newest == last_step
+
+
+def is_done(workdir: str, split: str) -> bool:
+  """Trained to its last step, and evaluated on `split` after its last checkpoint."""
+  summary = os.path.join(workdir, "eval", f"{split}.json")
+  if not (is_trained(workdir) and os.path.exists(summary)):
     return False
-  return os.path.getmtime(summary) >= os.path.getmtime(os.path.join(checkpoints, str(last_step)))
+  last_step, _ = _last_steps(workdir)
+  newest = os.path.join(workdir, "checkpoints", str(last_step))
+  return os.path.getmtime(summary) >= os.path.getmtime(newest)
 
 
 def write_run_record(workdir: str, sweep_file: str, run: Run) -> None:

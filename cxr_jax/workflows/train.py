@@ -214,6 +214,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       lambda step: checkpoint.restore(manager, step, abstract_items, train_iter),
     )
     state = steps.TrainState.from_checkpoint_items(items)
+    for newer in [s for s in manager.all_steps() if s > step]:  # unreadable: Orbax would
+      logging.warning("Deleting unreadable checkpoint %d.", newer)  # skip every save up to it
+      manager.delete(newer)
     logging.info("Resumed from step %d in %s.", step, manager.directory)
   else:
     state = jax.jit(init_state, out_shardings=state_sharding)()
@@ -260,6 +263,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           cache.describe(),
           f"{flops:.3g}" if flops else "unknown",
         )
+        progress.last_time += time.perf_counter() - t0  # keep compiling out of steps/s
       profile.before(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, scalars = compiled_step(state, batch)
