@@ -23,6 +23,19 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "chest-xray-masks-and-labels-512"
 
 
+def smoke_command(workdir, data_dir, *extra: str) -> list[str]:
+  """`python -m cxr_jax.main` on the smoke U-Net config, into `workdir`."""
+  return [
+    sys.executable,
+    "-m",
+    "cxr_jax.main",
+    f"--config={REPO_ROOT}/configs/unet.py:smoke",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    *extra,
+  ]
+
+
 def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
   """`python -m ARGS` from the checkout on the CPU, output captured, never raising."""
   return subprocess.run(

@@ -13,6 +13,7 @@ import pytest
 from cxr_jax.core import platform
 from cxr_jax.core import utilisation
 from tests.conftest import REPO_ROOT
+from tests.conftest import smoke_command
 from tests.test_train import _final_params
 from tests.test_train import read_metrics
 from tests.test_train import smoke_config
@@ -51,19 +52,15 @@ def _slurm_processes(workdir, data_dir, *extra, steps=30):
       "SLURM_PROCID": str(rank),
       "SLURM_LOCALID": str(rank),
     }
-    args = [
-      sys.executable,
-      "-m",
-      "cxr_jax.main",
-      f"--config={REPO_ROOT}/configs/unet.py:smoke",
-      f"--workdir={workdir}",
-      f"--config.data.data_dir={data_dir}",
+    args = smoke_command(
+      workdir,
+      data_dir,
       f"--config.num_train_steps={steps}",
       "--config.eval_every_steps=15",
       "--config.checkpoint_every_steps=15",
       "--expect_devices=4",
       *extra,
-    ]
+    )
     log = open(workdir.parent / f"{workdir.name}.{rank}.log", "w")
     procs.append(
       (subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)

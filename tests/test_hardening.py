@@ -21,6 +21,7 @@ from cxr_jax.core import rundir
 from cxr_jax.workflows import train
 from tests.conftest import REPO_ROOT
 from tests.conftest import run_module
+from tests.conftest import smoke_command
 from tests.test_train import read_metrics
 from tests.test_train import smoke_config
 
@@ -102,15 +103,11 @@ def test_a_second_run_on_a_directory_in_use_is_refused(finished_run, tmp_path):
 def test_a_killed_runs_lock_does_not_block(data_dir, tmp_path):
   """kill -9 leaves run.lock behind; the next run on this host sees its pid is gone."""
   workdir = tmp_path / "run"
-  args = [
-    sys.executable,
-    "-m",
-    "cxr_jax.main",
-    f"--config={REPO_ROOT}/configs/unet.py:smoke",
-    f"--workdir={workdir}",
-    f"--config.data.data_dir={data_dir}",
+  args = smoke_command(
+    workdir,
+    data_dir,
     "--config.num_train_steps=100000",
-  ]
+  )
   proc = subprocess.Popen(
     args,
     cwd=REPO_ROOT,

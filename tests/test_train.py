@@ -18,6 +18,7 @@ from flax import nnx
 from cxr_jax.core import rundir
 from cxr_jax.workflows import train
 from tests.conftest import REPO_ROOT
+from tests.conftest import smoke_command
 
 
 def smoke_config(name: str, data_dir: pathlib.Path):
@@ -189,16 +190,12 @@ def test_two_processes_train_as_one_job(data_dir, tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   workdir = tmp_path / "two"
-  args = [
-    sys.executable,
-    "-m",
-    "cxr_jax.main",
-    f"--config={REPO_ROOT}/configs/unet.py:smoke",
-    f"--workdir={workdir}",
-    f"--config.data.data_dir={data_dir}",
+  args = smoke_command(
+    workdir,
+    data_dir,
     f"--coordinator_address=127.0.0.1:{port}",
     "--num_processes=2",
-  ]
+  )
   env = {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
