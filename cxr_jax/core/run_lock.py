@@ -8,9 +8,7 @@ import socket
 import threading
 import time
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
+from cxr_jax.core import multihost
 
 LOCK_FILE = "run.lock"
 LOCK_HEARTBEAT_S = 30.0
@@ -126,20 +124,13 @@ class RunLock:
 
 def lock_run(workdir: str) -> RunLock | None:
   """Process 0 takes DIR's RunLock; every process learns whether it got it (collective)."""
-  lock, error = None, None
-  if jax.process_index() == 0:
-    try:
-      lock = RunLock(workdir)
-      lock.acquire()
-    except Exception as e:  # noqa: BLE001  (re-raised once every process knows)
-      error = e
-  if jax.process_count() > 1:
-    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-    if not ok and error is None:
-      raise RuntimeError(f"Process 0 could not lock {workdir}; its log says why.")
-  if error is not None:
-    raise error
-  return lock
+
+  def take() -> RunLock:
+    lock = RunLock(workdir)
+    lock.acquire()
+    return lock
+
+  return multihost.on_process_0(take, f"Process 0 could not lock {workdir}; its log says why.")
 
 
 def _pid_alive(pid) -> bool:

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from cxr_jax.core import checkpoint
 from cxr_jax.core import models
+from cxr_jax.core import multihost
 from cxr_jax.data import datasets
 from cxr_jax.data import protocols
 from cxr_jax.data import registry
@@ -244,22 +245,11 @@ def open_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
       synthetic_examples=int(data_config.synthetic_examples),
     )
 
-  if jax.process_count() == 1:
-    return Dataset(load(), name, manual_dir)
-  builder, error = None, None
-  if jax.process_index() == 0:
-    try:
-      builder = load()
-    except Exception as e:  # noqa: BLE001  (re-raised once the others know)
-      error = e
-  ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-  if error is not None:
-    raise error
-  if not ok:
-    raise RuntimeError(
-      f"Process 0 failed to prepare dataset {name!r} into {data_config.data_dir!r}; its log "
-      "says why. Fix that (or build it once with `python -m cxr_jax.data.prepare`) and rerun."
-    )
+  builder = multihost.on_process_0(
+    load,
+    f"Process 0 failed to prepare dataset {name!r} into {data_config.data_dir!r}; its log "
+    "says why. Fix that (or build it once with `python -m cxr_jax.data.prepare`) and rerun.",
+  )
   return Dataset(builder if builder is not None else load(), name, manual_dir)
 
 

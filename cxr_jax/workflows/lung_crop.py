@@ -16,13 +16,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from cxr_jax.core import checkpoint
 from cxr_jax.core import inference as inference_lib
+from cxr_jax.core import multihost
 from cxr_jax.core import postprocess
 from cxr_jax.core import rundir
 from cxr_jax.core.progress import Progress
@@ -147,20 +146,10 @@ def maybe_crop(
   _check_segmentation_workdir(seg_workdir)
   seg_workdir = os.path.abspath(seg_workdir)
   cache = os.path.join(workdir, f"lung_boxes_{split}.json")
-  error = None
-  if jax.process_index() == 0:
-    try:
-      _write_box_cache(cache, seg_workdir, split, source, workdir)
-    except Exception as e:  # noqa: BLE001  (re-raised once every process knows)
-      error = e
-  if jax.process_count() > 1:
-    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
-    if not ok and error is None:
-      raise RuntimeError(
-        f"Process 0 failed to compute the lung boxes of {split}; its log says why."
-      )
-  if error is not None:
-    raise error
+  multihost.on_process_0(
+    lambda: _write_box_cache(cache, seg_workdir, split, source, workdir),
+    f"Process 0 failed to compute the lung boxes of {split}; its log says why.",
+  )
   with open(cache) as f:
     boxes = {k: (tuple(v) if v else None) for k, v in json.load(f)["boxes"].items()}
   missing = sum(box is None for box in boxes.values())
