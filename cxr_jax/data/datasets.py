@@ -58,15 +58,14 @@ def load_builder(
 
 def _warn_if_built_elsewhere(builder: tfds.core.DatasetBuilder, manual_dir: str) -> None:
   """A prepared dataset is reused as it is: say so when it came from other files."""
-  built_from = (builder.info.metadata or {}).get("manual_dir", "")
-  given = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else ""
-  if given and built_from and given != built_from:
+  if built_elsewhere(builder, manual_dir):
+    given = os.path.abspath(os.path.expanduser(manual_dir))
     missing = "" if os.path.exists(given) else " (which does not exist)"
     logging.warning(
       "%s was built from %s, not from the manual_dir given, %s%s: the prepared copy is used "
       "as it is. To build from %s, use a fresh data_dir or delete %s.",
       builder.data_dir,
-      built_from,
+      built_from(builder),
       given,
       missing,
       given,
@@ -77,6 +76,13 @@ def _warn_if_built_elsewhere(builder: tfds.core.DatasetBuilder, manual_dir: str)
 def built_from(builder: tfds.core.DatasetBuilder) -> str:
   """The manual_dir a prepared dataset was built from ('' for generated kinds)."""
   return (builder.info.metadata or {}).get("manual_dir", "")
+
+
+def built_elsewhere(builder: tfds.core.DatasetBuilder, manual_dir: str) -> bool:
+  """Whether `manual_dir` ('' -> $CXR_MANUAL_DIR) names other files than the dataset came from."""
+  given = manual_dir or os.environ.get(MANUAL_DIR_ENV, "")
+  source = built_from(builder)
+  return bool(given and source and os.path.abspath(os.path.expanduser(given)) != source)
 
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:

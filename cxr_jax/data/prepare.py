@@ -138,8 +138,8 @@ def main(argv: Sequence[str]) -> None:
   source = datasets.built_from(builder)
   if source:
     print(f"built from {source}")
-    given = manual_dir or os.environ.get(datasets.MANUAL_DIR_ENV, "")
-    if given and os.path.abspath(os.path.expanduser(given)) != source:
+    if datasets.built_elsewhere(builder, manual_dir):
+      given = manual_dir or os.environ.get(datasets.MANUAL_DIR_ENV, "")
       print(
         f"WARNING: not rebuilt from --manual_dir={given}: this data_dir already holds the "
         f"dataset built from {source}. Use a fresh --data_dir, or delete {builder.data_dir}."
