@@ -95,6 +95,7 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     self.strict = strict
     self.skipped: list[Skip] = []
     self._manual_dir = None
+    self.recorded_manual_dir = ""  # metadata's manual_dir when the files read are a copy
     self._unusable: dict[str, list[Skip]] = {}  # id -> why, from an earlier build attempt
     self._failed: dict[str, list[Skip]] = {}  # id -> why, in this attempt
 
@@ -171,7 +172,7 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
       raise DataError(f"Every split lost all its images to unusable files: {self._reasons()}.")
     self.info.metadata["skipped"] = [str(s) for s in self.skipped]
     manual_dir = self._manual_dir and os.path.abspath(os.path.expanduser(str(self._manual_dir)))
-    self.info.metadata["manual_dir"] = manual_dir or ""
+    self.info.metadata["manual_dir"] = self.recorded_manual_dir or manual_dir or ""
     if self.skipped:
       logging.warning("Build summary: %d files skipped (%s).", len(self.skipped), self._reasons())
     else:

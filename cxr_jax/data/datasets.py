@@ -7,9 +7,11 @@ from collections.abc import Sequence
 import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 from tensorflow_datasets.core.data_sources import base as tfds_sources
 
 from cxr_jax.data import cxr_masks_and_labels
+from cxr_jax.data import paths
 from cxr_jax.data import registry
 from cxr_jax.data.records import DataError
 
@@ -31,24 +33,28 @@ def load_builder(
 
   Args:
     name: a registered kind ('kaggle', 'synthetic', ...).
-    data_dir: TFDS data dir ('~' expanded).
+    data_dir: TFDS data dir ('~' expanded), or a gs:// URL (see `_load_remote`).
     manual_dir: where a kind on disk reads its files ('' -> $CXR_MANUAL_DIR).
     synthetic_examples: size of a generated kind (0: its default; each size its own config).
     strict: raise on unusable files instead of skipping and counting them.
   """
   kind = registry.get(name)
   manual_dir = "" if kind.generated else (manual_dir or os.environ.get(MANUAL_DIR_ENV, ""))
-  builder = cxr_masks_and_labels.CxrMasksAndLabels(
-    config=cxr_masks_and_labels.config_for(name, synthetic_examples),
-    data_dir=os.path.expanduser(data_dir),
-    strict=strict,
-  )
+  manual_dir = paths.resolve(manual_dir) if manual_dir else ""
+  if paths.is_url(data_dir):
+    return _load_remote(name, data_dir, manual_dir, synthetic_examples, strict)
+  builder = _builder(name, paths.resolve(data_dir), synthetic_examples, strict)
   prepared = _is_prepared(builder)
+  read_from = manual_dir
   if not kind.generated and not prepared:
-    kind.find(manual_dir)  # fails early, saying where it looked
+    if paths.is_url(manual_dir):  # the archive's readers read files: a local copy first
+      logging.info("Copying %s to this host to read it.", manual_dir)
+      read_from = paths.download_tree(manual_dir, paths.cache_dir(manual_dir, "archives"))
+    kind.find(read_from)  # fails early, saying where it looked
+  builder.recorded_manual_dir = manual_dir  # the URL, where a local copy is read
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.expanduser(manual_dir) if manual_dir else None, try_download_gcs=False
+      manual_dir=read_from or None, try_download_gcs=False
     )
   )
   if prepared and not kind.generated:
@@ -56,11 +62,55 @@ def load_builder(
   return builder
 
 
+def _builder(
+  name: str, data_dir: str, synthetic_examples: int, strict: bool
+) -> tfds.core.DatasetBuilder:
+  return cxr_masks_and_labels.CxrMasksAndLabels(
+    config=cxr_masks_and_labels.config_for(name, synthetic_examples),
+    data_dir=data_dir,
+    strict=strict,
+  )
+
+
+def _load_remote(
+  name: str, data_dir: str, manual_dir: str, synthetic_examples: int, strict: bool
+) -> tfds.core.DatasetBuilder:
+  """A dataset prepared in a bucket, opened from this host's local copy.
+
+  TFDS cannot write its array_record files into gs:// (nor can they be read there without
+  TensorFlow): the dataset is built on local disk and uploaded once, and every host reads
+  its own copy (about 100 MB at 512 px), downloaded again when the bucket's differs.
+  """
+  local_root = paths.cache_dir(data_dir, "tfds")
+  builder = _builder(name, local_root, synthetic_examples, strict)
+  remote = f"{paths.resolve(data_dir)}/{os.path.relpath(builder.data_dir, local_root)}"
+  remote_info = epath.Path(remote) / "dataset_info.json"
+  if remote_info.exists():
+    local_info = epath.Path(builder.data_dir) / "dataset_info.json"
+    if not (local_info.exists() and local_info.read_text() == remote_info.read_text()):
+      logging.info("Copying the prepared dataset %s to %s.", remote, builder.data_dir)
+      paths.download_tree(remote, os.fspath(builder.data_dir))
+    builder = _builder(name, local_root, synthetic_examples, strict)  # reads the copy's info
+  else:
+    builder = load_builder(
+      name,
+      data_dir=local_root,
+      manual_dir=manual_dir,
+      synthetic_examples=synthetic_examples,
+      strict=strict,
+    )
+    count = paths.upload_tree(os.fspath(builder.data_dir), remote)
+    logging.info("Uploaded the prepared dataset to %s (%d files).", remote, count)
+  if not registry.get(name).generated:
+    _warn_if_built_elsewhere(builder, manual_dir)
+  return builder
+
+
 def _warn_if_built_elsewhere(builder: tfds.core.DatasetBuilder, manual_dir: str) -> None:
   """A prepared dataset is reused as it is: say so when it came from other files."""
   if built_elsewhere(builder, manual_dir):
-    given = os.path.abspath(os.path.expanduser(manual_dir))
-    missing = "" if os.path.exists(given) else " (which does not exist)"
+    given = paths.resolve(manual_dir)
+    missing = "" if epath.Path(given).exists() else " (which does not exist)"
     logging.warning(
       "%s was built from %s, not from the manual_dir given, %s%s: the prepared copy is used "
       "as it is. To build from %s, use a fresh data_dir or delete %s.",
@@ -82,7 +132,7 @@ def built_elsewhere(builder: tfds.core.DatasetBuilder, manual_dir: str) -> bool:
   """Whether `manual_dir` ('' -> $CXR_MANUAL_DIR) names other files than the dataset came from."""
   given = manual_dir or os.environ.get(MANUAL_DIR_ENV, "")
   source = built_from(builder)
-  return bool(given and source and os.path.abspath(os.path.expanduser(given)) != source)
+  return bool(given and source and paths.resolve(given) != source)
 
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
@@ -100,7 +150,7 @@ def resolve_name(data_config: ml_collections.ConfigDict) -> tuple[str, str]:
   if name != "auto":
     kind = registry.get(name)
     return name, "" if kind.generated else manual_dir
-  if manual_dir and not os.path.exists(os.path.expanduser(manual_dir)):
+  if manual_dir and not epath.Path(paths.resolve(manual_dir)).exists():
     raise DataError(
       f"config.data.manual_dir={manual_dir!r} does not exist (a typo?). Point it at the "
       "archive, or leave it empty (or set --config.data.name=synthetic) for the phantoms."
