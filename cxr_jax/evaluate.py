@@ -16,12 +16,14 @@ from typing import Any
 import ml_collections
 from absl import app
 from absl import flags
+from etils import epath
 from flax import nnx
 
 from cxr_jax import cli
 from cxr_jax import report
 from cxr_jax.core import csv_tables
 from cxr_jax.core import rundir
+from cxr_jax.data import paths
 from cxr_jax.workflows import evaluation
 from cxr_jax.workflows import lung_crop
 
@@ -79,18 +81,17 @@ def run(
   )
   summary = {
     "split": split,
-    "workdir": os.path.abspath(workdir),
+    "workdir": paths.resolve(workdir),
     "checkpoint": checkpoint,
     "step": step,
     **summary,
   }
-  out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
-  csv_tables.write_csv(os.path.join(out_dir, f"{split}.csv"), evaluation.CSV_FIELDS, result.rows)
+  out_dir = f"{paths.resolve(workdir)}/eval"
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  csv_tables.write_csv(f"{out_dir}/{split}.csv", evaluation.CSV_FIELDS, result.rows)
   html = report.write_report(out_dir, split, summary, result)
   summary["report"] = os.path.basename(html)
-  with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
-    json.dump(json_safe(summary), f, indent=2)
+  paths.write_text(f"{out_dir}/{split}.json", json.dumps(json_safe(summary), indent=2))
   logging.info("Wrote %s/%s.json, .csv and %s", out_dir, split, summary["report"])
   return summary
 

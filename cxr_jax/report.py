@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from cxr_jax import figures
 from cxr_jax.core import heads
@@ -32,8 +33,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def _save(fig, path: str) -> str:
   """Saves the figure as PNG at `path` and returns it as a base64 <img> tag."""
   data = figures.png_bytes(fig)
-  with open(path, "wb") as f:
-    f.write(data)
+  epath.Path(path).write_bytes(data)
   alt = html.escape(os.path.basename(path))
   return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
 
@@ -186,7 +186,7 @@ def write_report(out_dir: str, split: str, summary: Mapping[str, Any], result: A
   """
 
   def path(name):
-    return os.path.join(out_dir, f"{split}_{name}.png")
+    return f"{out_dir}/{split}_{name}.png"
 
   title = f"cxr_jax evaluation: {summary['model']} on {summary['dataset']} / {split}"
   parts = [
@@ -203,7 +203,6 @@ def write_report(out_dir: str, split: str, summary: Mapping[str, Any], result: A
     f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
     f"</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
   )
-  html_path = os.path.join(out_dir, f"{split}_report.html")
-  with open(html_path, "w") as f:
-    f.write(document)
+  html_path = f"{out_dir}/{split}_report.html"
+  epath.Path(html_path).write_text(document)
   return html_path

@@ -18,10 +18,12 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
 from cxr_jax.core import metrics as metrics_lib
+from cxr_jax.data import paths
 
 
 def metric_mode(name: str) -> str:
@@ -61,9 +63,7 @@ def create_manager(
     cleanup_tmp_directories=True,
     read_only=read_only,
   )
-  return ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
-  )
+  return ocp.CheckpointManager(epath.Path(paths.resolve(workdir)) / "checkpoints", options=options)
 
 
 def save(

@@ -1,10 +1,13 @@
 """The one CSV writer of the commands' per-image tables (evaluate's and predict's)."""
 
 import csv
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from etils import epath
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): a
 # file named '=HYPERLINK(...).png' must stay text.
@@ -30,8 +33,9 @@ def write_csv(
   path: str | os.PathLike, fields: Sequence[str], rows: Sequence[Mapping[str, Any]]
 ) -> None:
   """A header row of `fields`, then one row per mapping (missing keys blank)."""
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: cell(row.get(k)) for k in fields})
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=list(fields), extrasaction="ignore")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: cell(row.get(k)) for k in fields})
+  epath.Path(path).write_text(text.getvalue())  # a local path or a gs:// URL

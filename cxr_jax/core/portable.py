@@ -6,6 +6,7 @@ expects. Running it needs jax, not this package's model code or the run director
                 settings.json        image_size, postprocess, outputs, provenance
 """
 
+import io
 import json
 import os
 import zipfile
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax import export as jax_export
 
@@ -56,9 +58,11 @@ def export_model(
     "eval_batch_size": int(config.get("eval_batch_size", 8)),
     **provenance,
   }
-  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+  data = io.BytesIO()
+  with zipfile.ZipFile(data, "w", zipfile.ZIP_DEFLATED) as z:
     z.writestr(_MODEL, bytes(exported.serialize()))
     z.writestr(_SETTINGS, json.dumps(settings, indent=2))
+  epath.Path(path).write_bytes(data.getvalue())  # a local path or a gs:// URL
   return settings
 
 
@@ -66,7 +70,7 @@ class PortableModel:
   """A portable file's model, called like `inference.Inference` on letterboxed batches."""
 
   def __init__(self, path: str | os.PathLike, *, batch_size: int = 0):
-    with zipfile.ZipFile(path) as z:
+    with zipfile.ZipFile(io.BytesIO(epath.Path(path).read_bytes())) as z:
       self.settings = json.loads(z.read(_SETTINGS))
       if self.settings.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file (format {self.settings.get('format')!r})")

@@ -8,7 +8,11 @@ import socket
 import threading
 import time
 
+import fsspec
+from etils import epath
+
 from cxr_jax.core import multihost
+from cxr_jax.data import paths
 
 LOCK_FILE = "run.lock"
 LOCK_HEARTBEAT_S = 30.0
@@ -18,14 +22,17 @@ LOCK_STALE_S = 300.0  # a lock not refreshed for this long belongs to a run that
 class RunLock:
   """DIR/run.lock: one training run per directory, on local disks and shared filesystems.
 
-  Created with O_EXCL (atomic on local disks and NFS); a thread refreshes its time every
+  Created with O_EXCL (atomic on local disks and NFS), or in a bucket (gs://) as an object
+  that must not exist yet (GCS's ifGenerationMatch=0) and is read back to check that it
+  holds this run's token; a thread refreshes its time every
   LOCK_HEARTBEAT_S. A lock is taken over when its process is gone (same host) or its
   heartbeat is older than LOCK_STALE_S (a killed run, any host), so kill -9 never leaves a
   directory stuck for long. Use as a context manager; release() removes the file.
   """
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = f"{paths.resolve(workdir)}/{LOCK_FILE}"
+    self._remote = paths.is_url(self.path)
     self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(8).hex()}"
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
@@ -45,9 +52,7 @@ class RunLock:
       "token": self.token,
     }
     for _ in range(3):  # more tries after a stale lock was moved aside
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+      if not self._create(json.dumps(record)):
         holder = self._holder()
         if holder is None:
           continue  # vanished or stale: removed, try again
@@ -57,29 +62,50 @@ class RunLock:
           f"Wait for it to finish, or train into another --workdir. If that run is dead, "
           f"delete {self.path} (it is also taken over once {LOCK_STALE_S:.0f} s old)."
         ) from None
-      try:
-        with os.fdopen(fd, "w") as f:
-          json.dump(record, f)
-      except BaseException:
-        with contextlib.suppress(OSError):
-          os.remove(self.path)  # never leave a half-written lock behind
-        raise
       self._thread = threading.Thread(target=self._beat, daemon=True, name="run-lock")
       self._thread.start()
       return
     raise RuntimeError(f"Could not take {self.path}; another run keeps taking it.")
 
+  def _create(self, text: str) -> bool:
+    """Writes the lock holding `text` unless it exists; whether this run holds it now."""
+    if self._remote:
+      if epath.Path(self.path).exists():
+        return False
+      fs, path = fsspec.core.url_to_fs(self.path)
+      try:
+        with fs.open(path, "xb") as f:  # ifGenerationMatch=0: fails when it exists
+          f.write(text.encode())
+      except FileExistsError:
+        return False
+      return self._is_mine()  # a store that ignores the precondition: the last writer wins
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(text)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.remove(self.path)  # never leave a half-written lock behind
+      raise
+    return True
+
   def _holder(self) -> dict | None:
     """The live holder's record; None (after removing the file) when it is stale."""
     try:
-      age = time.time() - os.path.getmtime(self.path)
-      with open(self.path) as f:
-        holder = json.load(f)
+      age = time.time() - epath.Path(self.path).stat().mtime
+      holder = json.loads(epath.Path(self.path).read_text())
     except FileNotFoundError:
       return None
     except (OSError, ValueError):
       holder = {}  # half-written by a run killed at its start: judged by age alone
     dead_here = holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))
+    if (dead_here or age > LOCK_STALE_S) and self._remote:
+      epath.Path(self.path).unlink(missing_ok=True)  # the precondition settles who takes it
+      logging.warning("Taking over %s from a run that is gone (%s).", self.path, holder)
+      return None
     if dead_here or age > LOCK_STALE_S:
       # Moved aside atomically: of several runs judging it stale, one moves it; none removes
       # a lock another one has just created in its place.
@@ -99,8 +125,7 @@ class RunLock:
 
   def _is_mine(self) -> bool:
     try:
-      with open(self.path) as f:
-        return json.load(f).get("token") == self.token
+      return json.loads(epath.Path(self.path).read_text()).get("token") == self.token
     except (OSError, ValueError):
       return False
 
@@ -110,7 +135,11 @@ class RunLock:
         logging.error("%s is no longer this run's lock: another run took it over.", self.path)
         return
       with contextlib.suppress(OSError):
-        os.utime(self.path)
+        if self._remote:  # an object's time changes when it is written again
+          lock = epath.Path(self.path)
+          lock.write_text(lock.read_text())
+        else:
+          os.utime(self.path)
 
   def release(self) -> None:
     self._stop.set()
@@ -118,8 +147,7 @@ class RunLock:
       self._thread.join()
       self._thread = None
       if self._is_mine():
-        with contextlib.suppress(FileNotFoundError):
-          os.remove(self.path)
+        epath.Path(self.path).unlink(missing_ok=True)
 
 
 def lock_run(workdir: str) -> RunLock | None:

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -28,6 +29,7 @@ from cxr_jax.core import checkpoint
 from cxr_jax.core import models
 from cxr_jax.core import multihost
 from cxr_jax.data import datasets
+from cxr_jax.data import paths
 from cxr_jax.data import protocols
 from cxr_jax.data import registry
 
@@ -85,24 +87,22 @@ def write_config(
       "processes": jax.process_count(),
     },
   }
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
+  paths.write_text(os.path.join(workdir, CONFIG_FILE), json.dumps(record, indent=2, sort_keys=True))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run wrote to DIR/config.json."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
       f"{path} not found: is {workdir!r} the --workdir of a cxr_jax.main run?"
     )
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f)["config"])
+  return ml_collections.ConfigDict(json.loads(path.read_text())["config"])
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A resumed run must build the model and optimiser state its checkpoints hold."""
-  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+  if not (epath.Path(workdir) / CONFIG_FILE).exists():
     return
   stored = load_config(workdir)
   changed = [
@@ -128,7 +128,7 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def check_path(path: str, flag: str) -> str:
-  """Refuses paths a storage layer would rewrite; returns `path`.
+  """Refuses paths a storage layer would rewrite; returns `path` resolved (`paths.resolve`).
 
   TensorStore (Orbax's array storage) reads a backslash as a separator: the arrays of
   `runs/x\\y` land in `runs/x/y`, outside the run directory, and the run cannot resume.
@@ -138,7 +138,7 @@ def check_path(path: str, flag: str) -> str:
       f"{flag}={path!r} contains a backslash, which TensorStore (Orbax's array storage) reads "
       "as '/': checkpoints would land outside the directory. Use a name without '\\'."
     )
-  return path
+  return paths.resolve(path)
 
 
 # ----- which checkpoint -----
@@ -240,7 +240,7 @@ def open_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
   def load():
     return datasets.load_builder(
       name,
-      data_dir=os.path.expanduser(data_config.data_dir),
+      data_dir=data_config.data_dir,
       manual_dir=manual_dir,
       synthetic_examples=int(data_config.synthetic_examples),
     )

@@ -8,9 +8,13 @@ devices (CPUs) have no peak, and no MFU is reported.
 
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
+
+from cxr_jax.data import paths
 
 # device_kind substring (lower case) -> peak dense bf16 FLOP/s. Checked in this order.
 PEAK_FLOPS = (
@@ -98,10 +102,13 @@ class ProfileWindow:
 
   def __init__(self, start: int, stop: int, logdir: str):
     self.start, self.stop, self.logdir, self.active = start, stop, logdir, False
+    self._local = ""
 
   def before(self, step: int) -> None:
     if step == self.start and jax.process_index() == 0:
-      jax.profiler.start_trace(self.logdir)
+      # The profiler writes files: for a bucket, on local disk, uploaded at the end.
+      self._local = tempfile.mkdtemp(prefix="cxr_jax_profile_") if paths.is_url(self.logdir) else ""
+      jax.profiler.start_trace(self._local or self.logdir)
       self.active = True
 
   def after(self, step: int, state) -> None:
@@ -119,6 +126,9 @@ class ProfileWindow:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
+      if self._local:
+        paths.upload_tree(self._local, self.logdir)
+        shutil.rmtree(self._local, ignore_errors=True)
 
 
 def profile_window(profile_steps: str, workdir: str) -> ProfileWindow:

@@ -11,6 +11,9 @@ import abc
 import json
 import math
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +21,10 @@ import jax
 import numpy as np
 import tensorboardX
 from absl import logging
+from etils import epath
 from tensorboardX import summary as tb_summary
+
+from cxr_jax.data import paths
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -99,7 +105,7 @@ class JsonlWriter(MetricWriter):
   def __init__(self, path: str, *, default_split: str = "train", resume_step: int | None = None):
     self.path = path
     self.default_split = default_split
-    self._lines = _clean_tail(path, resume_step)
+    self.lines = _clean_tail(path, resume_step)
     self._file = open(path, "a", encoding="utf-8")
 
   def _reopen_if_gone(self) -> None:
@@ -111,11 +117,11 @@ class JsonlWriter(MetricWriter):
       logging.warning(
         "%s was deleted or replaced during the run; writing it again with all %d lines.",
         self.path,
-        len(self._lines),
+        len(self.lines),
       )
       self._file.close()
       self._file = open(self.path, "w", encoding="utf-8")
-      self._file.write("".join(line + "\n" for line in self._lines))
+      self._file.write("".join(line + "\n" for line in self.lines))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     rows: dict[str, dict[str, Any]] = {}
@@ -127,7 +133,7 @@ class JsonlWriter(MetricWriter):
     for split, values in rows.items():
       record = {"step": int(step), "split": split, **dict(sorted(values.items()))}
       line = json.dumps(record, allow_nan=False)
-      self._lines.append(line)
+      self.lines.append(line)
       self._file.write(line + "\n")
     self._file.flush()
 
@@ -182,6 +188,7 @@ class TensorBoardWriter(MetricWriter):
   def __init__(self, logdir: str, *, resume_step: int | None = None):
     # purge_step: TensorBoard hides the events of steps >= it from an earlier, killed run.
     purge_step = None if resume_step is None else resume_step + 1
+    self.logdir = logdir
     self._writer = tensorboardX.SummaryWriter(logdir=logdir, purge_step=purge_step, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -213,6 +220,67 @@ class TensorBoardWriter(MetricWriter):
 
   def close(self) -> None:
     self._writer.close()
+
+
+class BucketWriter(MetricWriter):
+  """metrics.jsonl and TensorBoard events for a run directory in a bucket (gs://).
+
+  Objects cannot be appended to: both are written on local disk (a spool folder) and copied
+  up at `flush()`, which the trainer calls before every checkpoint, and at most every
+  `upload_every_s` on writes. metrics.jsonl goes up whole (a few hundred KB at most); the
+  event file is closed, uploaded and a new one started, so no event is uploaded twice
+  (TensorBoard reads every event file of a folder). A kill loses at most what came after
+  the last checkpoint, which the resumed run drops and writes again anyway.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None, upload_every_s=60.0):
+    self.workdir = workdir
+    self.upload_every_s = upload_every_s
+    self._spool = tempfile.mkdtemp(prefix="cxr_jax_writer_")
+    local = os.path.join(self._spool, METRICS_FILE)
+    remote = epath.Path(workdir) / METRICS_FILE
+    if remote.exists():
+      with open(local, "wb") as f:
+        f.write(remote.read_bytes())
+    self._jsonl = JsonlWriter(local, resume_step=resume_step)
+    self._resume_step = resume_step
+    self._events: TensorBoardWriter | None = None
+    self._last_upload = time.monotonic()
+
+  def _tensorboard(self) -> "TensorBoardWriter":
+    if self._events is None:
+      logdir = tempfile.mkdtemp(dir=self._spool)
+      # Only the first event file of this run hides the killed run's later steps.
+      self._events = TensorBoardWriter(logdir, resume_step=self._resume_step)
+      self._resume_step = None
+    return self._events
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._jsonl.write_scalars(step, scalars)
+    self._tensorboard().write_scalars(step, scalars)
+    if time.monotonic() - self._last_upload > self.upload_every_s:
+      self.flush()
+
+  def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+    self._tensorboard().write_images(step, images)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._tensorboard().write_hparams(hparams)
+
+  def flush(self) -> None:
+    self._jsonl.flush()
+    paths.write_text(f"{self.workdir}/{METRICS_FILE}", "".join(f"{x}\n" for x in self._jsonl.lines))
+    if self._events is not None:
+      self._events.close()
+      paths.upload_tree(self._events.logdir, self.workdir)
+      shutil.rmtree(self._events.logdir)
+      self._events = None
+    self._last_upload = time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
+    self._jsonl.close()
+    shutil.rmtree(self._spool, ignore_errors=True)
 
 
 class LoggingWriter(MetricWriter):
@@ -290,6 +358,8 @@ def create_writer(
   logger = [LoggingWriter()] if log else []
   if just_logging:
     return MultiWriter(logger)
+  if paths.is_url(workdir):
+    return MultiWriter([BucketWriter(workdir, resume_step=resume_step), *logger])
   os.makedirs(workdir, exist_ok=True)
   return MultiWriter(
     [

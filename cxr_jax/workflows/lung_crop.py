@@ -12,12 +12,12 @@ process then reads it (the workdir is on a filesystem all hosts share, as checkp
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from cxr_jax.core import checkpoint
 from cxr_jax.core import inference as inference_lib
@@ -26,6 +26,7 @@ from cxr_jax.core import postprocess
 from cxr_jax.core import rundir
 from cxr_jax.core.progress import Progress
 from cxr_jax.data import crops
+from cxr_jax.data import paths
 from cxr_jax.data import preprocess
 from cxr_jax.data import records
 
@@ -66,7 +67,7 @@ def _check_segmentation_workdir(seg_workdir: str) -> None:
       "config.data.crop_to_lungs needs --config.data.crop_workdir=DIR, the "
       "workdir of a trained segmentation run (configs/unet.py)."
     )
-  if not os.path.exists(os.path.join(seg_workdir, rundir.CONFIG_FILE)):
+  if not (epath.Path(paths.resolve(seg_workdir)) / rundir.CONFIG_FILE).exists():
     raise FileNotFoundError(
       f"config.data.crop_workdir={seg_workdir!r} is not a training workdir (no "
       "config.json): train a segmentation model first, e.g. python -m cxr_jax.main "
@@ -96,7 +97,7 @@ def load_segmenter(seg_workdir: str, *, batch_size: int = 16) -> Segmenter:
       f"config.data.crop_workdir={seg_workdir!r} holds a "
       f"{seg_config.model.name!r} model, which does not segment lungs."
     )
-  return Segmenter(inference, os.path.abspath(seg_workdir), step)
+  return Segmenter(inference, paths.resolve(seg_workdir), step)
 
 
 def compute_lung_boxes(
@@ -119,11 +120,10 @@ def compute_lung_boxes(
 
 def _stale_reason(cache: str, seg_workdir: str, step: int) -> str:
   """Why the cache cannot be used ('' when it can)."""
-  if not os.path.exists(cache):
+  if not epath.Path(cache).exists():
     return "no cache yet"
   try:
-    with open(cache) as f:
-      record = json.load(f)
+    record = json.loads(epath.Path(cache).read_text())
   except (OSError, ValueError) as e:
     return f"unreadable ({e})"
   if record.get("seg_workdir") != seg_workdir:
@@ -144,14 +144,14 @@ def maybe_crop(
     return source
   seg_workdir = config.data.crop_workdir
   _check_segmentation_workdir(seg_workdir)
-  seg_workdir = os.path.abspath(seg_workdir)
-  cache = os.path.join(workdir, f"lung_boxes_{split}.json")
+  seg_workdir = paths.resolve(seg_workdir)
+  cache = f"{workdir}/lung_boxes_{split}.json"
   multihost.on_process_0(
     lambda: _write_box_cache(cache, seg_workdir, split, source, workdir),
     f"Process 0 failed to compute the lung boxes of {split}; its log says why.",
   )
-  with open(cache) as f:
-    boxes = {k: (tuple(v) if v else None) for k, v in json.load(f)["boxes"].items()}
+  stored = json.loads(epath.Path(cache).read_text())["boxes"]
+  boxes = {k: (tuple(v) if v else None) for k, v in stored.items()}
   missing = sum(box is None for box in boxes.values())
   logging.info(
     "Lung crops for %s: %d images, %d without a predicted lung (kept whole).",
@@ -172,15 +172,11 @@ def _write_box_cache(
   logging.info("Computing lung boxes for %s (%s: %s).", split, cache, reason)
   segmenter = load_segmenter(seg_workdir, batch_size=16)
   boxes = compute_lung_boxes(segmenter, source)
-  os.makedirs(workdir, exist_ok=True)
-  with open(cache + ".tmp", "w") as f:
-    json.dump(
-      {
-        "seg_workdir": segmenter.workdir,
-        "seg_step": segmenter.step,
-        "seg_checkpoint": SEGMENTER_CHECKPOINT,
-        "boxes": boxes,
-      },
-      f,
-    )
-  os.replace(cache + ".tmp", cache)  # never a half-written cache
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  record = {
+    "seg_workdir": segmenter.workdir,
+    "seg_step": segmenter.step,
+    "seg_checkpoint": SEGMENTER_CHECKPOINT,
+    "boxes": boxes,
+  }
+  paths.write_text(cache, json.dumps(record))  # never a half-written cache

@@ -8,7 +8,6 @@ batches split over its `data` axis.
 import functools
 import logging
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -34,6 +34,7 @@ from cxr_jax.core import steps
 from cxr_jax.core import utilisation
 from cxr_jax.core import writers
 from cxr_jax.data import input_pipeline
+from cxr_jax.data import paths
 from cxr_jax.workflows import lung_crop
 
 
@@ -138,13 +139,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Running it again on the same workdir resumes from the newest complete checkpoint.
   Returns the last validation metrics.
   """
-  workdir = os.path.abspath(os.path.expanduser(rundir.check_path(workdir, "--workdir")))
+  workdir = rundir.check_path(workdir, "--workdir")
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
   if config.data.crop_workdir:
-    config.data.crop_workdir = os.path.abspath(os.path.expanduser(config.data.crop_workdir))
+    config.data.crop_workdir = paths.resolve(config.data.crop_workdir)
   config_checks.check_training_config(config)
   check_model(config)  # seconds, before anything is read or written
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lock = run_lock.lock_run(workdir)  # before reading checkpoints another run may be writing
   try:
     return _train_and_evaluate(config, workdir)
@@ -318,6 +319,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if step % config.checkpoint_every_steps == 0 or evaluated or preempted:
         if history:  # never save a state whose loss went non-finite since the last report
           _stop_on_nonfinite(jax.device_get(history), manager, workdir)
+        writer.flush()  # what a resume from this checkpoint keeps is stored before it
         checkpoint.save(
           manager,
           step,
