@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 import pytest
 from absl import flags
@@ -34,6 +35,23 @@ def smoke_command(workdir, data_dir, *extra: str) -> list[str]:
     f"--config.data.data_dir={data_dir}",
     *extra,
   ]
+
+
+# Runs main, but kill -9's itself right after the second checkpoint save has *started*
+# (Orbax saves asynchronously, so that save is usually still being written).
+KILL_AFTER_SECOND_SAVE = textwrap.dedent("""
+    import os, signal
+    from cxr_jax import main
+    from cxr_jax.core import checkpoint
+    original, calls = checkpoint.save, []
+    def save(*args, **kwargs):
+      original(*args, **kwargs)
+      calls.append(1)
+      if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.save = save
+    main.run()
+""")
 
 
 def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

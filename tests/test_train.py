@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
@@ -17,6 +16,7 @@ from flax import nnx
 
 from cxr_jax.core import rundir
 from cxr_jax.workflows import train
+from tests.conftest import KILL_AFTER_SECOND_SAVE
 from tests.conftest import REPO_ROOT
 from tests.conftest import smoke_command
 
@@ -115,27 +115,10 @@ def _final_params(workdir) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param, nnx.BatchStat))]
 
 
-# Runs main, but kill -9's itself right after the second checkpoint save has *started*
-# (Orbax saves asynchronously, so that save is usually still being written).
-_KILL_AFTER_SECOND_SAVE = textwrap.dedent("""
-    import os, signal
-    from cxr_jax import main
-    from cxr_jax.core import checkpoint
-    original, calls = checkpoint.save, []
-    def save(*args, **kwargs):
-      original(*args, **kwargs)
-      calls.append(1)
-      if len(calls) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-    checkpoint.save = save
-    main.run()
-""")
-
-
 def test_kill_minus_9_then_resume_is_bitwise_identical(data_dir, tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   _run_main(straight, data_dir)
-  proc = _run_main(killed, data_dir, script=_KILL_AFTER_SECOND_SAVE, check=False)
+  proc = _run_main(killed, data_dir, script=KILL_AFTER_SECOND_SAVE, check=False)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   complete = [int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()]
   assert complete and max(complete) < 12  # it really stopped part-way
