@@ -78,6 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.grad_clip = 1.0  # global norm (0: off)
 
   # ----- loop -----
+  # Devices: batches split over 'data' (-1: the devices left); with space > 1 every image's
+  # height over 'space' too (training and predicting at sizes one device cannot hold).
+  config.mesh = ml_collections.ConfigDict({"data": -1, "space": 1})
+  config.shard_params = False  # True: parameters and optimiser state split over 'data' (FSDP)
   config.batch_size = 8  # global, over all devices and hosts
   config.eval_batch_size = 16
   config.num_train_steps = 1000

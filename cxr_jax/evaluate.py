@@ -48,6 +48,7 @@ def run(
   progress: bool = True,
   restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
   sources: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+  space: int = 0,
 ) -> dict[str, Any]:
   """Evaluates a run on `split`; writes DIR/eval/<split>.{json,csv}, report and figures.
 
@@ -58,6 +59,7 @@ def run(
     batch_size: images per forward pass (0: the run's eval_batch_size).
     progress: progress bars on stderr.
     restored: (config, model) to use instead of the workdir's checkpoint (tests).
+    space: devices splitting each image's height (0: the run's config.mesh.space).
     sources: {split: source} to use instead of the run's dataset (tests).
 
   Returns:
@@ -67,6 +69,7 @@ def run(
     config, model, step = rundir.restore_model(workdir, checkpoint)
   else:
     (config, model), step = restored, None
+  config = rundir.with_space(config, space)
   if sources is not None:
     get_source = sources.__getitem__
   else:
@@ -101,7 +104,13 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
   args = flags.FLAGS
-  summary = run(args.workdir, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size)
+  summary = run(
+    args.workdir,
+    args.split,
+    checkpoint=args.checkpoint,
+    batch_size=args.batch_size,
+    space=args.space,
+  )
   lines = [
     f"evaluate: {summary['num_images']} {args.split} images, {summary['model']} "
     f"({args.checkpoint} checkpoint, step {summary['step']})"
@@ -136,6 +145,12 @@ def define_flags() -> None:
   flags.DEFINE_enum("checkpoint", "latest", rundir.CHECKPOINT_CHOICES, "Which checkpoint to score.")
   flags.DEFINE_integer(
     "batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).", lower_bound=0
+  )
+  flags.DEFINE_integer(
+    "space",
+    0,
+    "Devices of this host that split each image's height (config.mesh.space; 0: as trained).",
+    lower_bound=0,
   )
   flags.mark_flags_as_required(["workdir"])
 

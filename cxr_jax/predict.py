@@ -190,11 +190,13 @@ def run(
   progress: bool = True,
   restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
   model_file: str = "",
+  space: int = 0,
 ) -> int:
   """The command: predicts `input_path` into `output`; returns the exit status (0: all ok).
 
   `model_file` (a `python -m cxr_jax.export` file) replaces the workdir; `restored`
-  ((config, model), e.g. from a test) skips reading the workdir's checkpoint.
+  ((config, model), e.g. from a test) skips reading the workdir's checkpoint; `space` > 0
+  splits each image's height over that many devices (default: the run's config.mesh.space).
   """
   if epath.Path(output).exists() and not epath.Path(output).is_dir():
     print(
@@ -215,6 +217,7 @@ def run(
     clean = inference.settings["postprocess"]
   else:
     config, model = restored or rundir.restore_model(workdir, checkpoint)[:2]
+    config = rundir.with_space(config, space)
     batch_size = min(batch_size or int(config.get("eval_batch_size", 8)), len(paths))
     inference = Inference(config, model, batch_size=batch_size)
     clean = bool(config.get("postprocess", False))
@@ -254,6 +257,7 @@ def main(argv: list[str]) -> None:
     checkpoint=args.checkpoint,
     batch_size=args.batch_size,
     model_file=args.model or "",
+    space=args.space,
   )
   sys.exit(status)
 
@@ -274,6 +278,12 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer(
     "batch_size", 0, "Images per forward pass (0: the run's eval_batch_size).", lower_bound=0
+  )
+  flags.DEFINE_integer(
+    "space",
+    0,
+    "Devices of this host that split each image's height (config.mesh.space; 0: as trained).",
+    lower_bound=0,
   )
   flags.mark_flags_as_required(["input", "output"])
 

@@ -1,6 +1,7 @@
 """A restored model's forward pass, and the mapping of its outputs back to native images."""
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ from flax import nnx
 
 from cxr_jax.core import heads
 from cxr_jax.core import postprocess
+from cxr_jax.core import sharding
 from cxr_jax.data import crops as crops_lib
 from cxr_jax.data import preprocess
 
@@ -41,8 +43,18 @@ class Inference:
     self.has_attention = "return_attention" in call_params
     kwargs = {"return_attention": True} if (attention and self.has_attention) else {}
     graphdef, state = nnx.split(model)
+    # config.mesh.space > 1: each image's height split over this host's devices (`sharding`),
+    # for sizes one device cannot hold; batches padded to a multiple of the 'data' axis.
+    self._padded_batch, shardings = batch_size, {}
+    space = int((config.get("mesh") or {}).get("space", 1))
+    if space > 1:
+      mesh = sharding.create_mesh({"space": space}, devices=jax.local_devices())
+      sharding.check_image_size(self.image_size, mesh)
+      data = int(mesh.shape[sharding.DATA_AXIS])
+      self._padded_batch = -(-batch_size // data) * data
+      shardings["in_shardings"] = (sharding.replicated(mesh), sharding.image_sharded(mesh))
 
-    @jax.jit
+    @functools.partial(jax.jit, **shardings)
     def forward(state, images):
       outputs = nnx.merge(graphdef, state)(images, train=False, **kwargs)
       result = heads.probabilities(outputs)
@@ -64,7 +76,7 @@ class Inference:
     count = images.shape[0]
     if count > self.batch_size:
       raise ValueError(f"batch of {count} > batch_size {self.batch_size}")
-    padded = np.zeros((self.batch_size,) + images.shape[1:], np.float32)
+    padded = np.zeros((self._padded_batch,) + images.shape[1:], np.float32)
     padded[:count] = images
     outputs = jax.device_get(self._forward(self._state, padded))
     return jax.tree.map(lambda x: np.asarray(x)[:count], outputs)

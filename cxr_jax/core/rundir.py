@@ -127,6 +127,15 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
 # ----- paths -----
 
 
+def with_space(config: ml_collections.ConfigDict, space: int) -> ml_collections.ConfigDict:
+  """A copy of `config` whose inference splits each image over `space` devices (0: as is)."""
+  if not space:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.mesh = ml_collections.ConfigDict({"data": -1, "space": int(space)})
+  return config
+
+
 def check_path(path: str, flag: str) -> str:
   """Refuses paths a storage layer would rewrite; returns `path` resolved (`paths.resolve`).
 

@@ -109,9 +109,17 @@ def create_train_state(
 
 
 def make_train_step(
-  graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+  graphdef: nnx.GraphDef,
+  config: ml_collections.ConfigDict,
+  tx: optax.GradientTransformation,
+  image_sharding: jax.sharding.Sharding | None = None,
 ):
-  """Returns `train_step(state, batch) -> (state, scalars)`; pure, ready for jax.jit."""
+  """Returns `train_step(state, batch) -> (state, scalars)`; pure, ready for jax.jit.
+
+  `image_sharding`: where the augmented images must be (height split over the mesh's
+  `space` axis); the augmentation's gathers would otherwise leave XLA free to gather whole
+  images onto every device.
+  """
   lr_fn = create_learning_rate_fn(config)
 
   def train_step(
@@ -128,6 +136,9 @@ def make_train_step(
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     image, mask = augment.augment_batch(step_key, batch["image"], batch["mask"], config.aug)
+    if image_sharding is not None:
+      image = jax.lax.with_sharding_constraint(image, image_sharding)
+      mask = jax.lax.with_sharding_constraint(mask, image_sharding)
     batch = dict(batch, image=image, mask=mask)
 
     def loss_fn(params, model_state):

@@ -168,12 +168,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
 
   # ----- mesh -----
-  mesh = sharding.create_mesh()
+  mesh = sharding.create_mesh(config.get("mesh"))
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  sharding.check_image_size(config.data.image_size, mesh)
   replicated = sharding.replicated(mesh)
   logging.info(
-    "Mesh: %d devices (%s), %d processes, this is process %d.",
+    "Mesh: %s over %d devices (%s), %d processes, this is process %d.",
+    dict(mesh.shape),
     jax.device_count(),
     jax.default_backend(),
     jax.process_count(),
@@ -196,7 +198,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
   graphdef = nnx.graphdef(abstract_model)
   abstract_state = jax.eval_shape(init_state)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  state_sharding = sharding.state_sharding(abstract_state, mesh, config.get("shard_params", False))
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
   logging.info("Model %s: %s parameters.", config.model.name, f"{num_params:,}")
 
@@ -226,16 +228,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     rundir.write_config(workdir, config, dataset.info(requested))
 
   # ----- compiled steps -----
-  batch_sharding = sharding.data_sharded(mesh)
+  # The arguments arrive placed (state_sharding, sharding.to_global): no in_shardings.
+  image_sharding = sharding.image_sharded(mesh) if sharding.space_size(mesh) > 1 else None
   train_step = jax.jit(
-    steps.make_train_step(graphdef, config, tx),
-    in_shardings=(state_sharding, batch_sharding),
+    steps.make_train_step(graphdef, config, tx, image_sharding=image_sharding),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
   )
-  eval_step = jax.jit(
-    steps.make_eval_step(graphdef, config), in_shardings=(state_sharding, batch_sharding)
-  )
+  eval_step = jax.jit(steps.make_eval_step(graphdef, config))
 
   # ----- loop -----
   # On resume, drop what the killed run logged after its last checkpoint. The loop logs its
