@@ -9,11 +9,16 @@ step: `jax.jit(steps.make_train_step(...), donate_argnums=0)` on a `steps.TrainS
 `train_and_evaluate` builds it, from configs/default.py with this script's model settings
 (paired augmentation unless --no_aug, forward, the loss of every head the model has, AdamW
 with clipping and the warmup/cosine schedule). Where PyTorch is installed, it also times the
-classic U-Net written in PyTorch (same widths, BatchNorm, transposed convs, BCE, Adam, NCHW
-as PyTorch prefers; no augmentation, no Dice, no clipping) and prints the JAX / PyTorch ratio.
+classic U-Net written in PyTorch (same widths, BatchNorm, transposed convs, NCHW as PyTorch
+prefers) and prints the JAX / PyTorch ratio. `--torch_step=same` (default) gives the PyTorch
+step the JAX step's work: the same paired augmentation (affine grid, bilinear image,
+nearest mask; gamma, contrast, brightness, noise), BCE + soft Dice, AdamW with weight decay
+on kernels, global-norm clipping and the warmup/cosine schedule; `--torch_step=plain` is
+forward, backward, BCE and Adam only.
 """
 
 import argparse
+import math
 import pathlib
 import sys
 import time
@@ -33,7 +38,11 @@ JAX_STEP = (
   "steps.make_train_step: {aug}forward, backward, BCE + soft Dice and/or "
   "cross-entropy per head, AdamW + grad clip"
 )
-TORCH_STEP = "forward, backward, BCE, Adam (no augmentation, Dice or clipping)"
+TORCH_STEPS = {
+  "same": "paired augmentation, forward, backward, BCE + soft Dice, AdamW + grad clip, "
+  "warmup/cosine schedule (the JAX step's work)",
+  "plain": "forward, backward, BCE, Adam (no augmentation, Dice or clipping)",
+}
 
 
 def _time(fn: Callable[[], object], steps: int) -> float:
@@ -130,17 +139,76 @@ def torch_unet_runner(size: int, args: argparse.Namespace) -> tuple[dict, Callab
   torch.manual_seed(0)
   model = TorchUNet(args.base_features, args.depth)
   params = sum(p.numel() for p in model.parameters())
-  optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
   image = torch.randn(args.batch, 1, size, size)
   mask = (image > 0).float()
-  loss_fn = nn.BCEWithLogitsLoss()
+  bce = nn.BCEWithLogitsLoss()
   model.train()
+  if args.torch_step == "plain":
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-  def run():
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(image), mask)
-    loss.backward()
-    optimizer.step()
+    def run():
+      optimizer.zero_grad(set_to_none=True)
+      loss = bce(model(image), mask)
+      loss.backward()
+      optimizer.step()
+
+  else:
+    config = _config("unet", size, args)
+    optim, aug = config.optim, config.aug
+    kernels = [p for p in model.parameters() if p.ndim > 1]
+    others = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+      [{"params": kernels, "weight_decay": optim.weight_decay},
+       {"params": others, "weight_decay": 0.0}],
+      lr=optim.learning_rate,
+    )  # fmt: skip
+    warmup, total = optim.warmup_steps, config.num_train_steps
+
+    def schedule(step: int) -> float:
+      if step < warmup:
+        return (step + 1) / warmup
+      return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def uniform(low, high):
+      return torch.empty(args.batch).uniform_(low, high)
+
+    def augment(x, m):
+      # One affine map per example (rotation, zoom, shear, shift), image and mask through
+      # the same grid; then the intensity transforms on the image.
+      angle = torch.deg2rad(uniform(-aug.rotate_deg, aug.rotate_deg))
+      zoom = uniform(1 - aug.scale, 1 + aug.scale)
+      shear = torch.tan(torch.deg2rad(uniform(-aug.shear_deg, aug.shear_deg)))
+      cos, sin = torch.cos(angle), torch.sin(angle)
+      theta = torch.stack(
+        [torch.stack([cos, cos * shear - sin, 2 * uniform(-aug.shift, aug.shift)], -1),
+         torch.stack([sin, sin * shear + cos, 2 * uniform(-aug.shift, aug.shift)], -1)], 1
+      ) / torch.stack([zoom, zoom, torch.ones_like(zoom)], -1)[:, None]  # fmt: skip
+      grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=True)
+      low = x.amin(dim=(1, 2, 3), keepdim=True)
+      x = nn.functional.grid_sample(x - low, grid, "bilinear", "zeros", True) + low
+      m = nn.functional.grid_sample(m, grid, "nearest", "zeros", True)
+      gamma = uniform(1 - aug.gamma, 1 + aug.gamma)[:, None, None, None]
+      low, high = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+      span = (high - low).clamp_min(1e-6)
+      x = ((x - low) / span) ** gamma * span + low
+      x = x * uniform(1 - aug.contrast, 1 + aug.contrast)[:, None, None, None]
+      x = x + uniform(-aug.brightness, aug.brightness)[:, None, None, None]
+      return x + aug.noise_std * torch.randn_like(x), m
+
+    def run():
+      with torch.no_grad():
+        x, m = augment(image, mask)
+      optimizer.zero_grad(set_to_none=True)
+      logits = model(x)
+      p = torch.sigmoid(logits)
+      dice = (2 * (p * m).sum((1, 2, 3)) + 1) / (p.sum((1, 2, 3)) + m.sum((1, 2, 3)) + 1)
+      loss = bce(logits, m) + config.loss.dice_weight * (1 - dice).mean()
+      loss.backward()
+      nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+      optimizer.step()
+      scheduler.step()
 
   return dict(
     model="unet (pytorch)", size=size, params=params, threads=torch.get_num_threads()
@@ -160,6 +228,9 @@ def main() -> None:
   )
   parser.add_argument("--steps", type=int, default=5, help="timed train steps per row")
   parser.add_argument("--torch_size", type=int, default=256, help="0: skip PyTorch")
+  parser.add_argument(
+    "--torch_step", default="same", choices=sorted(TORCH_STEPS), help="the PyTorch step's work"
+  )
   parser.add_argument(
     "--rounds",
     type=int,
@@ -208,11 +279,11 @@ def main() -> None:
     f"{args.steps} steps (PyTorch {torch_info['params']:,} params, "
     f"{torch_info['threads']} threads):"
   )
+  print(f"  JAX step: {jax_step}.\n  PyTorch step: {TORCH_STEPS[args.torch_step]}.")
   print(
     f"  JAX/Flax NNX {jax_ips:.2f} img/s, PyTorch {torch_ips:.2f} img/s, "
     f"JAX / PyTorch = {jax_ips / torch_ips:.2f}x"
   )
-  print(f"  JAX step: {jax_step}.\n  PyTorch step: {TORCH_STEP}.")
 
 
 if __name__ == "__main__":
