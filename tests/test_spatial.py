@@ -17,18 +17,23 @@ from tests.conftest import smoke_command
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
 
 
-@pytest.fixture(scope="module")
-def checks():
+def _on_four_devices(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
   proc = subprocess.run(
-    [sys.executable, "-m", "tests.spatial_checks"],
+    command,
     cwd=REPO_ROOT,
     capture_output=True,
     text=True,
     timeout=600,
     env={**os.environ, **FOUR_DEVICES},
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def checks():
+  return json.loads(_on_four_devices([sys.executable, "-m", "tests.spatial_checks"]).stdout)
 
 
 @pytest.mark.parametrize("space", [2, 4])
@@ -61,16 +66,7 @@ def test_a_space_2_run_resumes_with_space_1(tmp_path):
   workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
 
   def train(*extra):
-    proc = subprocess.run(
-      smoke_command(workdir, data_dir, *extra),
-      cwd=REPO_ROOT,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      env={**os.environ, **FOUR_DEVICES},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stderr
+    return _on_four_devices(smoke_command(workdir, data_dir, *extra)).stderr
 
   first = train("--config.mesh.space=2", "--config.num_train_steps=4")
   assert "Mesh: {'data': 2, 'space': 2}" in first
@@ -82,13 +78,8 @@ def test_a_space_2_run_resumes_with_space_1(tmp_path):
 
 
 def test_a_space_that_does_not_divide_the_devices_is_refused(tmp_path):
-  proc = subprocess.run(
-    smoke_command(tmp_path / "run", tmp_path / "tfds", "--config.mesh.space=3"),
-    cwd=REPO_ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, **FOUR_DEVICES},
+  proc = _on_four_devices(
+    smoke_command(tmp_path / "run", tmp_path / "tfds", "--config.mesh.space=3"), check=False
   )
   assert proc.returncode != 0
   assert "config.mesh.space=3 must divide the 4 devices; valid: [1, 2, 4]" in proc.stderr
