@@ -19,6 +19,7 @@ from cxr_jax.core.models import MultiTaskUNet
 from cxr_jax.core.models import UNet
 from cxr_jax.core.models import create_model
 from cxr_jax.core.models import layers
+from cxr_jax.core.models import ops
 
 TINY = dict(base_features=4, depth=2)
 TINY_TRAIN = dict(base_features=4, depth=1)  # about half the ops to compile
@@ -274,3 +275,63 @@ def test_multitask_learns_both_heads_in_bfloat16():
   assert losses[-1] < 0.5 * losses[0], losses
   state = nnx.state(model, nnx.Param, nnx.BatchStat)
   assert {v.dtype for v in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
+
+
+# ----- the faster CPU paths equal what they replace -----
+
+
+@pytest.mark.parametrize("size", [64, 16])  # per-example kernel gradient at 64 px, XLA's at 16
+def test_same_conv3x3_and_its_gradients_equal_xlas_convolution(size):
+  x = jax.random.normal(jax.random.key(0), (4, size, size, 8))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) * 0.2
+  assert ops._kernel_grad_per_example(x) == (size == 64)  # both paths are checked
+
+  def reference(x, kernel):
+    return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  def loss(conv):
+    return lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+
+  np.testing.assert_allclose(ops.same_conv3x3(x, kernel), reference(x, kernel), atol=1e-5)
+  got = jax.jit(jax.grad(loss(ops.same_conv3x3), argnums=(0, 1)))(x, kernel)
+  want = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(x, kernel)
+  for g, w in zip(got, want):
+    assert float(jnp.max(jnp.abs(w))) > 1.0
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_a_convolution_of_parts_equals_the_convolution_of_their_concatenation():
+  block = layers.ConvNormAct(12, 8, norm="batch", dtype=jnp.float32, rngs=nnx.Rngs(0))
+  a = jax.random.normal(jax.random.key(2), (2, 16, 16, 5))
+  b = jax.random.normal(jax.random.key(3), (2, 16, 16, 7))
+  whole = block(jnp.concatenate([a, b], axis=-1), train=False)
+  np.testing.assert_allclose(block([a, b], train=False), whole, atol=1e-5)
+
+
+def test_batch_norm_train_equals_flax_batchnorm_with_its_gradient_and_running_stats():
+  x = jax.random.normal(jax.random.key(4), (4, 8, 8, 6)) * 3 + 1
+  ours = layers.Norm("batch", 6, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  theirs = nnx.BatchNorm(6, momentum=0.9, rngs=nnx.Rngs(0))
+  for module in (ours.norm, theirs):
+    module.scale[...] = jnp.linspace(0.5, 2.0, 6)
+    module.bias[...] = jnp.linspace(-1.0, 1.0, 6)
+
+  def loss(module, call):
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def f(params, x):
+      m = nnx.merge(graphdef, params, rest, copy=True)
+      y = call(m, x)
+      return jnp.sum(jnp.tanh(y) * x), nnx.state(m, nnx.BatchStat)
+
+    return jax.grad(f, argnums=(0, 1), has_aux=True)(params, x)
+
+  (g_ours, stats_ours) = loss(ours, lambda m, x: m(x, train=True))
+  (g_theirs, stats_theirs) = loss(theirs, lambda m, x: m(x, use_running_average=False))
+  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_theirs)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(stats_ours), jax.tree.leaves(stats_theirs)):
+    assert float(jnp.max(jnp.abs(b - jnp.round(b)))) > 0  # moved from their initial values
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
