@@ -283,8 +283,8 @@ def test_multitask_learns_both_heads_in_bfloat16():
 @pytest.mark.parametrize("size", [64, 16])  # per-example kernel gradient at 64 px, XLA's at 16
 def test_same_conv3x3_and_its_gradients_equal_xlas_convolution(size):
   x = jax.random.normal(jax.random.key(0), (4, size, size, 8))
-  kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 16)) * 0.2
-  assert ops._kernel_grad_per_example(x) == (size == 64)  # both paths are checked
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 32)) * 0.2
+  assert ops._kernel_grad_per_example(x, kernel) == (size == 64)  # both paths are checked
 
   def reference(x, kernel):
     return jax.lax.conv_general_dilated(
@@ -297,9 +297,10 @@ def test_same_conv3x3_and_its_gradients_equal_xlas_convolution(size):
   np.testing.assert_allclose(ops.same_conv3x3(x, kernel), reference(x, kernel), atol=1e-5)
   got = jax.jit(jax.grad(loss(ops.same_conv3x3), argnums=(0, 1)))(x, kernel)
   want = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(x, kernel)
-  for g, w in zip(got, want):
-    assert float(jnp.max(jnp.abs(w))) > 1.0
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+  for g, w in zip(got, want):  # float32 sums of 16k terms in another order
+    scale = float(jnp.max(jnp.abs(w)))
+    assert scale > 1.0
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale)
 
 
 def test_a_convolution_of_parts_equals_the_convolution_of_their_concatenation():

@@ -56,16 +56,17 @@ def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   )
 
 
-def _kernel_grad_per_example(x: jax.Array) -> bool:
+def _kernel_grad_per_example(x: jax.Array, kernel: jax.Array) -> bool:
   """Whether the kernel gradient is cheaper summed over examples one by one.
 
-  XLA:CPU's kernel-gradient convolution of a whole batch ran 3-5x its forward pass at
-  32-128 px (e.g. 92 ms vs 18 ms, batch 8, 128 px, 32 channels); one example at a time, summed,
-  1.6-3x faster there, and slower at 16 px and at 256 px (benchmarks/models.py, README).
-  Accelerators, and batches split over several devices, keep XLA's own.
+  XLA:CPU's kernel-gradient convolution of a whole batch ran 2-5x slower than one example
+  at a time, summed, at 32-128 px with 32 or more output channels (batch 8: 128 px x 32
+  channels 92 vs 56 ms, 64 px x 64 channels 72 vs 23 ms), and faster elsewhere (16 channels
+  at 128 px: 10 vs 33 ms; 256 px; 16 px). Accelerators, and batches split over several
+  devices, keep XLA's own.
   """
   single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-  return single_cpu and x.shape[0] > 1 and 32 <= x.shape[1] <= 128
+  return single_cpu and x.shape[0] > 1 and 32 <= x.shape[1] <= 128 and kernel.shape[-1] >= 32
 
 
 @jax.custom_vjp
@@ -83,7 +84,7 @@ def _same_conv3x3_bwd(residuals, dy):
   x, kernel = residuals
   dy = dy.astype(x.dtype)
   dx = jax.vjp(lambda x: _conv(x, kernel), x)[1](dy)[0]
-  if not _kernel_grad_per_example(x):
+  if not _kernel_grad_per_example(x, kernel):
     return dx, jax.vjp(lambda k: _conv(x, k), kernel)[1](dy)[0]
   dk = None
   for i in range(x.shape[0]):
