@@ -54,17 +54,32 @@ KILL_AFTER_SECOND_SAVE = textwrap.dedent("""
 """)
 
 
-def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-  """`python -m ARGS` from the checkout on the CPU, output captured, never raising."""
-  return subprocess.run(
-    [sys.executable, "-m", *args],
+def run_command(
+  command: list[str],
+  *,
+  env: dict[str, str] | None = None,
+  cwd: str | os.PathLike = REPO_ROOT,
+  timeout: float = 300,
+  check: bool = True,
+) -> subprocess.CompletedProcess:
+  """`command` on the CPU with `env` added, output captured; with `check`, exit status 0
+  asserted (the failure shows the end of stderr)."""
+  proc = subprocess.run(
+    command,
     capture_output=True,
     text=True,
     timeout=timeout,
-    check=False,
-    cwd=REPO_ROOT,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    cwd=cwd,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
   )
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  """`python -m ARGS` from the checkout on the CPU, output captured, never raising."""
+  return run_command([sys.executable, "-m", *args], timeout=timeout, check=False)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from PIL import Image
 from cxr_jax.core import rundir
 from tests.conftest import KILL_AFTER_SECOND_SAVE
 from tests.conftest import REPO_ROOT
+from tests.conftest import run_command
 from tests.conftest import smoke_command
 
 BUCKET = "cxr-test"
@@ -84,23 +85,12 @@ def gcs(tmp_path_factory):
 def _run(cwd, env, host_cache, *command, check=True):
   """A command as one host of a job runs it: working directory `cwd`, local disk
   `host_cache` for its copy of the prepared dataset."""
-  proc = subprocess.run(
-    command,
+  return run_command(
+    list(command),
     cwd=cwd,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={
-      **os.environ,
-      **env,
-      "JAX_PLATFORMS": "cpu",
-      "PYTHONPATH": str(REPO_ROOT),
-      "CXR_JAX_CACHE": str(host_cache),
-    },
+    env={**env, "PYTHONPATH": str(REPO_ROOT), "CXR_JAX_CACHE": str(host_cache)},
+    check=check,
   )
-  if check:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
 
 
 def _final_params(workdir: str) -> list[np.ndarray]:

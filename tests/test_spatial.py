@@ -4,31 +4,20 @@ The checks run in one subprocess on 4 forced CPU devices (tests/spatial_checks.p
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_command
 from tests.conftest import smoke_command
 
-FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
 def _on_four_devices(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
-  proc = subprocess.run(
-    command,
-    cwd=REPO_ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env={**os.environ, **FOUR_DEVICES},
-  )
-  if check:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
+  return run_command(command, env=FOUR_DEVICES, timeout=600, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from cxr_jax.core import rundir
 from cxr_jax.workflows import train
 from tests.conftest import KILL_AFTER_SECOND_SAVE
 from tests.conftest import REPO_ROOT
+from tests.conftest import run_command
 from tests.conftest import smoke_command
 
 
@@ -96,17 +97,7 @@ def _run_main(workdir, data_dir, *extra, env=None, script=None, check=True):
     if script
     else [sys.executable, "-m", "cxr_jax.main", *args]
   )
-  proc = subprocess.run(
-    command,
-    cwd=REPO_ROOT,
-    capture_output=True,
-    text=True,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
-    timeout=300,
-  )
-  if check:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
+  return run_command(command, env=env, check=check)
 
 
 def _final_params(workdir) -> list[np.ndarray]:
