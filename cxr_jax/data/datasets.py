@@ -82,27 +82,26 @@ def _load_remote(
   its own copy (about 100 MB at 512 px), downloaded again when the bucket's differs.
   """
   local_root = paths.cache_dir(data_dir, "tfds")
-  builder = _builder(name, local_root, synthetic_examples, strict)
-  remote = f"{paths.resolve(data_dir)}/{os.path.relpath(builder.data_dir, local_root)}"
+  local = os.fspath(_builder(name, local_root, synthetic_examples, strict).data_dir)
+  remote = f"{paths.resolve(data_dir)}/{os.path.relpath(local, local_root)}"
   remote_info = epath.Path(remote) / "dataset_info.json"
-  if remote_info.exists():
-    local_info = epath.Path(builder.data_dir) / "dataset_info.json"
+  in_bucket = remote_info.exists()
+  if in_bucket:
+    local_info = epath.Path(local) / "dataset_info.json"
     if not (local_info.exists() and local_info.read_text() == remote_info.read_text()):
-      logging.info("Copying the prepared dataset %s to %s.", remote, builder.data_dir)
-      paths.download_tree(remote, os.fspath(builder.data_dir))
-    builder = _builder(name, local_root, synthetic_examples, strict)  # reads the copy's info
-  else:
-    builder = load_builder(
-      name,
-      data_dir=local_root,
-      manual_dir=manual_dir,
-      synthetic_examples=synthetic_examples,
-      strict=strict,
-    )
-    count = paths.upload_tree(os.fspath(builder.data_dir), remote)
+      logging.info("Copying the prepared dataset %s to %s.", remote, local)
+      paths.download_tree(remote, local)
+  # The local copy: read as it is, or built first when the bucket has none yet.
+  builder = load_builder(
+    name,
+    data_dir=local_root,
+    manual_dir=manual_dir,
+    synthetic_examples=synthetic_examples,
+    strict=strict,
+  )
+  if not in_bucket:
+    count = paths.upload_tree(local, remote)
     logging.info("Uploaded the prepared dataset to %s (%d files).", remote, count)
-  if not registry.get(name).generated:
-    _warn_if_built_elsewhere(builder, manual_dir)
   return builder
 
 
