@@ -91,11 +91,18 @@ class _OneLinePerError:
       print(f"(background) {line[:300]}", file=sys.stderr)
 
 
-def _exit_now(status: int) -> None:
-  """Exits without the interpreter's shutdown, where the failed save's background tasks
-  would report the same error again, after the message that says what to do."""
+def _exit_with(status: int, message: str) -> None:
+  """Ends with `message` as stderr's last line, without the interpreter's shutdown, where
+  the failed save's background tasks would report the same error again.
+
+  Those tasks may still be writing while we exit: stderr is pointed at /dev/null first and
+  the message written to the saved descriptor, so nothing can land after it.
+  """
   sys.stdout.flush()
   sys.stderr.flush()
+  saved = os.dup(2)
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  os.write(saved, f"{message}\n".encode())
   os._exit(status)
 
 
@@ -114,21 +121,19 @@ def run(main: Callable[[list[str]], None]) -> None:
       if flags.FLAGS.traceback:
         raise
       if _disk_full(e):
-        print(
+        _exit_with(
+          1,
           f"{os.path.basename(argv[0])}: the disk is full ({str(e).splitlines()[0][:200]}). "
           "Free space (or choose another path) and rerun: the same command resumes from "
           "the last complete checkpoint; --traceback shows where it happened.",
-          file=sys.stderr,
         )
-        _exit_now(1)
       if not isinstance(e, OSError) or e.errno not in _ENVIRONMENT_ERRNOS:
         raise
       where = f" {e.filename}" if e.filename else ""
-      print(
+      _exit_with(
+        1,
         f"{os.path.basename(argv[0])}: cannot write{where}: {e.strerror}. Free space or fix "
         "the permissions (or choose another path) and rerun; --traceback shows where.",
-        file=sys.stderr,
       )
-      _exit_now(1)
 
   app.run(guarded, flags_parser=_parse_flags)
