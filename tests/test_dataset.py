@@ -3,6 +3,7 @@
 import collections
 import io
 import logging
+import os
 import pathlib
 import pickle
 import re
@@ -217,6 +218,32 @@ def test_kaggle_folder_with_both_roots(archive_dir, tmp_path, caplog, capsys):
   assert re.search(r"^all +6 +4 +2 +3 +3 +2 +4 +0$", out, re.MULTILINE), out
   assert "mask_not_binary=0, mask_size_differs=0" in out
   assert "skipped files: 5" in out and "CHNCXR_0099_1_mask.png: mask without an image" in out
+
+
+def test_two_runs_preparing_at_once_both_get_the_dataset(archive_dir, tmp_path):
+  """A sweep with --parallel=2 starts two runs on an empty data_dir: before the lock the
+  second failed renaming its build into place (FileExistsError)."""
+  code = (
+    "import sys; from cxr_jax.data import datasets; "
+    "b = datasets.load_builder('kaggle', data_dir=sys.argv[1], manual_dir=sys.argv[2]); "
+    "print(b.info.splits.total_num_examples)"
+  )
+  runs = [
+    subprocess.Popen(
+      [sys.executable, "-c", code, str(tmp_path), str(archive_dir)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    for _ in range(2)
+  ]
+  results = [run.communicate(timeout=300) for run in runs]
+  for run, (out, err) in zip(runs, results):
+    assert run.returncode == 0, err[-2000:]
+    assert out.split()[-1] == "6", out
+  built = [p for p in (tmp_path / "cxr_masks_and_labels" / "kaggle").iterdir()]
+  assert [p.name for p in built] == [cxr_masks_and_labels.CxrMasksAndLabels.VERSION.__str__()]
 
 
 def test_kaggle_zip(archive_zip, tmp_path):

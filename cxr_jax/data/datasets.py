@@ -1,6 +1,8 @@
 """Prepared datasets: resolve config.data.name, build once, open a split as a data source."""
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 from collections.abc import Sequence
 
@@ -43,23 +45,38 @@ def load_builder(
   manual_dir = paths.resolve(manual_dir) if manual_dir else ""
   if paths.is_url(data_dir):
     return _load_remote(name, data_dir, manual_dir, synthetic_examples, strict)
-  builder = _builder(name, paths.resolve(data_dir), synthetic_examples, strict)
-  prepared = _is_prepared(builder)
-  read_from = manual_dir
-  if not kind.generated and not prepared:
-    if paths.is_url(manual_dir):  # the archive's readers read files: a local copy first
-      logging.info("Copying %s to this host to read it.", manual_dir)
-      read_from = paths.download_tree(manual_dir, paths.cache_dir(manual_dir, "archives"))
-    kind.find(read_from)  # fails early, saying where it looked
-  builder.recorded_manual_dir = manual_dir  # the URL, where a local copy is read
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(
-      manual_dir=read_from or None, try_download_gcs=False
+  with _prepare_lock(paths.resolve(data_dir), name):  # runs started together build it once
+    builder = _builder(name, paths.resolve(data_dir), synthetic_examples, strict)
+    prepared = _is_prepared(builder)
+    read_from = manual_dir
+    if not kind.generated and not prepared:
+      if paths.is_url(manual_dir):  # the archive's readers read files: a local copy first
+        logging.info("Copying %s to this host to read it.", manual_dir)
+        read_from = paths.download_tree(manual_dir, paths.cache_dir(manual_dir, "archives"))
+      kind.find(read_from)  # fails early, saying where it looked
+    builder.recorded_manual_dir = manual_dir  # the URL, where a local copy is read
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+        manual_dir=read_from or None, try_download_gcs=False
+      )
     )
-  )
   if prepared and not kind.generated:
     _warn_if_built_elsewhere(builder, manual_dir)
   return builder
+
+
+@contextlib.contextmanager
+def _prepare_lock(data_dir: str, name: str):
+  """Holds an exclusive lock on DATA_DIR/.prepare_<name>.lock (two runs started at once,
+  e.g. a sweep with --parallel: the second waits and then reads what the first built,
+  where both would otherwise build it and the second fail renaming into place)."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".prepare_{name}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _builder(
