@@ -76,6 +76,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.schedule = "cosine"  # 'cosine' | 'constant'
   config.optim.weight_decay = 1e-4
   config.optim.grad_clip = 1.0  # global norm (0: off)
+  # Exponential moving average of the weights (0: off): validation, the best checkpoint,
+  # evaluate and predict use the average; the trained weights' metrics are logged as online_*.
+  config.optim.ema_decay = 0.0
+
+  # ----- semi-supervised: mean teacher (needs optim.ema_decay and data.examples='all') -----
+  # Images without a mask learn the EMA teacher's p(lung) on the unaugmented image, moved by
+  # the student's augmentation; weight ramped up linearly over rampup_steps.
+  config.semi = ml_collections.ConfigDict()
+  config.semi.weight = 0.0  # 0: off
+  config.semi.rampup_steps = 200
 
   # ----- loop -----
   # Devices: batches split over 'data' (-1: the devices left); with space > 1 every image's
@@ -92,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.best_metric = "dice"  # validation metric whose best checkpoint is kept
   config.num_eval_images = 4  # prediction overlays written per evaluation
   config.postprocess = False  # keep the two largest components and fill holes
+  config.tta = False  # evaluate/predict average p(lung) over shifted and zoomed views
   config.profile_steps = ""  # e.g. '10-15': a jax.profiler trace of those steps in DIR/profile
 
   if arg == "smoke":

@@ -75,6 +75,41 @@ def cases_figure(rows: Sequence[Mapping[str, Any]], cases: Mapping[str, Any]) ->
   return fig
 
 
+def quality_figure(
+  rows: Sequence[Mapping[str, Any]], cases: Mapping[str, Any], threshold: float, num: int = 4
+) -> plt.Figure:
+  """Mask quality control: uncertainty against Dice (images with a reference mask) with the
+  flagging threshold, then the `num` most uncertain masks."""
+  scored = [r for r in rows if is_finite_number(r.get("uncertainty"))]
+  picks = sorted(scored, key=lambda r: -float(r["uncertainty"]))[:num]
+  fig, axes = plt.subplots(1, 1 + len(picks), squeeze=False, figsize=(3.8 * (1 + len(picks)), 4.4))
+  ax = axes[0, 0]
+  masked = [r for r in scored if r.get("has_mask") and is_finite_number(r.get("dice"))]
+  colours = registry.source_colours()
+  for source in sorted({r["source"] for r in masked}):
+    own = [r for r in masked if r["source"] == source]
+    ax.scatter(
+      [float(r["uncertainty"]) for r in own],
+      [float(r["dice"]) for r in own],
+      s=10,
+      alpha=0.7,
+      color=colours.get(source),
+      label=source,
+    )
+  ax.axvline(threshold, color="k", ls="--", lw=1, label=f"flagged > {threshold:g}")
+  ax.axhline(0.95, color="grey", ls=":", lw=1, label="Dice 0.95")
+  ax.set_xlabel("uncertainty (boundary entropy per lung pixel)")
+  ax.set_ylabel("Dice (raw)")
+  ax.legend(fontsize=7, frameon=False)
+  for col, row in enumerate(picks, start=1):
+    case = cases[row["id"]]
+    dice = f", Dice {float(row['dice']):.3f}" if is_finite_number(row.get("dice")) else ""
+    title = f"{row['id']} ({row['source']})\nuncertainty {float(row['uncertainty']):.3f}{dice}"
+    _show_case(axes[0, col], case, case.pred, title)
+  fig.tight_layout()
+  return fig
+
+
 def dice_figure(rows: Sequence[Mapping[str, Any]]) -> plt.Figure:
   """Histogram of per-image Dice per source; raw and post-processed side by side."""
   masked = [r for r in rows if r.get("has_mask")]

@@ -13,6 +13,9 @@ OUT/predictions.csv, one row per image:
                             post-processed mask, which is then the mask written to masks/
     pixel_spacing_mm,       only when an input is DICOM with a pixel spacing: the spacing
     lung_area_cm2           and the written mask's area
+    uncertainty, flagged    segmenters: the mask's `inference.uncertainty` (mean boundary
+                            entropy, TTA-averaged under config.tta) and 1 where it exceeds
+                            `inference.QC_THRESHOLD` (config.qc_threshold): a mask worth checking by eye
     p_abnormal              only when the model classifies
 
 A run trained on lung crops is fed lung crops here too (its config.data.crop_workdir
@@ -145,6 +148,8 @@ def predict_files(
           mask = pred.output_mask
           _save_png(mask.astype(np.uint8) * 255, output / "masks" / f"{stems[path]}.png")
           _save_png(overlays.overlay(image, mask), output / "overlays" / f"{stems[path]}.png")
+          row["uncertainty"] = f"{pred.uncertainty:.6f}"
+          row["flagged"] = int(pred.uncertainty > inference.qc_threshold)
           if spacing is not None:  # DICOM: the written mask's area in cm^2
             row["pixel_spacing_mm"] = f"{spacing[0]:.4f}x{spacing[1]:.4f}"
             row["lung_area_cm2"] = f"{mask.sum() * spacing[0] * spacing[1] / 100:.3f}"
@@ -171,10 +176,12 @@ def write_predictions_csv(
 ) -> None:
   """predictions.csv, one row per image (columns: see the module docstring)."""
   with_spacing = any("lung_area_cm2" in row for row in rows)
+  segments = any("uncertainty" in row for row in rows)
   fields = (
     ["image", "height", "width", "lung_fraction"]
     + (["lung_fraction_post"] if postprocessed else [])
     + (["pixel_spacing_mm", "lung_area_cm2"] if with_spacing else [])
+    + (["uncertainty", "flagged"] if segments else [])
     + (["p_abnormal"] if classifies else [])
   )
   csv_tables.write_csv(path, fields, rows)

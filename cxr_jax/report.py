@@ -133,6 +133,19 @@ def _segmentation_section(segmentation: Mapping[str, Any], result: Any, path) ->
     "<h2>Dice distribution</h2>",
     _save(figures.dice_figure(result.rows), path("dice")),
   ]
+  quality = segmentation.get("quality")
+  if quality:
+    parts += [
+      "<h2>Mask quality control</h2>",
+      f"<p>{quality['num_flagged']} of {quality['num_images']} masks flagged (uncertainty &gt; "
+      f"{quality['threshold']:g}): {html.escape(', '.join(quality['flagged']) or 'none')}. "
+      f"AUROC of the uncertainty for masks with Dice &lt; {quality['poor_below']}: "
+      f"{_fmt(quality['auroc'])} ({quality['num_poor']} such masks); of the flagged masks with "
+      f"a reference, {quality['flagged_poor']} have Dice &lt; {quality['poor_below']}.</p>",
+      _save(
+        figures.quality_figure(result.rows, result.cases, quality["threshold"]), path("quality")
+      ),
+    ]
   with_attention = [c for c in result.cases.values() if c.attention]
   if with_attention:
     parts += [

@@ -72,7 +72,8 @@ def augment_batch(
   image: jax.Array,
   mask: jax.Array,
   aug_config: ml_collections.ConfigDict | AugParams,
-) -> tuple[jax.Array, jax.Array]:
+  soft: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
   """Augments a batch, one independent draw per example.
 
   Args:
@@ -80,23 +81,32 @@ def augment_batch(
     image: [B, S, S, 1] float32, normalised.
     mask: [B, S, S, 1] float32 in {0, 1}.
     aug_config: `config.aug` (static: read while tracing).
+    soft: optional [B, S, S, 1] soft mask (a teacher's p(lung)) moved with the same geometry,
+      interpolated bilinearly; zero outside the image.
 
   Returns:
-    (image, mask) with the input shapes and dtypes; mask stays in {0, 1}.
+    (image, mask) with the input shapes and dtypes; mask stays in {0, 1}. With `soft`:
+    (image, mask, soft). The draws do not depend on `soft`: image and mask are the same.
   """
   params = AugParams.from_config(aug_config)
   if not params.enabled:
-    return image, mask
+    return (image, mask) if soft is None else (image, mask, soft)
   if image.ndim != 4 or image.shape[1] != image.shape[2] or image.shape[-1] != 1:
     raise ValueError(f"image must be [B, S, S, 1], got {image.shape}.")
   keys = jax.random.split(key, image.shape[0])
-  return jax.vmap(lambda k, x, m: _augment_one(k, x, m, params))(keys, image, mask)
+  if soft is None:
+    return jax.vmap(lambda k, x, m: _augment_one(k, x, m, params)[:2])(keys, image, mask)
+  return jax.vmap(lambda k, x, m, p: _augment_one(k, x, m, params, p))(keys, image, mask, soft)
 
 
 def _augment_one(
-  key: jax.Array, image: jax.Array, mask: jax.Array, params: AugParams
-) -> tuple[jax.Array, jax.Array]:
-  """[S, S, 1] image and mask -> augmented pair."""
+  key: jax.Array,
+  image: jax.Array,
+  mask: jax.Array,
+  params: AugParams,
+  soft: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """[S, S, 1] image, mask (and soft mask) -> augmented (image, mask, soft)."""
   geom_key, elastic_key, intensity_key = jax.random.split(key, 3)
   x, m = image[..., 0], mask[..., 0]
   if params.geometric:
@@ -108,8 +118,11 @@ def _augment_one(
     low = x.min()
     x = ndimage.map_coordinates(x - low, list(coords), order=1, mode="constant", cval=0.0) + low
     m = ndimage.map_coordinates(m, list(coords), order=0, mode="constant", cval=0.0)
+    if soft is not None:
+      p = ndimage.map_coordinates(soft[..., 0], list(coords), order=1, mode="constant", cval=0.0)
+      soft = p[..., None].astype(soft.dtype)
   x = _intensity(intensity_key, x, params)
-  return x[..., None].astype(image.dtype), m[..., None].astype(mask.dtype)
+  return x[..., None].astype(image.dtype), m[..., None].astype(mask.dtype), soft
 
 
 def _uniform(key: jax.Array, low: float, high: float) -> jax.Array:

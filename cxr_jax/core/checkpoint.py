@@ -2,7 +2,7 @@
 
 `DIR/checkpoints/` is one `CheckpointManager`; each checkpoint holds the items
 `model` {'params', 'rest'} ('rest': the other model variables, batch statistics and RNG
-counters), `optimizer`, `train` {'step', 'rng'} and `data` (the grain iterator's state, one
+counters), `ema` (the same, averaged; with config.optim.ema_decay), `optimizer`, `train` {'step', 'rng'} and `data` (the grain iterator's state, one
 file per process). Orbax renames a checkpoint into place when it is complete, so a run
 killed mid-save restores the newest complete one. The latest `config.max_to_keep` are kept,
 plus the best by `config.best_metric`.
@@ -133,14 +133,16 @@ def restore_model(
   params: nnx.State,
   model_state: nnx.State,
   sharding: jax.sharding.Sharding,
+  item: str = "model",
 ) -> tuple[nnx.State, nnx.State]:
-  """Only the model item of checkpoint `step`, shaped like the abstract `params` and
-  `model_state`, placed with `sharding` (e.g. one device, for inference)."""
+  """Only the model variables of checkpoint `step` ('model', or 'ema': their moving
+  average), shaped like the abstract `params` and `model_state`, placed with `sharding` (e.g.
+  one device, for inference)."""
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
     {"params": params, "rest": model_state},
   )
   restored = manager.restore(
-    step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract))
-  )["model"]
+    step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
+  )[item]
   return restored["params"], restored["rest"]

@@ -6,9 +6,11 @@ import inspect
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.scipy import ndimage
 
 from cxr_jax.core import heads
 from cxr_jax.core import postprocess
@@ -18,12 +20,74 @@ from cxr_jax.data import preprocess
 
 MASK_THRESHOLD = 0.5  # on the probability, after mapping it back to the native size
 
+# config.tta: the views averaged, (zoom, rows, cols): zoom about the centre, then a shift in
+# units of side/32 px. Identity first; small enough that the lungs stay inside the square.
+TTA_VIEWS = (
+  (1.0, 0, 0),
+  (1.0, 1, 0),
+  (1.0, -1, 0),
+  (1.0, 0, 1),
+  (1.0, 0, -1),
+  (0.94, 0, 0),
+  (1.06, 0, 0),
+)
+
+
+# Masks whose `uncertainty` exceeds this are flagged for a look by eye (config.qc_threshold
+# overrides it): chosen on the validation folds of configs/unet_kaggle.py (README, Results).
+QC_THRESHOLD = 0.0
+
+
+def _view_coords(size: int, zoom: float, rows: int, cols: int, inverse: bool) -> jax.Array:
+  """[2, S, S] sampling coordinates of a view (or, inverse=True, of its way back)."""
+  centre = (size - 1) / 2
+  shift = jnp.asarray([rows, cols], jnp.float32)[:, None, None] * size / 32
+  grid = jnp.stack(jnp.meshgrid(jnp.arange(size), jnp.arange(size), indexing="ij")).astype(
+    jnp.float32
+  )
+  if inverse:  # view pixel y shows image point c + (y - c - t) / z, so x maps to c + z(x-c) + t
+    return centre + zoom * (grid - centre) + shift
+  return centre + (grid - centre - shift) / zoom
+
+
+def _warp(image: jax.Array, coords: jax.Array, cval_min: bool) -> jax.Array:
+  """[S, S] bilinear resampling; outside the square: the image's minimum, or 0."""
+  low = jnp.where(cval_min, image.min(), 0.0)
+  return ndimage.map_coordinates(image - low, list(coords), order=1, mode="constant") + low
+
+
+def tta_probability(forward, images: jax.Array) -> jax.Array:
+  """p(lung) [B, S, S] averaged over TTA_VIEWS: each view's image through `forward`
+  ([N, S, S, 1] -> [N, S, S]) and its probability mapped back to the square."""
+  batch, size = images.shape[0], images.shape[1]
+  views = []
+  for zoom, rows, cols in TTA_VIEWS:
+    coords = _view_coords(size, zoom, rows, cols, inverse=False)
+    views.append(jax.vmap(_warp, in_axes=(0, None, None))(images[..., 0], coords, True))
+  probs = forward(jnp.concatenate(views)[..., None])
+  back = []
+  for k, (zoom, rows, cols) in enumerate(TTA_VIEWS):
+    coords = _view_coords(size, zoom, rows, cols, inverse=True)
+    view = probs[k * batch : (k + 1) * batch]
+    back.append(jax.vmap(_warp, in_axes=(0, None, None))(view, coords, False))
+  return jnp.mean(jnp.stack(back), axis=0)
+
+
+def uncertainty(prob: jax.Array) -> jax.Array:
+  """Per image [B]: the binary entropy of p(lung) summed over pixels, per pixel of predicted
+  lung (mean boundary entropy: the uncertain band's width relative to the lungs' size). Under
+  TTA the views' disagreement widens the band."""
+  p = jnp.clip(prob, 1e-6, 1 - 1e-6)
+  entropy = -(p * jnp.log(p) + (1 - p) * jnp.log1p(-p)) / jnp.log(2.0)
+  return entropy.sum(axis=(1, 2)) / jnp.maximum((prob >= MASK_THRESHOLD).sum(axis=(1, 2)), 1.0)
+
 
 class Inference:
   """A restored model's jitted forward pass on letterboxed batches of fixed size.
 
   `__call__(images [B, S, S, 1] float32)` (B <= batch_size; padded inside so one shape is
-  compiled) -> dict of numpy arrays: 'prob' [B, S, S] lung probability (segmenters),
+  compiled) -> dict of numpy arrays: 'prob' [B, S, S] lung probability (segmenters; averaged
+  over TTA_VIEWS when `config.tta`), 'uncertainty' [B] (segmenters, `uncertainty`),
   'p_abnormal' [B] (classifiers), 'attention' list of [B, s, s] gate maps (Attention U-Net,
   when `attention=True`).
   """
@@ -54,12 +118,22 @@ class Inference:
       self._padded_batch = -(-batch_size // data) * data
       shardings["in_shardings"] = (sharding.replicated(mesh), sharding.image_sharded(mesh))
 
+    self.tta = bool(config.get("tta", False))
+    self.qc_threshold = float(config.get("qc_threshold", QC_THRESHOLD))
+
     @functools.partial(jax.jit, **shardings)
     def forward(state, images):
       outputs = nnx.merge(graphdef, state)(images, train=False, **kwargs)
       result = heads.probabilities(outputs)
       if "attention" in outputs:
         result["attention"] = [a[..., 0] for a in outputs["attention"]]
+      if "prob" in result:
+        if self.tta:
+          model = nnx.merge(graphdef, state)
+          result["prob"] = tta_probability(
+            lambda x: heads.probabilities(model(x, train=False))["prob"], images
+          )
+        result["uncertainty"] = uncertainty(result["prob"])
       return result
 
     self._state = state
@@ -105,6 +179,7 @@ class Prediction:
   p_abnormal: float | None
   crop: tuple[int, int, int, int] | None = None  # lung crop the classifier saw (top, left,
   # bottom, right); None: the whole image
+  uncertainty: float | None = None  # the segmenter's `uncertainty` (None: nothing segments)
 
   @property
   def output_mask(self) -> np.ndarray | None:
@@ -152,5 +227,6 @@ def predict_images(
         mask = canvas
     mask_post = postprocess.clean_mask(mask) if (clean and mask is not None) else None
     p = float(outputs["p_abnormal"][i]) if inference.classifies else None
-    results.append(Prediction(height, width, mask, mask_post, p, crop))
+    u = float(outputs["uncertainty"][i]) if inference.segments else None
+    results.append(Prediction(height, width, mask, mask_post, p, crop, u))
   return results

@@ -199,12 +199,13 @@ def restore_model(
     candidates += [s for s in sorted(manager.all_steps(), reverse=True) if s != step]
   abstract_model = nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
   graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
+  item = "ema" if float(config.optim.get("ema_decay", 0.0)) else "model"  # what inference uses
   # Onto this process's first device, whatever mesh the run was trained on.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   step, (params, model_state) = checkpoint.restore_newest_readable(
     manager,
     candidates,
-    lambda step: checkpoint.restore_model(manager, step, params, model_state, device),
+    lambda step: checkpoint.restore_model(manager, step, params, model_state, device, item),
   )
   model = nnx.merge(graphdef, params, model_state)
   model.eval()

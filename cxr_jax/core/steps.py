@@ -17,6 +17,7 @@ from flax import nnx
 
 from cxr_jax.core import augment
 from cxr_jax.core import heads
+from cxr_jax.core import losses
 from cxr_jax.core import models
 
 
@@ -29,14 +30,21 @@ class TrainState:
   model_state: nnx.State  # the other variables: batch statistics, dropout RNG counters
   opt_state: optax.OptState
   rng: jax.Array  # uint32 [2], raw key data; step keys are fold_in(rng, step)
+  # config.optim.ema_decay > 0: {'params', 'rest'}, an exponential moving average of the
+  # model's float variables (weights and batch statistics); what inference uses, and the
+  # mean teacher of config.semi. None otherwise.
+  ema: Any = None
 
   def checkpoint_items(self) -> dict[str, Any]:
     # 'rest': the model state's name on disk since the first release, so older runs resume.
-    return {
+    items = {
       "model": {"params": self.params, "rest": self.model_state},
       "optimizer": self.opt_state,
       "train": {"step": self.step, "rng": self.rng},
     }
+    if self.ema is not None:
+      items["ema"] = self.ema
+    return items
 
   @classmethod
   def from_checkpoint_items(cls, items: Mapping[str, Any]) -> "TrainState":
@@ -46,7 +54,14 @@ class TrainState:
       model_state=items["model"]["rest"],
       opt_state=items["optimizer"],
       rng=items["train"]["rng"],
+      ema=items.get("ema"),
     )
+
+  def inference_variables(self) -> tuple[nnx.State, nnx.State]:
+    """(params, model_state) that evaluation and prediction use: the EMA when kept."""
+    if self.ema is not None:
+      return self.ema["params"], self.ema["rest"]
+    return self.params, self.model_state
 
 
 # ----- optimiser -----
@@ -102,7 +117,36 @@ def create_train_state(
     model_state=model_state,
     opt_state=tx.init(params),
     rng=jax.random.key_data(jax.random.key(config.seed)),
+    ema={"params": params, "rest": model_state} if ema_decay(config) else None,
   )
+
+
+def ema_decay(config: ml_collections.ConfigDict) -> float:
+  return float(config.optim.get("ema_decay", 0.0))
+
+
+def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
+  """ema <- d * ema + (1 - d) * variables over float leaves (others copied), with
+  d = min(decay, (1 + step) / (10 + step)) so the first steps are not averaged with the
+  random initialisation for long."""
+  step = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+  def one(e, x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return (d * e + (1.0 - d) * x).astype(x.dtype)
+
+  return jax.tree.map(one, ema, variables)
+
+
+def semi_weight(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """The mean teacher's loss weight at `step`: config.semi.weight after a linear ramp over
+  config.semi.rampup_steps (0 when config.semi is absent or off)."""
+  semi = config.get("semi") or {}
+  weight = float(semi.get("weight", 0.0))
+  rampup = max(1, int(semi.get("rampup_steps", 1)))
+  return weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / rampup)
 
 
 # ----- steps -----
@@ -121,6 +165,11 @@ def make_train_step(
   images onto every device.
   """
   lr_fn = create_learning_rate_fn(config)
+  semi = bool(float((config.get("semi") or {}).get("weight", 0.0)))
+  if semi and not ema_decay(config):
+    raise ValueError(
+      "config.semi.weight > 0 needs a teacher: set config.optim.ema_decay (e.g. 0.99)."
+    )
 
   def train_step(
     state: TrainState, batch: dict[str, jax.Array]
@@ -135,7 +184,19 @@ def make_train_step(
       The new state and replicated scalars: loss and its parts, learning rate, grad norm.
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    image, mask = augment.augment_batch(step_key, batch["image"], batch["mask"], config.aug)
+    teacher = None
+    if semi:
+      # Mean teacher: the EMA model's p(lung) on the unaugmented image, carried through the
+      # same augmentation as the student's input, is the target where no mask exists.
+      model = nnx.merge(graphdef, *state.inference_variables(), copy=True)
+      logits = model(batch["image"], train=False)["mask_logits"]
+      teacher = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
+    if teacher is None:
+      image, mask = augment.augment_batch(step_key, batch["image"], batch["mask"], config.aug)
+    else:
+      image, mask, teacher = augment.augment_batch(
+        step_key, batch["image"], batch["mask"], config.aug, soft=teacher
+      )
     if image_sharding is not None:
       image = jax.lax.with_sharding_constraint(image, image_sharding)
       mask = jax.lax.with_sharding_constraint(mask, image_sharding)
@@ -146,6 +207,14 @@ def make_train_step(
       model = nnx.merge(graphdef, params, model_state, copy=True)
       outputs = model(batch["image"], train=True)
       loss, parts = heads.compute_losses(outputs, batch, config)
+      if semi:
+        parts["semi_loss"] = losses.segmentation_loss(
+          outputs["mask_logits"],
+          teacher,
+          (1.0 - batch["has_mask"]) * batch["weight"],
+          dice_weight=config.loss.dice_weight,
+        )
+        loss = loss + semi_weight(config, state.step) * parts["semi_loss"]
       return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
 
     (loss, (model_state, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -156,6 +225,12 @@ def make_train_step(
     new_state = state.replace(
       step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
     )
+    if state.ema is not None:
+      new_state = new_state.replace(
+        ema=update_ema(
+          state.ema, {"params": params, "rest": model_state}, state.step, ema_decay(config)
+        )
+      )
     scalars = {
       "loss": loss,
       "learning_rate": lr_fn(state.step),
@@ -167,11 +242,16 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict):
-  """Returns `eval_step(state, batch) -> (metrics collections, outputs)`; pure."""
+def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, *, online=False):
+  """Returns `eval_step(state, batch) -> (metrics collections, outputs)`; pure.
+
+  Scores the EMA weights when the state keeps them (what inference uses), the trained
+  weights themselves with `online=True` or without an EMA.
+  """
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-    model = nnx.merge(graphdef, state.params, state.model_state, copy=True)
+    variables = (state.params, state.model_state) if online else state.inference_variables()
+    model = nnx.merge(graphdef, *variables, copy=True)
     outputs = model(batch["image"], train=False)
     _, parts = heads.compute_losses(outputs, batch, config)
     return heads.metric_collections(outputs, batch, parts), outputs

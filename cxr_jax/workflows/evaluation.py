@@ -40,8 +40,9 @@ CSV_FIELDS = (
   ["id", "source", "label", "has_mask", "height", "width", "spacing_mm", "spacing_estimated"]
   + list(surface.MASK_METRICS)
   + [f"{m}_post" for m in surface.MASK_METRICS]
-  + ["lung_fraction", "lung_fraction_post", "p_abnormal"]
+  + ["lung_fraction", "lung_fraction_post", "uncertainty", "flagged", "p_abnormal"]
 )
+POOR_DICE = 0.95  # quality control: how well `uncertainty` finds masks below this Dice
 
 
 @dataclasses.dataclass
@@ -168,6 +169,8 @@ def _score_image(
     pred_post = postprocess.clean_mask(pred)  # == native_mask(..., clean=True)
     row["lung_fraction"] = float(pred.mean())
     row["lung_fraction_post"] = float(pred_post.mean())
+    row["uncertainty"] = float(outputs["uncertainty"][i])
+    row["flagged"] = int(row["uncertainty"] > inference.qc_threshold)
     case.pred, case.pred_post = _thumbnail(pred), _thumbnail(pred_post)
     if has_mask:
       truth = np.asarray(record["mask"])[..., 0] > 0
@@ -227,6 +230,7 @@ def evaluate_split(
   for head in inference.heads:
     if head.task == "segmentation":
       summary[head.task] = _segmentation_summary(result.rows, config)
+      summary[head.task]["quality"] = quality_summary(result.rows, inference.qc_threshold)
     elif head.task == "classification":
       summary[head.task] = _classification_summary(
         result, inference, config, split, get_source, progress
@@ -265,6 +269,31 @@ def _segmentation_summary(
         + (f", estimated for {estimated} (resized images)" if estimated else "")
       ),
     },
+  }
+
+
+def quality_summary(rows: Sequence[Mapping[str, Any]], threshold: float) -> dict[str, Any]:
+  """How well the masks' uncertainty finds the poor ones (Dice < POOR_DICE): AUROC over the
+  images with a reference mask, and which masks the threshold flags."""
+  scored = [r for r in rows if r.get("uncertainty") is not None]
+  masked = [r for r in scored if r["has_mask"]]
+  poor = np.array([r["dice"] < POOR_DICE for r in masked], np.int64)
+  flagged = [r for r in scored if r["flagged"]]
+  return {
+    "score": "uncertainty: binary entropy of p(lung) summed over pixels per predicted lung "
+    "pixel (TTA-averaged p under config.tta)",
+    "threshold": threshold,
+    "num_images": len(scored),
+    "num_flagged": len(flagged),
+    "flagged": [r["id"] for r in flagged],
+    "poor_below": POOR_DICE,
+    "num_poor": int(poor.sum()),
+    "flagged_poor": int(sum(r["has_mask"] and r["dice"] < POOR_DICE for r in flagged)),
+    "auroc": classification_stats.roc_auc(
+      scores=np.array([r["uncertainty"] for r in masked], np.float64), labels=poor
+    )
+    if masked
+    else float("nan"),
   }
 
 

@@ -236,6 +236,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     donate_argnums=0,
   )
   eval_step = jax.jit(steps.make_eval_step(graphdef, config))
+  # With an EMA the checkpoint chosen is the EMA's best; the trained weights' own metrics are
+  # logged beside it as online_<name> (the EMA's paired effect, every evaluation).
+  online_step = (
+    jax.jit(steps.make_eval_step(graphdef, config, online=True)) if state.ema is not None else None
+  )
 
   # ----- loop -----
   # On resume, drop what the killed run logged after its last checkpoint. The loop logs its
@@ -303,6 +308,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         val_metrics, pictures = run_validation(
           eval_step, state, eval_batches, mesh, config.num_eval_images
         )
+        if online_step is not None:
+          online, _ = run_validation(online_step, state, eval_batches, mesh)
+          val_metrics.update({f"online_{k}": v for k, v in online.items()})
         writer.write_scalars(step, {f"validation/{k}": v for k, v in val_metrics.items()})
         if pictures is not None and len(pictures):
           writer.write_images(step, {"validation/overlays": pictures})
