@@ -117,3 +117,20 @@ def test_default_config_accepted_and_bad_strength_rejected():
   config.scale = 1.5
   with pytest.raises(ValueError, match="config.aug.scale"):
     augment.AugParams.from_config(config)
+
+
+def test_a_soft_mask_moves_with_the_same_draw():
+  """The mean teacher's target: a soft mask given beside the pair is moved by the same
+  geometry (bilinear), and giving it changes neither image nor mask."""
+  image, mask = _blobs()
+  soft = np.clip(image, 0, 1)  # a smooth p(lung) whose 0.5 level set is the mask's edge
+  params = augment.AugParams(**GEOMETRIC["all"])
+  key = jax.random.key(3)
+  pair = augment.augment_batch(key, image, mask, params)
+  out_image, out_mask, out_soft = augment.augment_batch(key, image, mask, params, soft=soft)
+  np.testing.assert_array_equal(np.asarray(out_image), np.asarray(pair[0]))
+  np.testing.assert_array_equal(np.asarray(out_mask), np.asarray(pair[1]))
+  out_soft = np.asarray(out_soft)
+  assert out_soft.shape == soft.shape and 0.0 <= out_soft.min() and out_soft.max() <= 1.0
+  assert 0.0 < np.mean((out_soft > 0) & (out_soft < 1))  # interpolated, not nearest
+  assert _iou(out_soft > THRESHOLD, np.asarray(out_mask) > 0) > 0.95

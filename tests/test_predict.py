@@ -111,7 +111,15 @@ def test_lung_fraction_is_raw_and_post_is_reported(tmp_path, fake_model):
     == 0
   )
   fields, rows = _read_csv(out / "predictions.csv")
-  assert fields == ["image", "height", "width", "lung_fraction", "lung_fraction_post"]
+  assert fields == [
+    "image",
+    "height",
+    "width",
+    "lung_fraction",
+    "lung_fraction_post",
+    "uncertainty",
+    "flagged",
+  ]
   written = np.asarray(Image.open(out / "masks" / "speck.png")) > 0  # post-processed
   assert float(rows[0]["lung_fraction_post"]) == pytest.approx(written.mean(), abs=1e-5)
   assert float(rows[0]["lung_fraction"]) > float(rows[0]["lung_fraction_post"])
@@ -132,7 +140,7 @@ def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model)
   err = capsys.readouterr().err
   assert "notes.png" in err and "readme.txt" in err and "3 of 4" in err
   fields, rows = _read_csv(tmp_path / "predictions.csv")
-  assert fields == ["image", "height", "width", "lung_fraction"]
+  assert fields == ["image", "height", "width", "lung_fraction", "uncertainty", "flagged"]
   assert {r["image"]: (int(r["height"]), int(r["width"])) for r in rows} == EXPECTED
   for name, shape in EXPECTED.items():  # ... the rest predicted at their native size
     stem = pathlib.Path(name).stem
@@ -158,7 +166,15 @@ def test_single_image_and_classifier_column(awkward_folder, tmp_path, fake_model
   )
   assert status == 0
   fields, rows = _read_csv(tmp_path / "predictions.csv")
-  assert fields == ["image", "height", "width", "lung_fraction", "p_abnormal"]
+  assert fields == [
+    "image",
+    "height",
+    "width",
+    "lung_fraction",
+    "uncertainty",
+    "flagged",
+    "p_abnormal",
+  ]
   assert len(rows) == 1 and 0 <= float(rows[0]["p_abnormal"]) <= 1
 
 
@@ -360,7 +376,10 @@ def test_exported_model_predicts_like_the_run_directory(awkward_folder, tmp_path
   assert done.returncode == 1
   _, from_file = _read_csv(tmp_path / "from_file" / "predictions.csv")
   _, from_run = _read_csv(tmp_path / "from_run" / "predictions.csv")
-  assert from_file == from_run and len(from_run) == len(EXPECTED)
+  assert len(from_run) == len(EXPECTED)
+  for a, b in zip(from_file, from_run):  # the uncertainty sums in another order: to 1e-5
+    assert float(a.pop("uncertainty")) == pytest.approx(float(b.pop("uncertainty")), abs=1e-5)
+  assert from_file == from_run
   for name in EXPECTED:
     stem = pathlib.Path(name).stem
     np.testing.assert_array_equal(

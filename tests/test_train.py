@@ -1,5 +1,6 @@
 """End-to-end training: smoke runs, kill -9 and resume, 1 vs 4 devices, non-finite loss."""
 
+import functools
 import importlib
 import json
 import os
@@ -10,11 +11,15 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from cxr_jax.core import checkpoint
+from cxr_jax.core import models
 from cxr_jax.core import rundir
+from cxr_jax.core import steps
 from cxr_jax.workflows import train
 from tests.conftest import KILL_AFTER_SECOND_SAVE
 from tests.conftest import REPO_ROOT
@@ -243,3 +248,62 @@ def test_the_same_config_and_seed_give_bit_identical_parameters(data_dir, tmp_pa
     not np.array_equal(a, b)
     for a, b in zip(_final_params(first), _final_params(tmp_path / "other"))
   )
+
+
+def test_ema_weights_are_validated_and_restored_for_inference(data_dir, tmp_path):
+  """With optim.ema_decay the checkpoint keeps the average beside the weights; validation
+  scores the average (the trained weights as online_*) and inference restores the average."""
+  config = smoke_config("unet", data_dir)
+  config.optim.ema_decay = 0.5
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  val = [line for line in read_metrics(workdir) if line["split"] == "validation"][-1]
+  assert {"dice", "online_dice"} <= set(val) and val["dice"] != val["online_dice"]
+
+  _, model, _ = rundir.restore_model(str(workdir), "latest")
+  restored = nnx.state(model, nnx.Param)
+  manager = checkpoint.create_manager(
+    str(workdir), rundir.load_config(str(workdir)), read_only=True
+  )
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ema, _ = checkpoint.restore_model(manager, 6, params, rest, device, item="ema")
+  online, _ = checkpoint.restore_model(manager, 6, params, rest, device, item="model")
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+  np.testing.assert_array_equal(flat(restored), flat(ema))
+  assert np.abs(flat(ema) - flat(online)).max() > 1e-4
+
+
+def test_ema_update_and_mean_teacher_step(data_dir):
+  config = smoke_config("unet", data_dir)
+  # The average: d = min(decay, (1 + step) / (10 + step)), float leaves only.
+  ema = steps.update_ema(
+    {"w": jnp.ones(2), "n": jnp.int32(3)}, {"w": jnp.zeros(2), "n": jnp.int32(7)}, 90, 0.9
+  )
+  np.testing.assert_allclose(ema["w"], [0.9, 0.9])
+  assert int(ema["n"]) == 7
+  ema = steps.update_ema({"w": jnp.ones(2)}, {"w": jnp.zeros(2)}, 0, 0.99)
+  np.testing.assert_allclose(ema["w"], [0.1, 0.1], rtol=1e-6)
+
+  config.semi.weight = 1.0
+  tx = steps.create_optimizer(config)
+  graphdef = nnx.graphdef(models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
+  with pytest.raises(ValueError, match="ema_decay"):
+    steps.make_train_step(graphdef, config, tx)
+  config.optim.ema_decay = 0.9
+  config.semi.rampup_steps = 1
+  state = jax.jit(functools.partial(steps.create_train_state, config, tx))()
+  train_step = jax.jit(steps.make_train_step(graphdef, config, tx))
+  size = config.data.image_size
+  rng = np.random.default_rng(0)
+  batch = {
+    "image": rng.normal(size=(4, size, size, 1)).astype(np.float32),
+    "mask": (rng.random((4, size, size, 1)) > 0.5).astype(np.float32),
+    "has_mask": np.array([1, 1, 0, 0], np.float32),
+    "weight": np.ones(4, np.float32),
+    "label": np.zeros(4, np.int32),
+  }
+  _, scalars = train_step(state, batch)
+  assert scalars["semi_loss"] > 0.1  # the unmasked images learn the teacher's output
+  _, scalars = train_step(state, dict(batch, has_mask=np.ones(4, np.float32)))
+  assert float(scalars["semi_loss"]) == 0.0  # nothing to learn from: every image has a mask

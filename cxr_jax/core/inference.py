@@ -73,13 +73,25 @@ def tta_probability(forward, images: jax.Array) -> jax.Array:
   return jnp.mean(jnp.stack(back), axis=0)
 
 
+def segmenter_outputs(model, outputs: dict, images: jax.Array, tta: bool) -> dict:
+  """`heads.probabilities` of a model's `outputs` on `images`; for a segmenter p(lung) is
+  averaged over TTA_VIEWS (`model` runs again on them) when `tta`, and 'uncertainty' added."""
+  result = heads.probabilities(outputs)
+  if "prob" in result:
+    if tta:
+      result["prob"] = tta_probability(lambda x: heads.probabilities(model(x))["prob"], images)
+    result["uncertainty"] = uncertainty(result["prob"])
+  return result
+
+
 def uncertainty(prob: jax.Array) -> jax.Array:
   """Per image [B]: the binary entropy of p(lung) summed over pixels, per pixel of predicted
   lung (mean boundary entropy: the uncertain band's width relative to the lungs' size). Under
-  TTA the views' disagreement widens the band."""
+  TTA the views' disagreement widens the band. An empty mask scores 1: worth a look."""
   p = jnp.clip(prob, 1e-6, 1 - 1e-6)
   entropy = -(p * jnp.log(p) + (1 - p) * jnp.log1p(-p)) / jnp.log(2.0)
-  return entropy.sum(axis=(1, 2)) / jnp.maximum((prob >= MASK_THRESHOLD).sum(axis=(1, 2)), 1.0)
+  area = (prob >= MASK_THRESHOLD).sum(axis=(1, 2))
+  return jnp.where(area > 0, entropy.sum(axis=(1, 2)) / jnp.maximum(area, 1), 1.0)
 
 
 class Inference:
@@ -123,17 +135,11 @@ class Inference:
 
     @functools.partial(jax.jit, **shardings)
     def forward(state, images):
-      outputs = nnx.merge(graphdef, state)(images, train=False, **kwargs)
-      result = heads.probabilities(outputs)
+      model = nnx.merge(graphdef, state)
+      outputs = model(images, train=False, **kwargs)
+      result = segmenter_outputs(lambda x: model(x, train=False), outputs, images, self.tta)
       if "attention" in outputs:
         result["attention"] = [a[..., 0] for a in outputs["attention"]]
-      if "prob" in result:
-        if self.tta:
-          model = nnx.merge(graphdef, state)
-          result["prob"] = tta_probability(
-            lambda x: heads.probabilities(model(x, train=False))["prob"], images
-          )
-        result["uncertainty"] = uncertainty(result["prob"])
       return result
 
     self._state = state

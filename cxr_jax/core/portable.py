@@ -2,8 +2,10 @@
 (serialized StableHLO, weights inside, batch dimension symbolic) and the preprocessing it
 expects. Running it needs jax, not this package's model code or the run directory.
 
-    FILE (zip): model.jax_exported   `jax.export.Exported.serialize()`
-                settings.json        image_size, postprocess, outputs, provenance
+    FILE (zip): model.jax_exported   `jax.export.Exported.serialize()` (TTA and the mask
+                                     uncertainty inside, as the run's config says)
+                settings.json        image_size, postprocess, tta, qc_threshold, outputs,
+                                     provenance
 """
 
 import io
@@ -20,7 +22,7 @@ from etils import epath
 from flax import nnx
 from jax import export as jax_export
 
-from cxr_jax.core import heads
+from cxr_jax.core import inference
 
 FORMAT = "cxr_jax.portable/1"
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each: exported on a GPU, run on a laptop
@@ -42,7 +44,11 @@ def export_model(
   graphdef, state = nnx.split(model)
 
   def infer(images):  # [b, S, S, 1] float32, letterboxed and normalised
-    return heads.probabilities(nnx.merge(graphdef, state)(images, train=False))
+    model = nnx.merge(graphdef, state)
+    outputs = model(images, train=False)
+    return inference.segmenter_outputs(lambda x: model(x, train=False), outputs, images, tta)
+
+  tta = bool(config.get("tta", False))
 
   size = int(config.data.image_size)
   (batch,) = jax_export.symbolic_shape("b")
@@ -53,6 +59,8 @@ def export_model(
     "format": FORMAT,
     "image_size": size,
     "postprocess": bool(config.get("postprocess", False)),
+    "tta": tta,
+    "qc_threshold": float(config.get("qc_threshold", inference.QC_THRESHOLD)),
     "outputs": sorted(exported.out_tree.unflatten(range(exported.out_tree.num_leaves))),
     "model": config.model.name,
     "eval_batch_size": int(config.get("eval_batch_size", 8)),
@@ -79,6 +87,7 @@ class PortableModel:
     self.batch_size = batch_size or int(self.settings["eval_batch_size"])
     self.segments = "prob" in self.settings["outputs"]
     self.classifies = "p_abnormal" in self.settings["outputs"]
+    self.qc_threshold = float(self.settings.get("qc_threshold", inference.QC_THRESHOLD))
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
     outputs = self._exported.call(jnp.asarray(images, jnp.float32))
