@@ -95,6 +95,10 @@ def run(
   html = report.write_report(out_dir, split, summary, result)
   summary["report"] = os.path.basename(html)
   paths.write_text(f"{out_dir}/{split}.json", json.dumps(json_safe(summary), indent=2))
+  if "classification" in summary and step is not None:  # what predict applies (its column
+    calibration = {"step": step, "checkpoint": checkpoint}  # p_abnormal_calibrated)
+    calibration.update(summary["classification"]["calibration"])
+    paths.write_text(f"{paths.resolve(workdir)}/{rundir.CALIBRATION_FILE}", json.dumps(calibration))
   logging.info("Wrote %s/%s.json, .csv and %s", out_dir, split, summary["report"])
   return summary
 
@@ -130,7 +134,9 @@ def main(argv: list[str]) -> None:
       f"  classifier: auc {cls['auc']:.4f} [{cls['auc_ci95'][0]:.4f}, "
       f"{cls['auc_ci95'][1]:.4f}], accuracy {cls['accuracy']:.4f}, sensitivity "
       f"{cls['sensitivity']:.4f} / specificity {cls['specificity']:.4f} at "
-      f"{cls['threshold']:.3f}, ece {cls['ece']:.4f}"
+      f"{cls['threshold']:.3f}, ece {cls['ece']:.4f} (temperature "
+      f"{cls['calibration']['temperature']:.2f} from validation: ece "
+      f"{cls['calibration']['ece_after']:.4f})"
     )
   lines.append(
     f"  wrote {os.path.join(args.workdir, 'eval', args.split)}.json, .csv, {summary['report']}"

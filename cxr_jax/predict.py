@@ -17,6 +17,8 @@ OUT/predictions.csv, one row per image:
                             entropy, TTA-averaged under config.tta) and 1 where it exceeds
                             `inference.QC_THRESHOLD` (config.qc_threshold): a mask worth checking by eye
     p_abnormal              only when the model classifies
+    p_abnormal_calibrated   and DIR/calibration.json (written by evaluate for this
+                            checkpoint) holds a temperature fitted on validation
 
 A run trained on lung crops is fed lung crops here too (its config.data.crop_workdir
 segments first); its masks are then the segmenter's lungs. A file that cannot be read is
@@ -24,6 +26,7 @@ named on stderr, the others still get predictions, and the exit status is 1.
 """
 
 import io
+import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -37,6 +40,7 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import cli
+from cxr_jax.core import classification_stats
 from cxr_jax.core import csv_tables
 from cxr_jax.core import overlays
 from cxr_jax.core import portable
@@ -109,6 +113,7 @@ def predict_files(
   progress: bool = True,
   segmenter: lung_crop.Segmenter | None = None,
   margin: float = 0.0,
+  temperature: float | None = None,
 ) -> tuple[list[dict], list[str]]:
   """Predicts each file and writes its mask and overlay; -> (CSV rows, error messages).
 
@@ -155,6 +160,9 @@ def predict_files(
             row["lung_area_cm2"] = f"{mask.sum() * spacing[0] * spacing[1] / 100:.3f}"
         if pred.p_abnormal is not None:
           row["p_abnormal"] = f"{pred.p_abnormal:.6f}"
+          if temperature is not None:
+            p = classification_stats.apply_temperature(np.array([pred.p_abnormal]), temperature)
+            row["p_abnormal_calibrated"] = f"{float(p[0]):.6f}"
         rows.append(row)
     if bar:
       bar.update(len(chunk), chunk[-1].name)
@@ -183,6 +191,7 @@ def write_predictions_csv(
     + (["pixel_spacing_mm", "lung_area_cm2"] if with_spacing else [])
     + (["uncertainty", "flagged"] if segments else [])
     + (["p_abnormal"] if classifies else [])
+    + (["p_abnormal_calibrated"] if any("p_abnormal_calibrated" in r for r in rows) else [])
   )
   csv_tables.write_csv(path, fields, rows)
 
@@ -217,13 +226,17 @@ def run(
   if not paths:
     print(f"predict: no PNG/JPEG/DICOM files in {input_path}", file=sys.stderr)
     return 1
-  segmenter, margin = None, 0.0
+  segmenter, margin, temperature = None, 0.0, None
   if model_file:
     inference = portable.PortableModel(model_file, batch_size=batch_size)
     inference.batch_size = min(inference.batch_size, len(paths))
     clean = inference.settings["postprocess"]
   else:
-    config, model = restored or rundir.restore_model(workdir, checkpoint)[:2]
+    if restored is None:
+      config, model, step = rundir.restore_model(workdir, checkpoint)
+      temperature = read_temperature(workdir, step)
+    else:
+      config, model = restored
     config = rundir.with_space(config, space)
     batch_size = min(batch_size or int(config.get("eval_batch_size", 8)), len(paths))
     inference = Inference(config, model, batch_size=batch_size)
@@ -232,7 +245,14 @@ def run(
     segmenter = lung_crop.load_segmenter(config.data.crop_workdir, batch_size=batch_size)
     margin = float(config.data.crop_margin)
   rows, errors = predict_files(
-    inference, paths, output, clean=clean, progress=progress, segmenter=segmenter, margin=margin
+    inference,
+    paths,
+    output,
+    clean=clean,
+    progress=progress,
+    segmenter=segmenter,
+    margin=margin,
+    temperature=temperature if inference.classifies else None,
   )
   write_predictions_csv(
     rows,
@@ -248,6 +268,23 @@ def run(
     file=sys.stderr,
   )
   return 1 if errors else 0
+
+
+def read_temperature(workdir: str, step: int) -> float | None:
+  """The temperature evaluate fitted for checkpoint `step` (DIR/calibration.json), or None
+  (not evaluated yet, or fitted for another checkpoint: then said on stderr)."""
+  path = epath.Path(workdir) / rundir.CALIBRATION_FILE
+  if not path.exists():
+    return None
+  record = json.loads(path.read_text())
+  if record.get("step") != step:
+    print(
+      f"predict: {path} was fitted for step {record.get('step')}, not {step}: no "
+      "p_abnormal_calibrated (run evaluate on this checkpoint to fit it).",
+      file=sys.stderr,
+    )
+    return None
+  return float(record["temperature"])
 
 
 def main(argv: list[str]) -> None:

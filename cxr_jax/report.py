@@ -170,6 +170,12 @@ def _classification_section(stats: Mapping[str, Any], result: Any, path) -> list
     ),
     ("accuracy at it", _fmt(stats["accuracy_at_threshold"])),
     ("expected calibration error (10 bins)", _fmt(stats["ece"])),
+    (
+      "ECE after temperature scaling (T fitted on validation)",
+      f"{_fmt(stats['calibration']['ece_after'])} (T = {stats['calibration']['temperature']:.2f})"
+      if "calibration" in stats
+      else "",
+    ),
   ]
   rows += [
     (f"AUC {html.escape(s)} (n={v['num_images']})", _fmt(v["auc"]))

@@ -184,6 +184,14 @@ def test_evaluate_classifier_threshold_from_validation(tmp_path, fake_model):
   with open(tmp_path / "eval" / "test.csv") as f:
     rows = list(csv.DictReader(f))
   assert all(0 <= float(r["p_abnormal"]) <= 1 for r in rows) and rows[0]["dice"] == ""
+  calibration = c["calibration"]
+  assert calibration["temperature"] > 0 and calibration["fitted_on"] == "validation"
+  temperature = calibration["temperature"]
+  for r in rows:  # the calibrated column is the raw one through the fitted temperature
+    expected = classification_stats.apply_temperature(
+      np.array([float(r["p_abnormal"])]), temperature
+    )
+    assert float(r["p_abnormal_calibrated"]) == pytest.approx(float(expected[0]), abs=1e-6)
   html = (tmp_path / "eval" / "test_report.html").read_text()
   assert "ROC curve" in html and "Reliability diagram" in html
   assert (tmp_path / "eval" / "test_roc.png").exists()
@@ -219,3 +227,23 @@ def test_command_on_a_workdir_and_the_synthetic_dataset(tmp_path):
   with open(tmp_path / "run" / "eval" / "test.csv") as f:
     assert len(list(csv.DictReader(f))) == summary["num_images"]
   assert (tmp_path / "run" / "eval" / "test_report.html").exists()
+
+
+def test_temperature_scaling_calibrates_an_overconfident_model():
+  """Probabilities pushed to the extremes (logit x 4) of a calibrated score: the fitted
+  temperature undoes it (~4), the ECE falls, and the order (AUC) is unchanged."""
+  rng = np.random.default_rng(0)
+  calibrated = rng.uniform(0.02, 0.98, 4000)
+  labels = rng.random(4000) < calibrated
+  logit = np.log(calibrated / (1 - calibrated))
+  overconfident = 1 / (1 + np.exp(-4 * logit))
+  temperature = classification_stats.fit_temperature(labels[:2000], overconfident[:2000])
+  assert 3.3 < temperature < 4.8
+  fixed = classification_stats.apply_temperature(overconfident[2000:], temperature)
+  before = classification_stats.expected_calibration_error(labels[2000:], overconfident[2000:])
+  after = classification_stats.expected_calibration_error(labels[2000:], fixed)
+  assert after < 0.04 < 0.1 < before
+  assert classification_stats.roc_auc(fixed, labels[2000:]) == pytest.approx(
+    classification_stats.roc_auc(overconfident[2000:], labels[2000:])
+  )
+  assert classification_stats.fit_temperature(np.ones(5, bool), overconfident[:5]) == 1.0

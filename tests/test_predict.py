@@ -19,6 +19,7 @@ from PIL import Image
 
 from cxr_jax import predict
 from cxr_jax.core import inference
+from cxr_jax.core.inference import Inference
 from cxr_jax.core.progress import Progress
 from cxr_jax.data import images
 from cxr_jax.data import preprocess
@@ -386,3 +387,21 @@ def test_exported_model_predicts_like_the_run_directory(awkward_folder, tmp_path
       np.asarray(Image.open(tmp_path / "from_file" / "masks" / f"{stem}.png")),
       np.asarray(Image.open(tmp_path / "from_run" / "masks" / f"{stem}.png")),
     )
+
+
+def test_calibrated_column_uses_the_temperature_evaluate_fitted(
+  awkward_folder, tmp_path, fake_model, capsys
+):
+  (tmp_path / "calibration.json").write_text(json.dumps({"step": 40, "temperature": 2.5}))
+  assert predict.read_temperature(str(tmp_path), 40) == 2.5
+  assert predict.read_temperature(str(tmp_path), 60) is None  # fitted for another checkpoint
+  assert "fitted for step 40, not 60" in capsys.readouterr().err
+  assert predict.read_temperature(str(tmp_path / "elsewhere"), 40) is None
+  config = _config()
+  inference = Inference(config, fake_model(classify=True), batch_size=2)
+  rows, _ = predict.predict_files(
+    inference, [awkward_folder / "colour.jpg"], tmp_path / "out", progress=False, temperature=2.5
+  )
+  p, calibrated = float(rows[0]["p_abnormal"]), float(rows[0]["p_abnormal_calibrated"])
+  expected = 1 / (1 + np.exp(-np.log(p / (1 - p)) / 2.5))
+  assert calibrated == pytest.approx(expected, abs=1e-6) and abs(calibrated - 0.5) < abs(p - 0.5)

@@ -149,6 +149,27 @@ def expected_calibration_error(
   return float((bins["count"][used] * gaps).sum() / bins["count"].sum())
 
 
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+  """p -> sigmoid(logit(p) / T): T > 1 softens over-confident probabilities, order kept."""
+  p = np.clip(np.asarray(probs, np.float64), 1e-7, 1 - 1e-7)
+  return 1.0 / (1.0 + np.exp(-np.log(p / (1 - p)) / temperature))
+
+
+def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
+  """The temperature minimising the negative log-likelihood of `labels` (Guo et al. 2017),
+  searched over T in [0.05, 20] on a log grid; 1.0 when a class is missing."""
+  labels = np.asarray(labels).astype(bool)
+  if labels.all() or not labels.any():
+    return 1.0
+  grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 801))
+
+  def nll(t: float) -> float:
+    p = np.clip(apply_temperature(probs, t), 1e-12, 1 - 1e-12)
+    return float(-np.mean(np.where(labels, np.log(p), np.log1p(-p))))
+
+  return float(grid[int(np.argmin([nll(t) for t in grid]))])
+
+
 def classification_summary(
   labels: np.ndarray, probs: np.ndarray, *, threshold: float, threshold_from: str, seed: int
 ) -> dict[str, Any]:

@@ -48,6 +48,9 @@ _VERSIONED_PACKAGES = (
   "ml-collections",
 )
 
+# The temperature evaluate fits on validation for one checkpoint; predict applies it.
+CALIBRATION_FILE = "calibration.json"
+
 
 # ----- config.json -----
 

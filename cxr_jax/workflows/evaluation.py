@@ -40,7 +40,8 @@ CSV_FIELDS = (
   ["id", "source", "label", "has_mask", "height", "width", "spacing_mm", "spacing_estimated"]
   + list(surface.MASK_METRICS)
   + [f"{m}_post" for m in surface.MASK_METRICS]
-  + ["lung_fraction", "lung_fraction_post", "uncertainty", "flagged", "p_abnormal"]
+  + ["lung_fraction", "lung_fraction_post", "uncertainty", "flagged"]
+  + ["p_abnormal", "p_abnormal_calibrated"]
 )
 POOR_DICE = 0.95  # quality control: how well `uncertainty` finds masks below this Dice
 
@@ -322,6 +323,17 @@ def _classification_summary(
   summary = classification_stats.classification_summary(
     result.labels, result.probs, threshold=threshold, threshold_from=origin, seed=int(config.seed)
   )
+  # Temperature scaling, fitted on validation: calibrates p(abnormal), AUC unchanged.
+  temperature = classification_stats.fit_temperature(labels, probs)
+  calibrated = classification_stats.apply_temperature(result.probs, temperature)
+  for row, p in zip(result.rows, calibrated):
+    row["p_abnormal_calibrated"] = float(p)
+  summary["calibration"] = {
+    "temperature": temperature,
+    "fitted_on": "validation",
+    "ece_before": summary["ece"],
+    "ece_after": classification_stats.expected_calibration_error(result.labels, calibrated),
+  }
   per_source = {}
   for name in registry.source_names():
     index = np.array([r["source"] == name for r in result.rows], bool)
