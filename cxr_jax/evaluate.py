@@ -49,6 +49,7 @@ def run(
   restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
   sources: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
   space: int = 0,
+  tta: str = "",
 ) -> dict[str, Any]:
   """Evaluates a run on `split`; writes DIR/eval/<split>.{json,csv}, report and figures.
 
@@ -60,6 +61,8 @@ def run(
     progress: progress bars on stderr.
     restored: (config, model) to use instead of the workdir's checkpoint (tests).
     space: devices splitting each image's height (0: the run's config.mesh.space).
+    tta: 'on' or 'off' overrides the run's config.tta; the outputs are then named
+      <split>.tta_<on|off>.* (the run's own <split>.* stay), e.g. to measure what TTA buys.
     sources: {split: source} to use instead of the run's dataset (tests).
 
   Returns:
@@ -70,6 +73,11 @@ def run(
   else:
     (config, model), step = restored, None
   config = rundir.with_space(config, space)
+  name = split
+  if tta:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.tta = tta == "on"
+    name = f"{split}.tta_{tta}"
   if sources is not None:
     get_source = sources.__getitem__
   else:
@@ -91,15 +99,17 @@ def run(
   }
   out_dir = f"{paths.resolve(workdir)}/eval"
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-  csv_tables.write_csv(f"{out_dir}/{split}.csv", evaluation.CSV_FIELDS, result.rows)
-  html = report.write_report(out_dir, split, summary, result)
+  csv_tables.write_csv(f"{out_dir}/{name}.csv", evaluation.CSV_FIELDS, result.rows)
+  html = report.write_report(out_dir, name, summary, result)
   summary["report"] = os.path.basename(html)
-  paths.write_text(f"{out_dir}/{split}.json", json.dumps(json_safe(summary), indent=2))
-  if "classification" in summary and step is not None:  # what predict applies (its column
+  paths.write_text(f"{out_dir}/{name}.json", json.dumps(json_safe(summary), indent=2))
+  if (
+    "classification" in summary and step is not None and not tta
+  ):  # what predict applies (its column
     calibration = {"step": step, "checkpoint": checkpoint}  # p_abnormal_calibrated)
     calibration.update(summary["classification"]["calibration"])
     paths.write_text(f"{paths.resolve(workdir)}/{rundir.CALIBRATION_FILE}", json.dumps(calibration))
-  logging.info("Wrote %s/%s.json, .csv and %s", out_dir, split, summary["report"])
+  logging.info("Wrote %s/%s.json, .csv and %s", out_dir, name, summary["report"])
   return summary
 
 
@@ -114,7 +124,9 @@ def main(argv: list[str]) -> None:
     checkpoint=args.checkpoint,
     batch_size=args.batch_size,
     space=args.space,
+    tta=args.tta,
   )
+  name = args.split + (f".tta_{args.tta}" if args.tta else "")
   lines = [
     f"evaluate: {summary['num_images']} {args.split} images, {summary['model']} "
     f"({args.checkpoint} checkpoint, step {summary['step']})"
@@ -139,7 +151,7 @@ def main(argv: list[str]) -> None:
       f"{cls['calibration']['ece_after']:.4f})"
     )
   lines.append(
-    f"  wrote {os.path.join(args.workdir, 'eval', args.split)}.json, .csv, {summary['report']}"
+    f"  wrote {os.path.join(args.workdir, 'eval', name)}.json, .csv, {summary['report']}"
   )
   print("\n".join(lines), file=sys.stderr)
 
@@ -157,6 +169,13 @@ def define_flags() -> None:
     0,
     "Devices of this host that split each image's height (config.mesh.space; 0: as trained).",
     lower_bound=0,
+  )
+  flags.DEFINE_enum(
+    "tta",
+    "",
+    ["", "on", "off"],
+    "Test-time augmentation: '' as the run's config.tta; on/off override it (outputs named "
+    "<split>.tta_<on|off>.*).",
   )
   flags.mark_flags_as_required(["workdir"])
 

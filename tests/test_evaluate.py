@@ -228,6 +228,17 @@ def test_command_on_a_workdir_and_the_synthetic_dataset(tmp_path):
     assert len(list(csv.DictReader(f))) == summary["num_images"]
   assert (tmp_path / "run" / "eval" / "test_report.html").exists()
 
+  # --tta=on overrides the run's config (off here) into outputs of their own.
+  done = run_module(
+    "cxr_jax.evaluate", f"--workdir={tmp_path / 'run'}", "--checkpoint=best", "--tta=on"
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "test.tta_on.json" in done.stderr
+  with_tta = json.loads((tmp_path / "run" / "eval" / "test.tta_on.json").read_text())
+  assert json.loads((tmp_path / "run" / "eval" / "test.json").read_text()) == summary
+  assert with_tta["num_images"] == summary["num_images"]
+  assert with_tta["segmentation"]["dice"] != summary["segmentation"]["dice"]  # other masks
+
 
 def test_temperature_scaling_calibrates_an_overconfident_model():
   """Probabilities pushed to the extremes (logit x 4) of a calibrated score: the fitted
