@@ -35,12 +35,19 @@ RUN_FIELDS = (
   "step",
   "num_images",
   "dice",
+  "dice_montgomery",
+  "dice_shenzhen",
   "hd95_px",
   "asd_px",
+  "qc_auroc",
   "auc",
   "accuracy",
+  "ece",
+  "ece_calibrated",
 )
-METRICS = ("dice", "hd95_px", "asd_px", "auc", "accuracy")
+# qc_auroc: how well the masks' uncertainty finds those with Dice < 0.95 (evaluation.POOR_DICE);
+# ece_calibrated: after the temperature fitted on validation.
+METRICS = RUN_FIELDS[6:]
 
 
 def read_run(workdir: str, split: str) -> dict[str, Any] | None:
@@ -65,10 +72,18 @@ def read_run(workdir: str, split: str) -> dict[str, Any] | None:
     "num_images": summary.get("num_images"),
   }
   if "segmentation" in summary:
-    overall = summary["segmentation"]["raw"]["all"]
+    segmentation = summary["segmentation"]
+    overall = segmentation["raw"]["all"]
     row.update({m: overall[m]["mean"] for m in ("dice", "hd95_px", "asd_px")})
+    for source, values in segmentation["raw"].get("per_source", {}).items():
+      if f"dice_{source}" in RUN_FIELDS:
+        row[f"dice_{source}"] = values["dice"]["mean"]
+    row["qc_auroc"] = (segmentation.get("quality") or {}).get("auroc")
   if "classification" in summary:
-    row.update(auc=summary["classification"]["auc"], accuracy=summary["classification"]["accuracy"])
+    classification = summary["classification"]
+    row.update(auc=classification["auc"], accuracy=classification["accuracy"])
+    row["ece"] = classification.get("ece")
+    row["ece_calibrated"] = (classification.get("calibration") or {}).get("ece_after")
   with open(os.path.join(workdir, "eval", f"{split}.csv")) as f:
     images = {r["id"]: r for r in csv.DictReader(f)}
   return {"row": row, "images": images}

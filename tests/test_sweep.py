@@ -115,6 +115,8 @@ def test_an_interrupted_sweep_resumes_and_ends_with_every_run_once(tmp_path):
     assert float(row["dice"]) == pytest.approx(
       summary["segmentation"]["raw"]["all"]["dice"]["mean"], rel=1e-5
     )
+    quality = summary["segmentation"]["quality"]["auroc"]  # null where one class is missing
+    assert row["qc_auroc"] == "" if quality is None else float(row["qc_auroc"]) == quality
   markdown = (root / "results.md").read_text()
   unet = [float(r["dice"]) for r in rows if r["variant"] == "unet"]
   assert f"| unet | 2 | {np.mean(unet):.4f} +- {np.std(unet, ddof=1):.4f}" in markdown
