@@ -44,9 +44,13 @@ RUN_FIELDS = (
   "accuracy",
   "ece",
   "ece_calibrated",
+  "val_dice",
+  "val_online_dice",
 )
 # qc_auroc: how well the masks' uncertainty finds those with Dice < 0.95 (evaluation.POOR_DICE);
-# ece_calibrated: after the temperature fitted on validation.
+# ece_calibrated: after the temperature fitted on validation. val_dice, val_online_dice: the
+# validation Dice (model resolution) at the evaluated step, of the EMA weights and of the
+# trained weights themselves (runs with config.optim.ema_decay): the EMA's paired effect.
 METRICS = RUN_FIELDS[6:]
 
 
@@ -84,9 +88,23 @@ def read_run(workdir: str, split: str) -> dict[str, Any] | None:
     row.update(auc=classification["auc"], accuracy=classification["accuracy"])
     row["ece"] = classification.get("ece")
     row["ece_calibrated"] = (classification.get("calibration") or {}).get("ece_after")
+  row.update(_validation_at(workdir, summary.get("step")))
   with open(os.path.join(workdir, "eval", f"{split}.csv")) as f:
     images = {r["id"]: r for r in csv.DictReader(f)}
   return {"row": row, "images": images}
+
+
+def _validation_at(workdir: str, step: int | None) -> dict[str, float]:
+  """val_dice / val_online_dice logged at `step` in DIR/metrics.jsonl ({} when absent)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if step is None or not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = [json.loads(line) for line in f if line.strip()]
+  for line in lines:
+    if line.get("split") == "validation" and line.get("step") == step and "online_dice" in line:
+      return {"val_dice": line["dice"], "val_online_dice": line["online_dice"]}
+  return {}
 
 
 def _float(text: str) -> float:

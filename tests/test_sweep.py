@@ -154,7 +154,14 @@ def test_paired_differences_by_hand(tmp_path):
       f.write("id,label,dice,p_abnormal\n")
       for k, (d, p) in enumerate(zip(dice, scores)):
         f.write(f"img{k},{int(k >= 2)},{d},{p}\n")
+    lines = [
+      {"step": 1, "split": "validation", "dice": 0.91, "online_dice": 0.90},
+      {"step": 2, "split": "validation", "dice": 0.95, "online_dice": 0.93},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
   runs = [results.read_run(str(tmp_path / v), "test") for v in ("base", "new")]
+  # The EMA's effect: validation Dice of both weight sets at the evaluated step (1).
+  assert (runs[0]["row"]["val_dice"], runs[0]["row"]["val_online_dice"]) == (0.91, 0.90)
   diff = results.compare(runs, "base")["new"]
   assert diff["dice"][0] == pytest.approx(0.05) and diff["dice"][3] == 4
   assert diff["dice"][1] == pytest.approx(0.05) and diff["dice"][2] == pytest.approx(0.05)
