@@ -82,7 +82,7 @@ def quality_figure(
   flagging threshold, then the `num` most uncertain masks."""
   scored = [r for r in rows if is_finite_number(r.get("uncertainty"))]
   picks = sorted(scored, key=lambda r: -float(r["uncertainty"]))[:num]
-  fig, axes = plt.subplots(1, 1 + len(picks), squeeze=False, figsize=(3.8 * (1 + len(picks)), 4.4))
+  fig, axes = plt.subplots(1, 1 + len(picks), squeeze=False, figsize=(3.8 * (1 + len(picks)), 5.0))
   ax = axes[0, 0]
   masked = [r for r in scored if r.get("has_mask") and is_finite_number(r.get("dice"))]
   colours = registry.source_colours()
