@@ -291,6 +291,9 @@ def test_ema_update_and_mean_teacher_step(data_dir):
   with pytest.raises(ValueError, match="ema_decay"):
     steps.make_train_step(graphdef, config, tx)
   config.optim.ema_decay = 0.9
+  with pytest.raises(ValueError, match="examples='all'"):
+    steps.make_train_step(graphdef, config, tx)
+  config.data.examples = "all"
   config.semi.rampup_steps = 1
   state = jax.jit(functools.partial(steps.create_train_state, config, tx))()
   train_step = jax.jit(steps.make_train_step(graphdef, config, tx))

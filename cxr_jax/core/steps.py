@@ -170,6 +170,11 @@ def make_train_step(
     raise ValueError(
       "config.semi.weight > 0 needs a teacher: set config.optim.ema_decay (e.g. 0.99)."
     )
+  if semi and config.data.examples != "all":
+    raise ValueError(
+      f"config.semi.weight > 0 learns from images without a mask, which "
+      f"config.data.examples={config.data.examples!r} leaves out: set data.examples='all'."
+    )
 
   def train_step(
     state: TrainState, batch: dict[str, jax.Array]
