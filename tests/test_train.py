@@ -43,14 +43,16 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("name", ["unet", "attention_unet", "classifier", "multitask"])
+@pytest.mark.parametrize(
+  "name", ["unet", "attention_unet", "classifier", "multitask", "unet_kaggle", "classify_kaggle"]
+)
 def test_smoke_run_writes_workdir(name, data_dir, tmp_path):
   config = smoke_config(name, data_dir)
   workdir = tmp_path / "run"
   val = train.train_and_evaluate(config, str(workdir))
 
   record = json.loads((workdir / "config.json").read_text())
-  assert record["config"]["model"]["name"] == name
+  assert record["config"]["model"]["name"] == config.model.name
   assert record["config"]["data"]["name"] == "synthetic"
   assert record["dataset"]["name"].startswith("cxr_masks_and_labels/")
   assert record["versions"]["jax"]
@@ -61,7 +63,7 @@ def test_smoke_run_writes_workdir(name, data_dir, tmp_path):
   assert [line["step"] for line in val_lines] == [3, 6]
   assert all(np.isfinite(line["loss"]) for line in train_lines)
   expected = {"dice", "iou", "precision", "recall"} if name != "classifier" else set()
-  if name in ("classifier", "multitask"):
+  if name in ("classifier", "multitask", "classify_kaggle"):
     expected |= {"accuracy", "auc", "sensitivity", "specificity"}
   assert expected <= set(val_lines[-1]), val_lines[-1]
   for key in expected:
@@ -72,7 +74,9 @@ def test_smoke_run_writes_workdir(name, data_dir, tmp_path):
 
   # The inference path restores what was trained.
   restored_config, model, step = rundir.restore_model(str(workdir), "latest")
-  assert restored_config.model.name == name and step == 6
+  assert restored_config.model.name == config.model.name and step == 6
+  if config.optim.ema_decay:  # the recipes keep an EMA: validated beside the trained weights
+    assert "online_dice" in val_lines[-1]
 
 
 def test_running_again_resumes_from_the_checkpoint(data_dir, tmp_path):
