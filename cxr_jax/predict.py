@@ -153,8 +153,9 @@ def predict_files(
           mask = pred.output_mask
           _save_png(mask.astype(np.uint8) * 255, output / "masks" / f"{stems[path]}.png")
           _save_png(overlays.overlay(image, mask), output / "overlays" / f"{stems[path]}.png")
-          row["uncertainty"] = f"{pred.uncertainty:.6f}"
-          row["flagged"] = int(pred.uncertainty > inference.qc_threshold)
+          if pred.uncertainty is not None:  # None: the lungs of a lung-crop run's segmenter
+            row["uncertainty"] = f"{pred.uncertainty:.6f}"
+            row["flagged"] = int(pred.uncertainty > inference.qc_threshold)
           if spacing is not None:  # DICOM: the written mask's area in cm^2
             row["pixel_spacing_mm"] = f"{spacing[0]:.4f}x{spacing[1]:.4f}"
             row["lung_area_cm2"] = f"{mask.sum() * spacing[0] * spacing[1] / 100:.3f}"
