@@ -73,11 +73,10 @@ def run(
   else:
     (config, model), step = restored, None
   config = rundir.with_space(config, space)
-  name = split
+  name = output_name(split, tta)
   if tta:
     config = ml_collections.ConfigDict(config.to_dict())
     config.tta = tta == "on"
-    name = f"{split}.tta_{tta}"
   if sources is not None:
     get_source = sources.__getitem__
   else:
@@ -103,14 +102,18 @@ def run(
   html = report.write_report(out_dir, name, summary, result)
   summary["report"] = os.path.basename(html)
   paths.write_text(f"{out_dir}/{name}.json", json.dumps(json_safe(summary), indent=2))
-  if (
-    "classification" in summary and step is not None and not tta
-  ):  # what predict applies (its column
-    calibration = {"step": step, "checkpoint": checkpoint}  # p_abnormal_calibrated)
+  if "classification" in summary and step is not None and not tta:
+    # The temperature predict applies to this checkpoint (its p_abnormal_calibrated).
+    calibration = {"step": step, "checkpoint": checkpoint}
     calibration.update(summary["classification"]["calibration"])
     paths.write_text(f"{paths.resolve(workdir)}/{rundir.CALIBRATION_FILE}", json.dumps(calibration))
   logging.info("Wrote %s/%s.json, .csv and %s", out_dir, name, summary["report"])
   return summary
+
+
+def output_name(split: str, tta: str) -> str:
+  """What DIR/eval/<name>.* is called: the split, with .tta_<on|off> where --tta overrides."""
+  return f"{split}.tta_{tta}" if tta else split
 
 
 def main(argv: list[str]) -> None:
@@ -126,7 +129,7 @@ def main(argv: list[str]) -> None:
     space=args.space,
     tta=args.tta,
   )
-  name = args.split + (f".tta_{args.tta}" if args.tta else "")
+  name = output_name(args.split, args.tta)
   lines = [
     f"evaluate: {summary['num_images']} {args.split} images, {summary['model']} "
     f"({args.checkpoint} checkpoint, step {summary['step']})"

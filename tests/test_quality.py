@@ -24,6 +24,11 @@ def test_tta_views_map_back_to_the_input():
   averaged = np.asarray(inference.tta_probability(lambda x: x[..., 0], jnp.asarray(images)))
   inner = slice(8, size - 8)
   np.testing.assert_allclose(averaged[:, inner, inner], images[:, inner, inner, 0], atol=1e-5)
+  # The identity view's probability handed in (inference has it already) changes nothing.
+  reused = inference.tta_probability(
+    lambda x: x[..., 0], jnp.asarray(images), identity=jnp.asarray(images[..., 0])
+  )
+  np.testing.assert_allclose(np.asarray(reused), averaged, atol=1e-6)
 
 
 def test_uncertainty_grows_with_the_uncertain_band():

@@ -57,17 +57,19 @@ def _warp(image: jax.Array, coords: jax.Array, cval_min: bool) -> jax.Array:
   return ndimage.map_coordinates(image - low, list(coords), order=1, mode="constant") + low
 
 
-def tta_probability(forward, images: jax.Array) -> jax.Array:
+def tta_probability(forward, images: jax.Array, identity: jax.Array | None = None) -> jax.Array:
   """p(lung) [B, S, S] averaged over TTA_VIEWS: each view's image through `forward`
-  ([N, S, S, 1] -> [N, S, S]) and its probability mapped back to the square."""
+  ([N, S, S, 1] -> [N, S, S]) and its probability mapped back to the square. `identity`:
+  the first (identity) view's p(lung) when the caller has it already (not run again)."""
   batch, size = images.shape[0], images.shape[1]
+  run = TTA_VIEWS if identity is None else TTA_VIEWS[1:]
   views = []
-  for zoom, rows, cols in TTA_VIEWS:
+  for zoom, rows, cols in run:
     coords = _view_coords(size, zoom, rows, cols, inverse=False)
     views.append(jax.vmap(_warp, in_axes=(0, None, None))(images[..., 0], coords, True))
   probs = forward(jnp.concatenate(views)[..., None])
-  back = []
-  for k, (zoom, rows, cols) in enumerate(TTA_VIEWS):
+  back = [] if identity is None else [identity]
+  for k, (zoom, rows, cols) in enumerate(run):
     coords = _view_coords(size, zoom, rows, cols, inverse=True)
     view = probs[k * batch : (k + 1) * batch]
     back.append(jax.vmap(_warp, in_axes=(0, None, None))(view, coords, False))
@@ -76,11 +78,13 @@ def tta_probability(forward, images: jax.Array) -> jax.Array:
 
 def segmenter_outputs(model, outputs: dict, images: jax.Array, tta: bool) -> dict:
   """`heads.probabilities` of a model's `outputs` on `images`; for a segmenter p(lung) is
-  averaged over TTA_VIEWS (`model` runs again on them) when `tta`, and 'uncertainty' added."""
+  averaged over TTA_VIEWS (`model` runs again on the six others) when `tta`, and 'uncertainty' added."""
   result = heads.probabilities(outputs)
   if "prob" in result:
     if tta:
-      result["prob"] = tta_probability(lambda x: heads.probabilities(model(x))["prob"], images)
+      result["prob"] = tta_probability(
+        lambda x: heads.probabilities(model(x))["prob"], images, identity=result["prob"]
+      )
     result["uncertainty"] = uncertainty(result["prob"])
   return result
 
