@@ -18,6 +18,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, uninstalled
 from cxr_jax.core import models  # noqa: E402
+from cxr_jax.core import platform  # noqa: E402
 from cxr_jax.core import steps  # noqa: E402
 
 
@@ -31,7 +32,11 @@ def real_train_step(
     nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
   )
   state = jax.jit(lambda: steps.create_train_state(config, tx))()
-  step = jax.jit(steps.make_train_step(graphdef, config, tx), donate_argnums=0)
+  step = jax.jit(
+    steps.make_train_step(graphdef, config, tx),
+    donate_argnums=0,
+    compiler_options=platform.compiler_options(),
+  )
   return graphdef, state, step
 
 

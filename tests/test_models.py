@@ -280,27 +280,41 @@ def test_multitask_learns_both_heads_in_bfloat16():
 # ----- the faster CPU paths equal what they replace -----
 
 
-@pytest.mark.parametrize("size", [64, 16])  # per-example kernel gradient at 64 px, XLA's at 16
-def test_same_conv3x3_and_its_gradients_equal_xlas_convolution(size):
-  x = jax.random.normal(jax.random.key(0), (4, size, size, 8))
-  kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 32)) * 0.2
-  assert ops._kernel_grad_per_example(x, kernel) == (size == 64)  # both paths are checked
+def test_upconv2x2_and_its_gradients_equal_xlas_transposed_convolution():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 12, 6))
+  kernel = jax.random.normal(jax.random.key(1), (2, 2, 6, 4)) * 0.3
 
-  def reference(x, kernel):
-    return jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  def reference(x, kernel):  # flax's ConvTranspose convention: the kernel flipped
+    return jax.lax.conv_transpose(
+      x, kernel[::-1, ::-1], (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
 
-  def loss(conv):
-    return lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+  def loss(up):
+    return lambda x, k: jnp.sum(jnp.sin(up(x, k)) * jnp.arange(4.0))
 
-  np.testing.assert_allclose(ops.same_conv3x3(x, kernel), reference(x, kernel), atol=1e-5)
-  got = jax.jit(jax.grad(loss(ops.same_conv3x3), argnums=(0, 1)))(x, kernel)
+  np.testing.assert_allclose(ops.upconv2x2(x, kernel), reference(x, kernel), atol=1e-5)
+  got = jax.jit(jax.grad(loss(ops.upconv2x2), argnums=(0, 1)))(x, kernel)
   want = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(x, kernel)
-  for g, w in zip(got, want):  # float32 sums of 16k terms in another order
-    scale = float(jnp.max(jnp.abs(w)))
-    assert scale > 1.0
-    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and float(jnp.max(jnp.abs(w))) > 0.5
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_gradient_equals_autodiffs_with_ties_shared():
+  x = jax.random.normal(jax.random.key(5), (2, 8, 6, 3))
+  x = x.at[0, 2, 2, 0].set(9.0).at[0, 3, 3, 0].set(9.0)  # window (1, 1): two maxima
+  x = jax.nn.relu(x)  # windows of zeros, as after the U-Net's ReLU
+
+  def reference(x):
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+  weights = jnp.arange(2 * 4 * 3 * 3.0).reshape(2, 4, 3, 3)
+  np.testing.assert_array_equal(ops.max_pool_2x2(x), reference(x))
+  got = jax.grad(lambda x: jnp.sum(ops.max_pool_2x2(x) * weights))(x)
+  want = jax.grad(lambda x: jnp.sum(reference(x) * weights))(x)
+  assert float(got[0, 2, 2, 0]) == float(got[0, 3, 3, 0]) == float(weights[0, 1, 1, 0]) / 2 > 0
+  np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_a_convolution_of_parts_equals_the_convolution_of_their_concatenation():

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.scipy import ndimage
 
 from cxr_jax.core import heads
+from cxr_jax.core import platform
 from cxr_jax.core import postprocess
 from cxr_jax.core import sharding
 from cxr_jax.data import crops as crops_lib
@@ -138,7 +139,7 @@ class Inference:
     self.tta = bool(config.get("tta", False))
     self.qc_threshold = float(config.get("qc_threshold", QC_THRESHOLD))
 
-    @functools.partial(jax.jit, **shardings)
+    @functools.partial(jax.jit, compiler_options=platform.compiler_options(), **shardings)
     def forward(state, images):
       model = nnx.merge(graphdef, state)
       outputs = model(images, train=False, **kwargs)

@@ -1,5 +1,7 @@
-"""Starting on a machine or a cluster: jax.distributed, device checks, the compilation cache."""
+"""Starting on a machine or a cluster: jax.distributed, device checks, the compilation cache,
+and the XLA options the project's jitted steps compile with."""
 
+import functools
 import glob
 import logging
 import os
@@ -117,3 +119,29 @@ def use_compilation_cache(directory: str) -> str:
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return directory
+
+
+# XLA:CPU hands convolutions, matmuls and reductions to YNNPACK by default. Its convolutions
+# ran 1.2-6x slower than XLA's own (Eigen) on this project's U-Net layers (batch 8: the kernel
+# gradient at 64 px x 64 channels 80 vs 16 ms; benchmarks/models.py), its matmuls and
+# reductions faster: keep YNNPACK for those two.
+CPU_OPTIONS = {
+  "xla_cpu_experimental_ynn_fusion_type": (
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+  )
+}
+
+
+@functools.cache
+def compiler_options() -> dict[str, str]:
+  """The `compiler_options` of the train, eval and inference jits: CPU_OPTIONS on a CPU
+  backend whose XLA knows them (an XLA that does not is warned about once and compiles
+  with its defaults), nothing on accelerators."""
+  if jax.default_backend() != "cpu":
+    return {}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(1.0).compile()
+  except Exception as error:  # an XLA that renamed or dropped the option
+    logging.warning("XLA:CPU options %s not taken (%s): XLA's defaults.", CPU_OPTIONS, error)
+    return {}
+  return dict(CPU_OPTIONS)

@@ -26,6 +26,7 @@ from cxr_jax.core import heads
 from cxr_jax.core import metrics as metrics_lib
 from cxr_jax.core import models
 from cxr_jax.core import overlays
+from cxr_jax.core import platform
 from cxr_jax.core import preemption
 from cxr_jax.core import run_lock
 from cxr_jax.core import rundir
@@ -230,16 +231,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   # ----- compiled steps -----
   # The arguments arrive placed (state_sharding, sharding.to_global): no in_shardings.
   image_sharding = sharding.image_sharded(mesh) if sharding.space_size(mesh) > 1 else None
+  options = platform.compiler_options()
   train_step = jax.jit(
     steps.make_train_step(graphdef, config, tx, image_sharding=image_sharding),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
+    compiler_options=options,
   )
-  eval_step = jax.jit(steps.make_eval_step(graphdef, config))
+  eval_step = jax.jit(steps.make_eval_step(graphdef, config), compiler_options=options)
   # With an EMA the checkpoint chosen is the EMA's best; the trained weights' own metrics are
   # logged beside it as online_<name> (the EMA's paired effect, every evaluation).
   online_step = (
-    jax.jit(steps.make_eval_step(graphdef, config, online=True)) if state.ema is not None else None
+    jax.jit(steps.make_eval_step(graphdef, config, online=True), compiler_options=options)
+    if state.ema is not None
+    else None
   )
 
   # ----- loop -----

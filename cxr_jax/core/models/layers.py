@@ -132,7 +132,7 @@ class ConvNormAct(nnx.Module):
       y, start = None, 0
       for part in parts:
         width = part.shape[-1]
-        term = ops.same_conv3x3(part.astype(conv.dtype), kernel[:, :, start : start + width])
+        term = ops.conv3x3(part.astype(conv.dtype), kernel[:, :, start : start + width])
         y, start = (term if y is None else y + term), start + width
       if conv.bias is not None:
         y = y + conv.bias[...].astype(conv.dtype)
@@ -184,16 +184,6 @@ class DoubleConv(nnx.Module):
     return self.dropout(x, train=train)
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max pooling, stride 2, on [B, H, W, C] with even H and W.
-
-  A reshape + max rather than reduce_window: its gradient is elementwise, where
-  reduce_window's select-and-scatter is slow on CPU.
-  """
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
 def resize_2x(x: jax.Array) -> jax.Array:
   """Bilinear 2x upsampling of [B, H, W, C] (half-pixel centres, like align_corners=False)."""
   b, h, w, c = x.shape
@@ -218,10 +208,7 @@ class TransposeConv2x2(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, _ = x.shape
-    kernel = self.kernel[...].astype(self.dtype)
-    y = jnp.einsum("bhwi,pqio->bhpwqo", x.astype(self.dtype), kernel)
-    y = y.reshape(b, 2 * h, 2 * w, -1)
+    y = ops.upconv2x2(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -288,7 +275,7 @@ class Encoder(nnx.Module):
     for level in self.levels:
       x = level(x, train=train)
       skips.append(x)
-      x = max_pool_2x2(x)
+      x = ops.max_pool_2x2(x)
     return skips, self.bottleneck(x, train=train)
 
 

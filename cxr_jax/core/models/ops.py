@@ -1,6 +1,6 @@
 """Faster XLA:CPU forms of the U-Net's hot operations, equal to what they replace up to float
-rounding (tests/test_models.py): a 3x3 'SAME' convolution whose kernel gradient is summed
-per example where XLA's batched one is slow, and batch norm with its closed-form gradient.
+rounding (tests/test_models.py): batch norm with its closed-form gradient, and 2x2 max
+pooling and the 2x2 up-convolution with their gradients written out.
 Measured in benchmarks/models.py (README, Benchmarks).
 """
 
@@ -50,47 +50,72 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """3x3 'SAME' convolution, NHWC x HWIO."""
   return jax.lax.conv_general_dilated(
     x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
   )
 
 
-def _kernel_grad_per_example(x: jax.Array, kernel: jax.Array) -> bool:
-  """Whether the kernel gradient is cheaper summed over examples one by one.
-
-  XLA:CPU's kernel-gradient convolution of a whole batch ran 2-5x slower than one example
-  at a time, summed, at 32-128 px with 32 or more output channels (batch 8: 128 px x 32
-  channels 92 vs 56 ms, 64 px x 64 channels 72 vs 23 ms), and faster elsewhere (16 channels
-  at 128 px: 10 vs 33 ms; 256 px; 16 px). Accelerators, and batches split over several
-  devices, keep XLA's own.
-  """
-  single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-  return single_cpu and x.shape[0] > 1 and 32 <= x.shape[1] <= 128 and kernel.shape[-1] >= 32
+def _upconv_fwd(x, kernel):
+  b, h, w, cin = x.shape
+  cout = kernel.shape[-1]
+  y = x.reshape(-1, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, 4 * cout)  # [BHW, pq o]
+  y = y.reshape(b, h, w, 2, 2, cout).transpose(0, 1, 3, 2, 4, 5)  # [B, H, p, W, q, O]
+  return y.reshape(b, 2 * h, 2 * w, cout), (x, kernel)
 
 
 @jax.custom_vjp
-def same_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """3x3 'SAME' convolution, NHWC x HWIO; its kernel gradient summed per example where that
-  is faster (`_kernel_grad_per_example`), equal to XLA's up to float rounding."""
-  return _conv(x, kernel)
+def upconv2x2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """2x2 transposed convolution with stride 2, no bias: out[2i+p, 2j+q] = x[i, j] @ kernel[p, q].
+
+  One matmul [B*H*W, Cin] x [Cin, 4*Cout], then the depth-to-space shuffle. Its gradient is
+  written out (the shuffle undone once, two matmuls over [B*H*W, 4*Cout]): autodiff of the
+  same einsum made XLA:CPU transpose the upsampled gradient into [4*Cout, B*H*W] for the
+  kernel's matmul, 2.2x as long at 128 -> 256 px (65 vs 30 ms, batch 8, 32 -> 16 channels).
+  """
+  return _upconv_fwd(x, kernel)[0]
 
 
-def _same_conv3x3_fwd(x, kernel):
-  return _conv(x, kernel), (x, kernel)
-
-
-def _same_conv3x3_bwd(residuals, dy):
+def _upconv_bwd(residuals, dy):
   x, kernel = residuals
-  dy = dy.astype(x.dtype)
-  dx = jax.vjp(lambda x: _conv(x, kernel), x)[1](dy)[0]
-  if not _kernel_grad_per_example(x, kernel):
-    return dx, jax.vjp(lambda k: _conv(x, k), kernel)[1](dy)[0]
-  dk = None
-  for i in range(x.shape[0]):
-    term = jax.vjp(lambda k, i=i: _conv(x[i : i + 1], k), kernel)[1](dy[i : i + 1])[0]
-    dk = term if dk is None else dk + term
-  return dx, dk
+  b, h, w, cin = x.shape
+  cout = kernel.shape[-1]
+  dy = dy.reshape(b, h, 2, w, 2, cout).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 4 * cout)
+  flat_kernel = kernel.transpose(2, 0, 1, 3).reshape(cin, 4 * cout)
+  dx = (dy @ flat_kernel.T).reshape(x.shape)
+  dkernel = (x.reshape(-1, cin).T @ dy).reshape(cin, 2, 2, cout).transpose(1, 2, 0, 3)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
-same_conv3x3.defvjp(_same_conv3x3_fwd, _same_conv3x3_bwd)
+upconv2x2.defvjp(_upconv_fwd, _upconv_bwd)
+
+
+def _windows(x: jax.Array) -> jax.Array:
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max pooling, stride 2, on [B, H, W, C] with even H and W.
+
+  Its gradient is autodiff's (dy shared equally by a window's tied maxima), written as one
+  elementwise pass: the tie count as the sum of the window's four comparisons rather than
+  the reduction autodiff emits, 1.5x faster at 256 px x 16 channels (44 vs 65 ms, batch 8).
+  """
+  return _windows(x).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+  return max_pool_2x2(x), x
+
+
+def _max_pool_bwd(x, dy):
+  windows = _windows(x)
+  hit = (windows == windows.max(axis=(2, 4), keepdims=True)).astype(dy.dtype)
+  ties = hit[:, :, :1, :, :1] + hit[:, :, :1, :, 1:] + hit[:, :, 1:, :, :1] + hit[:, :, 1:, :, 1:]
+  return ((hit * (dy[:, :, None, :, None, :] / ties)).reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
