@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import default
+from cxr_jax.core import platform
 from cxr_jax.core.models import MODELS
 from cxr_jax.core.models import AttentionUNet
 from cxr_jax.core.models import Classifier
@@ -278,6 +279,23 @@ def test_multitask_learns_both_heads_in_bfloat16():
 
 
 # ----- the faster CPU paths equal what they replace -----
+
+
+def test_the_cpu_compiler_options_take_convolutions_from_ynnpack_and_keep_their_values():
+  assert platform.compiler_options() == platform.CPU_OPTIONS  # the test machine is a CPU
+
+  def kernel_grad(x, kernel, dy):  # no reduction: nothing else YNNPACK could take
+    return jax.vjp(lambda k: ops.conv3x3(x, k), kernel)[1](dy)[0]
+
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 32))  # 32 channels: YNNPACK's
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+  dy = jax.random.normal(jax.random.key(2), (2, 16, 16, 32))
+  default_xla = jax.jit(kernel_grad).lower(x, kernel, dy).compile()
+  ours = jax.jit(kernel_grad, compiler_options=platform.compiler_options())
+  ours = ours.lower(x, kernel, dy).compile()
+  assert "__ynn_fusion" in default_xla.as_text()
+  assert "__ynn_fusion" not in ours.as_text()  # XLA's own (Eigen) convolution
+  np.testing.assert_allclose(ours(x, kernel, dy), default_xla(x, kernel, dy), rtol=1e-4, atol=1e-3)
 
 
 def test_upconv2x2_and_its_gradients_equal_xlas_transposed_convolution():

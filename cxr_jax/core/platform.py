@@ -121,10 +121,10 @@ def use_compilation_cache(directory: str) -> str:
   return directory
 
 
-# XLA:CPU hands convolutions, matmuls and reductions to YNNPACK by default. Its convolutions
-# ran 1.2-6x slower than XLA's own (Eigen) on this project's U-Net layers (batch 8: the kernel
-# gradient at 64 px x 64 channels 80 vs 16 ms; benchmarks/models.py), its matmuls and
-# reductions faster: keep YNNPACK for those two.
+# XLA:CPU hands matmuls, reductions and convolutions (here: those of 32+ channels) to
+# YNNPACK by default. Its convolutions ran 1.2-5x slower than XLA's own (Eigen) on this
+# project's U-Net layers (batch 8: the kernel gradient at 64 px x 64 channels 80 vs 16 ms;
+# README, Benchmarks), its matmuls and reductions faster: keep YNNPACK for those two.
 CPU_OPTIONS = {
   "xla_cpu_experimental_ynn_fusion_type": (
     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
