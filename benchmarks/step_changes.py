@@ -16,10 +16,12 @@ from each change (the step as it is over the step without that change).
 """
 
 import argparse
+import contextlib
 import pathlib
 import sys
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -38,31 +40,25 @@ def einsum_upconv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.einsum("bhwi,pqio->bhpwqo", x, kernel).reshape(b, 2 * h, 2 * w, -1)
 
 
-def autodiff_max_pool(x: jax.Array) -> jax.Array:
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
+# (module, attribute, replacement) per variant; `.fun`: the forward without its custom_vjp.
 UNDO = {
-  "as it is": {},
-  "without the compiler options": {"compiler_options": lambda: {}},
-  "without the up-convolution gradient": {"upconv2x2": einsum_upconv},
-  "without the max pool gradient": {"max_pool_2x2": autodiff_max_pool},
+  "as it is": [],
+  "without the compiler options": [(platform, "compiler_options", lambda: {})],
+  "without the up-convolution gradient": [(ops, "upconv2x2", einsum_upconv)],
+  "without the max pool gradient": [(ops, "max_pool_2x2", ops.max_pool_2x2.fun)],
 }
 
 
-def runner(args: argparse.Namespace, undo: dict[str, Callable]) -> Callable[[], None]:
+def runner(args: argparse.Namespace, undo: list[tuple]) -> Callable[[], None]:
   """One train step per call (compiled here, with `undo`'s replacements in place)."""
   config = default.get_config()
   config.model.name = "unet"
   config.model.base_features = args.base_features
   config.data.image_size = args.size
   config.batch_size = args.batch
-  saved = {name: getattr(ops, name) for name in undo if name != "compiler_options"}
-  saved_options = platform.compiler_options
-  for name, replacement in undo.items():
-    setattr(platform if name == "compiler_options" else ops, name, replacement)
-  try:
+  with contextlib.ExitStack() as patches:
+    for module, name, replacement in undo:
+      patches.enter_context(mock.patch.object(module, name, replacement))
     _, state, step = real_step.real_train_step(config)
     batch = real_step.random_batch(args.batch, args.size)
     holder = [state]
@@ -72,10 +68,6 @@ def runner(args: argparse.Namespace, undo: dict[str, Callable]) -> Callable[[], 
       scalars["loss"].block_until_ready()
 
     run()  # compile (tracing happens here, with the replacements)
-  finally:
-    for name, original in saved.items():
-      setattr(ops, name, original)
-    platform.compiler_options = saved_options
   return run
 
 

@@ -57,10 +57,16 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   )
 
 
+def _flat_kernel(kernel: jax.Array) -> jax.Array:
+  """[2, 2, Cin, Cout] -> [Cin, (p, q, Cout)]: the up-convolution as one matmul."""
+  cin, cout = kernel.shape[2:]
+  return kernel.transpose(2, 0, 1, 3).reshape(cin, 4 * cout)
+
+
 def _upconv_fwd(x, kernel):
   b, h, w, cin = x.shape
   cout = kernel.shape[-1]
-  y = x.reshape(-1, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, 4 * cout)  # [BHW, pq o]
+  y = x.reshape(-1, cin) @ _flat_kernel(kernel)  # [BHW, (p, q, O)]
   y = y.reshape(b, h, w, 2, 2, cout).transpose(0, 1, 3, 2, 4, 5)  # [B, H, p, W, q, O]
   return y.reshape(b, 2 * h, 2 * w, cout), (x, kernel)
 
@@ -82,8 +88,7 @@ def _upconv_bwd(residuals, dy):
   b, h, w, cin = x.shape
   cout = kernel.shape[-1]
   dy = dy.reshape(b, h, 2, w, 2, cout).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 4 * cout)
-  flat_kernel = kernel.transpose(2, 0, 1, 3).reshape(cin, 4 * cout)
-  dx = (dy @ flat_kernel.T).reshape(x.shape)
+  dx = (dy @ _flat_kernel(kernel).T).reshape(x.shape)
   dkernel = (x.reshape(-1, cin).T @ dy).reshape(cin, 2, 2, cout).transpose(1, 2, 0, 3)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
