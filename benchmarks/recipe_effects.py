@@ -24,8 +24,9 @@ import numpy as np
 
 from cxr_jax.core import classification_stats
 from cxr_jax.core import paired_stats
+from cxr_jax.workflows import evaluation
 
-POOR = 0.95  # evaluation.POOR_DICE
+POOR = evaluation.POOR_DICE
 
 
 def read_csv(path: str) -> list[dict]:

@@ -40,6 +40,12 @@ TTA_VIEWS = (
 QC_THRESHOLD = 0.27
 
 
+def qc_threshold(settings) -> float:
+  """The flagging threshold of a config (or an exported model's settings): its
+  `qc_threshold`, else QC_THRESHOLD."""
+  return float(settings.get("qc_threshold", QC_THRESHOLD))
+
+
 def _view_coords(size: int, zoom: float, rows: int, cols: int, inverse: bool) -> jax.Array:
   """[2, S, S] sampling coordinates of a view (or, inverse=True, of its way back)."""
   centre = (size - 1) / 2
@@ -137,7 +143,7 @@ class Inference:
       shardings["in_shardings"] = (sharding.replicated(mesh), sharding.image_sharded(mesh))
 
     self.tta = bool(config.get("tta", False))
-    self.qc_threshold = float(config.get("qc_threshold", QC_THRESHOLD))
+    self.qc_threshold = qc_threshold(config)
 
     @functools.partial(jax.jit, compiler_options=platform.compiler_options(), **shardings)
     def forward(state, images):

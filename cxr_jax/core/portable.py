@@ -60,7 +60,7 @@ def export_model(
     "image_size": size,
     "postprocess": bool(config.get("postprocess", False)),
     "tta": tta,
-    "qc_threshold": float(config.get("qc_threshold", inference.QC_THRESHOLD)),
+    "qc_threshold": inference.qc_threshold(config),
     "outputs": sorted(exported.out_tree.unflatten(range(exported.out_tree.num_leaves))),
     "model": config.model.name,
     "eval_batch_size": int(config.get("eval_batch_size", 8)),
@@ -87,7 +87,7 @@ class PortableModel:
     self.batch_size = batch_size or int(self.settings["eval_batch_size"])
     self.segments = "prob" in self.settings["outputs"]
     self.classifies = "p_abnormal" in self.settings["outputs"]
-    self.qc_threshold = float(self.settings.get("qc_threshold", inference.QC_THRESHOLD))
+    self.qc_threshold = inference.qc_threshold(self.settings)
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
     outputs = self._exported.call(jnp.asarray(images, jnp.float32))
