@@ -215,7 +215,7 @@ def test_kaggle_folder_with_both_roots(archive_dir, tmp_path, caplog, capsys):
   with flagsaver.flagsaver(dataset="kaggle", data_dir=str(tmp_path), manual_dir="/nonexistent"):
     prepare.main(["prepare"])
   out = capsys.readouterr().out
-  assert re.search(r"^all +6 +4 +2 +3 +3 +2 +4 +0$", out, re.MULTILINE), out
+  assert re.search(r"^all +6 +4 +2 +3 +3 +2 +4$", out, re.MULTILINE), out
   assert "mask_not_binary=0, mask_size_differs=0" in out
   assert "skipped files: 5" in out and "CHNCXR_0099_1_mask.png: mask without an image" in out
 

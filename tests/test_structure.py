@@ -142,7 +142,7 @@ def test_a_registered_dataset_kind_trains_and_evaluates(squares_kind, tmp_path):
   val = train.train_and_evaluate(config, str(workdir))
   assert 0.0 <= val["dice"] <= 1.0
   record = json.loads((workdir / "config.json").read_text())
-  assert record["dataset"]["name"] == "cxr_masks_and_labels/squares/1.1.0"
+  assert record["dataset"]["name"] == "cxr_masks_and_labels/squares/1.2.0"
   summary = evaluate.run(str(workdir), "test", progress=False)
   per_source = summary["segmentation"]["raw"]["per_source"]
   assert list(per_source) == ["squares"]

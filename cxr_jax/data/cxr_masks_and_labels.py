@@ -20,8 +20,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from cxr_jax.data import findings as findings_lib
 from cxr_jax.data import images
 from cxr_jax.data import registry
+from cxr_jax.data.records import STRUCTURES
 from cxr_jax.data.records import DataError
 from cxr_jax.data.records import Example
 from cxr_jax.data.records import Skip
@@ -76,10 +78,13 @@ def min_examples(kind: str) -> int:
 class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
   """Chest X-rays at native resolution, binary lung masks, normal/abnormal labels."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
     "1.0.0": "Kaggle archive and synthetic phantoms.",
     "1.1.0": "Per-image pixel spacing (spacing_mm, spacing_estimated).",
+    "1.2.0": "patient, structures (lungs/heart/clavicles bits) + has_structures, findings "
+    "(int8 codes; their names in metadata['findings']); the folders, JSRT, COVID-QU-Ex, "
+    "CheXmask, ChestX-ray14 and CheXpert kinds.",
   }
   BUILDER_CONFIGS = [config_for(name) for name in registry.names()]
   DEFAULT_CONFIG_NAME = "synthetic"
@@ -98,6 +103,7 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     self.recorded_manual_dir = ""  # metadata's manual_dir when the files read are a copy
     self._unusable: dict[str, list[Skip]] = {}  # id -> why, from an earlier build attempt
     self._failed: dict[str, list[Skip]] = {}  # id -> why, in this attempt
+    self._findings: tuple[str, ...] = ()  # the reader's finding names
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -116,6 +122,10 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
           "finding": tfds.features.Text(),
           "spacing_mm": tfds.features.Tensor(shape=(2,), dtype=np.float32),
           "spacing_estimated": np.bool_,
+          "patient": tfds.features.Text(),
+          "structures": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+          "has_structures": tfds.features.Tensor(shape=(len(STRUCTURES),), dtype=np.bool_),
+          "findings": tfds.features.Tensor(shape=(None,), dtype=np.int8),
         }
       ),
       metadata=tfds.core.MetadataDict(),
@@ -144,7 +154,10 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
         f"No usable images in {reader.describe()}: {len(self.skipped)} files "
         f"skipped ({self._reasons()})."
       )
-    by_split = _group(items, key=lambda item: split_of(item[0]))
+    self._findings = tuple(getattr(reader, "findings", ()))
+    # A reader that knows patients or official lists assigns splits; others hash the id.
+    assign = getattr(reader, "split_of", None) or (lambda image_id, handle: split_of(image_id))
+    by_split = _group(items, key=lambda item: assign(*item))
     return {split: self._generate_examples(reader, group) for split, group in by_split.items()}
 
   def _download_and_prepare(self, dl_manager, download_config):
@@ -171,6 +184,7 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     else:
       raise DataError(f"Every split lost all its images to unusable files: {self._reasons()}.")
     self.info.metadata["skipped"] = [str(s) for s in self.skipped]
+    self.info.metadata["findings"] = list(self._findings)
     manual_dir = self._manual_dir and os.path.abspath(os.path.expanduser(str(self._manual_dir)))
     self.info.metadata["manual_dir"] = self.recorded_manual_dir or manual_dir or ""
     if self.skipped:
@@ -192,7 +206,7 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
           f"{image_id}: source {example.source!r} is not one of dataset kind "
           f"{kind.name!r}'s sources {list(kind.sources)}."
         )
-      yield image_id, _features(example, source_names.index(example.source))
+      yield image_id, _features(example, source_names.index(example.source), self._findings)
 
   def _skip(self, skip: Skip, reader: registry.Reader) -> None:
     where = reader.where(skip.file)
@@ -211,9 +225,20 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     return ", ".join(f"{kind}: {n}" for kind, n in counts.most_common())
 
 
-def _features(example: Example, source: int) -> dict:
+def _features(example: Example, source: int, findings: tuple[str, ...]) -> dict:
   """An Example as the builder's features."""
   has_mask = example.mask is not None
+  outlined = {"lungs": example.mask, **example.structures} if has_mask else example.structures
+  unknown = sorted(set(outlined) - set(STRUCTURES))
+  if unknown:
+    raise DataError(f"{example.id}: structures {unknown} are not among {list(STRUCTURES)}.")
+  bits = np.zeros(example.image.shape[:2], np.uint8)
+  for k, name in enumerate(STRUCTURES):
+    if name in outlined:
+      bits |= (np.asarray(outlined[name]) > 0).astype(np.uint8) << k
+  codes = findings_lib.missing(len(findings)) if example.findings is None else example.findings
+  if len(codes) != len(findings):
+    raise DataError(f"{example.id}: {len(codes)} finding codes for {len(findings)} findings.")
   return {
     "image": example.image_png or images.encode_png(example.image),
     "mask": images.encode_png(example.mask if has_mask else np.zeros_like(example.image)),
@@ -226,6 +251,10 @@ def _features(example: Example, source: int) -> dict:
     "finding": example.finding,
     "spacing_mm": np.asarray(example.spacing_mm, np.float32),
     "spacing_estimated": example.spacing_estimated,
+    "patient": example.patient,
+    "structures": images.encode_png(bits),
+    "has_structures": np.array([name in outlined for name in STRUCTURES], np.bool_),
+    "findings": np.asarray(codes, np.int8),
   }
 
 

@@ -18,6 +18,8 @@ from cxr_jax.data import registry
 from cxr_jax.data.records import DataError
 
 MANUAL_DIR_ENV = "CXR_MANUAL_DIR"
+# Features a split source returns encoded (PNG bytes; `images.decode_structures` reads them).
+LAZY_FEATURES = ("structures",)
 
 
 def load_builder(
@@ -227,7 +229,10 @@ def split_source(
       f"Dataset {builder.info.full_name} in {builder.data_dir} has no {split!r} split (it "
       f"has {', '.join(splits) or 'none'}; empty splits are left out): {fix}."
     )
-  decoders = {name: tfds.decode.SkipDecoding() for name in skip_decoding}
+  # The structures' bit plane stays a PNG until a multi-structure task decodes it: most
+  # readers of a split never look at it, and decoding it costs as much as the mask.
+  undecoded = {*skip_decoding, *LAZY_FEATURES} & set(builder.info.features)
+  decoders = {name: tfds.decode.SkipDecoding() for name in sorted(undecoded)}
   return builder.as_data_source(split, decoders=decoders or None)
 
 

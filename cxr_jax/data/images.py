@@ -5,7 +5,10 @@ import io
 import numpy as np
 from PIL import Image
 
+from cxr_jax.data.records import STRUCTURES
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+STRUCTURE_BITS = {name: k for k, name in enumerate(STRUCTURES)}
 
 
 def decode_greyscale(data: bytes) -> np.ndarray:
@@ -56,3 +59,12 @@ def is_grey8_png(data: bytes) -> bool:
   """True for an 8-bit greyscale PNG, which can be stored as it is (no re-encoding)."""
   with Image.open(io.BytesIO(data)) as image:
     return image.format == "PNG" and image.mode == "L"
+
+
+def decode_structures(data: bytes, names: tuple[str, ...]) -> np.ndarray:
+  """The `structures` feature's PNG bit plane as [H, W, len(names)] uint8 0/1 masks, one per
+  name of `records.STRUCTURES` asked for (bit k of the plane is STRUCTURES[k])."""
+  with Image.open(io.BytesIO(data)) as image:
+    bits = np.asarray(image, dtype=np.uint8)
+  bits = bits.reshape(bits.shape[:2])
+  return np.stack([(bits >> STRUCTURE_BITS[n]) & 1 for n in names], axis=-1).astype(np.uint8)

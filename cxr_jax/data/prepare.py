@@ -28,9 +28,11 @@ from cxr_jax.data.splits import SPLIT_PERCENT
 # ----- counts -----
 
 
-def count_keys() -> tuple[str, ...]:
-  """The table's columns: totals, masks, labels, then every registered source."""
-  return ("total", "with_mask", "without_mask", "normal", "abnormal", *registry.source_names())
+def count_keys(kind: str = "") -> tuple[str, ...]:
+  """The table's columns: totals, masks, labels, then the sources of dataset kind `kind`
+  (every registered source when '')."""
+  sources = registry.get(kind).sources if kind else registry.source_names()
+  return ("total", "with_mask", "without_mask", "normal", "abnormal", *sources)
 
 
 def split_counts(builder: tfds.core.DatasetBuilder) -> dict[str, collections.Counter]:
@@ -64,9 +66,9 @@ def split_counts(builder: tfds.core.DatasetBuilder) -> dict[str, collections.Cou
   return counts
 
 
-def format_counts(counts: dict[str, collections.Counter]) -> str:
-  """A table: one row per split plus 'all', one column per `count_keys()` entry."""
-  keys = count_keys()
+def format_counts(counts: dict[str, collections.Counter], kind: str = "") -> str:
+  """A table: one row per split plus 'all', one column per `count_keys(kind)` entry."""
+  keys = count_keys(kind)
   rows = dict(counts)
   rows["all"] = sum(counts.values(), collections.Counter())
   width = max(len(k) for k in keys) + 1
@@ -144,7 +146,7 @@ def main(argv: Sequence[str]) -> None:
         f"WARNING: not rebuilt from --manual_dir={given}: this data_dir already holds the "
         f"dataset built from {source}. Use a fresh --data_dir, or delete {builder.data_dir}."
       )
-  print(format_counts(split_counts(builder)))
+  print(format_counts(split_counts(builder), builder.builder_config.kind))
   skipped = builder.info.metadata.get("skipped", []) if builder.info.metadata else []
   print(f"skipped files: {len(skipped)}")
   for line in skipped:

@@ -21,16 +21,35 @@ PROTOCOLS = ("hash", "kfold", "cross_site")
 SPLITS = ("train", "validation", "test")
 
 
-def kfold_assignment(ids: Sequence[str], strata: Sequence[Any], num_folds: int) -> list[int]:
+def kfold_assignment(
+  ids: Sequence[str],
+  strata: Sequence[Any],
+  num_folds: int,
+  patients: Sequence[str] | None = None,
+) -> list[int]:
   """The fold of each id: within each stratum (e.g. (source, label)), ids in sorted order are
   dealt to the folds in turn, from a first fold fixed by the stratum's name.
 
   So each stratum is split within one; the assignment depends on the ids alone (not on the
   order files are read in); and images added with ids after the existing ones (how the
   archive grows: MCUCXR_0001 ... CHNCXR_0662) leave every existing image in its fold.
+
+  With `patients` (one per id, '' where unknown), a patient's images are dealt as one unit
+  (named and stratified by its first id), so no patient is in two folds.
   """
   if num_folds < 2:
     raise ValueError(f"config.data.num_folds={num_folds} must be at least 2.")
+  if patients is not None and any(patients):
+    units: dict[str, list[int]] = {}
+    for i, patient in enumerate(patients):
+      units.setdefault(f"patient:{patient}" if patient else f"image:{ids[i]}", []).append(i)
+    firsts = [min(members, key=lambda i: ids[i]) for members in units.values()]
+    unit_folds = kfold_assignment([ids[i] for i in firsts], [strata[i] for i in firsts], num_folds)
+    folds = [0] * len(ids)
+    for members, fold in zip(units.values(), unit_folds, strict=True):
+      for i in members:
+        folds[i] = fold
+    return folds
   folds = [0] * len(ids)
   for stratum in set(strata):
     start = int(hashlib.md5(repr(stratum).encode("utf-8")).hexdigest()[:8], 16)
@@ -55,7 +74,10 @@ def assign_splits(
         f"config.data.fold={fold} must be in [0, {num_folds}) (config.data.num_folds={num_folds})."
       )
     folds = kfold_assignment(
-      [m["id"] for m in meta], [(m["source"], m["label"]) for m in meta], num_folds
+      [m["id"] for m in meta],
+      [(m["source"], m["label"]) for m in meta],
+      num_folds,
+      patients=[m.get("patient", "") for m in meta],
     )
     validation = (fold + 1) % num_folds
     return ["test" if f == fold else "validation" if f == validation else "train" for f in folds]
@@ -99,7 +121,7 @@ class SubsetSource:
 
 
 def read_meta(parts: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
-  """{'id', 'source', 'label', 'split', 'position'} of every record of the (undecoded) parts,
+  """{'id', 'source', 'label', 'split', 'position', 'patient'} of every record of the (undecoded) parts,
   in a fixed order: by split name, then position."""
   meta = []
   for split in sorted(parts):
@@ -113,6 +135,7 @@ def read_meta(parts: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str
           "label": int(record["label"]),
           "split": split,
           "position": position,
+          "patient": records.decode_id(record.get("patient", b"")),
         }
       )
   return meta

@@ -5,6 +5,10 @@ from typing import Any
 
 import numpy as np
 
+# Anatomical structures a dataset may outline, in the order of the `structures` feature's bits
+# (bit k set where STRUCTURES[k] is): lungs (both fields; the `mask` feature), heart, clavicles.
+STRUCTURES = ("lungs", "heart", "clavicles")
+
 
 class DataError(ValueError):
   """A dataset's files are missing or unusable; the message says where and what to do."""
@@ -40,6 +44,11 @@ class Example:
   age: int = -1
   finding: str = ""
   image_png: bytes | None = None  # the file's bytes when they are already an 8-bit grey PNG
+  patient: str = ""  # '' when the dataset names no patient (splits then go by image id)
+  # Structures other than the lungs (`mask`) outlined in this image: name -> uint8 [H, W] 0/1.
+  structures: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # One `findings` code per finding its reader names (`Reader.findings`); None: none labelled.
+  findings: np.ndarray | None = None
 
 
 def decode_id(value: Any) -> str:

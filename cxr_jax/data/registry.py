@@ -9,6 +9,12 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from cxr_jax.data import chestxray14
+from cxr_jax.data import chexmask
+from cxr_jax.data import chexpert
+from cxr_jax.data import covid_qu_ex
+from cxr_jax.data import folders
+from cxr_jax.data import jsrt
 from cxr_jax.data import kaggle
 from cxr_jax.data import phantoms
 from cxr_jax.data.records import Example
@@ -127,5 +133,59 @@ register(
     open_reader=phantoms.PhantomReader,
     default_size=400,
     id_of=phantoms.phantom_id,
+  )
+)
+register(
+  DatasetKind(
+    name="folders",
+    description="Your own images/ and masks/ (+ labels.csv, label_map.json) in manual_dir.",
+    sources={"folders": "#2ca02c"},
+    open_reader=folders.FoldersReader,
+    find=folders.find,
+  )
+)
+register(
+  DatasetKind(
+    name="jsrt",
+    description="JSRT chest X-rays (.IMG) with the SCR lung, heart and clavicle outlines.",
+    sources={"jsrt": "#d62728"},
+    open_reader=jsrt.JsrtReader,
+    find=jsrt.find,
+  )
+)
+register(
+  DatasetKind(
+    name="covid_qu_ex",
+    description="COVID-QU-Ex: COVID-19 / non-COVID / normal X-rays with lung masks.",
+    sources={"covid_qu_ex": "#9467bd"},
+    open_reader=covid_qu_ex.CovidQuExReader,
+    find=covid_qu_ex.find,
+  )
+)
+register(
+  DatasetKind(
+    name="chexmask",
+    description="CheXmask lung and heart masks (RLE CSVs) over another dataset's images.",
+    sources={"chexmask": "#8c564b"},
+    open_reader=chexmask.ChexmaskReader,
+    find=chexmask.find,
+  )
+)
+register(
+  DatasetKind(
+    name="chestxray14",
+    description="NIH ChestX-ray14: 14 findings, patient ids, the official test list.",
+    sources={"chestxray14": "#e377c2"},
+    open_reader=chestxray14.ChestXray14Reader,
+    find=chestxray14.find,
+  )
+)
+register(
+  DatasetKind(
+    name="chexpert",
+    description="CheXpert: 14 observations with uncertain labels, frontal views.",
+    sources={"chexpert": "#bcbd22"},
+    open_reader=chexpert.ChexpertReader,
+    find=chexpert.find,
   )
 )

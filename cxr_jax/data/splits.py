@@ -25,3 +25,11 @@ def min_examples_for_all_splits(id_of: Callable[[int], str]) -> int:
     seen.add(split_of(id_of(n)))
     n += 1
   return n
+
+
+def train_or_validation(group: str) -> str:
+  """'train' or 'validation' for a group (a patient, an image) outside an official test set:
+  a stable hash, in SPLIT_PERCENT's train:validation proportion."""
+  train, validation = SPLIT_PERCENT["train"], SPLIT_PERCENT["validation"]
+  bucket = int(hashlib.md5(group.encode("utf-8")).hexdigest()[:8], 16) % (train + validation)
+  return "train" if bucket < train else "validation"
