@@ -62,11 +62,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.upsample = "transpose"  # 'transpose' | 'resize'
   config.model.num_classes = 2  # classifier heads: normal / abnormal
   config.model.dtype = "float32"  # 'bfloat16' computes in bf16, parameters stay float32
+  # U-Net: also segment the heart and clavicles (a channel each; learnt where outlined).
+  config.model.structures = False
+  # U-Net: a sigmoid per finding (comma-separated names from the dataset's findings, e.g.
+  # 'Atelectasis,Effusion'); each learnt where labelled.
+  config.model.findings = ""
 
   # ----- loss -----
   config.loss = ml_collections.ConfigDict()
   config.loss.dice_weight = 1.0  # segmentation: BCE + dice_weight * soft Dice
   config.loss.class_weight = 1.0  # multi-task: weight of the classification loss
+  config.loss.structure_weight = 1.0  # weight of the heart/clavicle loss (model.structures)
+  config.loss.findings_weight = 1.0  # weight of the findings loss (model.findings)
+  # Uncertain finding labels (CheXpert's -1): 'ignore' (U-Ignore), 'ones' or 'zeros'.
+  config.loss.uncertain = "ignore"
 
   # ----- optimiser -----
   config.optim = ml_collections.ConfigDict()

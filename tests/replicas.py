@@ -77,7 +77,11 @@ def jsrt_img(display: np.ndarray) -> bytes:
   return density.tobytes()
 
 
-def write_jsrt(root: pathlib.Path, ids=("JPCLN001", "JPCLN002", "JPCNN001", "JPCNN002")) -> dict:
+# Ids whose hashes fill train, validation and test; the last is written without outlines.
+JSRT_IDS = ("JPCLN001", "JPCLN002", "JPCLN011", "JPCNN001", "JPCNN003")
+
+
+def write_jsrt(root: pathlib.Path, ids=JSRT_IDS) -> dict:
   """JSRT .IMGs in All247images/ and SCR masks (fold1/ and fold2/, 1024 px GIFs, every
   structure; the last id without outlines). Returns the chests (at 1024) by id."""
   chests = {}

@@ -12,8 +12,10 @@ import jax
 import ml_collections
 from clu import metrics as clu_metrics
 
+from cxr_jax.core import anatomy
 from cxr_jax.core import losses
 from cxr_jax.core import metrics
+from cxr_jax.core import multilabel
 
 Batch = Mapping[str, jax.Array]
 
@@ -76,6 +78,33 @@ HEADS = (
     metrics=metrics.ClassificationMetrics,
     probability_key="p_abnormal",
     probability=metrics.p_abnormal,
+  ),
+  Head(
+    output="structure_logits",
+    name="struct",
+    task="structures",
+    loss=lambda logits, batch, config: anatomy.structure_loss(
+      logits,
+      batch["structures"],
+      batch["has_structures"] * batch["weight"][:, None],
+      dice_weight=config.loss.dice_weight,
+    ),
+    loss_weight=lambda config: config.loss.structure_weight,
+    metrics=anatomy.StructureMetrics,
+    probability_key="p_structures",
+    probability=jax.nn.sigmoid,
+  ),
+  Head(
+    output="finding_logits",
+    name="findings",
+    task="findings",
+    loss=lambda logits, batch, config: multilabel.findings_loss(
+      logits, batch["findings"], batch["findings_weight"] * batch["weight"][:, None]
+    ),
+    loss_weight=lambda config: config.loss.findings_weight,
+    metrics=multilabel.FindingMetrics,
+    probability_key="p_findings",
+    probability=jax.nn.sigmoid,
   ),
 )
 

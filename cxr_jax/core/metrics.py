@@ -219,7 +219,7 @@ class AUC(clu_metrics.CollectingMetric.from_outputs(("p_abnormal", "label", "wei
 # ----------------------------------------------------------------------------------------
 # Collections.
 # ----------------------------------------------------------------------------------------
-class _FloatCollection(clu_metrics.Collection):
+class FloatCollection(clu_metrics.Collection):
   """`compute()` returns plain Python floats, ready for writers and JSON."""
 
   def compute(self) -> dict[str, float]:
@@ -227,7 +227,7 @@ class _FloatCollection(clu_metrics.Collection):
 
 
 @flax.struct.dataclass
-class SegmentationMetrics(_FloatCollection):
+class SegmentationMetrics(FloatCollection):
   """Keyword inputs: mask_logits [B,H,W,1], mask [B,H,W,1], has_mask [B], weight [B], loss.
 
   compute() -> {'dice', 'iou', 'precision', 'recall', 'loss'}: floats.
@@ -241,7 +241,7 @@ class SegmentationMetrics(_FloatCollection):
 
 
 @flax.struct.dataclass
-class ClassificationMetrics(_FloatCollection):
+class ClassificationMetrics(FloatCollection):
   """Keyword inputs: class_logits [B,C], label [B] int, weight [B], loss.
 
   compute() -> {'accuracy', 'auc', 'sensitivity', 'specificity', 'loss'}: floats.

@@ -15,6 +15,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from cxr_jax.core import anatomy
 from cxr_jax.core import augment
 from cxr_jax.core import heads
 from cxr_jax.core import losses
@@ -196,16 +197,23 @@ def make_train_step(
       model = nnx.merge(graphdef, *state.inference_variables(), copy=True)
       logits = model(batch["image"], train=False)["mask_logits"]
       teacher = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
+    # The heart and clavicle masks travel in the lung mask's channel as bits, so one draw
+    # moves them all alike.
+    structures = batch.get("structures")
+    packed = anatomy.pack(batch["mask"], structures)
     if teacher is None:
-      image, mask = augment.augment_batch(step_key, batch["image"], batch["mask"], config.aug)
+      image, packed = augment.augment_batch(step_key, batch["image"], packed, config.aug)
     else:
-      image, mask, teacher = augment.augment_batch(
-        step_key, batch["image"], batch["mask"], config.aug, soft=teacher
+      image, packed, teacher = augment.augment_batch(
+        step_key, batch["image"], packed, config.aug, soft=teacher
       )
     if image_sharding is not None:
       image = jax.lax.with_sharding_constraint(image, image_sharding)
-      mask = jax.lax.with_sharding_constraint(mask, image_sharding)
+      packed = jax.lax.with_sharding_constraint(packed, image_sharding)
+    mask, structures = anatomy.unpack(packed, 0 if structures is None else structures.shape[-1])
     batch = dict(batch, image=image, mask=mask)
+    if structures is not None:
+      batch["structures"] = structures
 
     def loss_fn(params, model_state):
       # copy=True: fresh Variables of this trace level, which NNX lets the model mutate.

@@ -236,6 +236,14 @@ def split_source(
   return builder.as_data_source(split, decoders=decoders or None)
 
 
+def finding_names(source: Sequence[dict]) -> tuple[str, ...]:
+  """The names of the `findings` codes of a split source (its dataset's metadata); () for a
+  source that is not a prepared dataset (an in-memory list)."""
+  info = getattr(source, "dataset_info", None)
+  metadata = getattr(info, "metadata", None) or {}
+  return tuple(metadata.get("findings", ()))
+
+
 def skip_decoding(source: Sequence[dict], features: Sequence[str]) -> Sequence[dict]:
   """A view of `source` whose records leave `features` (e.g. 'image', 'mask') undecoded.
 

@@ -16,6 +16,13 @@ UNCERTAIN_POLICIES = {"ignore": None, "ones": 1.0, "zeros": 0.0}
 _CELL_CODES = {"1": POSITIVE, "0": NEGATIVE, "-1": UNCERTAIN, "": MISSING}
 
 
+def parse_names(text: str | tuple | list) -> tuple[str, ...]:
+  """config.model.findings ('Atelectasis,Effusion' or a tuple) as a tuple of names."""
+  if isinstance(text, (tuple, list)):
+    return tuple(str(t).strip() for t in text if str(t).strip())
+  return tuple(name.strip() for name in str(text).split(",") if name.strip())
+
+
 def parse_cell(value: str) -> int | None:
   """A CSV cell ('1', '1.0', '0', '0.0', '-1', '-1.0', '') as a code; None if it is none."""
   text = value.strip()

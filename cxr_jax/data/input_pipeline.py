@@ -22,6 +22,7 @@ import numpy as np
 from absl import flags
 
 from cxr_jax.data import datasets
+from cxr_jax.data import findings as findings_lib
 from cxr_jax.data import transforms
 
 # config.data.examples: which training examples, with what (evaluation batches always hold
@@ -143,6 +144,16 @@ def _train_indices(
   return grain.MapDataset.range(sampler.epoch_length).repeat().map_with_index(sampler)
 
 
+def targets(config: ml_collections.ConfigDict, source: Sequence[dict]) -> transforms.Targets:
+  """The labels beyond lungs and normal/abnormal that config.model's heads learn."""
+  return transforms.Targets(
+    structures=bool(config.model.get("structures", False)),
+    findings=findings_lib.parse_names(config.model.get("findings", "")),
+    dataset_findings=datasets.finding_names(source),
+    uncertain=config.loss.get("uncertain", "ignore"),
+  )
+
+
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
   # grain wants a buffer at least as deep as its read threads.
   return grain.ReadOptions(
@@ -193,7 +204,7 @@ def create_train_iterator(
   read_source = source if with_masks else datasets.skip_decoding(source, ("mask",))
   dataset = (
     _train_indices(config, source, process_index, process_count)
-    .map(transforms.ReadExample(read_source, size, with_masks))
+    .map(transforms.ReadExample(read_source, size, with_masks, targets(config, source)))
     .batch(batch, drop_remainder=True)
     .to_iter_dataset(_read_options(config))
   )
@@ -250,7 +261,7 @@ def create_eval_batches(
   padded[: len(indices)] = indices
   dataset = (
     grain.MapDataset.source(padded)
-    .map(transforms.ReadExample(source, size))
+    .map(transforms.ReadExample(source, size, targets=targets(config, source)))
     .batch(batch, drop_remainder=True)
   )
   logging.info(

@@ -114,6 +114,11 @@ class SubsetSource:
     part, position = self._members[index]
     return self._parts[part][position]
 
+  @property
+  def dataset_info(self) -> Any:
+    """The dataset's info (every part is a split of one dataset), for its metadata."""
+    return getattr(next(iter(self._parts.values()), None), "dataset_info", None)
+
   def skip_decoding(self, features: Sequence[str]) -> "SubsetSource":
     """The same records with `features` left encoded (see datasets.skip_decoding)."""
     views = {name: datasets.skip_decoding(part, features) for name, part in self._parts.items()}

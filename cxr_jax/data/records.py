@@ -8,6 +8,8 @@ import numpy as np
 # Anatomical structures a dataset may outline, in the order of the `structures` feature's bits
 # (bit k set where STRUCTURES[k] is): lungs (both fields; the `mask` feature), heart, clavicles.
 STRUCTURES = ("lungs", "heart", "clavicles")
+# The structures a model segments beside the lungs (its `structure_logits` channels).
+EXTRA_STRUCTURES = STRUCTURES[1:]
 
 
 class DataError(ValueError):

@@ -27,12 +27,17 @@ import ml_collections
 from flax import nnx
 
 from cxr_jax.core.models import layers
+from cxr_jax.data.findings import parse_names as finding_names
+from cxr_jax.data.records import EXTRA_STRUCTURES
 
 
 class UNet(nnx.Module):
   """U-Net for binary segmentation: x [B, H, W, in_features] -> {'mask_logits': [B, H, W, 1]}.
 
-  H and W must be multiples of 2**depth (non-square is fine).
+  H and W must be multiples of 2**depth (non-square is fine). With `structures`, the same
+  1x1 head also gives 'structure_logits' [B, H, W, len(anatomy.EXTRA)] (heart, clavicles);
+  with `findings` > 0, a dense layer on the pooled bottleneck gives 'finding_logits'
+  [B, findings].
   """
 
   def __init__(
@@ -46,9 +51,13 @@ class UNet(nnx.Module):
     dropout: float = 0.0,
     upsample: str = "transpose",
     dtype: str = "float32",
+    structures: bool = False,
+    findings: int = 0,
     rngs: nnx.Rngs,
   ):
     self.depth = depth
+    self.num_structures = len(EXTRA_STRUCTURES) if structures else 0
+    out_features += self.num_structures
     self.dtype = layers.compute_dtype(dtype)
     self.encoder = layers.Encoder(
       in_features,
@@ -69,17 +78,33 @@ class UNet(nnx.Module):
     )
     # Logits in float32: they feed BCE and Dice, and the 1x1 conv is cheap.
     self.head = nnx.Conv(base_features, out_features, (1, 1), dtype=jnp.float32, rngs=rngs)
+    self.finding_head = (
+      nnx.Linear(self.encoder.widths[-1], findings, rngs=rngs) if findings else None
+    )
 
   @classmethod
   def from_config(cls, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> "UNet":
-    """Builds the model from `config.model` (base_features, depth, norm, dropout, ...)."""
-    return cls(**_backbone_kwargs(model_config), rngs=rngs)
+    """Builds the model from `config.model` (base_features, depth, norm, dropout, ...,
+    structures, findings)."""
+    return cls(
+      **_backbone_kwargs(model_config),
+      structures=bool(model_config.get("structures", False)),
+      findings=len(finding_names(model_config.get("findings", ""))),
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     layers.check_input(x, 2**self.depth, type(self).__name__)
     skips, bottleneck = self.encoder(x.astype(self.dtype), train=train)
     features, _ = self.decoder(bottleneck, skips, train=train)
-    return {"mask_logits": self.head(features).astype(jnp.float32)}
+    logits = self.head(features).astype(jnp.float32)
+    outputs = {"mask_logits": logits[..., :1]}
+    if self.num_structures:
+      outputs["structure_logits"] = logits[..., 1:]
+    if self.finding_head is not None:
+      pooled = layers.global_average_pool(bottleneck)
+      outputs["finding_logits"] = self.finding_head(pooled).astype(jnp.float32)
+    return outputs
 
 
 class MultiTaskUNet(nnx.Module):
