@@ -26,6 +26,7 @@ from cxr_jax.core import rundir
 from cxr_jax.data import paths
 from cxr_jax.workflows import evaluation
 from cxr_jax.workflows import lung_crop
+from cxr_jax.workflows import task_scores
 
 
 def json_safe(value: Any) -> Any:
@@ -98,7 +99,8 @@ def run(
   }
   out_dir = f"{paths.resolve(workdir)}/eval"
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-  csv_tables.write_csv(f"{out_dir}/{name}.csv", evaluation.CSV_FIELDS, result.rows)
+  fields = [*evaluation.CSV_FIELDS, *task_scores.csv_fields(result.rows, evaluation.CSV_FIELDS)]
+  csv_tables.write_csv(f"{out_dir}/{name}.csv", fields, result.rows)
   html = report.write_report(out_dir, name, summary, result)
   summary["report"] = os.path.basename(html)
   paths.write_text(f"{out_dir}/{name}.json", json.dumps(json_safe(summary), indent=2))

@@ -19,6 +19,11 @@ OUT/predictions.csv, one row per image:
     p_abnormal              only when the model classifies
     p_abnormal_calibrated   and DIR/calibration.json (written by evaluate for this
                             checkpoint) holds a temperature fitted on validation
+    heart_fraction, clavicles_fraction, cardiothoracic_ratio
+                            only when the model segments structures (config.model.structures;
+                            their masks in OUT/masks_heart/, OUT/masks_clavicles/): the ratio
+                            is the widest heart width over the widest thorax (lungs) width
+    p_<finding>             only when the model predicts findings (config.model.findings)
 
 A run trained on lung crops is fed lung crops here too (its config.data.crop_workdir
 segments first); its masks are then the segmenter's lungs. A file that cannot be read is
@@ -40,6 +45,7 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import cli
+from cxr_jax.core import anatomy
 from cxr_jax.core import classification_stats
 from cxr_jax.core import csv_tables
 from cxr_jax.core import overlays
@@ -50,6 +56,7 @@ from cxr_jax.core.inference import predict_images
 from cxr_jax.core.progress import Progress
 from cxr_jax.data import dicom
 from cxr_jax.data import images
+from cxr_jax.data.findings import parse_names
 from cxr_jax.data.images import IMAGE_SUFFIXES
 from cxr_jax.workflows import lung_crop
 
@@ -159,6 +166,16 @@ def predict_files(
           if spacing is not None:  # DICOM: the written mask's area in cm^2
             row["pixel_spacing_mm"] = f"{spacing[0]:.4f}x{spacing[1]:.4f}"
             row["lung_area_cm2"] = f"{mask.sum() * spacing[0] * spacing[1] / 100:.3f}"
+        if pred.structures is not None:
+          for name, structure in pred.structures.items():
+            (output / f"masks_{name}").mkdir(exist_ok=True)
+            _save_png(
+              structure.astype(np.uint8) * 255, output / f"masks_{name}" / f"{stems[path]}.png"
+            )
+          row.update(anatomy.prediction_columns(pred.output_mask, pred.structures))
+        if pred.p_findings is not None:
+          names = parse_names(inference.config.model.get("findings", ""))
+          row.update({f"p_{n}": f"{p:.6f}" for n, p in zip(names, pred.p_findings, strict=True)})
         if pred.p_abnormal is not None:
           row["p_abnormal"] = f"{pred.p_abnormal:.6f}"
           if temperature is not None:
@@ -194,6 +211,11 @@ def write_predictions_csv(
     + (["p_abnormal"] if classifies else [])
     + (["p_abnormal_calibrated"] if any("p_abnormal_calibrated" in r for r in rows) else [])
   )
+  # Structures' and findings' columns, in the order the rows first name them.
+  optional = {"lung_fraction_post", "pixel_spacing_mm", "lung_area_cm2", "uncertainty", "flagged"}
+  optional |= {"p_abnormal", "p_abnormal_calibrated"}
+  named = dict.fromkeys(k for r in rows for k in r)
+  fields += [k for k in named if k not in fields and k not in optional]
   csv_tables.write_csv(path, fields, rows)
 
 

@@ -125,3 +125,15 @@ def cardiothoracic_ratio(heart: np.ndarray, lungs: np.ndarray) -> float:
   thorax = thorax_width(lungs)
   heart_width = widest(heart)
   return heart_width / thorax if thorax and heart_width else float("nan")
+
+
+def prediction_columns(
+  lungs: np.ndarray | None, structures: dict[str, np.ndarray]
+) -> dict[str, str]:
+  """predict's CSV columns of one image's native masks: `<structure>_fraction` (of the image's
+  pixels) per structure and `cardiothoracic_ratio` (blank when heart or lungs are empty)."""
+  row = {f"{name}_fraction": f"{mask.mean():.6f}" for name, mask in structures.items()}
+  if lungs is not None and "heart" in structures:
+    ratio = cardiothoracic_ratio(structures["heart"], lungs)
+    row["cardiothoracic_ratio"] = f"{ratio:.4f}" if np.isfinite(ratio) else ""
+  return row

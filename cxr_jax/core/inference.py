@@ -18,6 +18,7 @@ from cxr_jax.core import postprocess
 from cxr_jax.core import sharding
 from cxr_jax.data import crops as crops_lib
 from cxr_jax.data import preprocess
+from cxr_jax.data.records import EXTRA_STRUCTURES
 
 MASK_THRESHOLD = 0.5  # on the probability, after mapping it back to the native size
 
@@ -198,6 +199,9 @@ class Prediction:
   crop: tuple[int, int, int, int] | None = None  # lung crop the classifier saw (top, left,
   # bottom, right); None: the whole image
   uncertainty: float | None = None  # the segmenter's `uncertainty` (None: nothing segments)
+  # model.structures: bool [H, W] per name of records.EXTRA_STRUCTURES (raw, thresholded)
+  structures: dict[str, np.ndarray] | None = None
+  p_findings: np.ndarray | None = None  # model.findings: [N] probabilities
 
   @property
   def output_mask(self) -> np.ndarray | None:
@@ -246,5 +250,16 @@ def predict_images(
     mask_post = postprocess.clean_mask(mask) if (clean and mask is not None) else None
     p = float(outputs["p_abnormal"][i]) if inference.classifies else None
     u = float(outputs["uncertainty"][i]) if inference.segments else None
-    results.append(Prediction(height, width, mask, mask_post, p, crop, u))
+    structures = None
+    if "p_structures" in outputs:
+      structures = {}
+      for k, name in enumerate(EXTRA_STRUCTURES):
+        native = native_mask(outputs["p_structures"][i][..., k], box, clean=False)
+        if crop is not None:
+          canvas = np.zeros((height, width), bool)
+          canvas[crop[0] : crop[2], crop[1] : crop[3]] = native
+          native = canvas
+        structures[name] = native
+    findings = np.asarray(outputs["p_findings"][i]) if "p_findings" in outputs else None
+    results.append(Prediction(height, width, mask, mask_post, p, crop, u, structures, findings))
   return results

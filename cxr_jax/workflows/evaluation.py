@@ -24,10 +24,13 @@ from cxr_jax.core.inference import MASK_THRESHOLD
 from cxr_jax.core.inference import Inference
 from cxr_jax.core.inference import native_mask
 from cxr_jax.core.progress import Progress
+from cxr_jax.data import datasets
+from cxr_jax.data import findings as findings_lib
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import preprocess
 from cxr_jax.data import records
 from cxr_jax.data import registry
+from cxr_jax.workflows import task_scores
 
 NUM_WORST = 5
 NUM_ATTENTION_CASES = 4
@@ -99,6 +102,7 @@ def predict_split(
   rows, cases, labels, probs = [], {}, [], []
   bar = Progress(len(source), progress) if progress else None
   attention_left = NUM_ATTENTION_CASES
+  dataset_findings = datasets.finding_names(source)
   position = 0  # eval batches keep the source's order: the k-th real example is source[k]
   for batch in batches:
     outputs = inference(batch["image"])
@@ -113,7 +117,7 @@ def predict_split(
             f"eval batch order differs from the source at {position}: "
             f"{batch['id'][i]!r} vs {records.decode_id(record['id'])!r}"
           )
-        row, case = _score_image(record, batch, i, outputs, inference)
+        row, case = _score_image(record, batch, i, outputs, inference, dataset_findings)
         row["p_abnormal"] = p
         if attention_left and "attention" in outputs and case.truth is not None:
           case.attention = [a[i] for a in outputs["attention"]]
@@ -140,6 +144,7 @@ def _score_image(
   i: int,
   outputs: Mapping[str, Any],
   inference: Inference,
+  dataset_findings: Sequence[str] = (),
 ) -> tuple[dict, Case]:
   """Per-image row (metrics at native size) and its report thumbnails."""
   image = np.asarray(record["image"])[..., 0]
@@ -180,6 +185,8 @@ def _score_image(
         {f"{k}_post": v for k, v in surface.mask_metrics(pred_post, truth, spacing).items()}
       )
       case.truth = _thumbnail(truth)
+    row.update(task_scores.structure_columns(record, outputs, i, box, pred, spacing))
+  row.update(task_scores.finding_columns(record, outputs, i, inference.config, dataset_findings))
   return row, case
 
 
@@ -232,6 +239,11 @@ def evaluate_split(
     if head.task == "segmentation":
       summary[head.task] = _segmentation_summary(result.rows, config)
       summary[head.task]["quality"] = quality_summary(result.rows, inference.qc_threshold)
+    elif head.task == "structures":
+      summary[head.task] = task_scores.structures_summary(result.rows)
+    elif head.task == "findings":
+      names = findings_lib.parse_names(config.model.findings)
+      summary[head.task] = task_scores.findings_summary(result.rows, names, int(config.seed))
     elif head.task == "classification":
       summary[head.task] = _classification_summary(
         result, inference, config, split, get_source, progress

@@ -1,0 +1,130 @@
+"""Evaluation of the heads beyond the lungs and normal/abnormal, at native resolution:
+heart and clavicle masks (Dice, HD95, the cardiothoracic ratio) and findings (per-finding ROC
+AUC with bootstrap intervals, their macro mean)."""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cxr_jax.core import anatomy
+from cxr_jax.core import classification_stats
+from cxr_jax.core import multilabel
+from cxr_jax.core import surface
+from cxr_jax.core.inference import native_mask
+from cxr_jax.data import findings as findings_lib
+from cxr_jax.data import images
+from cxr_jax.data import preprocess
+from cxr_jax.data.records import EXTRA_STRUCTURES
+
+STRUCTURE_METRICS = ("dice", "hd95_mm")
+
+
+def structure_columns(
+  record: Mapping[str, Any],
+  outputs: Mapping[str, Any],
+  i: int,
+  box: preprocess.Letterbox,
+  lungs: np.ndarray,
+  spacing: tuple[float, float] | None,
+) -> dict[str, Any]:
+  """evaluate's structure columns of image i (none unless the model segments structures):
+  `<structure>_dice`, `_hd95_mm` (where the image outlines it), `_fraction`;
+  `cardiothoracic_ratio` (from the predicted heart and `lungs`, native bool masks) and
+  `cardiothoracic_ratio_true` (where lungs and heart are outlined)."""
+  row: dict[str, Any] = {}
+  if "p_structures" in outputs:
+    outlined = np.asarray(record.get("has_structures", np.zeros(3, bool)), bool)
+    truths = images.decode_structures(record["structures"], ("lungs", *EXTRA_STRUCTURES))
+    predicted = {}
+    for k, name in enumerate(EXTRA_STRUCTURES):
+      pred = native_mask(outputs["p_structures"][i][..., k], box, clean=False)
+      predicted[name] = pred
+      row[f"{name}_fraction"] = float(pred.mean())
+      if outlined[k + 1]:
+        scores = surface.mask_metrics(pred, truths[..., k + 1] > 0, spacing)
+        row.update({f"{name}_{m}": scores[m] for m in STRUCTURE_METRICS})
+    row["cardiothoracic_ratio"] = anatomy.cardiothoracic_ratio(predicted["heart"], lungs)
+    if outlined[0] and outlined[1]:
+      row["cardiothoracic_ratio_true"] = anatomy.cardiothoracic_ratio(
+        truths[..., 1], truths[..., 0]
+      )
+  return row
+
+
+def finding_columns(
+  record: Mapping[str, Any],
+  outputs: Mapping[str, Any],
+  i: int,
+  config,
+  dataset_findings: Sequence[str],
+) -> dict[str, Any]:
+  """evaluate's finding columns of image i (none unless the model predicts findings):
+  `p_<finding>` and `y_<finding>` (the target under config.loss.uncertain; blank where the
+  image does not label it)."""
+  row: dict[str, Any] = {}
+  if "p_findings" in outputs:
+    findings = findings_lib.parse_names(config.model.get("findings", ""))
+    uncertain = config.loss.get("uncertain", "ignore")
+    codes = np.asarray(record["findings"], np.int8)
+    picked = codes[[list(dataset_findings).index(n) for n in findings]]
+    target, weight = findings_lib.targets(picked, uncertain)
+    for k, name in enumerate(findings):
+      row[f"p_{name}"] = float(outputs["p_findings"][i][k])
+      row[f"y_{name}"] = int(target[k]) if weight[k] > 0 else ""
+  return row
+
+
+def structures_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Per structure: the mean of each metric over the images outlining it, and their count;
+  the cardiothoracic ratio's mean absolute error where the truth has one."""
+  out: dict[str, Any] = {}
+  for name in EXTRA_STRUCTURES:
+    scored = [r for r in rows if f"{name}_dice" in r]
+    out[name] = {"count": len(scored)}
+    for metric in STRUCTURE_METRICS:
+      values = [float(r[f"{name}_{metric}"]) for r in scored]
+      finite = [v for v in values if np.isfinite(v)]
+      out[name][metric] = float(np.mean(finite)) if finite else float("nan")
+  pairs = [
+    (r["cardiothoracic_ratio"], r["cardiothoracic_ratio_true"])
+    for r in rows
+    if "cardiothoracic_ratio_true" in r
+    and np.isfinite(r["cardiothoracic_ratio"])
+    and np.isfinite(r["cardiothoracic_ratio_true"])
+  ]
+  out["cardiothoracic_ratio_mae"] = (
+    float(np.mean([abs(p - t) for p, t in pairs])) if pairs else float("nan")
+  )
+  out["cardiothoracic_ratio_count"] = len(pairs)
+  return out
+
+
+def findings_summary(
+  rows: Sequence[Mapping[str, Any]], findings: Sequence[str], seed: int
+) -> dict[str, Any]:
+  """Per finding: ROC AUC over the images labelling it, a bootstrap 95% interval, the counts;
+  `macro_auc`: the mean of the finite AUCs."""
+  per = {}
+  for name in findings:
+    labelled = [r for r in rows if r.get(f"y_{name}", "") != ""]
+    y = np.array([float(r[f"y_{name}"]) for r in labelled])
+    p = np.array([float(r[f"p_{name}"]) for r in labelled])
+    auc = classification_stats.roc_auc(p, y) if labelled else float("nan")
+    low, high = (
+      classification_stats.bootstrap_auc_interval(y > 0.5, p, seed=seed)
+      if labelled
+      else (float("nan"), float("nan"))
+    )
+    per[name] = {
+      "auc": auc,
+      "auc_ci": [low, high],
+      "positives": int((y > 0.5).sum()),
+      "labelled": len(labelled),
+    }
+  return {"per_finding": per, "macro_auc": multilabel.macro_auc([v["auc"] for v in per.values()])}
+
+
+def csv_fields(rows: Sequence[Mapping[str, Any]], known: Sequence[str]) -> list[str]:
+  """The columns rows hold beyond `known` (evaluation.CSV_FIELDS), in first-seen order."""
+  return [k for k in dict.fromkeys(k for r in rows for k in r) if k not in set(known)]
