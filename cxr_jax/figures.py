@@ -293,3 +293,30 @@ def strip_figure(runs: Sequence[Mapping[str, Any]], metric: str) -> plt.Figure:
   ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   return fig
+
+
+def finding_roc_figure(
+  rows: Sequence[Mapping[str, Any]], findings: Mapping[str, Any]
+) -> plt.Figure:
+  """One ROC curve per finding (evaluate's `p_<finding>` / `y_<finding>` columns) in a grid,
+  each titled with its AUC."""
+  names = list(findings["per_finding"])
+  cols = min(4, len(names))
+  grid_rows = -(-len(names) // cols)
+  fig, axes = plt.subplots(grid_rows, cols, figsize=(2.6 * cols, 2.5 * grid_rows), squeeze=False)
+  for ax, name in zip(axes.flat, names, strict=False):
+    labelled = [r for r in rows if r.get(f"y_{name}", "") != ""]
+    y = np.array([float(r[f"y_{name}"]) > 0.5 for r in labelled], bool)
+    p = np.array([float(r[f"p_{name}"]) for r in labelled])
+    if y.any() and not y.all():
+      curve = classification_stats.roc_curve(y, p)
+      ax.plot(curve["fpr"], curve["tpr"], color="#1f77b4", lw=1.5, drawstyle="steps-post")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    auc = findings["per_finding"][name]["auc"]
+    ax.set_title(f"{name}: {auc:.3f}" if is_finite_number(auc) else f"{name}: n/a", fontsize=8)
+    ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    ax.tick_params(labelsize=6)
+  for ax in list(axes.flat)[len(names) :]:
+    ax.axis("off")
+  fig.tight_layout()
+  return fig

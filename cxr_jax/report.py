@@ -194,8 +194,46 @@ def _classification_section(stats: Mapping[str, Any], result: Any, path) -> list
   ]
 
 
+def _structures_section(stats: Mapping[str, Any], result: Any, path) -> list[str]:
+  del result, path
+  head = "<tr><th>structure</th><th>images outlined</th><th>Dice</th><th>HD95 mm</th></tr>"
+  body = "".join(
+    f"<tr><td>{html.escape(name)}</td><td>{v['count']}</td><td>{_fmt(v['dice'])}</td>"
+    f"<td>{_fmt(v['hd95_mm'], 2)}</td></tr>"
+    for name, v in stats.items()
+    if isinstance(v, Mapping)
+  )
+  ratio = (
+    f"<p>cardiothoracic ratio (widest heart / widest thorax): mean absolute error "
+    f"{_fmt(stats['cardiothoracic_ratio_mae'])} over {stats['cardiothoracic_ratio_count']} "
+    "images outlining both</p>"
+  )
+  return ["<h2>Structures (native size)</h2>", f"<table>{head}{body}</table>", ratio]
+
+
+def _findings_section(stats: Mapping[str, Any], result: Any, path) -> list[str]:
+  head = "<tr><th>finding</th><th>AUC (95% bootstrap CI)</th><th>positive / labelled</th></tr>"
+  body = "".join(
+    f"<tr><td>{html.escape(name)}</td><td>{_fmt(v['auc'])} ({_fmt(v['auc_ci'][0])}&ndash;"
+    f"{_fmt(v['auc_ci'][1])})</td><td>{v['positives']} / {v['labelled']}</td></tr>"
+    for name, v in stats["per_finding"].items()
+  )
+  return [
+    "<h2>Findings</h2>",
+    f"<p>macro AUC {_fmt(stats['macro_auc'])}</p>",
+    f"<table>{head}{body}</table>",
+    "<h3>ROC per finding</h3>",
+    _save(figures.finding_roc_figure(result.rows, stats), path("finding_roc")),
+  ]
+
+
 # Each head's task (`heads.Head.task`) -> its section of the report.
-_SECTIONS = {"segmentation": _segmentation_section, "classification": _classification_section}
+_SECTIONS = {
+  "segmentation": _segmentation_section,
+  "classification": _classification_section,
+  "structures": _structures_section,
+  "findings": _findings_section,
+}
 
 
 def write_report(out_dir: str, split: str, summary: Mapping[str, Any], result: Any) -> str:
