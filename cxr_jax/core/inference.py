@@ -145,7 +145,7 @@ class Inference:
     self.tta = bool(config.get("tta", False))
     self.qc_threshold = qc_threshold(config)
 
-    @functools.partial(jax.jit, compiler_options=platform.compiler_options(), **shardings)
+    @functools.partial(platform.jit, **shardings)
     def forward(state, images):
       model = nnx.merge(graphdef, state)
       outputs = model(images, train=False, **kwargs)
