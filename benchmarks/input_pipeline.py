@@ -19,9 +19,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cxr_jax.core import augment
-from cxr_jax.core import platform
-from cxr_jax.core import rundir
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import rundir
+from cxr_jax.core.training import augment
 from cxr_jax.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config.")

@@ -32,8 +32,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checko
 import train_step as real_step  # noqa: E402  (benchmarks/train_step.py)
 
 from configs import default  # noqa: E402
-from cxr_jax.core import platform  # noqa: E402
 from cxr_jax.core.models import MODELS  # noqa: E402
+from cxr_jax.core.run import platform  # noqa: E402
 
 JAX_STEP = (
   "steps.make_train_step: {aug}forward, backward, BCE + soft Dice and/or "

@@ -53,9 +53,9 @@ def _compiled_step(config, mesh, *, abstract: bool):
   from flax import nnx
 
   from cxr_jax.core import models
-  from cxr_jax.core import platform
-  from cxr_jax.core import sharding
-  from cxr_jax.core import steps
+  from cxr_jax.core.run import platform
+  from cxr_jax.core.run import sharding
+  from cxr_jax.core.training import steps
 
   tx = steps.create_optimizer(config)
   init = lambda: steps.create_train_state(config, tx)  # noqa: E731
@@ -98,8 +98,8 @@ def measure(args, size: int, global_batch: int, space: int, run: bool, use: int)
   """One row: compile (and, with `run`, time) the step; memory per device and throughput."""
   import jax
 
-  from cxr_jax.core import sharding
-  from cxr_jax.core import utilisation
+  from cxr_jax.core.run import sharding
+  from cxr_jax.core.run import utilisation
 
   config = _config(args, size, global_batch, space)
   devices = jax.devices()[:use] if jax.process_count() == 1 else None

@@ -18,8 +18,8 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, uninstalled
 from cxr_jax.core import models  # noqa: E402
-from cxr_jax.core import platform  # noqa: E402
-from cxr_jax.core import steps  # noqa: E402
+from cxr_jax.core.run import platform  # noqa: E402
+from cxr_jax.core.training import steps  # noqa: E402
 
 
 def real_train_step(

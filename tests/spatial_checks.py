@@ -13,11 +13,11 @@ import numpy as np
 from flax import nnx
 
 from configs import unet as unet_config
-from cxr_jax.core import inference as inference_lib
 from cxr_jax.core import models
-from cxr_jax.core import platform
-from cxr_jax.core import sharding
-from cxr_jax.core import steps
+from cxr_jax.core.inference import inference as inference_lib
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import sharding
+from cxr_jax.core.training import steps
 
 
 def _config(size: int):

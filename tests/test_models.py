@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 from configs import default
-from cxr_jax.core import platform
 from cxr_jax.core.models import MODELS
 from cxr_jax.core.models import AttentionUNet
 from cxr_jax.core.models import Classifier
@@ -21,6 +20,7 @@ from cxr_jax.core.models import UNet
 from cxr_jax.core.models import create_model
 from cxr_jax.core.models import layers
 from cxr_jax.core.models import ops
+from cxr_jax.core.run import platform
 
 TINY = dict(base_features=4, depth=2)
 TINY_TRAIN = dict(base_features=4, depth=1)  # about half the ops to compile

@@ -17,8 +17,8 @@ from flax import nnx
 from configs import attention_unet as attention_unet_config
 from configs import unet as unet_config
 from cxr_jax.core import models
-from cxr_jax.core import platform
-from cxr_jax.core import steps
+from cxr_jax.core.run import platform
+from cxr_jax.core.training import steps
 from tests.conftest import REPO_ROOT
 
 # Worst relative error allowed over every gradient leaf (max |g32 - g64| / max |g64| per

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cxr_jax.core import checkpoint
 from cxr_jax.core import models
-from cxr_jax.core import platform
-from cxr_jax.core import rundir
-from cxr_jax.core import steps
+from cxr_jax.core.run import checkpoint
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import rundir
+from cxr_jax.core.training import steps
 from cxr_jax.workflows import train
 from tests.conftest import KILL_AFTER_SECOND_SAVE
 from tests.conftest import REPO_ROOT

@@ -1,6 +1,6 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`, readable top to bottom.
 
-The step (`core.steps`) is one pure function under `platform.jit`: paired augmentation, forward,
+The step (`core.training.steps`) is one pure function under `platform.jit`: paired augmentation, forward,
 loss and the optax update, with parameters and optimiser state replicated over the mesh and
 batches split over its `data` axis.
 """
@@ -20,20 +20,20 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cxr_jax.core import checkpoint
-from cxr_jax.core import config_checks
-from cxr_jax.core import heads
-from cxr_jax.core import metrics as metrics_lib
 from cxr_jax.core import models
-from cxr_jax.core import overlays
-from cxr_jax.core import platform
-from cxr_jax.core import preemption
-from cxr_jax.core import run_lock
-from cxr_jax.core import rundir
-from cxr_jax.core import sharding
-from cxr_jax.core import steps
-from cxr_jax.core import utilisation
-from cxr_jax.core import writers
+from cxr_jax.core.inference import overlays
+from cxr_jax.core.run import checkpoint
+from cxr_jax.core.run import config_checks
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import preemption
+from cxr_jax.core.run import run_lock
+from cxr_jax.core.run import rundir
+from cxr_jax.core.run import sharding
+from cxr_jax.core.run import utilisation
+from cxr_jax.core.run import writers
+from cxr_jax.core.stats import metrics as metrics_lib
+from cxr_jax.core.training import heads
+from cxr_jax.core.training import steps
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import paths
 from cxr_jax.workflows import lung_crop

@@ -22,8 +22,8 @@ from etils import epath
 from flax import nnx
 from jax import export as jax_export
 
-from cxr_jax.core import inference
-from cxr_jax.core import platform
+from cxr_jax.core.inference import inference
+from cxr_jax.core.run import platform
 
 FORMAT = "cxr_jax.portable/1"
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each: exported on a GPU, run on a laptop

@@ -15,10 +15,10 @@ import ml_collections
 import optax
 from flax import nnx
 
-from cxr_jax.core import augment
-from cxr_jax.core import heads
-from cxr_jax.core import losses
 from cxr_jax.core import models
+from cxr_jax.core.training import augment
+from cxr_jax.core.training import heads
+from cxr_jax.core.training import losses
 
 
 @flax.struct.dataclass
