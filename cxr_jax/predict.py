@@ -45,15 +45,15 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import cli
-from cxr_jax.core import anatomy
-from cxr_jax.core import classification_stats
-from cxr_jax.core import csv_tables
-from cxr_jax.core import overlays
-from cxr_jax.core import portable
-from cxr_jax.core import rundir
-from cxr_jax.core.inference import Inference
-from cxr_jax.core.inference import predict_images
-from cxr_jax.core.progress import Progress
+from cxr_jax.core.inference import overlays
+from cxr_jax.core.inference import portable
+from cxr_jax.core.inference.inference import Inference
+from cxr_jax.core.inference.inference import predict_images
+from cxr_jax.core.run import csv_tables
+from cxr_jax.core.run import rundir
+from cxr_jax.core.run.progress import Progress
+from cxr_jax.core.stats import cardiothoracic
+from cxr_jax.core.stats import classification_stats
 from cxr_jax.data import dicom
 from cxr_jax.data import images
 from cxr_jax.data.findings import parse_names
@@ -172,7 +172,7 @@ def predict_files(
             _save_png(
               structure.astype(np.uint8) * 255, output / f"masks_{name}" / f"{stems[path]}.png"
             )
-          row.update(anatomy.prediction_columns(pred.output_mask, pred.structures))
+          row.update(cardiothoracic.prediction_columns(pred.output_mask, pred.structures))
         if pred.p_findings is not None:
           names = parse_names(inference.config.model.get("findings", ""))
           row.update({f"p_{n}": f"{p:.6f}" for n, p in zip(names, pred.p_findings, strict=True)})

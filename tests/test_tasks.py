@@ -3,7 +3,6 @@ cardiothoracic ratio), findings (a sigmoid each, unlabelled ones masked), and th
 smoke runs end to end (train, evaluate with its report, predict) on dataset replicas."""
 
 import csv
-import functools
 import json
 import pathlib
 
@@ -17,10 +16,11 @@ from configs import default
 from configs import jsrt_structures
 from cxr_jax import evaluate
 from cxr_jax import predict
-from cxr_jax.core import anatomy
-from cxr_jax.core import augment
-from cxr_jax.core import multilabel
-from cxr_jax.core import platform
+from cxr_jax.core.run import platform
+from cxr_jax.core.stats import cardiothoracic
+from cxr_jax.core.training import anatomy
+from cxr_jax.core.training import augment
+from cxr_jax.core.training import multilabel
 from cxr_jax.data import chestxray14
 from cxr_jax.workflows import train
 from tests import replicas
@@ -33,12 +33,12 @@ def test_cardiothoracic_ratio_equals_the_hand_computed_one():
   heart = np.zeros((80, 90), bool)
   heart[40:60, 32:50] = True  # 18 px wide
   heart[52, 28:57] = True  # its widest row: columns 28..56 = 29 px
-  assert anatomy.widest(heart) == 29 and anatomy.thorax_width(lungs) == 62
-  assert anatomy.cardiothoracic_ratio(heart, lungs) == pytest.approx(29 / 62)
-  columns = anatomy.prediction_columns(lungs, {"heart": heart, "clavicles": heart & False})
+  assert cardiothoracic.widest(heart) == 29 and cardiothoracic.thorax_width(lungs) == 62
+  assert cardiothoracic.cardiothoracic_ratio(heart, lungs) == pytest.approx(29 / 62)
+  columns = cardiothoracic.prediction_columns(lungs, {"heart": heart, "clavicles": heart & False})
   assert columns["cardiothoracic_ratio"] == f"{29 / 62:.4f}"
   assert columns["clavicles_fraction"] == "0.000000"
-  assert np.isnan(anatomy.cardiothoracic_ratio(heart & False, lungs))
+  assert np.isnan(cardiothoracic.cardiothoracic_ratio(heart & False, lungs))
 
 
 def test_structures_ride_augmentation_as_bits_of_the_lung_mask():
@@ -48,7 +48,7 @@ def test_structures_ride_augmentation_as_bits_of_the_lung_mask():
   image = jnp.asarray(rng.random((2, 32, 32, 1)), jnp.float32)
   aug = default.get_config().aug
 
-  @functools.partial(jax.jit, compiler_options=platform.compiler_options())
+  @platform.jit
   def moved(key):
     """The packed masks moved once, and each mask moved alone by the same draw."""
     _, packed = augment.augment_batch(key, image, anatomy.pack(mask, structures), aug)
@@ -127,7 +127,7 @@ def test_jsrt_structures_smoke_validates_evaluates_and_predicts_each_structure(j
   with open(jsrt_run["workdir"] / "eval" / "test.csv", newline="") as f:
     by_id = {r["id"]: r for r in csv.DictReader(f)}
   chest = replicas.draw_chest(1024, 1024, seed=100)  # JPCLN001, as the replica drew it
-  expected = anatomy.cardiothoracic_ratio(chest["heart"], chest["lungs"])
+  expected = cardiothoracic.cardiothoracic_ratio(chest["heart"], chest["lungs"])
   assert float(by_id["JPCLN001"]["cardiothoracic_ratio_true"]) == pytest.approx(expected, abs=1e-6)
   (row,) = jsrt_run["rows"]
   assert {"heart_fraction", "clavicles_fraction", "cardiothoracic_ratio"} <= set(row)

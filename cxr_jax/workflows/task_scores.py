@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from cxr_jax.core import anatomy
-from cxr_jax.core import classification_stats
-from cxr_jax.core import multilabel
-from cxr_jax.core import surface
-from cxr_jax.core.inference import native_mask
+from cxr_jax.core.inference.inference import native_mask
+from cxr_jax.core.stats import cardiothoracic
+from cxr_jax.core.stats import classification_stats
+from cxr_jax.core.stats import surface
+from cxr_jax.core.training import multilabel
 from cxr_jax.data import findings as findings_lib
 from cxr_jax.data import images
 from cxr_jax.data import preprocess
@@ -44,9 +44,9 @@ def structure_columns(
       if outlined[k + 1]:
         scores = surface.mask_metrics(pred, truths[..., k + 1] > 0, spacing)
         row.update({f"{name}_{m}": scores[m] for m in STRUCTURE_METRICS})
-    row["cardiothoracic_ratio"] = anatomy.cardiothoracic_ratio(predicted["heart"], lungs)
+    row["cardiothoracic_ratio"] = cardiothoracic.cardiothoracic_ratio(predicted["heart"], lungs)
     if outlined[0] and outlined[1]:
-      row["cardiothoracic_ratio_true"] = anatomy.cardiothoracic_ratio(
+      row["cardiothoracic_ratio_true"] = cardiothoracic.cardiothoracic_ratio(
         truths[..., 1], truths[..., 0]
       )
   return row

@@ -1,5 +1,5 @@
-"""Structures beyond the lungs (heart, clavicles): their loss, validation metrics, how their
-masks ride through augmentation, and the cardiothoracic ratio.
+"""Structures beyond the lungs (heart, clavicles): their loss, validation metrics, and how
+their masks ride through augmentation (the cardiothoracic ratio: `stats.cardiothoracic`).
 
 The lungs stay the `mask_logits` head; `structure_logits` [B, H, W, K] holds one channel per
 name of `EXTRA` (K = 2), learnt where `has_structures` says an image outlines it. Images
@@ -10,10 +10,9 @@ the other heads as they are.
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cxr_jax.core import losses
-from cxr_jax.core import metrics
+from cxr_jax.core.stats import metrics
+from cxr_jax.core.training import losses
 from cxr_jax.data.records import EXTRA_STRUCTURES as EXTRA  # structure_logits' channels
 
 
@@ -96,44 +95,3 @@ def unpack(packed: jax.Array, num_structures: int) -> tuple[jax.Array, jax.Array
   shifts = jnp.arange(num_structures + 1, dtype=jnp.int32)
   planes = ((bits >> shifts) & 1).astype(packed.dtype)  # [B,S,S,1+K]
   return planes[..., :1], planes[..., 1:]
-
-
-# ----- measurements on native masks (numpy) -----
-
-
-def widest(mask: np.ndarray) -> int:
-  """The widest horizontal extent of a mask in pixels: over rows, last - first + 1 of the
-  row's foreground (0 for an empty mask)."""
-  rows = np.flatnonzero(np.asarray(mask).any(axis=1))
-  if not rows.size:
-    return 0
-  cols = np.asarray(mask)[rows]
-  first = cols.argmax(axis=1)
-  last = cols.shape[1] - 1 - cols[:, ::-1].argmax(axis=1)
-  return int((last - first + 1).max())
-
-
-def thorax_width(lungs: np.ndarray) -> int:
-  """The widest extent across both lungs: per row, from the leftmost to the rightmost lung
-  pixel (the inner thoracic diameter the cardiothoracic ratio divides by)."""
-  return widest(lungs)
-
-
-def cardiothoracic_ratio(heart: np.ndarray, lungs: np.ndarray) -> float:
-  """Widest heart width / widest thorax (lungs) width, from masks [H, W]; NaN when either
-  is empty."""
-  thorax = thorax_width(lungs)
-  heart_width = widest(heart)
-  return heart_width / thorax if thorax and heart_width else float("nan")
-
-
-def prediction_columns(
-  lungs: np.ndarray | None, structures: dict[str, np.ndarray]
-) -> dict[str, str]:
-  """predict's CSV columns of one image's native masks: `<structure>_fraction` (of the image's
-  pixels) per structure and `cardiothoracic_ratio` (blank when heart or lungs are empty)."""
-  row = {f"{name}_fraction": f"{mask.mean():.6f}" for name, mask in structures.items()}
-  if lungs is not None and "heart" in structures:
-    ratio = cardiothoracic_ratio(structures["heart"], lungs)
-    row["cardiothoracic_ratio"] = f"{ratio:.4f}" if np.isfinite(ratio) else ""
-  return row

@@ -12,10 +12,10 @@ import jax
 import ml_collections
 from clu import metrics as clu_metrics
 
-from cxr_jax.core import anatomy
-from cxr_jax.core import losses
-from cxr_jax.core import metrics
-from cxr_jax.core import multilabel
+from cxr_jax.core.stats import metrics
+from cxr_jax.core.training import anatomy
+from cxr_jax.core.training import losses
+from cxr_jax.core.training import multilabel
 
 Batch = Mapping[str, jax.Array]
 

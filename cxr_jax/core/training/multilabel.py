@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
-from cxr_jax.core import losses
-from cxr_jax.core import metrics
-from cxr_jax.core.classification_stats import roc_auc
+from cxr_jax.core.stats import metrics
+from cxr_jax.core.stats.classification_stats import roc_auc
+from cxr_jax.core.training import losses
 
 
 def findings_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
