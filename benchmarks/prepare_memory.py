@@ -31,10 +31,17 @@ KINDS = {  # name -> (writer, its size argument)
 def measure(
   name: str, manual_dir: pathlib.Path, data_dir: pathlib.Path
 ) -> tuple[float, float, str]:
-  """(peak RSS MiB, seconds, the skipped-files line) of one prepare run."""
+  """(peak RSS MiB, seconds, the skipped-files line) of one prepare run.
+
+  Measured by GNU time around the command: a child forked from this (larger) process would
+  start its high-water mark at this process's size (Linux keeps it across fork and exec).
+  """
   start = time.perf_counter()
-  proc = subprocess.Popen(
+  proc = subprocess.run(
     [
+      "/usr/bin/time",
+      "-f",
+      "maxrss_kb=%M",
       sys.executable,
       "-m",
       "cxr_jax.data.prepare",
@@ -43,16 +50,14 @@ def measure(
       f"--data_dir={data_dir}",
     ],
     cwd=REPO,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.DEVNULL,
+    capture_output=True,
     text=True,
     env={**os.environ, "JAX_PLATFORMS": "cpu"},
   )
-  out = proc.stdout.read()
-  _, status, usage = os.wait4(proc.pid, 0)
-  assert status == 0, out
-  skipped = next((line for line in out.splitlines() if line.startswith("skipped files")), "?")
-  return usage.ru_maxrss / 1024, time.perf_counter() - start, skipped
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  peak_kb = int(proc.stderr.strip().splitlines()[-1].removeprefix("maxrss_kb="))
+  skipped = next((ln for ln in proc.stdout.splitlines() if ln.startswith("skipped files")), "?")
+  return peak_kb / 1024, time.perf_counter() - start, skipped
 
 
 def main() -> None:
