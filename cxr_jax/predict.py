@@ -15,7 +15,7 @@ OUT/predictions.csv, one row per image:
     lung_area_cm2           and the written mask's area
     uncertainty, flagged    segmenters: the mask's `inference.uncertainty` (mean boundary
                             entropy, TTA-averaged under config.tta) and 1 where it exceeds
-                            `inference.QC_THRESHOLD` (config.qc_threshold): a mask worth checking by eye
+                            config.qc_threshold: a mask worth checking by eye
     p_abnormal              only when the model classifies
     p_abnormal_calibrated   and DIR/calibration.json (written by evaluate for this
                             checkpoint) holds a temperature fitted on validation
@@ -239,10 +239,10 @@ def run(
     else:
       config, model = restored
     config = rundir.with_space(config, space)
-    batch_size = min(batch_size or int(config.get("eval_batch_size", 8)), len(paths))
+    batch_size = min(batch_size or int(config.eval_batch_size), len(paths))
     inference = Inference(config, model, batch_size=batch_size)
-    clean = bool(config.get("postprocess", False))
-  if not model_file and config.data.get("crop_to_lungs", False):  # trained on lung crops
+    clean = bool(config.postprocess)
+  if not model_file and config.data.crop_to_lungs:  # trained on lung crops
     segmenter = lung_crop.load_segmenter(config.data.crop_workdir, batch_size=batch_size)
     margin = float(config.data.crop_margin)
   rows, errors = predict_files(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cxr_jax import evaluate
-from cxr_jax.core.run import config_checks
+from cxr_jax.config import schema
 from cxr_jax.core.run import run_lock
 from cxr_jax.core.run import rundir
 from cxr_jax.workflows import train
@@ -184,9 +184,7 @@ def test_every_default_config_passes_its_checks():
 
   for name in ("unet", "attention_unet", "classifier", "multitask", "lung_crop_classifier"):
     for variant in (None, "smoke"):
-      config_checks.check_training_config(
-        importlib.import_module(f"configs.{name}").get_config(variant)
-      )
+      schema.validate(importlib.import_module(f"configs.{name}").get_config(variant))
 
 
 def test_predict_refuses_a_negative_batch_size(tmp_path):
@@ -385,17 +383,34 @@ def test_auto_with_a_misspelt_manual_dir_stops(tmp_path, monkeypatch):
 # ----- messages -----
 
 
-def test_resuming_with_another_optimiser_names_the_keys(finished_run, tmp_path):
-  run, config = finished_run
+def test_a_resume_with_a_structural_key_changed_is_one_line_naming_each(
+  finished_run, data_dir, tmp_path
+):
+  """ema_decay and num_workers shape the checkpoint and the data iterator (they once failed
+  deep in Orbax or grain); grad_clip's on/off the optimiser state. Refused before any
+  restore, in one line, exit 2, and nothing of the run is touched."""
+  run, _ = finished_run
   workdir = _copy(run, tmp_path)
-  config.optim.name = "adam"
-  config.optim.grad_clip = 0.0
-  with pytest.raises(
-    ValueError,
-    match=r"optim.name: 'adamw' -> 'adam'; optim.grad_clip: 1.0 -> "
-    r"0.0.*new --workdir",
-  ):
-    train.train_and_evaluate(config, str(workdir))
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  done = run_module(
+    "cxr_jax.main",
+    f"--config={REPO_ROOT}/configs/unet.py:smoke",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    "--config.optim.ema_decay=0.9",
+    "--config.data.num_workers=1",
+    "--config.optim.grad_clip=0.0",
+  )
+  last = done.stderr.strip().splitlines()[-1]
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
+  assert last == (
+    f"main.py: cannot resume {workdir}: config.data.num_workers is 0 in the run, 1 asked; "
+    "config.optim.grad_clip is 1.0 in the run, 0.0 asked; config.optim.ema_decay is 0.0 in "
+    "the run, 0.9 asked (it shapes the checkpoint or the data iterator); resume with the "
+    "run's value, or train into another --workdir."
+  )
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
 def test_a_misspelt_config_key_is_one_line_not_tracebacks(tmp_path):

@@ -187,8 +187,6 @@ def create_train_iterator(
   size = check_image_size(config)
   batch = check_batch_size(config.batch_size, num_devices=1, process_count=process_count)
   num_workers = int(config.data.num_workers)
-  if num_workers < 0:
-    raise ValueError(f"config.data.num_workers={num_workers} must be >= 0 (0: main process).")
   with_masks = config.data.examples != "all_without_masks"
   read_source = source if with_masks else datasets.skip_decoding(source, ("mask",))
   dataset = (

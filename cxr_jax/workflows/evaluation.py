@@ -253,7 +253,7 @@ def _segmentation_summary(
   estimated = sum(r.get("spacing_estimated") == 1 for r in with_mm)
   return {
     "num_images_with_mask": len(masked),
-    "primary": "postprocessed" if config.get("postprocess", False) else "raw",
+    "primary": "postprocessed" if config.postprocess else "raw",
     "raw": raw,
     "postprocessed": post,
     "dice": raw["all"]["dice"]["mean"],

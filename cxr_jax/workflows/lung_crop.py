@@ -140,7 +140,7 @@ def maybe_crop(
 
   Every process must call it (it synchronises them when there are several).
   """
-  if not config.data.get("crop_to_lungs", False):
+  if not config.data.crop_to_lungs:
     return source
   seg_workdir = config.data.crop_workdir
   _check_segmentation_workdir(seg_workdir)

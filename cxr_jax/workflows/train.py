@@ -20,10 +20,10 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from cxr_jax.config import schema
 from cxr_jax.core import models
 from cxr_jax.core.inference import overlays
 from cxr_jax.core.run import checkpoint
-from cxr_jax.core.run import config_checks
 from cxr_jax.core.run import platform
 from cxr_jax.core.run import preemption
 from cxr_jax.core.run import run_lock
@@ -144,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
   if config.data.crop_workdir:
     config.data.crop_workdir = paths.resolve(config.data.crop_workdir)
-  config_checks.check_training_config(config)
+  schema.validate(config)
   check_model(config)  # seconds, before anything is read or written
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lock = run_lock.lock_run(workdir)  # before reading checkpoints another run may be writing
@@ -169,7 +169,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
 
   # ----- mesh -----
-  mesh = sharding.create_mesh(config.get("mesh"))
+  mesh = sharding.create_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   sharding.check_image_size(config.data.image_size, mesh)
@@ -199,7 +199,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
   graphdef = nnx.graphdef(abstract_model)
   abstract_state = jax.eval_shape(init_state)
-  state_sharding = sharding.state_sharding(abstract_state, mesh, config.get("shard_params", False))
+  state_sharding = sharding.state_sharding(abstract_state, mesh, config.shard_params)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
   logging.info("Model %s: %s parameters.", config.model.name, f"{num_params:,}")
 
@@ -256,7 +256,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   progress = ProgressLog(config.num_train_steps, config.batch_size, first_step)
   history: list[dict[str, Any]] = []  # per-step device scalars since the last report
   val_metrics: dict[str, float] = {}
-  profile = utilisation.profile_window(config.get("profile_steps", ""), workdir)
+  profile = utilisation.profile_window(config.profile_steps, workdir)
   watcher = preemption.PreemptionWatcher()
   compiled_step, flops = None, None
   device_kind = jax.devices()[0].device_kind
