@@ -217,7 +217,8 @@ def test_shape_errors():
 
 _SHARDED_SCRIPT = """
 import jax, numpy as np
-from cxr_jax.core.stats import metrics, sharding
+from cxr_jax.core.run import sharding
+from cxr_jax.core.stats import metrics
 assert jax.device_count() == 4
 mesh = sharding.create_mesh()
 rng = np.random.default_rng(0)
