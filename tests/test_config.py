@@ -11,6 +11,7 @@ from configs import default
 from cxr_jax.config import schema
 from cxr_jax.config.keys import KEYS
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run.layout import RunDir
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem != "__init__")
@@ -35,7 +36,7 @@ def test_an_older_runs_config_json_gets_the_missing_keys_at_their_defaults(tmp_p
   old = default.get_config().to_dict()
   del old["semi"], old["qc_threshold"], old["optim"]["ema_decay"], old["data"]["num_workers"]
   old["model"]["base_features"] = 16
-  (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps({"config": old}))
+  (tmp_path / RunDir.CONFIG).write_text(json.dumps({"config": old}))
   config = rundir.load_config(str(tmp_path))
   assert config.semi.rampup_steps == 200 and config.qc_threshold == 0.27
   assert config.optim.ema_decay == 0.0 and config.data.num_workers == 0

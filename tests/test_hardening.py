@@ -18,6 +18,7 @@ from cxr_jax import evaluate
 from cxr_jax.config import schema
 from cxr_jax.core.run import run_lock
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.workflows import train
 from tests.conftest import REPO_ROOT
 from tests.conftest import run_module
@@ -84,7 +85,7 @@ def test_evaluate_records_the_step_it_restored(finished_run, tmp_path):
   run, _ = finished_run
   workdir = _copy(run, tmp_path)
   os.truncate(_largest_array_file(workdir / "checkpoints" / "9"), 1)
-  summary = evaluate.run(str(workdir), "validation", checkpoint="latest", progress=False)
+  summary = evaluate.run(str(workdir), "validation", checkpoint="latest", show_progress=False)
   assert summary["step"] == 6
 
 
@@ -97,7 +98,7 @@ def test_a_second_run_on_a_directory_in_use_is_refused(finished_run, tmp_path):
     with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {os.getpid()}"):
       train.train_and_evaluate(config, str(workdir))
   assert read_metrics(workdir) == before  # nothing written by the refused run
-  assert not (workdir / run_lock.LOCK_FILE).exists()  # released by its holder
+  assert not (workdir / RunDir.LOCK).exists()  # released by its holder
 
 
 def test_a_killed_runs_lock_does_not_block(data_dir, tmp_path):
@@ -115,7 +116,7 @@ def test_a_killed_runs_lock_does_not_block(data_dir, tmp_path):
     stderr=subprocess.DEVNULL,
     env={**os.environ, "JAX_PLATFORMS": "cpu"},
   )
-  lock = workdir / run_lock.LOCK_FILE
+  lock = workdir / RunDir.LOCK
   deadline = time.time() + 240
   while not lock.exists() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.2)
@@ -128,7 +129,7 @@ def test_a_killed_runs_lock_does_not_block(data_dir, tmp_path):
 
 
 def test_a_lock_taken_over_is_not_removed_by_its_former_holder(tmp_path):
-  lock = tmp_path / run_lock.LOCK_FILE
+  lock = tmp_path / RunDir.LOCK
   first = run_lock.RunLock(str(tmp_path))
   first.acquire()
   lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0, "token": "other"}))
@@ -137,7 +138,7 @@ def test_a_lock_taken_over_is_not_removed_by_its_former_holder(tmp_path):
 
 
 def test_a_stale_lock_from_another_host_is_taken_over(tmp_path):
-  lock = tmp_path / run_lock.LOCK_FILE
+  lock = tmp_path / RunDir.LOCK
   lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0}))
   with pytest.raises(RuntimeError, match="'elsewhere'"):  # fresh: that host may be running
     run_lock.RunLock(str(tmp_path)).acquire()
@@ -240,9 +241,7 @@ def test_predict_writes_a_formula_file_name_as_text(tmp_path, fake_model):
   Image.fromarray(np.full((40, 30), 200, np.uint8)).save(tmp_path / name)
   out = tmp_path / "out"
   assert (
-    predict.run(
-      "unused", str(tmp_path / name), str(out), restored=(_config(), fake_model()), progress=False
-    )
+    predict.run_model(_config(), fake_model(), str(tmp_path / name), str(out), show_progress=False)
     == 0
   )
   with open(out / "predictions.csv") as f:

@@ -121,7 +121,7 @@ def _overlays(host_batch, mask_logits: jax.Array, num_images: int) -> np.ndarray
         overlays.overlay(
           host_batch["image"][i, ..., 0],
           local[i, ..., 0] > 0,
-          host_batch["mask"][i, ..., 0] if host_batch["has_mask"][i] else None,
+          host_batch["lung_mask"][i, ..., 0] if host_batch["has_mask"][i] else None,
         )
         for i in range(n)
       ]
@@ -265,8 +265,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     for step in range(first_step + 1, config.num_train_steps + 1):
       batch = sharding.to_global(next(train_iter), mesh)
       if compiled_step is None:  # compiled ahead of time: its cost analysis gives the FLOPs
-        t0, cache = time.perf_counter(), utilisation.CompilationCacheEvents()
-        compiled_step = train_step.lower(state, batch).compile()
+        t0 = time.perf_counter()
+        with utilisation.CompilationCacheEvents() as cache:
+          compiled_step = train_step.lower(state, batch).compile()
         flops = utilisation.step_flops(compiled_step)
         logging.info(
           "Train step compiled in %.1f s (%s); %s FLOPs per step per device.",

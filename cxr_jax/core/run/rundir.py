@@ -1,10 +1,5 @@
-"""The run directory: config.json, which checkpoint, and the run's dataset splits.
-
-DIR/config.json        resolved config, package versions, git commit, dataset, devices
-DIR/checkpoints/       Orbax (checkpoint.py)
-DIR/metrics.jsonl      writers.py; TensorBoard events in DIR
-DIR/eval/              evaluate's outputs
-"""
+"""What a run directory holds: its config.json, which checkpoint, and the run's dataset
+splits. Its paths are `layout.RunDir`'s."""
 
 import dataclasses
 import json
@@ -21,7 +16,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
-from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -29,12 +23,12 @@ from cxr_jax.config import schema
 from cxr_jax.core import models
 from cxr_jax.core.run import checkpoint
 from cxr_jax.core.run import multihost
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import datasets
 from cxr_jax.data import paths
 from cxr_jax.data import protocols
 from cxr_jax.data import registry
 
-CONFIG_FILE = "config.json"
 _VERSIONED_PACKAGES = (
   "cxr_jax",
   "jax",
@@ -48,9 +42,6 @@ _VERSIONED_PACKAGES = (
   "clu",
   "ml-collections",
 )
-
-# The temperature evaluate fits on validation for one checkpoint; predict applies it.
-CALIBRATION_FILE = "calibration.json"
 
 
 # ----- config.json -----
@@ -91,13 +82,13 @@ def write_config(
       "processes": jax.process_count(),
     },
   }
-  paths.write_text(os.path.join(workdir, CONFIG_FILE), json.dumps(record, indent=2, sort_keys=True))
+  paths.write_text(str(RunDir(workdir).config), json.dumps(record, indent=2, sort_keys=True))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run wrote to DIR/config.json, with the keys an older run lacks
   at the schema's defaults."""
-  path = epath.Path(workdir) / CONFIG_FILE
+  path = RunDir(workdir).config
   if not path.exists():
     raise FileNotFoundError(
       f"{path} not found: is {workdir!r} the --workdir of a cxr_jax.main run?"
@@ -108,7 +99,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A resumed run must build the checkpoint and data iterator its checkpoints hold: a
   structural key (config/keys.py) changed is refused, naming the key and both values."""
-  if not (epath.Path(workdir) / CONFIG_FILE).exists():
+  if not RunDir(workdir).config.exists():
     return
   changed = schema.structural_changes(load_config(workdir), config)
   if changed:

@@ -196,15 +196,15 @@ def make_train_step(
       logits = model(batch["image"], train=False)["mask_logits"]
       teacher = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
     if teacher is None:
-      image, mask = augment.augment_batch(step_key, batch["image"], batch["mask"], config.aug)
+      image, mask = augment.augment_batch(step_key, batch["image"], batch["lung_mask"], config.aug)
     else:
       image, mask, teacher = augment.augment_batch(
-        step_key, batch["image"], batch["mask"], config.aug, soft=teacher
+        step_key, batch["image"], batch["lung_mask"], config.aug, soft=teacher
       )
     if image_sharding is not None:
       image = jax.lax.with_sharding_constraint(image, image_sharding)
       mask = jax.lax.with_sharding_constraint(mask, image_sharding)
-    batch = dict(batch, image=image, mask=mask)
+    batch = dict(batch, image=image, lung_mask=mask)
 
     def loss_fn(params, model_state):
       # copy=True: fresh Variables of this trace level, which NNX lets the model mutate.
