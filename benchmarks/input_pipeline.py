@@ -19,6 +19,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from cxr_jax.core.run import platform
 from cxr_jax.core.run import rundir
 from cxr_jax.core.training import augment
 from cxr_jax.data import input_pipeline
@@ -92,7 +93,7 @@ def main(argv):
     input_pipeline.create_train_iterator(config, source, process_index=0, process_count=1)
   )
   batch = real_step.device_batch(host)
-  aug_fn = jax.jit(functools.partial(augment.augment_batch, aug_config=config.aug))
+  aug_fn = platform.jit(functools.partial(augment.augment_batch, aug_config=config.aug))
   aug_s = _median_seconds(
     aug_fn, jax.random.key(0), batch["image"], batch["lung_mask"], repeats=_REPEATS.value
   )

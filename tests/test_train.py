@@ -18,6 +18,7 @@ from flax import nnx
 
 from cxr_jax.core import models
 from cxr_jax.core.run import checkpoint
+from cxr_jax.core.run import platform
 from cxr_jax.core.run import rundir
 from cxr_jax.core.training import steps
 from cxr_jax.workflows import train
@@ -299,8 +300,8 @@ def test_ema_update_and_mean_teacher_step(data_dir):
     steps.make_train_step(graphdef, config, tx)
   config.data.examples = "all"
   config.semi.rampup_steps = 1
-  state = jax.jit(functools.partial(steps.create_train_state, config, tx))()
-  train_step = jax.jit(steps.make_train_step(graphdef, config, tx))
+  state = platform.jit(functools.partial(steps.create_train_state, config, tx))()
+  train_step = platform.jit(steps.make_train_step(graphdef, config, tx))
   size = config.data.image_size
   rng = np.random.default_rng(0)
   batch = {

@@ -133,7 +133,7 @@ class Inference:
     self.tta = bool(config.tta)
     self.qc_threshold = float(config.qc_threshold)
 
-    @functools.partial(jax.jit, compiler_options=platform.compiler_options(), **shardings)
+    @functools.partial(platform.jit, **shardings)
     def forward(state, images):
       model = nnx.merge(graphdef, state)
       outputs = model(images, train=False, **kwargs)

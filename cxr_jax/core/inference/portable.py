@@ -24,6 +24,7 @@ from jax import export as jax_export
 
 from cxr_jax.config import schema
 from cxr_jax.core.inference import inference
+from cxr_jax.core.run import platform
 
 FORMAT = "cxr_jax.portable/1"
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each: exported on a GPU, run on a laptop
@@ -53,7 +54,7 @@ def export_model(
 
   size = int(config.data.image_size)
   (batch,) = jax_export.symbolic_shape("b")
-  exported = jax_export.export(jax.jit(infer), platforms=PLATFORMS)(
+  exported = jax_export.export(platform.jit(infer), platforms=PLATFORMS)(
     jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
   )
   settings = {
@@ -83,7 +84,8 @@ class PortableModel:
       self.settings = json.loads(z.read(_SETTINGS))
       if self.settings.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file (format {self.settings.get('format')!r})")
-      self._exported = jax_export.deserialize(bytearray(z.read(_MODEL)))
+      exported = jax_export.deserialize(bytearray(z.read(_MODEL)))
+    self._call = platform.jit(exported.call)
     self.image_size = int(self.settings["image_size"])
     self.batch_size = batch_size or int(self.settings["eval_batch_size"])
     self.segments = "prob" in self.settings["outputs"]
@@ -92,5 +94,5 @@ class PortableModel:
     self.qc_threshold = float(self.settings.get("qc_threshold", schema.default("qc_threshold")))
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    outputs = self._exported.call(jnp.asarray(images, jnp.float32))
+    outputs = self._call(jnp.asarray(images, jnp.float32))
     return {k: np.asarray(v) for k, v in jax.device_get(outputs).items()}
