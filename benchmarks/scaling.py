@@ -72,7 +72,7 @@ def _compiled_step(config, mesh, *, abstract: bool):
   size, rows = config.data.image_size, config.batch_size // jax.process_count()
   fields = {"image": np.float32, "lung_mask": np.float32, "has_mask": np.float32,
             "weight": np.float32, "label": np.int32}  # fmt: skip
-  shapes = {k: (config.batch_size, size, size, 1) if k in ("image", "mask") else
+  shapes = {k: (config.batch_size, size, size, 1) if k in ("image", "lung_mask") else
             (config.batch_size,) for k in fields}  # fmt: skip
   if abstract:
     state = jax.tree.map(

@@ -75,7 +75,7 @@ KEYS = (
   Key("model.dropout", 0.0, "[0, 1)", "dropout rate", SAME),
   Key("model.upsample", "transpose", ("transpose", "resize"), "decoder upsampling", SAME),
   Key("model.num_classes", 2, "int >= 1", "classifier heads: normal / abnormal", SAME),
-  Key("model.dtype", "float32", ("float32", "bfloat16"), "compute dtype (parameters stay float32)"),
+  Key("model.dtype", "float32", ("float32", "bfloat16", "float64"), "compute dtype (parameters stay float32; float64: the tests' reference, needs jax_enable_x64)"),
   # ----- loss -----
   Key("loss.dice_weight", 1.0, ">= 0", "segmentation: BCE + dice_weight * soft Dice"),
   Key("loss.class_weight", 1.0, ">= 0", "multi-task: weight of the classification loss"),
