@@ -69,7 +69,7 @@ def read_run(workdir: str | RunDir, split: str) -> dict[str, Any] | None:
   validation = _validation_at(run, summary.get("step"))
   row.update({m.name: m.result(summary, validation) for m in metric_table.RESULTS})
   if "segmentation" in summary:
-    for source, values in summary["segmentation"]["raw"]["per_source"].items():
+    for source, values in summary["segmentation"]["raw"].get("per_source", {}).items():
       row[f"dice_{source}"] = values["dice"]["mean"]
   table = io.StringIO(run.eval_table(split).read_text())
   images = {r["id"]: r for r in csv.DictReader(table)}

@@ -50,6 +50,7 @@ def test_an_older_runs_config_json_gets_the_missing_keys_at_their_defaults(tmp_p
     ("aug.rotat_deg", 5.0, "config.aug.rotat_deg is not a config key; add it to"),
     ("data.split", "random", "config.data.split='random' must be one of 'hash', 'kfold'"),
     ("data.num_folds", 1, "config.data.num_folds=1 must be an integer >= 2"),
+    ("data.examples", "everything", "config.data.examples='everything' must be one of 'with_"),
     ("model.norm", "layer", "config.model.norm='layer' must be one of 'batch', 'group', 'none'"),
     ("tta", "yes", "config.tta='yes' must be a bool"),
     ("aug.elastic_sigma", 0.0, "config.aug.elastic_sigma=0.0 must be > 0"),

@@ -235,7 +235,6 @@ def test_eval_batches_cover_every_example_once_with_zero_weight_padding(process_
       "the process count 2); set --config.batch_size=4",
     ),
     ("image_size", 8, "image_size=8"),
-    ("examples", "everything", "config.data.examples='everything'"),
   ],
 )
 def test_bad_config_raises_clear_errors(key, value, message):
