@@ -43,7 +43,7 @@ def folders_run(tmp_path_factory):
       f"--config.data.manual_dir={root / 'mine'}",
     )
   )
-  evaluate.run(str(workdir), "test", progress=False)  # in this process: no second start-up
+  evaluate.run(str(workdir), "test", show_progress=False)  # in this process: no second start-up
   predicted = run_module(
     "cxr_jax.predict",
     f"--workdir={workdir}",

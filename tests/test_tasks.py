@@ -94,7 +94,7 @@ def _run(root, module, manual_dir, *, write):
   config.data.data_dir = str(root / "tfds")
   workdir = root / "run"
   validation = train.train_and_evaluate(config, str(workdir))
-  summary = evaluate.run(str(workdir), "test", progress=False)
+  summary = evaluate.run(str(workdir), "test", show_progress=False)
   inputs = root / "inputs"
   chest = replicas.draw_chest(120, 100, seed=9)
   replicas.png(chest["image"], inputs / "x.png")

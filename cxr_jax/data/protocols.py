@@ -37,8 +37,6 @@ def kfold_assignment(
   With `patients` (one per id, '' where unknown), a patient's images are dealt as one unit
   (named and stratified by its first id), so no patient is in two folds.
   """
-  if num_folds < 2:
-    raise ValueError(f"config.data.num_folds={num_folds} must be at least 2.")
   if patients is not None and any(patients):
     units: dict[str, list[int]] = {}
     for i, patient in enumerate(patients):
@@ -64,7 +62,7 @@ def assign_splits(
 ) -> list[str]:
   """The split ('train' | 'validation' | 'test' | '' for unused) of each record of `meta`
   ({'id', 'source' (index), 'label', 'split' (its hash split)}) under config.data.split."""
-  protocol = data_config.get("split", "hash")
+  protocol = data_config["split"]
   if protocol == "hash":
     return [m["split"] for m in meta]
   if protocol == "kfold":

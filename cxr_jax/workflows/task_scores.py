@@ -64,8 +64,8 @@ def finding_columns(
   image does not label it)."""
   row: dict[str, Any] = {}
   if "p_findings" in outputs:
-    findings = findings_lib.parse_names(config.model.get("findings", ""))
-    uncertain = config.loss.get("uncertain", "ignore")
+    findings = findings_lib.parse_names(config.model.findings)
+    uncertain = config.loss.uncertain
     codes = np.asarray(record["findings"], np.int8)
     picked = codes[[list(dataset_findings).index(n) for n in findings]]
     target, weight = findings_lib.targets(picked, uncertain)

@@ -123,7 +123,7 @@ def create_train_state(
 
 
 def ema_decay(config: ml_collections.ConfigDict) -> float:
-  return float(config.optim.get("ema_decay", 0.0))
+  return float(config.optim.ema_decay)
 
 
 def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
@@ -143,10 +143,9 @@ def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
 
 def semi_weight(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
   """The mean teacher's loss weight at `step`: config.semi.weight after a linear ramp over
-  config.semi.rampup_steps (0 when config.semi is absent or off)."""
-  semi = config.get("semi") or {}
-  weight = float(semi.get("weight", 0.0))
-  rampup = max(1, int(semi.get("rampup_steps", 1)))
+  config.semi.rampup_steps (0 when off)."""
+  weight = float(config.semi.weight)
+  rampup = max(1, int(config.semi.rampup_steps))
   return weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / rampup)
 
 
@@ -200,7 +199,7 @@ def make_train_step(
   images onto every device.
   """
   lr_fn = create_learning_rate_fn(config)
-  semi = bool(float((config.get("semi") or {}).get("weight", 0.0)))
+  semi = bool(config.semi.weight)
   if semi and not ema_decay(config):
     raise ValueError(
       "config.semi.weight > 0 needs a teacher: set config.optim.ema_decay (e.g. 0.99)."
@@ -234,7 +233,7 @@ def make_train_step(
     # The heart and clavicle masks travel in the lung mask's channel as bits, so one draw
     # moves them all alike.
     structures = batch.get("structures")
-    packed = anatomy.pack(batch["mask"], structures)
+    packed = anatomy.pack(batch["lung_mask"], structures)
     if teacher is None:
       image, packed = augment.augment_batch(step_key, batch["image"], packed, config.aug)
     else:
@@ -245,7 +244,7 @@ def make_train_step(
       image = jax.lax.with_sharding_constraint(image, image_sharding)
       packed = jax.lax.with_sharding_constraint(packed, image_sharding)
     mask, structures = anatomy.unpack(packed, 0 if structures is None else structures.shape[-1])
-    batch = dict(batch, image=image, mask=mask)
+    batch = dict(batch, image=image, lung_mask=mask)
     if structures is not None:
       batch["structures"] = structures
 
