@@ -53,13 +53,12 @@ from cxr_jax.core.run import csv_tables
 from cxr_jax.core.run import rundir
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.core.run.progress import Progress
-from cxr_jax.core.stats import cardiothoracic
 from cxr_jax.core.stats import classification_stats
 from cxr_jax.data import dicom
 from cxr_jax.data import images
-from cxr_jax.data.findings import parse_names
 from cxr_jax.data.images import IMAGE_SUFFIXES
 from cxr_jax.workflows import lung_crop
+from cxr_jax.workflows import task_scores
 
 # ----- reading images -----
 
@@ -167,16 +166,12 @@ def predict_files(
           if spacing is not None:  # DICOM: the written mask's area in cm^2
             row["pixel_spacing_mm"] = f"{spacing[0]:.4f}x{spacing[1]:.4f}"
             row["lung_area_cm2"] = f"{mask.sum() * spacing[0] * spacing[1] / 100:.3f}"
-        if pred.structures is not None:
-          for name, structure in pred.structures.items():
-            (output / f"masks_{name}").mkdir(exist_ok=True)
-            _save_png(
-              structure.astype(np.uint8) * 255, output / f"masks_{name}" / f"{stems[path]}.png"
-            )
-          row.update(cardiothoracic.prediction_columns(pred.output_mask, pred.structures))
-        if pred.p_findings is not None:
-          names = parse_names(inference.config.model.findings)
-          row.update({f"p_{n}": f"{p:.6f}" for n, p in zip(names, pred.p_findings, strict=True)})
+        for name, structure in (pred.structures or {}).items():  # masks_heart/, ...
+          (output / f"masks_{name}").mkdir(exist_ok=True)
+          _save_png(
+            structure.astype(np.uint8) * 255, output / f"masks_{name}" / f"{stems[path]}.png"
+          )
+        row.update(task_scores.prediction_columns(pred, inference.config))
         if pred.p_abnormal is not None:
           row["p_abnormal"] = f"{pred.p_abnormal:.6f}"
           if temperature is not None:
@@ -212,11 +207,9 @@ def write_predictions_csv(
     + (["p_abnormal"] if classifies else [])
     + (["p_abnormal_calibrated"] if any("p_abnormal_calibrated" in r for r in rows) else [])
   )
-  # Structures' and findings' columns, in the order the rows first name them.
-  optional = {"lung_fraction_post", "pixel_spacing_mm", "lung_area_cm2", "uncertainty", "flagged"}
-  optional |= {"p_abnormal", "p_abnormal_calibrated"}
-  named = dict.fromkeys(k for r in rows for k in r)
-  fields += [k for k in named if k not in fields and k not in optional]
+  # Structures' and findings' columns, in the order the rows name them (every other key of a
+  # row is above, or lung_fraction_post left out when nothing was post-processed).
+  fields += task_scores.csv_fields(rows, [*fields, "lung_fraction_post"])
   csv_tables.write_csv(path, fields, rows)
 
 

@@ -128,3 +128,17 @@ def findings_summary(
 def csv_fields(rows: Sequence[Mapping[str, Any]], known: Sequence[str]) -> list[str]:
   """The columns rows hold beyond `known` (evaluation.CSV_FIELDS), in first-seen order."""
   return [k for k in dict.fromkeys(k for r in rows for k in r) if k not in set(known)]
+
+
+def prediction_columns(prediction, config) -> dict[str, str]:
+  """predict's CSV columns of one `inference.Prediction` beyond the lungs: structure
+  fractions and the cardiothoracic ratio (`cardiothoracic.prediction_columns`), and
+  `p_<finding>` per name of config.model.findings."""
+  row = {}
+  if prediction.structures is not None:
+    lungs = prediction.output_mask
+    row.update(cardiothoracic.prediction_columns(lungs, prediction.structures))
+  if prediction.p_findings is not None:
+    names = findings_lib.parse_names(config.model.findings)
+    row.update({f"p_{n}": f"{p:.6f}" for n, p in zip(names, prediction.p_findings, strict=True)})
+  return row
