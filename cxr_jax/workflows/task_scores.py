@@ -10,7 +10,7 @@ import numpy as np
 from cxr_jax.core.inference.inference import native_mask
 from cxr_jax.core.stats import cardiothoracic
 from cxr_jax.core.stats import classification_stats
-from cxr_jax.core.stats import surface
+from cxr_jax.core.stats import metric_table
 from cxr_jax.core.training import multilabel
 from cxr_jax.data import findings as findings_lib
 from cxr_jax.data import images
@@ -42,7 +42,7 @@ def structure_columns(
       predicted[name] = pred
       row[f"{name}_fraction"] = float(pred.mean())
       if outlined[k + 1]:
-        scores = surface.mask_metrics(pred, truths[..., k + 1] > 0, spacing)
+        scores = metric_table.mask_metrics(pred, truths[..., k + 1] > 0, spacing)
         row.update({f"{name}_{m}": scores[m] for m in STRUCTURE_METRICS})
     row["cardiothoracic_ratio"] = cardiothoracic.cardiothoracic_ratio(predicted["heart"], lungs)
     if outlined[0] and outlined[1]:

@@ -119,6 +119,9 @@ TABLE = (
   Metric("specificity", "specificity", True, "", "normal images called normal (at 0.5 in validation, at Youden's threshold in evaluate)", "stats/classification_stats"),
   Metric("ece", "ECE", False, "", "expected calibration error of p(abnormal) over equal-width bins", "stats/classification_stats.expected_calibration_error", None, _classification("ece")),
   Metric("ece_calibrated", "ECE calibrated", False, "", "ECE after the temperature fitted on validation", "stats/classification_stats.fit_temperature", None, _classification("calibration", "ece_after")),
+  Metric("heart_dice", "heart Dice", True, "", "Dice of the heart mask over the images outlining it (model.structures)", "training/anatomy; evaluate: workflows/task_scores"),
+  Metric("clavicles_dice", "clavicles Dice", True, "", "Dice of the clavicles' mask over the images outlining them (model.structures)", "training/anatomy; evaluate: workflows/task_scores"),
+  Metric("findings_auc", "findings AUC", True, "", "macro mean of each finding's ROC AUC over the images labelling it (model.findings)", "training/multilabel; evaluate: workflows/task_scores"),
   Metric("val_dice", "val Dice", True, "", "validation Dice (model resolution) at the evaluated step of the EMA weights (runs with an EMA)", "metrics.jsonl", None, lambda s, v: v.get("dice") if "online_dice" in v else None),
   Metric("val_online_dice", "val Dice online", True, "", "the same of the trained weights themselves: with val_dice, the EMA's paired effect", "metrics.jsonl", None, lambda s, v: v.get("online_dice")),
 )
