@@ -98,7 +98,7 @@ def _run(root, module, manual_dir, *, write):
   inputs = root / "inputs"
   chest = replicas.draw_chest(120, 100, seed=9)
   replicas.png(chest["image"], inputs / "x.png")
-  assert predict.run(str(workdir), str(inputs), str(root / "out"), progress=False) == 0
+  assert predict.run(str(workdir), str(inputs), str(root / "out"), show_progress=False) == 0
   with open(root / "out" / "predictions.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   return {"validation": validation, "summary": summary, "rows": rows, "workdir": workdir}
