@@ -27,6 +27,8 @@ def load_builder(
   manual_dir: str = "",
   synthetic_examples: int = 0,
   strict: bool = False,
+  workers: int = 1,
+  beam_options: Sequence[str] = (),
 ) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder of dataset `name` (a `registry` kind).
 
@@ -39,14 +41,17 @@ def load_builder(
     manual_dir: where a kind on disk reads its files ('' -> $CXR_MANUAL_DIR).
     synthetic_examples: size of a generated kind (0: its default; each size its own config).
     strict: raise on unusable files instead of skipping and counting them.
+    workers: processes decoding images while building (1: this one).
+    beam_options: Apache Beam pipeline options ('--runner=DataflowRunner', ...): build on
+      Beam, one shard per task, instead of in this process (`beam_pipeline`).
   """
   kind = registry.get(name)
   manual_dir = "" if kind.generated else (manual_dir or os.environ.get(MANUAL_DIR_ENV, ""))
   manual_dir = paths.resolve(manual_dir) if manual_dir else ""
   if paths.is_url(data_dir):
-    return _load_remote(name, data_dir, manual_dir, synthetic_examples, strict)
+    return _load_remote(name, data_dir, manual_dir, synthetic_examples, strict, workers)
   with _prepare_lock(paths.resolve(data_dir), name):  # runs started together build it once
-    builder = _builder(name, paths.resolve(data_dir), synthetic_examples, strict)
+    builder = _builder(name, paths.resolve(data_dir), synthetic_examples, strict, workers)
     prepared = _is_prepared(builder)
     read_from = manual_dir
     if not kind.generated and not prepared:
@@ -57,7 +62,7 @@ def load_builder(
     builder.recorded_manual_dir = manual_dir  # the URL, where a local copy is read
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
-        manual_dir=read_from or None, try_download_gcs=False
+        manual_dir=read_from or None, try_download_gcs=False, **beam_pipeline(beam_options)
       )
     )
   if prepared and not kind.generated:
@@ -79,18 +84,39 @@ def _prepare_lock(data_dir: str, name: str):
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def beam_pipeline(options: Sequence[str]) -> dict:
+  """DownloadConfig's beam_options and beam_runner for pipeline `options` ({} for none)."""
+  if not options:
+    return {}
+  try:
+    from apache_beam.options import pipeline_options  # noqa: PLC0415  (optional, heavy)
+  except ImportError as e:
+    raise DataError(
+      f"--beam_pipeline_options needs Apache Beam ({e}): pip install 'cxr_jax[beam]'."
+    ) from e
+  beam_options = pipeline_options.PipelineOptions(flags=list(options))
+  runner = beam_options.view_as(pipeline_options.StandardOptions).runner or "DirectRunner"
+  return {"beam_options": beam_options, "beam_runner": runner}
+
+
 def _builder(
-  name: str, data_dir: str, synthetic_examples: int, strict: bool
+  name: str, data_dir: str, synthetic_examples: int, strict: bool, workers: int = 1
 ) -> tfds.core.DatasetBuilder:
   return cxr_masks_and_labels.CxrMasksAndLabels(
     config=cxr_masks_and_labels.config_for(name, synthetic_examples),
     data_dir=data_dir,
     strict=strict,
+    workers=workers,
   )
 
 
 def _load_remote(
-  name: str, data_dir: str, manual_dir: str, synthetic_examples: int, strict: bool
+  name: str,
+  data_dir: str,
+  manual_dir: str,
+  synthetic_examples: int,
+  strict: bool,
+  workers: int = 1,
 ) -> tfds.core.DatasetBuilder:
   """A dataset prepared in a bucket, opened from this host's local copy.
 
@@ -115,6 +141,7 @@ def _load_remote(
     manual_dir=manual_dir,
     synthetic_examples=synthetic_examples,
     strict=strict,
+    workers=workers,
   )
   if not in_bucket:
     count = paths.upload_tree(local, remote)
