@@ -86,9 +86,18 @@ def run(
       source = rundir.load_split(config, name, dataset)
       return lung_crop.maybe_crop(config, name, source, workdir)
 
-  summary, result = evaluation.evaluate_split(
-    config, model, split, get_source, batch_size=batch_size, progress=progress
-  )
+  out_dir = f"{paths.resolve(workdir)}/eval"
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  with csv_tables.RowWriter(f"{out_dir}/{name}.csv", evaluation.CSV_FIELDS) as csv_rows:
+    summary, result = evaluation.evaluate_split(
+      config,
+      model,
+      split,
+      get_source,
+      batch_size=batch_size,
+      progress=progress,
+      write_row=csv_rows.write,
+    )
   summary = {
     "split": split,
     "workdir": paths.resolve(workdir),
@@ -96,9 +105,6 @@ def run(
     "step": step,
     **summary,
   }
-  out_dir = f"{paths.resolve(workdir)}/eval"
-  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-  csv_tables.write_csv(f"{out_dir}/{name}.csv", evaluation.CSV_FIELDS, result.rows)
   html = report.write_report(out_dir, name, summary, result)
   summary["report"] = os.path.basename(html)
   paths.write_text(f"{out_dir}/{name}.json", json.dumps(json_safe(summary), indent=2))
