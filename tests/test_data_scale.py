@@ -2,11 +2,17 @@
 process (same ids in the same order per split, every feature's bytes equal)."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from cxr_jax.data import datasets
+from tests.conftest import REPO_ROOT
+from tests.test_gcs import gcs  # noqa: F401  (the GCS emulator fixture)
 
 EXAMPLES = 40
 
@@ -61,3 +67,53 @@ def test_a_beam_build_writes_the_dataset_one_process_writes(one_process, tmp_pat
   ]
   beam, _ = _build(tmp_path, beam_options=options)
   _assert_same(single, beam)
+
+
+# Each host reads only its part: two "hosts" (processes with their own cache) read a split
+# of a dataset in a bucket (a GCS emulator), each its process's share.
+HOST = """
+import json, os, sys
+import ml_collections
+from cxr_jax.data import datasets, input_pipeline
+index, data_dir = int(sys.argv[1]), sys.argv[2]
+builder = datasets.load_builder("synthetic", data_dir=data_dir, synthetic_examples=60)
+source = datasets.split_source(builder, "train")
+config = ml_collections.ConfigDict({"eval_batch_size": 8, "data": {"image_size": 32,
+                                    "num_workers": 0, "prefetch": 2}})
+batches = input_pipeline.create_eval_batches(config, source, process_index=index, process_count=2)
+ids = [i for batch in batches for i, w in zip(batch["id"], batch["weight"]) if w > 0]
+fetched = sorted(f for f in os.listdir(builder.data_dir) if "-train.array_record-" in f)
+print(json.dumps({"ids": ids, "fetched": fetched, "batches": len(batches)}))
+"""
+
+
+def test_two_hosts_fetch_disjoint_shards_and_read_every_example_once(gcs, tmp_path, monkeypatch):  # noqa: F811
+  import gcsfs
+
+  from tests.test_gcs import BUCKET
+
+  data_dir = f"gs://{BUCKET}/scale"
+  monkeypatch.setenv("CXR_JAX_CACHE", str(tmp_path / "host0"))  # prepared here, uploaded
+  datasets.load_builder("synthetic", data_dir=data_dir, synthetic_examples=60, shard_examples=4)
+  fs = gcsfs.GCSFileSystem(token="anon")
+  shards = {p.rsplit("/", 1)[-1] for p in fs.find(f"{BUCKET}/scale") if "-train.array_record-" in p}
+  hosts = [
+    subprocess.Popen(
+      [sys.executable, "-c", HOST, str(i), data_dir], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True,
+      env={**os.environ, **gcs, "PYTHONPATH": str(REPO_ROOT),
+           "CXR_JAX_CACHE": str(tmp_path / f"host{i + 1}")},
+    )
+    for i in range(2)
+  ]  # fmt: skip
+  results = []
+  for host in hosts:
+    out, err = host.communicate(timeout=300)
+    assert host.returncode == 0, err[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  first, second = results
+  assert first["batches"] == second["batches"]  # the hosts' evaluation steps stay in lockstep
+  assert len(shards) >= 8 and set(first["fetched"]) | set(second["fetched"]) == shards
+  assert not set(first["fetched"]) & set(second["fetched"]) and first["fetched"]
+  assert len(first["ids"]) + len(second["ids"]) == len(set(first["ids"]) | set(second["ids"]))
+  assert len(set(first["ids"]) | set(second["ids"])) == 4 * (len(shards) - 1) + 2  # 50 train

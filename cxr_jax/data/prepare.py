@@ -23,6 +23,7 @@ from absl import flags
 from PIL import Image
 
 from cxr_jax import cli
+from cxr_jax.data import cxr_masks_and_labels
 from cxr_jax.data import datasets
 from cxr_jax.data import registry
 from cxr_jax.data.splits import SPLIT_PERCENT
@@ -126,6 +127,11 @@ def define_flags() -> None:
     "'--' (e.g. runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing;"
     " README 'Data at scale' for Dataflow). Empty: build in this process.",
   )
+  flags.DEFINE_integer(
+    "shard_examples",
+    cxr_masks_and_labels.SHARD_EXAMPLES,
+    "Examples per shard file (each host of a job reads whole shards).",
+  )
   flags.DEFINE_bool("count", True, "Read every record back and print the split counts table.")
 
 
@@ -145,6 +151,7 @@ def main(argv: Sequence[str]) -> None:
     synthetic_examples=args.synthetic_examples,
     strict=args.strict,
     workers=args.workers,
+    shard_examples=args.shard_examples,
     beam_options=[f"--{option}" for option in args.beam_pipeline_options],
   )
   print(f"{builder.info.full_name} in {builder.data_dir}")
