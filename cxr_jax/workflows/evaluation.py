@@ -44,6 +44,7 @@ CSV_FIELDS = (
   + ["p_abnormal", "p_abnormal_calibrated"]
 )
 POOR_DICE = 0.95  # quality control: how well `uncertainty` finds masks below this Dice
+_ONE_PROCESS = {"process_index": 0, "process_count": 1}
 
 
 @dataclasses.dataclass
@@ -86,13 +87,8 @@ class CaseLookup(Mapping):
   def __getitem__(self, image_id: str) -> Case:
     if image_id not in self._made:
       record = self._source[self._positions[image_id]]
-      batch = next(
-        iter(
-          input_pipeline.create_eval_batches(
-            self._config, [record], process_index=0, process_count=1
-          )
-        )
-      )
+      batches = input_pipeline.create_eval_batches(self._config, [record], **_ONE_PROCESS)
+      batch = next(iter(batches))
       outputs = self._inference(batch["image"])
       self._made[image_id] = _score_image(record, batch, 0, outputs, self._inference)[1]
     return self._made[image_id]
@@ -135,7 +131,7 @@ def predict_split(
 
   native=False only collects labels and p(abnormal) (threshold choice on validation).
   """
-  batches = input_pipeline.create_eval_batches(config, source, process_index=0, process_count=1)
+  batches = input_pipeline.create_eval_batches(config, source, **_ONE_PROCESS)
   rows, positions, attention, labels, probs = [], {}, [], [], []
   bar = Progress(len(source), progress) if progress else None
   attention_left = NUM_ATTENTION_CASES
