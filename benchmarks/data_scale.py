@@ -71,13 +71,6 @@ def stage_prepare(args) -> dict:
   return {"splits": {k: v.num_examples for k, v in builder.info.splits.items()}}
 
 
-def _config(args):
-  from cxr_jax.core import rundir
-
-  config, _, _ = rundir.restore_model(args.run, "latest")
-  return config
-
-
 def stage_loader(args) -> dict:
   import ml_collections
 
@@ -111,7 +104,7 @@ def stage_loader(args) -> dict:
 
 def stage_evaluate(args) -> dict:
   from cxr_jax import evaluate
-  from cxr_jax.core import rundir
+  from cxr_jax.core.run import rundir
   from cxr_jax.data import datasets
 
   builder = datasets.load_builder(KIND, data_dir=args.data_dir, synthetic_examples=args.n)
