@@ -111,7 +111,7 @@ def stage_evaluate(args) -> dict:
   source = datasets.split_source(builder, "test")
   config, model, _ = rundir.restore_model(args.run, "latest")
   start = time.perf_counter()
-  evaluate.run(args.run, "test", restored=(config, model), sources={"test": source}, progress=False)
+  evaluate.run_model(config, model, args.run, "test", {"test": source}, show_progress=False)
   return {"images": len(source), "seconds_in_run": time.perf_counter() - start}
 
 
