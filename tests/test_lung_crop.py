@@ -19,6 +19,7 @@ from cxr_jax.data import datasets
 from cxr_jax.data import preprocess
 from cxr_jax.data import records
 from cxr_jax.workflows import lung_crop
+from cxr_jax.workflows import prediction
 from cxr_jax.workflows import train
 from tests.test_train import smoke_config
 
@@ -178,7 +179,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
   cls_config, cls_model, _ = rundir.restore_model(str(cls), "latest")
   inference = inference_lib.Inference(cls_config, cls_model, batch_size=3)
   segmenter = lung_crop.load_segmenter(str(seg), batch_size=3)
-  native = [predict.load_image(images / f"x{k}.png")[0] for k in range(3)]
+  native = [prediction.load_image(images / f"x{k}.png")[0] for k in range(3)]
   boxes = [box for _, box in segmenter.predict(native)]
   assert any(b is not None for b in boxes)
   cropped, whole = [], []
