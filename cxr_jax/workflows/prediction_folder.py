@@ -187,7 +187,8 @@ class PredictionFolder:
         self.done[row["image"]] = row
         rows.append(row)
     self.fields = [c for c in self.columns if c in fields]
-    self._rewrite(rows)
+    if source is not None:
+      self._rewrite(rows)
 
   def taken_names(self) -> list[str]:
     """Mask names (without .png) of the rows already done."""
@@ -203,7 +204,9 @@ class PredictionFolder:
       if unknown:
         raise ValueError(f"predict wrote unknown CSV columns {sorted(unknown)}")
       self._flush()
-      old = list(csv.DictReader(io.StringIO(self._read_partial(), newline="")))
+      partial = self.root / PARTIAL_CSV_FILE
+      text = partial.read_text() if partial.exists() else ""
+      old = list(csv.DictReader(io.StringIO(text, newline="")))
       self.fields = [c for c in self.columns if c in set(self.fields) | new]
       self._rewrite([*old, *rows])
       return
