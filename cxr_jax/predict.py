@@ -1,10 +1,9 @@
 """`python -m cxr_jax.predict --workdir=DIR --input=PATH --output=OUT [--checkpoint=best]`
 
-PATH is an image or a folder of PNG/JPEG/DICOM files (top level only) of any size, 8 or 16
-bit, grey or colour, decoded as the dataset decodes its files (DICOM: windowed as its header
-says). Writes OUT/masks/<stem>.png
-(uint8 0/255 at the input's own height and width), OUT/overlays/<stem>.png and
-OUT/predictions.csv, one row per image:
+PATH is an image or a folder of PNG/JPEG/DICOM files (top level only) of up to --max_pixels
+pixels, 8 or 16 bit, grey or colour, decoded as the dataset decodes its files (DICOM:
+windowed as its header says). Writes OUT/masks/<stem>.png (uint8 0/255 at the input's own
+height and width), OUT/overlays/<stem>.png and OUT/predictions.csv, one row per image:
 
     image, height, width    the file's name and native size
     lung_fraction           fraction of the image's pixels in the raw predicted mask
@@ -19,7 +18,6 @@ OUT/predictions.csv, one row per image:
     p_abnormal              only when the model classifies
     p_abnormal_calibrated   and DIR/calibration.json (written by evaluate for this
                             checkpoint) holds a temperature fitted on validation
-
     mask                    the image's mask, `masks/<name>.png` (`output_stems`: the stem,
                             the full name where stems clash, then ~2, ~3)
 
@@ -127,7 +125,7 @@ def run(
   max_pixels: int = MAX_PIXELS,
 ) -> int:
   """The command: predicts `input_path` into `output`; returns the exit status (0: all ok,
-  1: some files failed or the disk filled, 2: refused, 130: stopped by Ctrl-C).
+  1: some files failed or the disk filled, 2: refused, 130: stopped by Ctrl-C or SIGTERM).
 
   `model_file` (a `python -m cxr_jax.export` file) replaces the workdir; `restored`
   ((config, model), e.g. from a test) skips reading the workdir's checkpoint; `space` > 0
@@ -187,7 +185,7 @@ def run(
           notes + batch.notes,
         )
   except KeyboardInterrupt:
-    stopped = "stopped (Ctrl-C)"
+    stopped = "stopped (Ctrl-C or SIGTERM)"
   except OSError as e:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT) and not cli.disk_full(e):
       raise
@@ -205,7 +203,7 @@ def run(
       "command: it skips them and predicts the rest.",
       file=sys.stderr,
     )
-    return 130 if "Ctrl-C" in stopped else 1
+    return 130 if "SIGTERM" in stopped else 1
   print(
     f"predict: {done} of {len(paths)} images predicted into {output}"
     + (f"; {len(errors)} failed (listed above)" if errors else ""),

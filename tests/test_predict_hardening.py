@@ -356,7 +356,7 @@ def test_ctrl_c_keeps_the_finished_rows_and_the_rerun_predicts_only_the_rest(mod
   )
   assert done.returncode == 130, done.stderr[-3000:]
   last = done.stderr.strip().splitlines()[-1]
-  assert "stopped (Ctrl-C) after 2 of 6 images" in last and "checkpoint" not in last
+  assert "stopped (Ctrl-C or SIGTERM) after 2 of 6 images" in last and "checkpoint" not in last
   assert [r["image"] for r in _rows(out)] == ["0.png", "1.png"]
   assert sorted(p.name for p in (out / "masks").iterdir()) == ["0.png", "1.png", "2.png"]
   kept = {name: (out / "masks" / name).stat().st_mtime_ns for name in ("0.png", "1.png")}

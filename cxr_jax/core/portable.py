@@ -99,6 +99,8 @@ class PortableModel:
       self.segments = "prob" in self.settings["outputs"]
       self.classifies = "p_abnormal" in self.settings["outputs"]
       self.qc_threshold = inference.qc_threshold(self.settings)
+    except FileNotFoundError as e:
+      raise ValueError(f"{path}: no such file") from e
     except _NotAModel as e:
       raise ValueError(f"{path}: {e}; export the run again (python -m cxr_jax.export)") from e
     except zipfile.BadZipFile as e:

@@ -53,7 +53,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> 
   pixels (at most `max_pixels`), not the file's size.
   Raises ValueError naming the file when it is not a readable image or is too large.
   """
-  name = prediction_folder.display_name(epath.Path(path))
+  name = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
   try:
     with epath.Path(path).open("rb") as f:
       if f.read(132)[128:132] == b"DICM" or epath.Path(path).suffix.lower() in dicom.DICOM_SUFFIXES:

@@ -69,6 +69,9 @@ def output_stems(paths: Sequence[epath.Path], taken: Iterable[str] = ()) -> list
 def write_whole(path: epath.Path, data: bytes) -> None:
   """Writes `data` under a temporary name in the same folder, then renames it to `path`: a
   reader never sees half a file, whatever stops the write (a full disk, Ctrl-C, a kill)."""
+  if data_paths.is_url(str(path)):  # a bucket's object appears whole when its upload ends
+    path.write_bytes(data)
+    return
   tmp = path.parent / f"{TMP_PREFIX}{path.name}"
   try:
     tmp.write_bytes(data)
@@ -100,6 +103,8 @@ class PredictionFolder:
       advice="Wait for it to finish, or predict into another --output.",
     )
     self._remote = data_paths.is_url(str(output))
+    # A bucket has no appending and no rename (a copy): there the CSV is rewritten whole.
+    self._partial = self.root / (CSV_FILE if self._remote else PARTIAL_CSV_FILE)
     self._pending: list[str] = []
     self._written = time.monotonic()
 
@@ -133,9 +138,8 @@ class PredictionFolder:
   def __exit__(self, *exc) -> None:
     try:
       self._flush()
-      partial = self.root / PARTIAL_CSV_FILE
-      if partial.exists():
-        partial.replace(self.root / CSV_FILE)
+      if not self._remote and self._partial.exists():
+        self._partial.replace(self.root / CSV_FILE)
     finally:
       self._lock.release()
 
@@ -148,7 +152,10 @@ class PredictionFolder:
         record = json.loads(record_path.read_text())
       except (OSError, ValueError):
         record = {"model": f"an unreadable {record_path}"}
-      if record == self.identity:
+      # The model's name (its path as typed, its step) may differ; the weights may not.
+      if {k: v for k, v in record.items() if k != "model"} == {
+        k: v for k, v in self.identity.items() if k != "model"
+      }:
         return
       raise ValueError(
         f"{self.root} holds predictions of {record.get('model')!r}"
@@ -204,8 +211,7 @@ class PredictionFolder:
       if unknown:
         raise ValueError(f"predict wrote unknown CSV columns {sorted(unknown)}")
       self._flush()
-      partial = self.root / PARTIAL_CSV_FILE
-      text = partial.read_text() if partial.exists() else ""
+      text = self._partial.read_text() if self._partial.exists() else ""
       old = list(csv.DictReader(io.StringIO(text, newline="")))
       self.fields = [c for c in self.columns if c in set(self.fields) | new]
       self._rewrite([*old, *rows])
@@ -214,23 +220,19 @@ class PredictionFolder:
     if not self._remote or time.monotonic() - self._written > _REMOTE_FLUSH_S:
       self._flush()
 
-  def _read_partial(self) -> str:
-    return (self.root / PARTIAL_CSV_FILE).read_text()
-
   def _rewrite(self, rows: Sequence[Mapping[str, Any]]) -> None:
     self._pending.clear()
-    write_whole(self.root / PARTIAL_CSV_FILE, csv_tables.csv_text(self.fields, rows).encode())
+    write_whole(self._partial, csv_tables.csv_text(self.fields, rows).encode())
     self._written = time.monotonic()
 
   def _flush(self) -> None:
     if not self._pending:
       return
     text = "".join(self._pending)
-    partial = self.root / PARTIAL_CSV_FILE
     if self._remote:  # no appending to a bucket object: the whole file again
-      write_whole(partial, (self._read_partial() + text).encode())
+      write_whole(self._partial, (self._partial.read_text() + text).encode())
     else:
-      with open(partial, "a", encoding="utf-8", newline="") as f:
+      with open(self._partial, "a", encoding="utf-8", newline="") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
