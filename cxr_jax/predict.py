@@ -152,6 +152,11 @@ def run(
   except (ValueError, RuntimeError) as e:  # a bad model file or calibration; OUT in use
     print(f"predict: error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:
+    if not _disk_full(e):
+      raise
+    print(f"predict: the disk is full ({e}); free space and rerun.", file=sys.stderr)
+    return 1
   keys = [csv_tables.cell(prediction_folder.display_name(p)) for p in paths]
   todo = [p for p, key in zip(paths, keys) if key not in folder.done]
   if len(todo) < len(paths):
@@ -179,15 +184,13 @@ def run(
     with folder:
       for batch in batches:
         folder.add(batch.rows)
-        predicted, errors, notes = (
-          predicted + len(batch.rows),
-          errors + batch.errors,
-          notes + batch.notes,
-        )
+        predicted += len(batch.rows)
+        errors += batch.errors
+        notes += batch.notes
   except KeyboardInterrupt:
     stopped = "stopped (Ctrl-C or SIGTERM)"
   except OSError as e:
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT) and not cli.disk_full(e):
+    if not _disk_full(e):
       raise
     stopped = f"the disk is full ({e.strerror or e}{f': {e.filename}' if e.filename else ''})"
   for message in notes:
@@ -210,6 +213,10 @@ def run(
     file=sys.stderr,
   )
   return 1 if errors else 0
+
+
+def _disk_full(e: OSError) -> bool:
+  return e.errno in (errno.ENOSPC, errno.EDQUOT) or cli.disk_full(e)
 
 
 def _absolute(path: str) -> str:
