@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from configs import default  # noqa: E402
 from cxr_jax.core import models  # noqa: E402
-from cxr_jax.core.inference import Inference  # noqa: E402
+from cxr_jax.core.inference.inference import Inference  # noqa: E402
 from cxr_jax.workflows import prediction  # noqa: E402
 
 

@@ -48,10 +48,10 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import cli
-from cxr_jax.core import csv_tables
-from cxr_jax.core import portable
-from cxr_jax.core import rundir
-from cxr_jax.core.inference import Inference
+from cxr_jax.core.inference import portable
+from cxr_jax.core.inference.inference import Inference
+from cxr_jax.core.run import csv_tables
+from cxr_jax.core.run import rundir
 from cxr_jax.workflows import lung_crop
 from cxr_jax.workflows import prediction
 from cxr_jax.workflows import prediction_folder

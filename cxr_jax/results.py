@@ -24,8 +24,8 @@ from absl import flags
 
 from cxr_jax import cli
 from cxr_jax import figures
-from cxr_jax.core import csv_tables
-from cxr_jax.core import paired_stats
+from cxr_jax.core.run import csv_tables
+from cxr_jax.core.stats import paired_stats
 
 RUN_FIELDS = (
   "run",

@@ -24,8 +24,8 @@ from pydicom.uid import RLELossless
 from pydicom.uid import generate_uid
 
 from cxr_jax import predict
-from cxr_jax.core import portable
-from cxr_jax.core import run_lock
+from cxr_jax.core.inference import portable
+from cxr_jax.core.run import run_lock
 from cxr_jax.data import images
 from cxr_jax.workflows import prediction
 from cxr_jax.workflows import prediction_folder

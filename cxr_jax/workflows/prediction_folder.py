@@ -24,8 +24,8 @@ from typing import Any
 
 from etils import epath
 
-from cxr_jax.core import csv_tables
-from cxr_jax.core import run_lock
+from cxr_jax.core.run import csv_tables
+from cxr_jax.core.run import run_lock
 from cxr_jax.data import paths as data_paths
 
 LOCK_FILE = "predict.lock"

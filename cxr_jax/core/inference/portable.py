@@ -24,7 +24,8 @@ from etils import epath
 from flax import nnx
 from jax import export as jax_export
 
-from cxr_jax.core import inference
+from cxr_jax.core.inference import inference
+from cxr_jax.core.run import platform
 
 FORMAT = "cxr_jax.portable/1"
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each: exported on a GPU, run on a laptop
@@ -54,7 +55,7 @@ def export_model(
 
   size = int(config.data.image_size)
   (batch,) = jax_export.symbolic_shape("b")
-  exported = jax_export.export(jax.jit(infer), platforms=PLATFORMS)(
+  exported = jax_export.export(platform.jit(infer), platforms=PLATFORMS)(
     jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
   )
   settings = {
@@ -91,9 +92,10 @@ class PortableModel:
         model = _member(z, _MODEL)
       self.fingerprint = hashlib.sha256(model).hexdigest()  # names the model in predict's OUT
       try:
-        self._exported = jax_export.deserialize(bytearray(model))
+        exported = jax_export.deserialize(bytearray(model))
       except Exception as e:  # flatbuffers, struct, ... on damaged bytes
         raise _NotAModel(f"its {_MODEL} is damaged ({type(e).__name__}: {_line(e)})") from e
+      self._call = platform.jit(exported.call)
       self.image_size = int(self.settings["image_size"])
       self.batch_size = batch_size or int(self.settings["eval_batch_size"])
       self.segments = "prob" in self.settings["outputs"]
@@ -115,7 +117,7 @@ class PortableModel:
       ) from e
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    outputs = self._exported.call(jnp.asarray(images, jnp.float32))
+    outputs = self._call(jnp.asarray(images, jnp.float32))
     return {k: np.asarray(v) for k, v in jax.device_get(outputs).items()}
 
 
