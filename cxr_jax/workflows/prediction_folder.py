@@ -96,7 +96,7 @@ class PredictionFolder:
     self.identity = {"model": describe, **identity}
     self.columns = list(columns)
     self.fields: list[str] = []
-    self.done: dict[str, dict] = {}  # CSV image cell -> row (as read back: text cells)
+    self.done: dict[str, str] = {}  # CSV image cell of each image done -> its mask cell
     self._lock = run_lock.RunLock(
       output,
       lock_file=LOCK_FILE,
@@ -191,7 +191,7 @@ class PredictionFolder:
         mask = row.get("mask", "")
         if mask and not all(os.path.basename(mask) in present[f] for f in FOLDERS):
           continue  # its mask or overlay was removed: predicted again
-        self.done[row["image"]] = row
+        self.done[row["image"]] = mask
         rows.append(row)
     self.fields = [c for c in self.columns if c in fields]
     if source is not None:
@@ -199,7 +199,7 @@ class PredictionFolder:
 
   def taken_names(self) -> list[str]:
     """Mask names (without .png) of the rows already done."""
-    return [os.path.splitext(os.path.basename(r["mask"]))[0] for r in self.done.values()]
+    return [os.path.splitext(os.path.basename(mask))[0] for mask in self.done.values() if mask]
 
   # ----- the CSV -----
 
