@@ -14,7 +14,7 @@ height and width), OUT/overlays/<stem>.png and OUT/predictions.csv, one row per 
     lung_area_cm2           and the written mask's area
     uncertainty, flagged    segmenters: the mask's `inference.uncertainty` (mean boundary
                             entropy, TTA-averaged under config.tta) and 1 where it exceeds
-                            `inference.QC_THRESHOLD` (config.qc_threshold): a mask worth checking by eye
+                            config.qc_threshold: a mask worth checking by eye
     p_abnormal              only when the model classifies
     p_abnormal_calibrated   and DIR/calibration.json (written by evaluate for this
                             checkpoint) holds a temperature fitted on validation
@@ -52,6 +52,7 @@ from cxr_jax.core.inference import portable
 from cxr_jax.core.inference.inference import Inference
 from cxr_jax.core.run import csv_tables
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.workflows import lung_crop
 from cxr_jax.workflows import prediction
 from cxr_jax.workflows import prediction_folder
@@ -92,11 +93,11 @@ def _load_model(workdir, checkpoint, batch_size, restored, model_file, space, co
   else:
     config, model = restored
   config = rundir.with_space(config, space)
-  batch_size = min(batch_size or int(config.get("eval_batch_size", 8)), count)
+  batch_size = min(batch_size or int(config.eval_batch_size), count)
   inference = Inference(config, model, batch_size=batch_size)
-  clean = bool(config.get("postprocess", False))
+  clean = bool(config.postprocess)
   segmenter, margin = None, 0.0
-  if config.data.get("crop_to_lungs", False):  # trained on lung crops
+  if config.data.crop_to_lungs:  # trained on lung crops
     segmenter = lung_crop.load_segmenter(config.data.crop_workdir, batch_size=batch_size)
     margin = float(config.data.crop_margin)
   temperature = temperature if inference.classifies else None
@@ -118,8 +119,7 @@ def run(
   *,
   checkpoint: str = "latest",
   batch_size: int = 0,
-  progress: bool = True,
-  restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
+  show_progress: bool = True,
   model_file: str = "",
   space: int = 0,
   max_pixels: int = MAX_PIXELS,
@@ -127,11 +127,59 @@ def run(
   """The command: predicts `input_path` into `output`; returns the exit status (0: all ok,
   1: some files failed or the disk filled, 2: refused, 130: stopped by Ctrl-C or SIGTERM).
 
-  `model_file` (a `python -m cxr_jax.export` file) replaces the workdir; `restored`
-  ((config, model), e.g. from a test) skips reading the workdir's checkpoint; `space` > 0
-  splits each image's height over that many devices (default: the run's config.mesh.space);
-  images over `max_pixels` pixels are refused from their header.
+  `model_file` (a `python -m cxr_jax.export` file) replaces the workdir; `space` > 0 splits
+  each image's height over that many devices (default: the run's config.mesh.space); images
+  over `max_pixels` pixels are refused from their header.
   """
+  return _run(
+    workdir,
+    input_path,
+    output,
+    checkpoint=checkpoint,
+    batch_size=batch_size,
+    show_progress=show_progress,
+    model_file=model_file,
+    space=space,
+    max_pixels=max_pixels,
+  )
+
+
+def run_model(
+  config: ml_collections.ConfigDict,
+  model: nnx.Module,
+  input_path: str,
+  output: str,
+  *,
+  batch_size: int = 0,
+  show_progress: bool = True,
+  max_pixels: int = MAX_PIXELS,
+) -> int:
+  """`run` with a model held in memory (a notebook's, a test's) and its config, instead of a
+  run directory's checkpoint (so no calibration temperature)."""
+  return _run(
+    "",
+    input_path,
+    output,
+    batch_size=batch_size,
+    show_progress=show_progress,
+    restored=(config, model),
+    max_pixels=max_pixels,
+  )
+
+
+def _run(
+  workdir: str,
+  input_path: str,
+  output: str,
+  *,
+  checkpoint: str = "latest",
+  batch_size: int = 0,
+  show_progress: bool = True,
+  restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
+  model_file: str = "",
+  space: int = 0,
+  max_pixels: int = MAX_PIXELS,
+) -> int:
   if epath.Path(output).exists() and not epath.Path(output).is_dir():
     print(
       f"predict: --output={output} is a file; give a folder (it is created if missing).",
@@ -173,7 +221,7 @@ def run(
     output,
     stems,
     clean=model.clean,
-    progress=progress,
+    show_progress=show_progress,
     segmenter=model.segmenter,
     margin=model.margin,
     temperature=model.temperature,
@@ -230,7 +278,7 @@ def read_temperature(workdir: str, step: int) -> float | None:
   Raises ValueError naming the file when it holds no positive, finite temperature (-1 would
   flip every probability, 0 make them all 0).
   """
-  path = epath.Path(workdir) / rundir.CALIBRATION_FILE
+  path = RunDir(workdir).calibration
   if not path.exists():
     return None
   try:

@@ -85,7 +85,7 @@ def test_box_cache_is_checked_against_the_segmenter(tmp_path, monkeypatch, caplo
   step = {"value": 7}
   calls = []
 
-  def fake_compute(segmenter, source, progress=True):
+  def fake_compute(segmenter, source, show_progress=True):
     calls.append(segmenter.step)
     return {"a": (1, 2, 3, 4)}
 
@@ -155,7 +155,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
       assert 0 <= top < bottom and 0 <= left < right
 
   # evaluate crops the test split the same way and scores the classifier.
-  summary = evaluate.run(str(cls), "test", progress=False)
+  summary = evaluate.run(str(cls), "test", show_progress=False)
   assert (cls / "lung_boxes_test.json").exists()
   assert (cls / "eval" / "test.json").exists()
   assert "classification" in json.dumps(summary) or "auc" in json.dumps(summary)
@@ -170,7 +170,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
   for k in range(3):
     Image.fromarray(source[k]["image"][..., 0]).save(images / f"x{k}.png")
   out = tmp_path / "out"
-  assert predict.run(str(cls), str(images), str(out), progress=False) == 0
+  assert predict.run(str(cls), str(images), str(out), show_progress=False) == 0
   with open(out / "predictions.csv") as f:
     rows = {r["image"]: r for r in csv.DictReader(f)}
   assert len(rows) == 3 and all(0 <= float(r["p_abnormal"]) <= 1 for r in rows.values())

@@ -103,12 +103,12 @@ def test_lung_fraction_is_raw_and_post_is_reported(tmp_path, fake_model):
   config.postprocess = True
   out = tmp_path / "out"
   assert (
-    predict.run(
-      "unused",
+    predict.run_model(
+      config,
+      fake_model(),
       str(tmp_path / "speck.png"),
       str(out),
-      restored=(config, fake_model()),
-      progress=False,
+      show_progress=False,
     )
     == 0
   )
@@ -136,8 +136,8 @@ def test_native_mask_threshold_and_clean():
 
 
 def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model):
-  status = predict.run(
-    "unused", str(awkward_folder), str(tmp_path), restored=(_config(), fake_model()), progress=True
+  status = predict.run_model(
+    _config(), fake_model(), str(awkward_folder), str(tmp_path), show_progress=True
   )
   assert status == 1  # something failed ...
   err = capsys.readouterr().err
@@ -160,12 +160,12 @@ def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model)
 
 
 def test_single_image_and_classifier_column(awkward_folder, tmp_path, fake_model):
-  status = predict.run(
-    "unused",
+  status = predict.run_model(
+    _config(),
+    fake_model(classify=True),
     str(awkward_folder / "colour.jpg"),
     str(tmp_path),
-    restored=(_config(), fake_model(classify=True)),
-    progress=False,
+    show_progress=False,
   )
   assert status == 0
   fields, rows = _read_csv(tmp_path / "predictions.csv")
@@ -319,10 +319,7 @@ def test_dicom_is_predicted_like_its_png_twin(tmp_path, fake_model):
     np.testing.assert_array_equal(decoded, grey)
   out = tmp_path / "out"
   assert (
-    predict.run(
-      "unused", str(tmp_path), str(out), restored=(_config(), fake_model()), progress=False
-    )
-    == 0
+    predict.run_model(_config(), fake_model(), str(tmp_path), str(out), show_progress=False) == 0
   )
   fields, rows = _read_csv(out / "predictions.csv")
   assert "lung_area_cm2" in fields
@@ -359,7 +356,8 @@ def test_exported_model_predicts_like_the_run_directory(awkward_folder, tmp_path
     "import sys, numpy as np; from cxr_jax.core.inference import portable; "
     f"m = portable.PortableModel({str(exported)!r}); out = m(np.zeros((3, 32, 32, 1))); "
     "assert out['prob'].shape == (3, 32, 32), out; "
-    "assert 'cxr_jax.core.models' not in sys.modules  # no model code"
+    "assert 'cxr_jax.core.models' not in sys.modules  # no model code\n"
+    "assert not {'tensorflow_datasets', 'grain'} & set(sys.modules)  # nor the input pipeline"
   )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd, env=env, timeout=120)
   done = run_module(
@@ -403,7 +401,11 @@ def test_calibrated_column_uses_the_temperature_evaluate_fitted(
   config = _config()
   inference = Inference(config, fake_model(classify=True), batch_size=2)
   rows, _ = prediction.predict_files(
-    inference, [awkward_folder / "colour.jpg"], tmp_path / "out", progress=False, temperature=2.5
+    inference,
+    [awkward_folder / "colour.jpg"],
+    tmp_path / "out",
+    show_progress=False,
+    temperature=2.5,
   )
   p, calibrated = float(rows[0]["p_abnormal"]), float(rows[0]["p_abnormal_calibrated"])
   expected = 1 / (1 + np.exp(-np.log(p / (1 - p)) / 2.5))

@@ -47,8 +47,7 @@ def _png(path, height=60, width=50, value=None) -> None:
 
 
 def _predict(inputs, out, model=None, **kwargs) -> int:
-  model = model or BrightIsLung()
-  return predict.run("unused", str(inputs), str(out), restored=(_config(), model), **kwargs)
+  return predict.run_model(_config(), model or BrightIsLung(), str(inputs), str(out), **kwargs)
 
 
 def _peak_mib(function) -> float:
@@ -125,7 +124,7 @@ def test_images_over_the_pixel_cap_are_refused_from_their_header(tmp_path):
       )
       < 3
     )  # the decoded image would take 16 MB (PNG) or 8 MB (DICOM)
-  assert _predict(tmp_path, tmp_path / "out", progress=False, max_pixels=10**6) == 1
+  assert _predict(tmp_path, tmp_path / "out", show_progress=False, max_pixels=10**6) == 1
   assert [r["image"] for r in _rows(tmp_path / "out")] == ["small.png"]
   assert prediction.load_image(tmp_path / "wide.png").image.shape == (4000, 4000)  # default
 
@@ -139,7 +138,7 @@ def test_dicom_spacing_of_one_value_is_square_and_a_negative_or_garbage_one_is_d
   (tmp_path / "negative.dcm").write_bytes(_dicom(pixels, PixelSpacing="-0.1\\0"))
   garbage = _dicom(pixels, PixelSpacing="9.9\\9.9").replace(b"9.9\\9.9", b"abc\\xyz")
   (tmp_path / "garbage.dcm").write_bytes(garbage)
-  assert _predict(tmp_path, tmp_path / "out", progress=False) == 0  # no file stops the run
+  assert _predict(tmp_path, tmp_path / "out", show_progress=False) == 0  # no file stops the run
   rows = {r["image"]: r for r in _rows(tmp_path / "out")}
   mask = np.asarray(Image.open(tmp_path / "out" / rows["one.dcm"]["mask"])) > 0
   assert rows["one.dcm"]["pixel_spacing_mm"] == "0.3000x0.3000"
@@ -153,13 +152,13 @@ def test_an_rgb_dicom_is_predicted_as_its_luminance(tmp_path):
   grey = (_lungs(60, 50) * 255).astype(np.uint8)
   (tmp_path / "rgb.dcm").write_bytes(_dicom(np.stack([grey] * 3, -1)))
   np.testing.assert_array_equal(prediction.load_image(tmp_path / "rgb.dcm").image, grey)
-  assert _predict(tmp_path / "rgb.dcm", tmp_path / "out", progress=False) == 0
+  assert _predict(tmp_path / "rgb.dcm", tmp_path / "out", show_progress=False) == 0
 
 
 def test_a_ct_slice_is_refused_naming_its_modality(tmp_path, capsys):
   (tmp_path / "ct.dcm").write_bytes(_dicom(np.zeros((40, 40), np.uint16), Modality="CT"))
   _png(tmp_path / "film.png")
-  assert _predict(tmp_path, tmp_path / "out", progress=False) == 1
+  assert _predict(tmp_path, tmp_path / "out", show_progress=False) == 1
   assert "ct.dcm: Modality CT: not a projection radiograph" in capsys.readouterr().err
   assert [r["image"] for r in _rows(tmp_path / "out")] == ["film.png"]
 
@@ -170,7 +169,7 @@ def test_nan_pixels_in_a_dicom_are_counted_and_shown_black(tmp_path, capsys):
   (tmp_path / "nan.dcm").write_bytes(_dicom(values))
   loaded = prediction.load_image(tmp_path / "nan.dcm")
   assert (loaded.image[:2] == 0).all() and loaded.image[2:].max() == 255  # window from the rest
-  assert _predict(tmp_path, tmp_path / "out", progress=False) == 0
+  assert _predict(tmp_path, tmp_path / "out", show_progress=False) == 0
   assert "nan.dcm: 100 of 3,000 pixels are NaN or infinite" in capsys.readouterr().err
 
 
@@ -198,7 +197,7 @@ def test_exif_orientation_turns_the_image_as_viewers_show_it(tmp_path):
   shown = prediction.load_image(tmp_path / "turned.jpg").image
   assert shown.shape == (90, 40)
   assert np.abs(shown.astype(int) - np.rot90(stored, -1)).mean() < 3
-  assert _predict(tmp_path / "turned.jpg", tmp_path / "out", progress=False) == 0
+  assert _predict(tmp_path / "turned.jpg", tmp_path / "out", show_progress=False) == 0
   (row,) = _rows(tmp_path / "out")
   assert (row["height"], row["width"]) == ("90", "40")
   assert Image.open(tmp_path / "out" / row["mask"]).size == (40, 90)
@@ -214,7 +213,7 @@ def test_a_file_name_that_is_not_utf8_is_predicted_and_written_escaped(tmp_path)
   Image.fromarray(np.full((30, 20), 200, np.uint8)).save(
     os.fsdecode(folder + b"/\xff\xfe bad.png"), format="PNG"
   )
-  assert _predict(tmp_path / "in", tmp_path / "out", progress=False) == 0
+  assert _predict(tmp_path / "in", tmp_path / "out", show_progress=False) == 0
   rows = {r["image"]: r for r in _rows(tmp_path / "out")}
   assert set(rows) == {"\\xff\\xfe bad.png", "plain.png"}
   assert rows["\\xff\\xfe bad.png"]["mask"] == "masks/\\xff\\xfe bad.png"
@@ -225,7 +224,7 @@ def test_x_png_x_jpg_and_x_png_png_get_three_masks_each_named_in_its_row(tmp_pat
   sizes = {"x.png": (30, 20), "x.jpg": (40, 24), "x.png.png": (50, 28)}
   for name, (height, width) in sizes.items():
     _png(tmp_path / name, height, width)
-  assert _predict(tmp_path, tmp_path / "out", progress=False) == 0
+  assert _predict(tmp_path, tmp_path / "out", show_progress=False) == 0
   rows = _rows(tmp_path / "out")
   assert len({r["mask"] for r in rows}) == 3
   for row in rows:
@@ -241,7 +240,7 @@ def test_a_second_predict_into_an_output_in_use_is_refused(tmp_path, capsys):
   out = tmp_path / "out"
   out.mkdir()
   with run_lock.RunLock(str(out), lock_file=prediction_folder.LOCK_FILE):  # another predict
-    assert _predict(tmp_path / "a.png", out, progress=False) == 2
+    assert _predict(tmp_path / "a.png", out, show_progress=False) == 2
   assert "is in use by another run" in capsys.readouterr().err
   assert not (out / "predictions.csv").exists() and not (out / "masks").exists()
 
@@ -250,15 +249,15 @@ def test_an_output_of_another_model_is_refused_and_the_same_model_resumes(tmp_pa
   for k in range(3):
     _png(tmp_path / f"{k}.png", 40 + k, 30)
   out = tmp_path / "out"
-  assert _predict(tmp_path / "0.png", out, progress=False) == 0
+  assert _predict(tmp_path / "0.png", out, show_progress=False) == 0
   other = BrightIsLung()
   other.gain[...] = 5.0
-  assert _predict(tmp_path / "0.png", out, model=other, progress=False) == 2
+  assert _predict(tmp_path / "0.png", out, model=other, show_progress=False) == 2
   assert "holds predictions of 'a model given in-process'" in capsys.readouterr().err
-  assert _predict(tmp_path, out, progress=False) == 2  # the same model, another --input
+  assert _predict(tmp_path, out, show_progress=False) == 2  # the same model, another --input
   # A predict from before predict.json: its masks are not taken for this model's.
   (out / prediction_folder.IDENTITY_FILE).unlink()
-  assert _predict(tmp_path / "0.png", out, progress=False) == 2
+  assert _predict(tmp_path / "0.png", out, show_progress=False) == 2
   assert "of an unknown model (no predict.json)" in capsys.readouterr().err
 
 
@@ -360,7 +359,9 @@ def test_ctrl_c_keeps_the_finished_rows_and_the_rerun_predicts_only_the_rest(mod
   assert [r["image"] for r in _rows(out)] == ["0.png", "1.png"]
   assert sorted(p.name for p in (out / "masks").iterdir()) == ["0.png", "1.png", "2.png"]
   kept = {name: (out / "masks" / name).stat().st_mtime_ns for name in ("0.png", "1.png")}
-  assert predict.run("", str(inputs), str(out), model_file=str(model_file), progress=False) == 0
+  assert (
+    predict.run("", str(inputs), str(out), model_file=str(model_file), show_progress=False) == 0
+  )
   rows = _rows(out)
   assert [r["image"] for r in rows] == [f"{k}.png" for k in range(6)]
   assert [int(r["height"]) for r in rows] == [50 + k for k in range(6)]
@@ -375,7 +376,7 @@ def test_a_full_disk_during_predict_says_so_keeps_the_rows_and_leaves_no_half_wr
   for k in range(8):  # noise: about 230 KB of overlay each
     _png(tmp_path / f"{k}.png", value=rng.integers(0, 255, (300, 260), dtype=np.uint8))
   with _tmpfs(tmp_path / "full", "size=1m") as full:
-    status = _predict(tmp_path, full, progress=False)
+    status = _predict(tmp_path, full, show_progress=False)
     err = capsys.readouterr().err
     rows = _rows(full)
     pngs = [p for folder in ("masks", "overlays") for p in (full / folder).iterdir()]

@@ -111,7 +111,7 @@ def predict_batches(
   stems: Mapping[epath.Path, str],
   *,
   clean: bool = False,
-  progress: bool = True,
+  show_progress: bool = True,
   segmenter: lung_crop.Segmenter | None = None,
   margin: float = 0.0,
   temperature: float | None = None,
@@ -123,7 +123,7 @@ def predict_batches(
   crops) each image is cropped to its lung box grown by `margin` first."""
   output = epath.Path(output)
   postprocessed = clean and (inference.segments or segmenter is not None)
-  bar = Progress(len(paths), "predict") if progress else None
+  bar = Progress(len(paths), "predict") if show_progress else None
   for chunk in _chunks(list(paths), inference.batch_size):
     loaded, done = [], Batch([], [], [])
     for path in chunk:

@@ -12,9 +12,9 @@ import fsspec
 from etils import epath
 
 from cxr_jax.core.run import multihost
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 
-LOCK_FILE = "run.lock"
 LOCK_HEARTBEAT_S = 30.0
 LOCK_STALE_S = 300.0  # a lock not refreshed for this long belongs to a run that died
 
@@ -34,11 +34,12 @@ class RunLock:
     self,
     workdir: str,
     *,
-    lock_file: str = LOCK_FILE,
+    lock_file: str | None = None,
     advice: str = "Wait for it to finish, or train into another --workdir.",
   ):
-    """`lock_file` in `workdir`; `advice`: what the refusal tells a second run to do."""
-    self.path = f"{paths.resolve(workdir)}/{lock_file}"
+    """A run directory's lock, or `lock_file` in `workdir` (another command's folder, e.g.
+    predict's output); `advice`: what the refusal tells a second process to do."""
+    self.path = str(RunDir(workdir).lock if lock_file is None else RunDir(workdir).path / lock_file)
     self.advice = advice
     self._remote = paths.is_url(self.path)
     self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(8).hex()}"
