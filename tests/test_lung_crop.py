@@ -60,11 +60,14 @@ def test_ids_decode_one_way_numpy_included():
 class _ConstantSegmenter:
   """Stands in for inference.Inference: p(lung) = `value` everywhere."""
 
+  segments, classifies = True, False
+
   def __init__(self, value: float, image_size: int = 32, batch_size: int = 4):
     self.value, self.image_size, self.batch_size = value, image_size, batch_size
 
   def __call__(self, images):
-    return {"prob": np.full(images.shape[:3], self.value, np.float32)}
+    prob = np.full(images.shape[:3], self.value, np.float32)
+    return {"prob": prob, "uncertainty": np.asarray(inference_lib.uncertainty(prob))}
 
 
 def test_segmenter_thresholds_like_predict():
