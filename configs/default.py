@@ -104,6 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.postprocess = False  # keep the two largest components and fill holes
   config.tta = False  # evaluate/predict average p(lung) over shifted and zoomed views
   config.profile_steps = ""  # e.g. '10-15': a jax.profiler trace of those steps in DIR/profile
+  # Experiment tracker beside TensorBoard (core/trackers.py): '' (off) | 'mlflow' | 'wandb'
+  # (pip install -e ".[trackers]"). The run it writes to is kept in DIR/tracker.json.
+  config.tracker = ""
+  config.tracker_project = "cxr_jax"  # MLflow experiment / W&B project
+  config.tracker_uri = ""  # MLflow tracking URI ('' : $MLFLOW_TRACKING_URI or MLflow's default)
 
   if arg == "smoke":
     apply_smoke(config)

@@ -23,6 +23,7 @@ from cxr_jax import cli
 from cxr_jax import report
 from cxr_jax.core import csv_tables
 from cxr_jax.core import rundir
+from cxr_jax.core import trackers
 from cxr_jax.data import paths
 from cxr_jax.workflows import evaluation
 from cxr_jax.workflows import lung_crop
@@ -108,6 +109,9 @@ def run(
     calibration.update(summary["classification"]["calibration"])
     paths.write_text(f"{paths.resolve(workdir)}/{rundir.CALIBRATION_FILE}", json.dumps(calibration))
   logging.info("Wrote %s/%s.json, .csv and %s", out_dir, name, summary["report"])
+  trackers.log_files(
+    workdir, config, [f"{out_dir}/{name}.{ext}" for ext in ("json", "csv")] + [html]
+  )
   return summary
 
 

@@ -6,10 +6,13 @@ import glob
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+
+from cxr_jax.core import multihost as multihost_lib
 
 
 def detected_cluster(environ=os.environ) -> str | None:
@@ -139,7 +142,16 @@ def start(
     return "single process"
   # Cross-process collectives for CPU devices (a no-op for GPU and TPU ones).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  logging.info(
+    "jax.distributed: waiting up to %d s for every process to join (--init_timeout_s).",
+    init_timeout_s,
+  )
+  t0 = time.monotonic()
   jax.distributed.initialize(**kwargs)
+  logging.info(
+    "jax.distributed: %d processes joined in %.1f s.", jax.process_count(), time.monotonic() - t0
+  )
+  multihost_lib.announce_host()
   if coordinator_address:
     return f"coordinator {coordinator_address}"
   devices = kwargs["local_device_ids"]
