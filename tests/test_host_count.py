@@ -58,7 +58,11 @@ def _two_processes(workdir, data_dir, steps: int) -> list[str]:
         args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
       )
     )
-  logs = [proc.communicate(timeout=300)[0] for proc in procs]
+  try:
+    logs = [proc.communicate(timeout=900)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()  # nothing left behind by a run that timed out
   for proc, log in zip(procs, logs):
     assert proc.returncode == 0, log[-3000:]
   return logs

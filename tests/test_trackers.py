@@ -112,6 +112,14 @@ def _wandb_records(path: str) -> list:
   return records
 
 
+def _exited(path: str) -> bool:
+  try:
+    records = _wandb_records(path)
+  except Exception:  # noqa: BLE001  (a record still being written)
+    return False
+  return bool(records) and records[-1].HasField("exit")
+
+
 def test_wandb_offline_keeps_one_run_id_across_a_resume(tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_MODE", "offline")
   monkeypatch.setenv("WANDB_SILENT", "true")
@@ -130,6 +138,12 @@ def test_wandb_offline_keeps_one_run_id_across_a_resume(tmp_path, monkeypatch):
   run_id = json.loads((tmp_path / "run" / trackers.TRACKER_FILE).read_text())["wandb"]["run_id"]
   files = sorted(glob.glob(f"{workdir}/wandb/offline-run-*/run-*.wandb"))
   assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
+  # wandb's service process may still be writing a file when finish() returns: its last
+  # record is the run's exit.
+  deadline = time.monotonic() + 60
+  while not all(_exited(f) for f in files):
+    assert time.monotonic() < deadline, "W&B never wrote the runs' exit records"
+    time.sleep(0.2)
   history, config_items = [], {}
   for file in files:
     for record in _wandb_records(file):

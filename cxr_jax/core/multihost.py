@@ -64,7 +64,8 @@ def barrier(
   client = _client()
   if client is None:
     return 0.0
-  key = f"{_PREFIX}/barrier/{next(_numbers)}"
+  number = next(_numbers)
+  key = f"{_PREFIX}/barrier/{number}"
   arrived_dir, done = f"{key}/arrived/", f"{key}/done"
   client.key_value_set(f"{arrived_dir}{jax.process_index()}", name)
   start = last_report = time.monotonic()
@@ -80,6 +81,8 @@ def barrier(
     if jax.process_index() == 0:
       if len(client.key_value_dir_get(arrived_dir)) == jax.process_count():
         client.key_value_set(done, "1")
+        if number:  # every process has passed the previous barrier: drop its keys
+          client.key_value_delete(f"{_PREFIX}/barrier/{number - 1}")
         break
       time.sleep(min(pause, max(step_s, 0.001)))
       pause = min(2 * pause, 1.0)
