@@ -154,7 +154,7 @@ def test_every_barrier_of_a_two_process_run_is_named_and_timed(chain, run, barri
 
 _STALL = textwrap.dedent("""
     import logging, sys, time
-    from cxr_jax.core import multihost, platform
+    from cxr_jax.core.run import multihost, platform
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rank, port = int(sys.argv[1]), sys.argv[2]
     platform.start(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank,

@@ -1,6 +1,6 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`, readable top to bottom.
 
-The step (`core.steps`) is one pure function under `jax.jit`: paired augmentation, forward,
+The step (`core.training.steps`) is one pure function under `platform.jit`: paired augmentation, forward,
 loss and the optax update, with parameters and optimiser state replicated over the mesh and
 batches split over its `data` axis.
 """
@@ -20,22 +20,22 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cxr_jax.core import checkpoint
-from cxr_jax.core import config_checks
-from cxr_jax.core import heads
-from cxr_jax.core import metrics as metrics_lib
+from cxr_jax.config import schema
 from cxr_jax.core import models
-from cxr_jax.core import multihost
-from cxr_jax.core import overlays
-from cxr_jax.core import platform
-from cxr_jax.core import preemption
-from cxr_jax.core import run_lock
-from cxr_jax.core import rundir
-from cxr_jax.core import sharding
-from cxr_jax.core import steps
-from cxr_jax.core import trackers
-from cxr_jax.core import utilisation
-from cxr_jax.core import writers
+from cxr_jax.core.inference import overlays
+from cxr_jax.core.run import checkpoint
+from cxr_jax.core.run import multihost
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import preemption
+from cxr_jax.core.run import run_lock
+from cxr_jax.core.run import rundir
+from cxr_jax.core.run import sharding
+from cxr_jax.core.run import trackers
+from cxr_jax.core.run import utilisation
+from cxr_jax.core.run import writers
+from cxr_jax.core.stats import metrics as metrics_lib
+from cxr_jax.core.training import heads
+from cxr_jax.core.training import steps
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import paths
 from cxr_jax.workflows import lung_crop
@@ -123,7 +123,7 @@ def _overlays(host_batch, mask_logits: jax.Array, num_images: int) -> np.ndarray
         overlays.overlay(
           host_batch["image"][i, ..., 0],
           local[i, ..., 0] > 0,
-          host_batch["mask"][i, ..., 0] if host_batch["has_mask"][i] else None,
+          host_batch["lung_mask"][i, ..., 0] if host_batch["has_mask"][i] else None,
         )
         for i in range(n)
       ]
@@ -146,7 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
   if config.data.crop_workdir:
     config.data.crop_workdir = paths.resolve(config.data.crop_workdir)
-  config_checks.check_training_config(config)
+  schema.validate(config)
   trackers.check_config(config)
   check_model(config)  # seconds, before anything is read or written
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -172,7 +172,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
 
   # ----- mesh -----
-  mesh = sharding.create_mesh(config.get("mesh"))
+  mesh = sharding.create_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   sharding.check_image_size(config.data.image_size, mesh)
@@ -202,7 +202,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
   graphdef = nnx.graphdef(abstract_model)
   abstract_state = jax.eval_shape(init_state)
-  state_sharding = sharding.state_sharding(abstract_state, mesh, config.get("shard_params", False))
+  state_sharding = sharding.state_sharding(abstract_state, mesh, config.shard_params)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
   logging.info("Model %s: %s parameters.", config.model.name, f"{num_params:,}")
 
@@ -227,7 +227,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       manager.delete(newer)
     logging.info("Resumed from step %d in %s.", step, manager.directory)
   else:
-    state = jax.jit(init_state, out_shardings=state_sharding)()
+    state = platform.jit(init_state, out_shardings=state_sharding)()
   first_step = int(state.step)
   if jax.process_index() == 0:  # after a restore: it describes what the checkpoints hold
     rundir.write_config(workdir, config, dataset.info(requested))
@@ -235,18 +235,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   # ----- compiled steps -----
   # The arguments arrive placed (state_sharding, sharding.to_global): no in_shardings.
   image_sharding = sharding.image_sharded(mesh) if sharding.space_size(mesh) > 1 else None
-  options = platform.compiler_options()
-  train_step = jax.jit(
+  train_step = platform.jit(
     steps.make_train_step(graphdef, config, tx, image_sharding=image_sharding),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
-    compiler_options=options,
   )
-  eval_step = jax.jit(steps.make_eval_step(graphdef, config), compiler_options=options)
+  eval_step = platform.jit(steps.make_eval_step(graphdef, config))
   # With an EMA the checkpoint chosen is the EMA's best; the trained weights' own metrics are
   # logged beside it as online_<name> (the EMA's paired effect, every evaluation).
   online_step = (
-    jax.jit(steps.make_eval_step(graphdef, config, online=True), compiler_options=options)
+    platform.jit(steps.make_eval_step(graphdef, config, online=True))
     if state.ema is not None
     else None
   )
@@ -263,7 +261,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   progress = ProgressLog(config.num_train_steps, config.batch_size, first_step)
   history: list[dict[str, Any]] = []  # per-step device scalars since the last report
   val_metrics: dict[str, float] = {}
-  profile = utilisation.profile_window(config.get("profile_steps", ""), workdir)
+  profile = utilisation.profile_window(config.profile_steps, workdir)
   watcher = preemption.PreemptionWatcher()
   compiled_step, flops = None, None
   device_kind = jax.devices()[0].device_kind
@@ -272,8 +270,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     for step in range(first_step + 1, config.num_train_steps + 1):
       batch = sharding.to_global(next(train_iter), mesh)
       if compiled_step is None:  # compiled ahead of time: its cost analysis gives the FLOPs
-        t0, cache = time.perf_counter(), utilisation.CompilationCacheEvents()
-        compiled_step = train_step.lower(state, batch).compile()
+        t0 = time.perf_counter()
+        with utilisation.CompilationCacheEvents() as cache:
+          compiled_step = train_step.lower(state, batch).compile()
         flops = utilisation.step_flops(compiled_step)
         logging.info(
           "Train step compiled in %.1f s (%s); %s FLOPs per step per device.",

@@ -22,19 +22,11 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from cxr_jax.core import writers
+from cxr_jax.core.run import writers
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 
-TRACKERS = ("", "mlflow", "wandb")
-TRACKER_FILE = "tracker.json"
 _INSTALL = 'pip install -e ".[trackers]" (or pip install {package})'
-
-
-def _choice(config: ml_collections.ConfigDict) -> str:
-  name = config.get("tracker", "") or ""
-  if name not in TRACKERS:
-    raise ValueError(f"config.tracker={name!r}; valid: {TRACKERS} ('' : none).")
-  return name
 
 
 def _import(package: str):
@@ -47,18 +39,18 @@ def _import(package: str):
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Fails at start-up on an unknown `config.tracker` or a tracker that is not installed."""
-  if name := _choice(config):
+  """Fails at start-up when `config.tracker` is not installed (its value: the schema's check)."""
+  if name := config.tracker:
     _import(name)
 
 
 def _read_record(workdir: str) -> dict[str, Any]:
-  path = epath.Path(workdir) / TRACKER_FILE
+  path = RunDir(workdir).tracker
   return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _write_record(workdir: str, record: dict[str, Any]) -> None:
-  paths.write_text(f"{workdir}/{TRACKER_FILE}", json.dumps(record, indent=2))
+  paths.write_text(str(RunDir(workdir).tracker), json.dumps(record, indent=2))
 
 
 def _flat_params(hparams: Mapping[str, Any]) -> dict[str, str]:
@@ -72,12 +64,12 @@ class MLflowWriter(writers.MetricWriter):
     mlflow = _import("mlflow")
     self._entities = importlib.import_module("mlflow.entities")
     record = _read_record(workdir).get("mlflow", {})
-    self.client = mlflow.MlflowClient(tracking_uri=config.get("tracker_uri") or None)
+    self.client = mlflow.MlflowClient(tracking_uri=config.tracker_uri or None)
     if record.get("run_id"):
       self.run_id = record["run_id"]
       self.client.update_run(self.run_id, status="RUNNING")
     else:
-      project = config.get("tracker_project") or "cxr_jax"
+      project = config.tracker_project
       experiment = self.client.get_experiment_by_name(project)
       experiment_id = (
         experiment.experiment_id if experiment else self.client.create_experiment(project)
@@ -123,7 +115,7 @@ class WandbWriter(writers.MetricWriter):
     run_id = record.get("run_id") or uuid.uuid4().hex[:12]
     local = None if paths.is_url(workdir) else workdir  # wandb writes its files on local disk
     self.run = wandb.init(
-      project=config.get("tracker_project") or "cxr_jax",
+      project=config.tracker_project,
       id=run_id,
       name=epath.Path(workdir).name,
       resume="allow",
@@ -156,14 +148,14 @@ _WRITERS = {"mlflow": MLflowWriter, "wandb": WandbWriter}
 def open_tracker(workdir: str, config: ml_collections.ConfigDict) -> writers.MetricWriter | None:
   """The tracker `config.tracker` names, writing to the run DIR/tracker.json names (a new
   one the first time), or None when off. Call it on process 0 only."""
-  name = _choice(config)
+  name = config.tracker
   return _WRITERS[name](workdir, config) if name else None
 
 
 def log_files(workdir: str, config: ml_collections.ConfigDict, files: Sequence[str]) -> None:
   """Adds `files` (e.g. evaluate's report) to the run's tracker run, under 'eval'; nothing
   when the run has no tracker."""
-  if not _choice(config) or not _read_record(workdir):
+  if not config.tracker or not _read_record(workdir):
     return
   tracker = open_tracker(workdir, config)
   try:

@@ -19,17 +19,16 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
-from cxr_jax.core import metrics as metrics_lib
-from cxr_jax.data import paths
+from cxr_jax.core.run.layout import RunDir
+from cxr_jax.core.stats import metric_table
 
 
 def metric_mode(name: str) -> str:
   """'min' for losses and distances, 'max' for scores such as Dice or AUC."""
-  return "min" if metrics_lib.lower_is_better(name) else "max"
+  return "min" if metric_table.lower_is_better(name) else "max"
 
 
 def create_manager(
@@ -64,7 +63,7 @@ def create_manager(
     cleanup_tmp_directories=True,
     read_only=read_only,
   )
-  return ocp.CheckpointManager(epath.Path(paths.resolve(workdir)) / "checkpoints", options=options)
+  return ocp.CheckpointManager(RunDir(workdir).checkpoints, options=options)
 
 
 def save(
@@ -108,8 +107,8 @@ def restore(
 def saved_process_count(manager: ocp.CheckpointManager, step: int) -> int | None:
   """How many processes saved checkpoint `step`'s data iterator (grain writes
   data/process_<i>-of-<n>.json per process); None when it holds no iterator."""
-  data = epath.Path(manager.directory) / str(step) / "data"
-  names = [path.name for path in data.glob("process_*-of-*.json")] if data.exists() else []
+  data = manager.directory / str(step) / "data"  # an epath.Path: local or gs://
+  names = [path.name for path in data.iterdir()] if data.is_dir() else []
   counts = {int(m[1]) for n in names if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", n))}
   return counts.pop() if len(counts) == 1 else None
 
