@@ -78,7 +78,7 @@ def chain(tmp_path_factory):
   root = tmp_path_factory.mktemp("host_count")
   data_dir, workdir = root / "tfds", root / "run"
   two_to_one = _two_processes(workdir, data_dir, steps=2)
-  evaluated = evaluate.run(str(workdir), "test", progress=False)
+  evaluated = evaluate.run(str(workdir), "test", show_progress=False)
 
   config = smoke_config("unet", data_dir)
   config.update_from_flattened_dict(_SETTINGS)

@@ -68,7 +68,7 @@ def test_mlflow_follows_a_run_its_resume_and_its_evaluation(mlflow_server, tmp_p
   first = json.loads((workdir / RunDir.TRACKER).read_text())["mlflow"]
   config.num_train_steps = 6  # the same command, longer: resumes from step 3
   train.train_and_evaluate(config, str(workdir))
-  evaluate.run(str(workdir), "test", progress=False)
+  evaluate.run(str(workdir), "test", show_progress=False)
 
   record = json.loads((workdir / RunDir.TRACKER).read_text())["mlflow"]
   assert record == first and record["tracking_uri"] == mlflow_server
