@@ -45,6 +45,8 @@ def _missing(client, arrived_dir: str) -> str:
   arrived = {int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(arrived_dir)}
   hosts = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(f"{_PREFIX}/host/")}
   missing = sorted(set(range(jax.process_count())) - arrived)
+  if not missing:
+    return ""
   names = [f"process {i}" + (f" ({hosts[i]})" if i in hosts else "") for i in missing[:8]]
   more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
   return f"{', '.join(names)}{more} ({len(arrived)} of {jax.process_count()} arrived)"
@@ -95,12 +97,8 @@ def barrier(
           raise
     if time.monotonic() - last_report >= report_every_s:
       last_report = time.monotonic()
-      logging.warning(
-        "Barrier %r: waiting %.0f s for %s.",
-        name,
-        last_report - start,
-        _missing(client, arrived_dir),
-      )
+      if missing := _missing(client, arrived_dir):  # '' : all came since the last look
+        logging.warning("Barrier %r: waiting %.0f s for %s.", name, last_report - start, missing)
   waited = time.monotonic() - start
   logging.info(
     "Barrier %r: %d processes met; this one waited %.2f s.", name, jax.process_count(), waited
