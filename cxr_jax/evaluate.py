@@ -22,6 +22,7 @@ from cxr_jax import cli
 from cxr_jax import report
 from cxr_jax.core.run import csv_tables
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run import trackers
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 from cxr_jax.workflows import evaluation
@@ -159,6 +160,9 @@ def _run(
     calibration.update(summary["classification"]["calibration"])
     paths.write_text(str(run_dir.calibration), json.dumps(calibration))
   logging.info("Wrote %s/%s.json, .csv and %s", out_dir, name, summary["report"])
+  trackers.log_files(
+    workdir, config, [str(run_dir.eval_summary(name)), str(run_dir.eval_table(name)), html]
+  )
   return summary
 
 
