@@ -23,6 +23,7 @@ from cxr_jax.core.inference.inference import Inference
 from cxr_jax.core.run.progress import Progress
 from cxr_jax.data import images
 from cxr_jax.data import preprocess
+from cxr_jax.workflows import prediction
 from tests.conftest import run_module
 
 
@@ -71,14 +72,14 @@ def _read_csv(path: pathlib.Path) -> tuple[list[str], list[dict]]:
 
 
 def test_load_image_decodes_like_the_dataset(awkward_folder):
-  deep = predict.load_image(awkward_folder / "grey16.png")[0]
+  deep = prediction.load_image(awkward_folder / "grey16.png")[0]
   assert deep.dtype == np.uint8 and deep.min() == 0 and deep.max() == 255  # stretched
-  colour = predict.load_image(awkward_folder / "colour.jpg")[0]
+  colour = prediction.load_image(awkward_folder / "colour.jpg")[0]
   assert colour.dtype == np.uint8 and colour.shape == (150, 220)
   with pytest.raises(ValueError, match="notes.png"):
-    predict.load_image(awkward_folder / "notes.png")[0]
+    prediction.load_image(awkward_folder / "notes.png")[0]
   with pytest.raises(ValueError, match="missing.png"):
-    predict.load_image(awkward_folder / "missing.png")[0]
+    prediction.load_image(awkward_folder / "missing.png")[0]
 
 
 def test_16_bit_png_gives_the_model_what_training_gave_it(tmp_path):
@@ -89,7 +90,7 @@ def test_16_bit_png_gives_the_model_what_training_gave_it(tmp_path):
   Image.fromarray(deep).save(tmp_path / "deep.png")
   stored = images.decode_greyscale((tmp_path / "deep.png").read_bytes())  # builder
   via_dataset, _ = preprocess.prepare_image(stored, 32)
-  via_predict, _ = preprocess.prepare_image(predict.load_image(tmp_path / "deep.png")[0], 32)
+  via_predict, _ = preprocess.prepare_image(prediction.load_image(tmp_path / "deep.png")[0], 32)
   np.testing.assert_array_equal(via_predict, via_dataset)
 
 
@@ -120,6 +121,7 @@ def test_lung_fraction_is_raw_and_post_is_reported(tmp_path, fake_model):
     "lung_fraction_post",
     "uncertainty",
     "flagged",
+    "mask",
   ]
   written = np.asarray(Image.open(out / "masks" / "speck.png")) > 0  # post-processed
   assert float(rows[0]["lung_fraction_post"]) == pytest.approx(written.mean(), abs=1e-5)
@@ -141,7 +143,7 @@ def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model)
   err = capsys.readouterr().err
   assert "notes.png" in err and "readme.txt" in err and "3 of 4" in err
   fields, rows = _read_csv(tmp_path / "predictions.csv")
-  assert fields == ["image", "height", "width", "lung_fraction", "uncertainty", "flagged"]
+  assert fields == ["image", "height", "width", "lung_fraction", "uncertainty", "flagged", "mask"]
   assert {r["image"]: (int(r["height"]), int(r["width"])) for r in rows} == EXPECTED
   for name, shape in EXPECTED.items():  # ... the rest predicted at their native size
     stem = pathlib.Path(name).stem
@@ -175,6 +177,7 @@ def test_single_image_and_classifier_column(awkward_folder, tmp_path, fake_model
     "uncertainty",
     "flagged",
     "p_abnormal",
+    "mask",
   ]
   assert len(rows) == 1 and 0 <= float(rows[0]["p_abnormal"]) <= 1
 
@@ -312,7 +315,7 @@ def test_dicom_is_predicted_like_its_png_twin(tmp_path, fake_model):
     width=510,
   )
   for name in ("mono2.dcm", "mono1.dcm"):
-    decoded, _ = predict.load_image(tmp_path / name)
+    decoded = prediction.load_image(tmp_path / name).image
     np.testing.assert_array_equal(decoded, grey)
   out = tmp_path / "out"
   assert (
@@ -397,7 +400,7 @@ def test_calibrated_column_uses_the_temperature_evaluate_fitted(
   assert predict.read_temperature(str(tmp_path / "elsewhere"), 40) is None
   config = _config()
   inference = Inference(config, fake_model(classify=True), batch_size=2)
-  rows, _ = predict.predict_files(
+  rows, _ = prediction.predict_files(
     inference,
     [awkward_folder / "colour.jpg"],
     tmp_path / "out",

@@ -53,26 +53,29 @@ def structure_columns(
 
 
 def finding_columns(
-  record: Mapping[str, Any],
-  outputs: Mapping[str, Any],
-  i: int,
-  config,
-  dataset_findings: Sequence[str],
+  batch: Mapping[str, Any], outputs: Mapping[str, Any], i: int, config
 ) -> dict[str, Any]:
   """evaluate's finding columns of image i (none unless the model predicts findings):
-  `p_<finding>` and `y_<finding>` (the target under config.loss.uncertain; blank where the
-  image does not label it)."""
+  `p_<finding>` and `y_<finding>` (the eval batch's target under config.loss.uncertain, as
+  training learns it; blank where the image does not label it)."""
   row: dict[str, Any] = {}
   if "p_findings" in outputs:
-    findings = findings_lib.parse_names(config.model.findings)
-    uncertain = config.loss.uncertain
-    codes = np.asarray(record["findings"], np.int8)
-    picked = codes[[list(dataset_findings).index(n) for n in findings]]
-    target, weight = findings_lib.targets(picked, uncertain)
-    for k, name in enumerate(findings):
+    target, weight = batch["findings"][i], batch["findings_weight"][i]
+    for k, name in enumerate(findings_lib.parse_names(config.model.findings)):
       row[f"p_{name}"] = float(outputs["p_findings"][i][k])
       row[f"y_{name}"] = int(target[k]) if weight[k] > 0 else ""
   return row
+
+
+def summaries(tasks: Sequence[str], rows: Sequence[Mapping[str, Any]], config) -> dict[str, Any]:
+  """evaluate's summary of each head beyond the lungs and normal/abnormal among `tasks`."""
+  out: dict[str, Any] = {}
+  if "structures" in tasks:
+    out["structures"] = structures_summary(rows)
+  if "findings" in tasks:
+    names = findings_lib.parse_names(config.model.findings)
+    out["findings"] = findings_summary(rows, names, int(config.seed))
+  return out
 
 
 def structures_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -125,9 +128,28 @@ def findings_summary(
   return {"per_finding": per, "macro_auc": multilabel.macro_auc([v["auc"] for v in per.values()])}
 
 
-def csv_fields(rows: Sequence[Mapping[str, Any]], known: Sequence[str]) -> list[str]:
-  """The columns rows hold beyond `known` (evaluation.CSV_FIELDS), in first-seen order."""
-  return [k for k in dict.fromkeys(k for r in rows for k in r) if k not in set(known)]
+def eval_fields(config) -> list[str]:
+  """evaluate's CSV columns beyond evaluation.CSV_FIELDS for a model of `config` (its rows
+  are streamed, so the header is known before any image is scored)."""
+  fields = []
+  if config.model.get("structures", False):
+    for name in EXTRA_STRUCTURES:
+      fields += [f"{name}_fraction", *(f"{name}_{m}" for m in STRUCTURE_METRICS)]
+    fields += ["cardiothoracic_ratio", "cardiothoracic_ratio_true"]
+  for name in findings_lib.parse_names(config.model.get("findings", "")):
+    fields += [f"p_{name}", f"y_{name}"]
+  return fields
+
+
+def prediction_fields(config) -> list[str]:
+  """predict's CSV columns beyond its own for a model of `config` (None: an exported model,
+  which has neither structures nor findings): `prediction_columns`' keys."""
+  if config is None:
+    return []
+  fields = []
+  if config.model.get("structures", False):
+    fields += [f"{name}_fraction" for name in EXTRA_STRUCTURES] + ["cardiothoracic_ratio"]
+  return fields + [f"p_{n}" for n in findings_lib.parse_names(config.model.get("findings", ""))]
 
 
 def prediction_columns(prediction, config) -> dict[str, str]:

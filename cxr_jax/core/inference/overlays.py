@@ -6,6 +6,7 @@ last so it stays visible where the two agree. Used by the trainer's TensorBoard 
 """
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 PRED_RGB = (255, 40, 40)
@@ -80,3 +81,19 @@ def overlay(
   if mask_true is not None:
     rgb[_outline(_as_mask("mask_true", mask_true, shape), thickness)] = TRUE_RGB
   return rgb
+
+
+def thumbnail(array: np.ndarray, side: int) -> np.ndarray:
+  """A copy with its longest side at most `side` pixels (uint8 images, bool masks): the
+  small copies a report keeps of each image it draws."""
+  height, width = array.shape
+  scale = side / max(height, width)
+  if scale >= 1:
+    return array.copy()
+  size = (max(1, round(width * scale)), max(1, round(height * scale)))
+  if array.dtype == np.bool_:
+    small = Image.fromarray(array.astype(np.uint8) * 255).resize(size, Image.Resampling.BOX)
+    return np.asarray(small) >= 128
+  return np.asarray(
+    Image.fromarray(array).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+  )

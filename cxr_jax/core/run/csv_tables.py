@@ -4,6 +4,8 @@ import csv
 import io
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,13 +31,57 @@ def cell(value: Any) -> Any:
   return value
 
 
+def csv_text(
+  fields: Sequence[str], rows: Sequence[Mapping[str, Any]], *, header: bool = True
+) -> str:
+  """A header row of `fields` (unless not `header`), then one row per mapping (missing keys
+  blank), as CSV text."""
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=list(fields), extrasaction="ignore")
+  if header:
+    writer.writeheader()
+  for row in rows:
+    writer.writerow({k: cell(row.get(k)) for k in fields})
+  return text.getvalue()
+
+
 def write_csv(
   path: str | os.PathLike, fields: Sequence[str], rows: Sequence[Mapping[str, Any]]
 ) -> None:
   """A header row of `fields`, then one row per mapping (missing keys blank)."""
-  text = io.StringIO(newline="")
-  writer = csv.DictWriter(text, fieldnames=list(fields), extrasaction="ignore")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: cell(row.get(k)) for k in fields})
-  epath.Path(path).write_text(text.getvalue())  # a local path or a gs:// URL
+  epath.Path(path).write_text(csv_text(fields, rows))  # a local path or a gs:// URL
+
+
+class RowWriter:
+  """A CSV written row by row as rows come (a context manager): a header row of `fields`,
+  then `write(row)` per row, flushed at once, so a table of 100k images is never held whole.
+  A gs:// `path` (objects cannot be appended to) is written on local disk and uploaded whole
+  when the writer closes."""
+
+  def __init__(self, path: str | os.PathLike, fields: Sequence[str]):
+    self.path, self.fields = os.fspath(path), list(fields)
+    self._remote = "://" in self.path
+    self._local = self.path
+
+  def __enter__(self) -> "RowWriter":
+    if self._remote:
+      fd, self._local = tempfile.mkstemp(suffix=".csv")
+      self._file = os.fdopen(fd, "w", newline="", encoding="utf-8")
+    else:
+      self._file = open(self._local, "w", newline="", encoding="utf-8")
+    self._file.write(csv_text(self.fields, []))
+    return self
+
+  def write(self, row: Mapping[str, Any]) -> None:
+    self._file.write(csv_text(self.fields, [row], header=False))
+    self._file.flush()
+
+  def __exit__(self, *exc) -> None:
+    self._file.close()
+    if self._remote:
+      try:
+        if exc[0] is None:
+          with open(self._local, "rb") as src, epath.Path(self.path).open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+      finally:
+        os.remove(self._local)
