@@ -211,6 +211,27 @@ def test_chestxray14_findings_patients_and_official_test_list(tmp_path):
   assert {s for s, _ in by_id.values()} == {"train", "validation", "test"}
 
 
+def test_two_build_workers_and_small_shards_write_what_one_process_writes(tmp_path):
+  # The reader's own splits (patients, the official test list), its finding names and the
+  # structures plane all travel through the spawned workers' reopened readers.
+  replicas.write_chestxray14(tmp_path / "nih")
+  one = _prepare("chestxray14", tmp_path / "nih", tmp_path / "one")
+  two = datasets.load_builder(
+    "chestxray14",
+    data_dir=str(tmp_path / "two"),
+    manual_dir=str(tmp_path / "nih"),
+    workers=2,
+    shard_examples=4,
+  )
+  assert two.info.metadata["findings"] == one.info.metadata["findings"]
+  a, b = _records(one), _records(two)
+  assert a.keys() == b.keys()
+  for image_id, (split, record) in a.items():
+    assert b[image_id][0] == split
+    for key in ("patient", "findings", "structures", "has_structures", "image"):
+      assert np.array_equal(record[key], b[image_id][1][key]), (image_id, key)
+
+
 def test_kfold_puts_each_patient_in_one_fold():
   ids = [f"img{i:03d}" for i in range(60)]
   patients = [f"p{i // 4}" for i in range(60)]
