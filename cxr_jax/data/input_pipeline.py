@@ -138,12 +138,14 @@ def _train_indices(
 
 
 def targets(config: ml_collections.ConfigDict, source: Sequence[dict]) -> transforms.Targets:
-  """The labels beyond lungs and normal/abnormal that config.model's heads learn."""
+  """The labels beyond lungs and normal/abnormal that config.model's heads learn (none for a
+  config of data keys only: a data pipeline's own, a benchmark's)."""
+  model, loss = config.get("model") or {}, config.get("loss") or {}
   return transforms.Targets(
-    structures=bool(config.model.structures),
-    findings=findings_lib.parse_names(config.model.findings),
+    structures=bool(model.get("structures", False)),
+    findings=findings_lib.parse_names(model.get("findings", "")),
     dataset_findings=datasets.finding_names(source),
-    uncertain=config.loss.uncertain,
+    uncertain=loss.get("uncertain", "ignore"),
   )
 
 
