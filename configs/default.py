@@ -62,6 +62,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.upsample = "transpose"  # 'transpose' | 'resize'
   config.model.num_classes = 2  # classifier heads: normal / abnormal
   config.model.dtype = "float32"  # 'bfloat16' computes in bf16, parameters stay float32
+  # ----- transfer learning (README "Transfer learning") -----
+  # Encoder of unet / multitask / classifier: '' (the model's own) | 'resnet18' | 'resnet34' |
+  # 'resnet50' | 'densenet121' (torchvision's layout; image_size a multiple of 32).
+  config.model.encoder = ""
+  # Weights to start from: a torchvision/timm/TorchXRayVision state dict (.pth, .pt,
+  # .safetensors, .npz) or a cxr_jax run directory (its encoder); local or gs://. '' = none.
+  config.model.init_from = ""
+  # Multiplies the z-scored input before the encoder; init_from sets it for its source
+  # (TorchXRayVision: 512) and config.json records it.
+  config.model.input_scale = 1.0
+  config.model.freeze_bn = False  # the encoder's BatchNorm keeps its running statistics
 
   # ----- loss -----
   config.loss = ml_collections.ConfigDict()
@@ -79,6 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Exponential moving average of the weights (0: off): validation, the best checkpoint,
   # evaluate and predict use the average; the trained weights' metrics are logged as online_*.
   config.optim.ema_decay = 0.0
+  # Fine-tuning a config.model.encoder: its parameters stay fixed for the first
+  # encoder_frozen_steps steps, then learn at encoder_lr_multiplier x the learning rate.
+  config.optim.encoder_frozen_steps = 0
+  config.optim.encoder_lr_multiplier = 1.0
 
   # ----- semi-supervised: mean teacher (needs optim.ema_decay and data.examples='all') -----
   # Images without a mask learn the EMA teacher's p(lung) on the unaugmented image, moved by

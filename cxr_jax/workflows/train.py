@@ -34,6 +34,7 @@ from cxr_jax.core.run import writers
 from cxr_jax.core.stats import metrics as metrics_lib
 from cxr_jax.core.training import heads
 from cxr_jax.core.training import steps
+from cxr_jax.core.training import transfer
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import paths
 from cxr_jax.workflows import lung_crop
@@ -144,6 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
   if config.data.crop_workdir:
     config.data.crop_workdir = paths.resolve(config.data.crop_workdir)
+  transfer.resolve_config(config)  # the source's input scale, before the model is built
   config_checks.check_training_config(config)
   check_model(config)  # seconds, before anything is read or written
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -224,6 +226,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     logging.info("Resumed from step %d in %s.", step, manager.directory)
   else:
     state = platform.jit(init_state, out_shardings=state_sharding)()
+    if config.model.get("init_from"):
+      state = jax.device_put(transfer.initialise(state, config, tx), state_sharding)
   first_step = int(state.step)
   if jax.process_index() == 0:  # after a restore: it describes what the checkpoints hold
     rundir.write_config(workdir, config, dataset.info(requested))
