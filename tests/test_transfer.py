@@ -178,6 +178,7 @@ def runs(tmp_path_factory) -> dict[str, pathlib.Path]:
   train.train_and_evaluate(config, str(root / "segmentation"))
   config.model.name, config.model.init_from = "classifier", str(root / "segmentation")
   config.model.freeze_bn = True
+  config.best_metric = "auc"
   config.data.examples = "all_without_masks"
   train.train_and_evaluate(config, str(root / "classifier"))
   return {"root": root, "weights": weights}

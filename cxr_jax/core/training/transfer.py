@@ -30,9 +30,11 @@ def is_run_directory(path: str) -> bool:
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> None:
-  """Sets config.model.input_scale for init_from's source when left at 1 (TorchXRayVision's
+  """Puts config.data.fold into init_from's '{fold}', and sets config.model.input_scale for init_from's source when left at 1 (TorchXRayVision's
   weights take pixels in [-1024, 1024]); config.json then records it."""
   path = config.model.get("init_from", "")
+  if "{fold}" in path:  # a k-fold sweep's per-fold source (configs/sweeps/in_domain_*.py)
+    path = config.model.init_from = path.format(fold=config.data.fold)
   if not path or is_run_directory(path) or float(config.model.get("input_scale", 1.0)) != 1.0:
     return
   scale = pretrained.input_scale_for(pretrained.read_state_dict(path))
