@@ -13,6 +13,8 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from cxr_jax.config import schema
+
 # Orbax logs every file of every checkpoint at INFO; TFDS and grain their own progress.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
 # Errors of the machine, not of the code: full disk, quota, read-only or forbidden paths.
@@ -67,7 +69,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   sys.exit(2)
 
 
-def _disk_full(e: BaseException) -> bool:
+def disk_full(e: BaseException) -> bool:
   """Orbax/TensorStore report a full disk as a ValueError, not an OSError."""
   text = str(e)
   return "RESOURCE_EXHAUSTED" in text or "No space left on device" in text
@@ -117,10 +119,12 @@ def run(main: Callable[[list[str]], None]) -> None:
       absl_logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
     try:
       main(argv)
+    except schema.ConfigError as e:  # the user's config: the message says what to change
+      _exit_with(2, f"{os.path.basename(argv[0])}: {e}")
     except (OSError, ValueError, RuntimeError) as e:
       if flags.FLAGS.traceback:
         raise
-      if _disk_full(e):
+      if disk_full(e):
         _exit_with(
           1,
           f"{os.path.basename(argv[0])}: the disk is full ({str(e).splitlines()[0][:200]}). "

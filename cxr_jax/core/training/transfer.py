@@ -15,18 +15,18 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from etils import epath
 from flax import nnx
 
 from cxr_jax.core.models import pretrained
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run.layout import RunDir
 
 ENCODER = "encoder"
 
 
 def is_run_directory(path: str) -> bool:
   """Whether `path` is a cxr_jax run directory (it has a config.json)."""
-  return (epath.Path(path) / rundir.CONFIG_FILE).exists()
+  return RunDir(path).config.exists()
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> None:
