@@ -186,7 +186,8 @@ def runs(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 def test_a_unet_on_a_pretrained_encoder_trains_a_smoke_run(runs):
   lines = (runs["root"] / "segmentation" / "metrics.jsonl").read_text().splitlines()
-  assert any("val_dice" in json.loads(line) for line in lines)
+  rows = [json.loads(line) for line in lines]
+  assert any(row["split"] == "validation" and 0 <= row["dice"] <= 1 for row in rows)
   record = json.loads((runs["root"] / "segmentation" / "config.json").read_text())
   assert record["config"]["model"]["encoder"] == "resnet18"
   assert record["config"]["model"]["input_scale"] == 1.0

@@ -78,9 +78,9 @@ KEYS = (
   Key("model.dtype", "float32", ("float32", "bfloat16", "float64"), "compute dtype (parameters stay float32; float64: the tests' reference, needs jax_enable_x64)"),
   # ----- transfer learning (README "Transfer learning") -----
   Key("model.encoder", "", ("", "unet", "resnet18", "resnet34", "resnet50", "densenet121"), "encoder of unet/multitask/classifier: '' (the model's own) or a torchvision-layout one (image_size a multiple of 32)", SAME),
-  Key("model.init_from", "", None, "weights to start from: a torchvision/timm/TorchXRayVision state dict (.safetensors, .npz, .pth, .pt) or a cxr_jax run directory (its encoder); '{fold}' takes data.fold"),
-  Key("model.input_scale", 1.0, "> 0", "multiplies the z-scored input before the encoder (init_from sets 512 for TorchXRayVision weights)"),
-  Key("model.freeze_bn", False, None, "the encoder's BatchNorm keeps its running statistics in training"),
+  Key("model.init_from", "", None, "weights to start from: a torchvision/timm/TorchXRayVision state dict (.safetensors, .npz, .pth, .pt) or a cxr_jax run directory (its encoder); '{fold}' takes data.fold", SAME),
+  Key("model.input_scale", 1.0, "> 0", "multiplies the z-scored input before the encoder (init_from sets 512 for TorchXRayVision weights)", SAME),
+  Key("model.freeze_bn", False, None, "the encoder's BatchNorm keeps its running statistics in training", SAME),
   # ----- loss -----
   Key("loss.dice_weight", 1.0, ">= 0", "segmentation: BCE + dice_weight * soft Dice"),
   Key("loss.class_weight", 1.0, ">= 0", "multi-task: weight of the classification loss"),
