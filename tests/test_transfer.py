@@ -122,7 +122,9 @@ def test_npz_state_dicts_read_back_the_arrays_and_unknown_keys_are_reported(tmp_
 
 def test_a_shape_mismatch_is_refused_naming_the_parameter_and_both_shapes():
   schema = encoder_weights.load_schema("torchvision_resnet50")
-  model = models.create_model(model_config("resnet18").model, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(
+    lambda: models.create_model(model_config("resnet18").model, rngs=nnx.Rngs(0))
+  )
   with pytest.raises(
     ValueError,
     match=r"layer1\.0\.conv1\.weight has shape \(1, 1, 64, 64\)"

@@ -58,7 +58,7 @@ def run_encoder_arrays(
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     suffix = _encoder_suffix(tuple(path))
     name = ".".join(map(str, path))
-    value = getattr(variable, "value", None)
+    value = variable.get_value() if hasattr(variable, "get_value") else None
     if suffix is None or not hasattr(value, "shape") or not value.ndim:
       if suffix is None and hasattr(value, "shape") and value.ndim:
         unused.append(name)
