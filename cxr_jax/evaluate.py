@@ -22,6 +22,7 @@ from cxr_jax import cli
 from cxr_jax import report
 from cxr_jax.core.run import csv_tables
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run import trackers
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 from cxr_jax.workflows import evaluation
@@ -128,10 +129,19 @@ def _run(
       source = rundir.load_split(config, name, dataset)
       return lung_crop.maybe_crop(config, name, source, workdir)
 
-  summary, result = evaluation.evaluate_split(
-    config, model, split, get_source, batch_size=batch_size, show_progress=show_progress
-  )
   run_dir = RunDir(workdir)
+  out_dir = str(run_dir.eval_dir)
+  run_dir.eval_dir.mkdir(parents=True, exist_ok=True)
+  with csv_tables.RowWriter(str(run_dir.eval_table(name)), evaluation.CSV_FIELDS) as csv_rows:
+    summary, result = evaluation.evaluate_split(
+      config,
+      model,
+      split,
+      get_source,
+      batch_size=batch_size,
+      show_progress=show_progress,
+      write_row=csv_rows.write,
+    )
   steps = run_dir.checkpoint_steps()
   summary = {
     "split": split,
@@ -141,9 +151,6 @@ def _run(
     "trained_steps": steps[-1] if steps else None,  # the newest checkpoint when evaluated
     **summary,
   }
-  out_dir = str(run_dir.eval_dir)
-  run_dir.eval_dir.mkdir(parents=True, exist_ok=True)
-  csv_tables.write_csv(str(run_dir.eval_table(name)), evaluation.CSV_FIELDS, result.rows)
   html = report.write_report(out_dir, name, summary, result)
   summary["report"] = os.path.basename(html)
   paths.write_text(str(run_dir.eval_summary(name)), json.dumps(json_safe(summary), indent=2))
@@ -153,6 +160,9 @@ def _run(
     calibration.update(summary["classification"]["calibration"])
     paths.write_text(str(run_dir.calibration), json.dumps(calibration))
   logging.info("Wrote %s/%s.json, .csv and %s", out_dir, name, summary["report"])
+  trackers.log_files(
+    workdir, config, [str(run_dir.eval_summary(name)), str(run_dir.eval_table(name)), html]
+  )
   return summary
 
 

@@ -27,8 +27,11 @@ def define_flags() -> None:
     "Call jax.distributed.initialize() even where no cluster is detected (SLURM, MPI and TPU "
     "pod slices are detected and started without it).",
   )
+  # 15 minutes: on a cold pod slice or a fresh SLURM allocation hosts start minutes apart
+  # (image pulls, driver and libtpu start-up, a venv on a network file system), and big jobs
+  # report JAX's 300 s too short; a host that never comes is still an error, not a hang.
   flags.DEFINE_integer(
-    "init_timeout_s", 300, "Seconds to wait for every process to join (a dead host is an error)."
+    "init_timeout_s", 900, "Seconds to wait for every process to join (a dead host is an error)."
   )
   flags.DEFINE_integer(
     "expect_devices", None, "Refuse to start unless JAX sees this many devices in all."

@@ -116,5 +116,9 @@ KEYS = (
   # 0.268), checked on folds 2-4 (README, Results). Other sizes and models shift the scale.
   Key("qc_threshold", 0.27, ">= 0", "masks whose uncertainty exceeds this are flagged for a look by eye"),
   Key("profile_steps", "", None, "e.g. '10-15': a jax.profiler trace of those steps in DIR/profile"),
+  # ----- experiment tracker beside TensorBoard (core/run/trackers.py; pip install -e ".[trackers]") -----
+  Key("tracker", "", ("", "mlflow", "wandb"), "also log params, scalars and evaluate's report to MLflow or W&B ('': off); its run is named in DIR/tracker.json"),
+  Key("tracker_project", "cxr_jax", None, "MLflow experiment / W&B project"),
+  Key("tracker_uri", "", None, "MLflow tracking URI ('': $MLFLOW_TRACKING_URI, else MLflow's default); W&B reads $WANDB_MODE"),
 )
 # fmt: on

@@ -144,6 +144,7 @@ def maybe_crop(
   multihost.on_process_0(
     lambda: _write_box_cache(cache, seg_workdir, split, source, workdir),
     f"Process 0 failed to compute the lung boxes of {split}; its log says why.",
+    barrier_name=f"lung boxes of {split} written",
   )
   stored = json.loads(epath.Path(cache).read_text())["boxes"]
   boxes = {k: (tuple(v) if v else None) for k, v in stored.items()}

@@ -24,11 +24,13 @@ from cxr_jax.config import schema
 from cxr_jax.core import models
 from cxr_jax.core.inference import overlays
 from cxr_jax.core.run import checkpoint
+from cxr_jax.core.run import multihost
 from cxr_jax.core.run import platform
 from cxr_jax.core.run import preemption
 from cxr_jax.core.run import run_lock
 from cxr_jax.core.run import rundir
 from cxr_jax.core.run import sharding
+from cxr_jax.core.run import trackers
 from cxr_jax.core.run import utilisation
 from cxr_jax.core.run import writers
 from cxr_jax.core.stats import metrics as metrics_lib
@@ -147,6 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config.data.crop_workdir = paths.resolve(config.data.crop_workdir)
   transfer.resolve_config(config)  # the source's input scale, before the model is built
   schema.validate(config)
+  trackers.check_config(config)
   check_model(config)  # seconds, before anything is read or written
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lock = run_lock.lock_run(workdir)  # before reading checkpoints another run may be writing
@@ -209,6 +212,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   manager = checkpoint.create_manager(workdir, config)
   if manager.latest_step() is not None:
     rundir.check_resumable(workdir, config)
+    multihost.barrier("restore")  # Orbax's own restore waits on every process, unnamed
     abstract_items = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_state,
@@ -252,7 +256,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   # ----- loop -----
   # On resume, drop what the killed run logged after its last checkpoint. The loop logs its
   # own one-line summaries, so the writer does not log each scalar again.
-  writer = writers.create_writer(workdir, resume_step=first_step or None, log=False)
+  tracker = trackers.open_tracker(workdir, config) if jax.process_index() == 0 else None
+  writer = writers.create_writer(
+    workdir, resume_step=first_step or None, log=False, also=[tracker] if tracker else []
+  )
   if first_step == 0:
     writer.write_hparams(config.to_dict())
   progress = ProgressLog(config.num_train_steps, config.batch_size, first_step)
@@ -277,6 +284,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           cache.describe(),
           f"{flops:.3g}" if flops else "unknown",
         )
+        multihost.barrier("train step compiled")
         progress.last_time += time.perf_counter() - t0  # keep compiling out of steps/s
       profile.before(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -336,6 +344,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if history:  # never save a state whose loss went non-finite since the last report
           _stop_on_nonfinite(jax.device_get(history), manager, workdir)
         writer.flush()  # what a resume from this checkpoint keeps is stored before it
+        multihost.barrier(f"save step {step}")  # Orbax's own save waits on every process, unnamed
         checkpoint.save(
           manager,
           step,
@@ -347,6 +356,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         logging.warning("Preempted: saved step %d; the same command resumes from it.", step)
         break
     manager.wait_until_finished()
+    multihost.barrier("training done")
   finally:
     watcher.close()
     profile.close()

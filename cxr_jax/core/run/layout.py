@@ -29,6 +29,7 @@ class RunDir:
   CALIBRATION = "calibration.json"
   LOCK = "run.lock"
   SWEEP_RECORD = "sweep.json"
+  TRACKER = "tracker.json"
 
   def __init__(self, workdir: "str | os.PathLike | RunDir"):
     self.root = workdir.root if isinstance(workdir, RunDir) else paths.resolve(workdir)
@@ -62,6 +63,11 @@ class RunDir:
   @property
   def lock(self) -> epath.Path:
     return self.path / self.LOCK
+
+  @property
+  def tracker(self) -> epath.Path:
+    """The experiment tracker's run this run writes to (core/run/trackers.py)."""
+    return self.path / self.TRACKER
 
   @property
   def profile(self) -> epath.Path:

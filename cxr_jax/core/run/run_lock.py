@@ -167,7 +167,9 @@ def lock_run(workdir: str) -> RunLock | None:
     lock.acquire()
     return lock
 
-  return multihost.on_process_0(take, f"Process 0 could not lock {workdir}; its log says why.")
+  return multihost.on_process_0(
+    take, f"Process 0 could not lock {workdir}; its log says why.", barrier_name="run locked"
+  )
 
 
 def _pid_alive(pid) -> bool:

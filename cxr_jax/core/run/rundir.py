@@ -248,6 +248,7 @@ def open_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     load,
     f"Process 0 failed to prepare dataset {name!r} into {data_config.data_dir!r}; its log "
     "says why. Fix that (or build it once with `python -m cxr_jax.data.prepare`) and rerun.",
+    barrier_name="dataset prepared",
   )
   return Dataset(builder if builder is not None else load(), name, manual_dir)
 

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -341,6 +341,7 @@ def create_writer(
   default_split: str = "train",
   resume_step: int | None = None,
   log: bool = True,
+  also: Sequence[MetricWriter] = (),
 ) -> MultiWriter:
   """The run's writer: DIR/metrics.jsonl + TensorBoard events in DIR + logging.
 
@@ -352,6 +353,7 @@ def create_writer(
     resume_step: the step a resumed run restarted from; records of later steps, written by
       the run that was killed, are dropped. None: keep everything.
     log: also log every write (off where the caller logs its own summary line).
+    also: more writers of the files' process (e.g. an experiment tracker).
   """
   if just_logging is None:
     just_logging = jax.process_index() > 0
@@ -359,7 +361,7 @@ def create_writer(
   if just_logging:
     return MultiWriter(logger)
   if paths.is_url(workdir):
-    return MultiWriter([BucketWriter(workdir, resume_step=resume_step), *logger])
+    return MultiWriter([BucketWriter(workdir, resume_step=resume_step), *also, *logger])
   os.makedirs(workdir, exist_ok=True)
   return MultiWriter(
     [
@@ -367,6 +369,7 @@ def create_writer(
         str(RunDir(workdir).metrics), default_split=default_split, resume_step=resume_step
       ),
       TensorBoardWriter(workdir, resume_step=resume_step),
+      *also,
       *logger,
     ]
   )
