@@ -133,11 +133,12 @@ CPU_OPTIONS = {
 
 
 @functools.cache
-def compiler_options() -> dict[str, str]:
-  """The `compiler_options` of the train, eval and inference jits: CPU_OPTIONS on a CPU
-  backend whose XLA knows them (an XLA that does not is warned about once and compiles
-  with its defaults), nothing on accelerators."""
-  if jax.default_backend() != "cpu":
+def compiler_options(target: str | None = None) -> dict[str, str]:
+  """The `compiler_options` of the train, eval and inference jits compiled for the `target`
+  platform ('cpu', 'tpu', 'gpu'; default: JAX's default backend): CPU_OPTIONS for a CPU whose
+  XLA knows them (an XLA that does not is warned about once and compiles with its defaults),
+  nothing for accelerators, also when the default backend is the CPU (`cxr_jax.aot`)."""
+  if (target or jax.default_backend()) != "cpu":
     return {}
   try:
     jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(1.0).compile()

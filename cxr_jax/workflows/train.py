@@ -5,7 +5,6 @@ loss and the optax update, with parameters and optimiser state replicated over t
 batches split over its `data` axis.
 """
 
-import functools
 import logging
 import math
 import time
@@ -26,8 +25,8 @@ from cxr_jax.core import heads
 from cxr_jax.core import metrics as metrics_lib
 from cxr_jax.core import models
 from cxr_jax.core import overlays
-from cxr_jax.core import platform
 from cxr_jax.core import preemption
+from cxr_jax.core import programs as programs_lib
 from cxr_jax.core import run_lock
 from cxr_jax.core import rundir
 from cxr_jax.core import sharding
@@ -173,7 +172,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   sharding.check_image_size(config.data.image_size, mesh)
-  replicated = sharding.replicated(mesh)
   logging.info(
     "Mesh: %s over %d devices (%s), %d processes, this is process %d.",
     dict(mesh.shape),
@@ -191,27 +189,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   train_iter = input_pipeline.create_train_iterator(config, sources["train"], **process)
   eval_batches = input_pipeline.create_eval_batches(config, sources["validation"], **process)
 
-  # ----- model and optimiser -----
-  tx = steps.create_optimizer(config)
-  init_state = functools.partial(steps.create_train_state, config, tx)
-  abstract_model = nnx.eval_shape(
-    lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))
-  )
-  graphdef = nnx.graphdef(abstract_model)
-  abstract_state = jax.eval_shape(init_state)
-  state_sharding = sharding.state_sharding(abstract_state, mesh, config.get("shard_params", False))
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+  # ----- model, optimiser and the compiled steps -----
+  programs = programs_lib.build(config, mesh)
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(programs.abstract_state.params))
   logging.info("Model %s: %s parameters.", config.model.name, f"{num_params:,}")
 
   # ----- checkpoint: resume or start -----
   manager = checkpoint.create_manager(workdir, config)
   if manager.latest_step() is not None:
     rundir.check_resumable(workdir, config)
-    abstract_items = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state,
-      state_sharding,
-    ).checkpoint_items()
+    abstract_items = programs.abstract_state.checkpoint_items()
     step, items = checkpoint.restore_newest_readable(
       manager,
       sorted(manager.all_steps(), reverse=True),
@@ -223,28 +210,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       manager.delete(newer)
     logging.info("Resumed from step %d in %s.", step, manager.directory)
   else:
-    state = jax.jit(init_state, out_shardings=state_sharding)()
+    state = programs.init()
   first_step = int(state.step)
   if jax.process_index() == 0:  # after a restore: it describes what the checkpoints hold
     rundir.write_config(workdir, config, dataset.info(requested))
 
-  # ----- compiled steps -----
-  # The arguments arrive placed (state_sharding, sharding.to_global): no in_shardings.
-  image_sharding = sharding.image_sharded(mesh) if sharding.space_size(mesh) > 1 else None
-  options = platform.compiler_options()
-  train_step = jax.jit(
-    steps.make_train_step(graphdef, config, tx, image_sharding=image_sharding),
-    out_shardings=(state_sharding, replicated),
-    donate_argnums=0,
-    compiler_options=options,
-  )
-  eval_step = jax.jit(steps.make_eval_step(graphdef, config), compiler_options=options)
   # With an EMA the checkpoint chosen is the EMA's best; the trained weights' own metrics are
   # logged beside it as online_<name> (the EMA's paired effect, every evaluation).
-  online_step = (
-    jax.jit(steps.make_eval_step(graphdef, config, online=True), compiler_options=options)
-    if state.ema is not None
-    else None
+  train_step, eval_step, online_step = (
+    programs.train_step,
+    programs.eval_step,
+    programs.online_step,
   )
 
   # ----- loop -----
