@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from configs import default  # noqa: E402
 from cxr_jax import predict  # noqa: E402
 from cxr_jax.core import models  # noqa: E402
-from cxr_jax.core.inference import Inference  # noqa: E402
+from cxr_jax.core.inference.inference import Inference  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -68,14 +68,16 @@ def main() -> None:
       f"{time.perf_counter() - start:.0f} s"
     )
     paths, _ = predict.list_inputs(inputs)
-    predict.predict_files(inference, paths[: args.batch_size], output, progress=False)  # compile
+    predict.predict_files(
+      inference, paths[: args.batch_size], output, show_progress=False
+    )  # compile
     print("| images done | images/s (chunk) | resident MiB |\n|---|---|---|")
     chunk = len(paths) // args.chunks
     total_start, done = time.perf_counter(), 0
     for k in range(args.chunks):
       part = paths[k * chunk : (k + 1) * chunk]
       start = time.perf_counter()
-      rows, errors = predict.predict_files(inference, part, output, progress=False)
+      rows, errors = predict.predict_files(inference, part, output, show_progress=False)
       assert len(rows) == len(part) and not errors, errors
       done += len(part)
       print(f"| {done} | {len(part) / (time.perf_counter() - start):.1f} | {_rss_mib():.0f} |")

@@ -15,6 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cxr_jax import cli
+from cxr_jax.config import schema
 from cxr_jax.workflows import aot
 
 
@@ -24,7 +25,7 @@ def describe_run(config, topology: aot.Topology) -> str:
     f"{config.model.name} base {config.model.base_features}, {config.data.image_size} px, "
     f"{config.model.dtype}, batch {config.batch_size} (eval {config.eval_batch_size}); mesh "
     f"data {mesh.shape['data']} x space {mesh.shape['space']}, parameters "
-    f"{'split over data (FSDP)' if config.get('shard_params') else 'replicated'}"
+    f"{'split over data (FSDP)' if config.shard_params else 'replicated'}"
   )
 
 
@@ -78,6 +79,7 @@ def main(argv: list[str]) -> None:
   cli.quiet_library_logs()
   args = flags.FLAGS
   config = args.config
+  schema.validate(config)
   topology = aot.get_topology(args.topology)
   if args.search:
     print(f"Searching {args.search} on {topology.describe()}: {describe_run(config, topology)}.")

@@ -13,6 +13,8 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from cxr_jax.config import schema
+
 # Orbax logs every file of every checkpoint at INFO; TFDS and grain their own progress.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
 # Errors of the machine, not of the code: full disk, quota, read-only or forbidden paths.
@@ -117,6 +119,8 @@ def run(main: Callable[[list[str]], None]) -> None:
       absl_logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
     try:
       main(argv)
+    except schema.ConfigError as e:  # the user's config: the message says what to change
+      _exit_with(2, f"{os.path.basename(argv[0])}: {e}")
     except (OSError, ValueError, RuntimeError) as e:
       if flags.FLAGS.traceback:
         raise

@@ -15,7 +15,7 @@ OUT/predictions.csv, one row per image:
     lung_area_cm2           and the written mask's area
     uncertainty, flagged    segmenters: the mask's `inference.uncertainty` (mean boundary
                             entropy, TTA-averaged under config.tta) and 1 where it exceeds
-                            `inference.QC_THRESHOLD` (config.qc_threshold): a mask worth checking by eye
+                            config.qc_threshold: a mask worth checking by eye
     p_abnormal              only when the model classifies
     p_abnormal_calibrated   and DIR/calibration.json (written by evaluate for this
                             checkpoint) holds a temperature fitted on validation
@@ -40,14 +40,15 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import cli
-from cxr_jax.core import classification_stats
-from cxr_jax.core import csv_tables
-from cxr_jax.core import overlays
-from cxr_jax.core import portable
-from cxr_jax.core import rundir
-from cxr_jax.core.inference import Inference
-from cxr_jax.core.inference import predict_images
-from cxr_jax.core.progress import Progress
+from cxr_jax.core.inference import overlays
+from cxr_jax.core.inference import portable
+from cxr_jax.core.inference.inference import Inference
+from cxr_jax.core.inference.inference import predict_images
+from cxr_jax.core.run import csv_tables
+from cxr_jax.core.run import rundir
+from cxr_jax.core.run.layout import RunDir
+from cxr_jax.core.run.progress import Progress
+from cxr_jax.core.stats import classification_stats
 from cxr_jax.data import dicom
 from cxr_jax.data import images
 from cxr_jax.data.images import IMAGE_SUFFIXES
@@ -110,7 +111,7 @@ def predict_files(
   output: str | os.PathLike,
   *,
   clean: bool = False,
-  progress: bool = True,
+  show_progress: bool = True,
   segmenter: lung_crop.Segmenter | None = None,
   margin: float = 0.0,
   temperature: float | None = None,
@@ -126,7 +127,7 @@ def predict_files(
   (output / "overlays").mkdir(parents=True, exist_ok=True)
   stems = dict(zip(paths, output_stems(paths)))
   rows, errors = [], []
-  bar = Progress(len(paths), "predict") if progress else None
+  bar = Progress(len(paths), "predict") if show_progress else None
   for chunk in _chunks(list(paths), inference.batch_size):
     loaded = []
     for path in chunk:
@@ -204,17 +205,60 @@ def run(
   *,
   checkpoint: str = "latest",
   batch_size: int = 0,
-  progress: bool = True,
-  restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
+  show_progress: bool = True,
   model_file: str = "",
   space: int = 0,
 ) -> int:
   """The command: predicts `input_path` into `output`; returns the exit status (0: all ok).
 
-  `model_file` (a `python -m cxr_jax.export` file) replaces the workdir; `restored`
-  ((config, model), e.g. from a test) skips reading the workdir's checkpoint; `space` > 0
-  splits each image's height over that many devices (default: the run's config.mesh.space).
+  `model_file` (a `python -m cxr_jax.export` file) replaces the workdir; `space` > 0 splits
+  each image's height over that many devices (default: the run's config.mesh.space).
   """
+  return _run(
+    workdir,
+    input_path,
+    output,
+    checkpoint=checkpoint,
+    batch_size=batch_size,
+    show_progress=show_progress,
+    model_file=model_file,
+    space=space,
+  )
+
+
+def run_model(
+  config: ml_collections.ConfigDict,
+  model: nnx.Module,
+  input_path: str,
+  output: str,
+  *,
+  batch_size: int = 0,
+  show_progress: bool = True,
+) -> int:
+  """`run` with a model held in memory (a notebook's, a test's) and its config, instead of a
+  run directory's checkpoint (so no calibration temperature)."""
+  return _run(
+    "",
+    input_path,
+    output,
+    batch_size=batch_size,
+    show_progress=show_progress,
+    restored=(config, model),
+  )
+
+
+def _run(
+  workdir: str,
+  input_path: str,
+  output: str,
+  *,
+  checkpoint: str = "latest",
+  batch_size: int = 0,
+  show_progress: bool = True,
+  restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
+  model_file: str = "",
+  space: int = 0,
+) -> int:
   if epath.Path(output).exists() and not epath.Path(output).is_dir():
     print(
       f"predict: --output={output} is a file; give a folder (it is created if missing).",
@@ -239,10 +283,10 @@ def run(
     else:
       config, model = restored
     config = rundir.with_space(config, space)
-    batch_size = min(batch_size or int(config.get("eval_batch_size", 8)), len(paths))
+    batch_size = min(batch_size or int(config.eval_batch_size), len(paths))
     inference = Inference(config, model, batch_size=batch_size)
-    clean = bool(config.get("postprocess", False))
-  if not model_file and config.data.get("crop_to_lungs", False):  # trained on lung crops
+    clean = bool(config.postprocess)
+  if not model_file and config.data.crop_to_lungs:  # trained on lung crops
     segmenter = lung_crop.load_segmenter(config.data.crop_workdir, batch_size=batch_size)
     margin = float(config.data.crop_margin)
   rows, errors = predict_files(
@@ -250,7 +294,7 @@ def run(
     paths,
     output,
     clean=clean,
-    progress=progress,
+    show_progress=show_progress,
     segmenter=segmenter,
     margin=margin,
     temperature=temperature if inference.classifies else None,
@@ -274,7 +318,7 @@ def run(
 def read_temperature(workdir: str, step: int) -> float | None:
   """The temperature evaluate fitted for checkpoint `step` (DIR/calibration.json), or None
   (not evaluated yet, or fitted for another checkpoint: then said on stderr)."""
-  path = epath.Path(workdir) / rundir.CALIBRATION_FILE
+  path = RunDir(workdir).calibration
   if not path.exists():
     return None
   record = json.loads(path.read_text())

@@ -15,12 +15,15 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
+from etils import epath
 
 from cxr_jax import cli
 from cxr_jax import results
+from cxr_jax.data import paths
 from cxr_jax.workflows import sweeps
 
 
@@ -48,21 +51,35 @@ def run_one(
   env: dict[str, str] | None = None,
 ) -> tuple[str, int]:
   """Trains and evaluates one run unless it is done; (its name, exit status)."""
-  workdir = os.path.join(root, run.name)
+  workdir = sweeps.run_dir(root, run)
   if sweeps.is_done(workdir, sweep.split):
     return run.name, 0
   sweeps.write_run_record(workdir, sweep_file, run)
   train, evaluate = sweeps.commands(sweep, run, workdir)
-  with open(os.path.join(workdir, "sweep.log"), "a") as log:
-    for command in (train, evaluate):
-      log.write(f"$ {shlex.join(command)}\n")
-      log.flush()
-      status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-      if status:
-        return run.name, status
-      if command is train and not sweeps.is_trained(workdir):
-        return run.name, PREEMPTED  # stopped early (SIGTERM): rerun to finish it
+  for command in (train, evaluate):
+    status = _run_logged(command, env, workdir.sweep_log)
+    if status:
+      return run.name, status
+    if command is train and not sweeps.is_trained(workdir):
+      return run.name, PREEMPTED  # stopped early (SIGTERM): rerun to finish it
   return run.name, 0
+
+
+def _run_logged(command: list[str], env: dict[str, str] | None, log: epath.Path) -> int:
+  """Runs `command` with its output appended to `log`: on a disk as it comes; in a bucket,
+  where objects cannot be appended to, once it ends."""
+  header = f"$ {shlex.join(command)}\n"
+  if not paths.is_url(str(log)):
+    with open(log, "a") as f:
+      f.write(header)
+      f.flush()
+      return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+  with tempfile.TemporaryFile("w+") as f:
+    status = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    f.seek(0)
+    before = log.read_text() if log.exists() else ""
+    log.write_text(before + header + f.read())
+  return status
 
 
 def slurm_script(args, count: int) -> str:
@@ -96,12 +113,12 @@ def main(argv: list[str]) -> None:
     return
   if args.print_commands:
     for run in runs:
-      for command in sweeps.commands(sweep, run, os.path.join(args.root, run.name)):
+      for command in sweeps.commands(sweep, run, sweeps.run_dir(args.root, run)):
         print(shlex.join(command))
     return
   if args.run_index is not None:
     runs = [runs[args.run_index]]
-  todo = [r for r in runs if not sweeps.is_done(os.path.join(args.root, r.name), sweep.split)]
+  todo = [r for r in runs if not sweeps.is_done(sweeps.run_dir(args.root, r), sweep.split)]
   print(
     f"sweep: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run "
     f"({args.parallel} at a time) in {args.root}",
@@ -125,7 +142,7 @@ def main(argv: list[str]) -> None:
   if args.results and args.run_index is None and len(failed) < len(runs):
     written = results.write_results(
       args.root,
-      [os.path.join(args.root, r.name) for r in runs],
+      [sweeps.run_dir(args.root, r) for r in runs],
       baseline=sweeps.baseline(sweep),
       split=sweep.split,
     )

@@ -15,10 +15,10 @@ import pytest
 from jax import export as jax_export
 
 from cxr_jax import aot as aot_command
-from cxr_jax.core import platform
-from cxr_jax.core import programs
-from cxr_jax.core import sharding
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import sharding
 from cxr_jax.workflows import aot
+from cxr_jax.workflows import programs
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(

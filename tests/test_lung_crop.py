@@ -12,8 +12,8 @@ from configs import default
 from configs import lung_crop_classifier
 from cxr_jax import evaluate
 from cxr_jax import predict
-from cxr_jax.core import inference as inference_lib
-from cxr_jax.core import rundir
+from cxr_jax.core.inference import inference as inference_lib
+from cxr_jax.core.run import rundir
 from cxr_jax.data import crops
 from cxr_jax.data import datasets
 from cxr_jax.data import preprocess
@@ -84,7 +84,7 @@ def test_box_cache_is_checked_against_the_segmenter(tmp_path, monkeypatch, caplo
   step = {"value": 7}
   calls = []
 
-  def fake_compute(segmenter, source, progress=True):
+  def fake_compute(segmenter, source, show_progress=True):
     calls.append(segmenter.step)
     return {"a": (1, 2, 3, 4)}
 
@@ -154,7 +154,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
       assert 0 <= top < bottom and 0 <= left < right
 
   # evaluate crops the test split the same way and scores the classifier.
-  summary = evaluate.run(str(cls), "test", progress=False)
+  summary = evaluate.run(str(cls), "test", show_progress=False)
   assert (cls / "lung_boxes_test.json").exists()
   assert (cls / "eval" / "test.json").exists()
   assert "classification" in json.dumps(summary) or "auc" in json.dumps(summary)
@@ -169,7 +169,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
   for k in range(3):
     Image.fromarray(source[k]["image"][..., 0]).save(images / f"x{k}.png")
   out = tmp_path / "out"
-  assert predict.run(str(cls), str(images), str(out), progress=False) == 0
+  assert predict.run(str(cls), str(images), str(out), show_progress=False) == 0
   with open(out / "predictions.csv") as f:
     rows = {r["image"]: r for r in csv.DictReader(f)}
   assert len(rows) == 3 and all(0 <= float(r["p_abnormal"]) <= 1 for r in rows.values())

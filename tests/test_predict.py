@@ -18,9 +18,9 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import predict
-from cxr_jax.core import inference
-from cxr_jax.core.inference import Inference
-from cxr_jax.core.progress import Progress
+from cxr_jax.core.inference import inference
+from cxr_jax.core.inference.inference import Inference
+from cxr_jax.core.run.progress import Progress
 from cxr_jax.data import images
 from cxr_jax.data import preprocess
 from tests.conftest import run_module
@@ -102,12 +102,12 @@ def test_lung_fraction_is_raw_and_post_is_reported(tmp_path, fake_model):
   config.postprocess = True
   out = tmp_path / "out"
   assert (
-    predict.run(
-      "unused",
+    predict.run_model(
+      config,
+      fake_model(),
       str(tmp_path / "speck.png"),
       str(out),
-      restored=(config, fake_model()),
-      progress=False,
+      show_progress=False,
     )
     == 0
   )
@@ -134,8 +134,8 @@ def test_native_mask_threshold_and_clean():
 
 
 def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model):
-  status = predict.run(
-    "unused", str(awkward_folder), str(tmp_path), restored=(_config(), fake_model()), progress=True
+  status = predict.run_model(
+    _config(), fake_model(), str(awkward_folder), str(tmp_path), show_progress=True
   )
   assert status == 1  # something failed ...
   err = capsys.readouterr().err
@@ -158,12 +158,12 @@ def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model)
 
 
 def test_single_image_and_classifier_column(awkward_folder, tmp_path, fake_model):
-  status = predict.run(
-    "unused",
+  status = predict.run_model(
+    _config(),
+    fake_model(classify=True),
     str(awkward_folder / "colour.jpg"),
     str(tmp_path),
-    restored=(_config(), fake_model(classify=True)),
-    progress=False,
+    show_progress=False,
   )
   assert status == 0
   fields, rows = _read_csv(tmp_path / "predictions.csv")
@@ -201,8 +201,8 @@ def make_random_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict
   The weights are drawn in numpy into the model's abstract state: initialising the real
   model compiles every initializer (about a minute on a busy 2-core CPU).
   """
-  from cxr_jax.core import checkpoint
   from cxr_jax.core import models
+  from cxr_jax.core.run import checkpoint
 
   abstract = nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
   _, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -316,10 +316,7 @@ def test_dicom_is_predicted_like_its_png_twin(tmp_path, fake_model):
     np.testing.assert_array_equal(decoded, grey)
   out = tmp_path / "out"
   assert (
-    predict.run(
-      "unused", str(tmp_path), str(out), restored=(_config(), fake_model()), progress=False
-    )
-    == 0
+    predict.run_model(_config(), fake_model(), str(tmp_path), str(out), show_progress=False) == 0
   )
   fields, rows = _read_csv(out / "predictions.csv")
   assert "lung_area_cm2" in fields
@@ -353,10 +350,11 @@ def test_exported_model_predicts_like_the_run_directory(awkward_folder, tmp_path
   assert done.returncode == 0, done.stderr[-3000:]
   run.rename(tmp_path / "gone")  # the file must not need the run directory
   code = (
-    "import sys, numpy as np; from cxr_jax.core import portable; "
+    "import sys, numpy as np; from cxr_jax.core.inference import portable; "
     f"m = portable.PortableModel({str(exported)!r}); out = m(np.zeros((3, 32, 32, 1))); "
     "assert out['prob'].shape == (3, 32, 32), out; "
-    "assert 'cxr_jax.core.models' not in sys.modules  # no model code"
+    "assert 'cxr_jax.core.models' not in sys.modules  # no model code\n"
+    "assert not {'tensorflow_datasets', 'grain'} & set(sys.modules)  # nor the input pipeline"
   )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd, env=env, timeout=120)
   done = run_module(
@@ -400,7 +398,11 @@ def test_calibrated_column_uses_the_temperature_evaluate_fitted(
   config = _config()
   inference = Inference(config, fake_model(classify=True), batch_size=2)
   rows, _ = predict.predict_files(
-    inference, [awkward_folder / "colour.jpg"], tmp_path / "out", progress=False, temperature=2.5
+    inference,
+    [awkward_folder / "colour.jpg"],
+    tmp_path / "out",
+    show_progress=False,
+    temperature=2.5,
   )
   p, calibrated = float(rows[0]["p_abnormal"]), float(rows[0]["p_abnormal_calibrated"])
   expected = 1 / (1 + np.exp(-np.log(p / (1 - p)) / 2.5))

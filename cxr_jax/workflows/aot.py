@@ -22,10 +22,10 @@ import jax
 import ml_collections
 from jax.experimental import topologies
 
-from cxr_jax.core import programs
-from cxr_jax.core import sharding
-from cxr_jax.core import utilisation
+from cxr_jax.core.run import sharding
+from cxr_jax.core.run import utilisation
 from cxr_jax.data import input_pipeline
+from cxr_jax.workflows import programs
 
 GIB = 2**30
 

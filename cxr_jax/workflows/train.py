@@ -1,6 +1,6 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`, readable top to bottom.
 
-The step (`core.steps`) is one pure function under `jax.jit`: paired augmentation, forward,
+The step (`core.training.steps`) is one pure function under `platform.jit`: paired augmentation, forward,
 loss and the optax update, with parameters and optimiser state replicated over the mesh and
 batches split over its `data` axis.
 """
@@ -19,23 +19,23 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from cxr_jax.core import checkpoint
-from cxr_jax.core import config_checks
-from cxr_jax.core import heads
-from cxr_jax.core import metrics as metrics_lib
+from cxr_jax.config import schema
 from cxr_jax.core import models
-from cxr_jax.core import overlays
-from cxr_jax.core import preemption
-from cxr_jax.core import programs as programs_lib
-from cxr_jax.core import run_lock
-from cxr_jax.core import rundir
-from cxr_jax.core import sharding
-from cxr_jax.core import steps
-from cxr_jax.core import utilisation
-from cxr_jax.core import writers
+from cxr_jax.core.inference import overlays
+from cxr_jax.core.run import checkpoint
+from cxr_jax.core.run import preemption
+from cxr_jax.core.run import run_lock
+from cxr_jax.core.run import rundir
+from cxr_jax.core.run import sharding
+from cxr_jax.core.run import utilisation
+from cxr_jax.core.run import writers
+from cxr_jax.core.stats import metrics as metrics_lib
+from cxr_jax.core.training import heads
+from cxr_jax.core.training import steps
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import paths
 from cxr_jax.workflows import lung_crop
+from cxr_jax.workflows import programs as programs_lib
 
 
 # ----------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def _overlays(host_batch, mask_logits: jax.Array, num_images: int) -> np.ndarray
         overlays.overlay(
           host_batch["image"][i, ..., 0],
           local[i, ..., 0] > 0,
-          host_batch["mask"][i, ..., 0] if host_batch["has_mask"][i] else None,
+          host_batch["lung_mask"][i, ..., 0] if host_batch["has_mask"][i] else None,
         )
         for i in range(n)
       ]
@@ -143,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
   if config.data.crop_workdir:
     config.data.crop_workdir = paths.resolve(config.data.crop_workdir)
-  config_checks.check_training_config(config)
+  schema.validate(config)
   check_model(config)  # seconds, before anything is read or written
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lock = run_lock.lock_run(workdir)  # before reading checkpoints another run may be writing
@@ -168,7 +168,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
 
   # ----- mesh -----
-  mesh = sharding.create_mesh(config.get("mesh"))
+  mesh = sharding.create_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   sharding.check_image_size(config.data.image_size, mesh)
@@ -232,7 +232,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   progress = ProgressLog(config.num_train_steps, config.batch_size, first_step)
   history: list[dict[str, Any]] = []  # per-step device scalars since the last report
   val_metrics: dict[str, float] = {}
-  profile = utilisation.profile_window(config.get("profile_steps", ""), workdir)
+  profile = utilisation.profile_window(config.profile_steps, workdir)
   watcher = preemption.PreemptionWatcher()
   compiled_step, flops = None, None
   device_kind = jax.devices()[0].device_kind
@@ -241,8 +241,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     for step in range(first_step + 1, config.num_train_steps + 1):
       batch = sharding.to_global(next(train_iter), mesh)
       if compiled_step is None:  # compiled ahead of time: its cost analysis gives the FLOPs
-        t0, cache = time.perf_counter(), utilisation.CompilationCacheEvents()
-        compiled_step = train_step.lower(state, batch).compile()
+        t0 = time.perf_counter()
+        with utilisation.CompilationCacheEvents() as cache:
+          compiled_step = train_step.lower(state, batch).compile()
         flops = utilisation.step_flops(compiled_step)
         logging.info(
           "Train step compiled in %.1f s (%s); %s FLOPs per step per device.",

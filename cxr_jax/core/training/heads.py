@@ -12,8 +12,8 @@ import jax
 import ml_collections
 from clu import metrics as clu_metrics
 
-from cxr_jax.core import losses
-from cxr_jax.core import metrics
+from cxr_jax.core.stats import metrics
+from cxr_jax.core.training import losses
 
 Batch = Mapping[str, jax.Array]
 
@@ -56,7 +56,7 @@ HEADS = (
     task="segmentation",
     loss=lambda logits, batch, config: losses.segmentation_loss(
       logits,
-      batch["mask"],
+      batch["lung_mask"],
       batch["has_mask"] * batch["weight"],
       dice_weight=config.loss.dice_weight,
     ),

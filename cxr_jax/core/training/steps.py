@@ -15,10 +15,10 @@ import ml_collections
 import optax
 from flax import nnx
 
-from cxr_jax.core import augment
-from cxr_jax.core import heads
-from cxr_jax.core import losses
 from cxr_jax.core import models
+from cxr_jax.core.training import augment
+from cxr_jax.core.training import heads
+from cxr_jax.core.training import losses
 
 
 @flax.struct.dataclass
@@ -122,7 +122,7 @@ def create_train_state(
 
 
 def ema_decay(config: ml_collections.ConfigDict) -> float:
-  return float(config.optim.get("ema_decay", 0.0))
+  return float(config.optim.ema_decay)
 
 
 def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
@@ -142,14 +142,47 @@ def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
 
 def semi_weight(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
   """The mean teacher's loss weight at `step`: config.semi.weight after a linear ramp over
-  config.semi.rampup_steps (0 when config.semi is absent or off)."""
-  semi = config.get("semi") or {}
-  weight = float(semi.get("weight", 0.0))
-  rampup = max(1, int(semi.get("rampup_steps", 1)))
+  config.semi.rampup_steps (0 when off)."""
+  weight = float(config.semi.weight)
+  rampup = max(1, int(config.semi.rampup_steps))
   return weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / rampup)
 
 
 # ----- steps -----
+
+
+def loss_and_gradients(
+  graphdef: nnx.GraphDef,
+  config: ml_collections.ConfigDict,
+  params: Any,
+  model_state: Any,
+  batch: dict[str, jax.Array],
+  *,
+  teacher: jax.Array | None = None,
+  step: jax.Array | int = 0,
+) -> tuple[tuple[jax.Array, tuple[Any, dict[str, jax.Array]]], Any]:
+  """The training loss on an (augmented) batch and its gradients with respect to `params`.
+
+  Returns `((loss, (new model_state, loss parts)), grads)`; `teacher` [B, S, S, 1] is the
+  mean teacher's p(lung), the target of images without a mask (None: no mean teacher).
+  """
+
+  def loss_fn(params, model_state):
+    # copy=True: fresh Variables of this trace level, which NNX lets the model mutate.
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    outputs = model(batch["image"], train=True)
+    loss, parts = heads.compute_losses(outputs, batch, config)
+    if teacher is not None:
+      parts["semi_loss"] = losses.segmentation_loss(
+        outputs["mask_logits"],
+        teacher,
+        (1.0 - batch["has_mask"]) * batch["weight"],
+        dice_weight=config.loss.dice_weight,
+      )
+      loss = loss + semi_weight(config, step) * parts["semi_loss"]
+    return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
+
+  return jax.value_and_grad(loss_fn, has_aux=True)(params, model_state)
 
 
 def make_train_step(
@@ -165,7 +198,7 @@ def make_train_step(
   images onto every device.
   """
   lr_fn = create_learning_rate_fn(config)
-  semi = bool(float((config.get("semi") or {}).get("weight", 0.0)))
+  semi = bool(config.semi.weight)
   if semi and not ema_decay(config):
     raise ValueError(
       "config.semi.weight > 0 needs a teacher: set config.optim.ema_decay (e.g. 0.99)."
@@ -197,33 +230,18 @@ def make_train_step(
       logits = model(batch["image"], train=False)["mask_logits"]
       teacher = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
     if teacher is None:
-      image, mask = augment.augment_batch(step_key, batch["image"], batch["mask"], config.aug)
+      image, mask = augment.augment_batch(step_key, batch["image"], batch["lung_mask"], config.aug)
     else:
       image, mask, teacher = augment.augment_batch(
-        step_key, batch["image"], batch["mask"], config.aug, soft=teacher
+        step_key, batch["image"], batch["lung_mask"], config.aug, soft=teacher
       )
     if image_sharding is not None:
       image = jax.lax.with_sharding_constraint(image, image_sharding)
       mask = jax.lax.with_sharding_constraint(mask, image_sharding)
-    batch = dict(batch, image=image, mask=mask)
+    batch = dict(batch, image=image, lung_mask=mask)
 
-    def loss_fn(params, model_state):
-      # copy=True: fresh Variables of this trace level, which NNX lets the model mutate.
-      model = nnx.merge(graphdef, params, model_state, copy=True)
-      outputs = model(batch["image"], train=True)
-      loss, parts = heads.compute_losses(outputs, batch, config)
-      if semi:
-        parts["semi_loss"] = losses.segmentation_loss(
-          outputs["mask_logits"],
-          teacher,
-          (1.0 - batch["has_mask"]) * batch["weight"],
-          dice_weight=config.loss.dice_weight,
-        )
-        loss = loss + semi_weight(config, state.step) * parts["semi_loss"]
-      return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
-
-    (loss, (model_state, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state.model_state
+    (loss, (model_state, parts)), grads = loss_and_gradients(
+      graphdef, config, state.params, state.model_state, batch, teacher=teacher, step=state.step
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

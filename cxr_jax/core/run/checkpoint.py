@@ -18,17 +18,16 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
-from cxr_jax.core import metrics as metrics_lib
-from cxr_jax.data import paths
+from cxr_jax.core.run.layout import RunDir
+from cxr_jax.core.stats import metric_table
 
 
 def metric_mode(name: str) -> str:
   """'min' for losses and distances, 'max' for scores such as Dice or AUC."""
-  return "min" if metrics_lib.lower_is_better(name) else "max"
+  return "min" if metric_table.lower_is_better(name) else "max"
 
 
 def create_manager(
@@ -63,7 +62,7 @@ def create_manager(
     cleanup_tmp_directories=True,
     read_only=read_only,
   )
-  return ocp.CheckpointManager(epath.Path(paths.resolve(workdir)) / "checkpoints", options=options)
+  return ocp.CheckpointManager(RunDir(workdir).checkpoints, options=options)
 
 
 def save(

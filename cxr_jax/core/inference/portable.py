@@ -22,7 +22,9 @@ from etils import epath
 from flax import nnx
 from jax import export as jax_export
 
-from cxr_jax.core import inference
+from cxr_jax.config import schema
+from cxr_jax.core.inference import inference
+from cxr_jax.core.run import platform
 
 FORMAT = "cxr_jax.portable/1"
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each: exported on a GPU, run on a laptop
@@ -36,7 +38,7 @@ def export_model(
   provenance: dict[str, Any],
 ) -> dict[str, Any]:
   """Writes `model` (eval mode) as a portable file at `path`; returns its settings."""
-  if config.data.get("crop_to_lungs", False):
+  if config.data.crop_to_lungs:
     raise ValueError(
       "a lung-crop classifier needs its segmentation run to crop its inputs; "
       "export that run and this one's classifier is not portable alone."
@@ -48,22 +50,22 @@ def export_model(
     outputs = model(images, train=False)
     return inference.segmenter_outputs(lambda x: model(x, train=False), outputs, images, tta)
 
-  tta = bool(config.get("tta", False))
+  tta = bool(config.tta)
 
   size = int(config.data.image_size)
   (batch,) = jax_export.symbolic_shape("b")
-  exported = jax_export.export(jax.jit(infer), platforms=PLATFORMS)(
+  exported = jax_export.export(platform.jit(infer), platforms=PLATFORMS)(
     jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
   )
   settings = {
     "format": FORMAT,
     "image_size": size,
-    "postprocess": bool(config.get("postprocess", False)),
+    "postprocess": bool(config.postprocess),
     "tta": tta,
-    "qc_threshold": inference.qc_threshold(config),
+    "qc_threshold": float(config.qc_threshold),
     "outputs": sorted(exported.out_tree.unflatten(range(exported.out_tree.num_leaves))),
     "model": config.model.name,
-    "eval_batch_size": int(config.get("eval_batch_size", 8)),
+    "eval_batch_size": int(config.eval_batch_size),
     **provenance,
   }
   data = io.BytesIO()
@@ -82,13 +84,15 @@ class PortableModel:
       self.settings = json.loads(z.read(_SETTINGS))
       if self.settings.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file (format {self.settings.get('format')!r})")
-      self._exported = jax_export.deserialize(bytearray(z.read(_MODEL)))
+      exported = jax_export.deserialize(bytearray(z.read(_MODEL)))
+    self._call = platform.jit(exported.call)
     self.image_size = int(self.settings["image_size"])
     self.batch_size = batch_size or int(self.settings["eval_batch_size"])
     self.segments = "prob" in self.settings["outputs"]
     self.classifies = "p_abnormal" in self.settings["outputs"]
-    self.qc_threshold = inference.qc_threshold(self.settings)
+    # Files exported before the threshold was a setting flag at the schema's default.
+    self.qc_threshold = float(self.settings.get("qc_threshold", schema.default("qc_threshold")))
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    outputs = self._exported.call(jnp.asarray(images, jnp.float32))
+    outputs = self._call(jnp.asarray(images, jnp.float32))
     return {k: np.asarray(v) for k, v in jax.device_get(outputs).items()}

@@ -11,10 +11,10 @@ import time
 import fsspec
 from etils import epath
 
-from cxr_jax.core import multihost
+from cxr_jax.core.run import multihost
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 
-LOCK_FILE = "run.lock"
 LOCK_HEARTBEAT_S = 30.0
 LOCK_STALE_S = 300.0  # a lock not refreshed for this long belongs to a run that died
 
@@ -31,7 +31,7 @@ class RunLock:
   """
 
   def __init__(self, workdir: str):
-    self.path = f"{paths.resolve(workdir)}/{LOCK_FILE}"
+    self.path = str(RunDir(workdir).lock)
     self._remote = paths.is_url(self.path)
     self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(8).hex()}"
     self._stop = threading.Event()

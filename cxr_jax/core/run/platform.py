@@ -1,11 +1,12 @@
 """Starting on a machine or a cluster: jax.distributed, device checks, the compilation cache,
-and the XLA options the project's jitted steps compile with."""
+and `jit`, the one way the project compiles (with the XLA options every program needs)."""
 
 import functools
 import glob
 import logging
 import os
 import re
+from collections.abc import Callable
 
 import jax
 
@@ -122,9 +123,13 @@ def use_compilation_cache(directory: str) -> str:
 
 
 # XLA:CPU hands matmuls, reductions and convolutions (here: those of 32+ channels) to
-# YNNPACK by default. Its convolutions ran 1.2-5x slower than XLA's own (Eigen) on this
-# project's U-Net layers (batch 8: the kernel gradient at 64 px x 64 channels 80 vs 16 ms;
-# README, Benchmarks), its matmuls and reductions faster: keep YNNPACK for those two.
+# YNNPACK by default. Its convolutions
+# - lose float32 precision on CPUs with avx512_bf16 (they seem to compute in bfloat16 there):
+#   a U-Net's gradients 2e-2 off a float64 reference, against 5e-5 without them (README,
+#   "Numerics"; tests/test_precision.py fails if a step slips back to them);
+# - ran 1.2-5x slower than XLA's own (Eigen) on this project's U-Net layers (batch 8: the
+#   kernel gradient at 64 px x 64 channels 80 vs 16 ms; README, Benchmarks).
+# Its matmuls and reductions are accurate and faster: keep YNNPACK for those two.
 CPU_OPTIONS = {
   "xla_cpu_experimental_ynn_fusion_type": (
     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
@@ -146,3 +151,11 @@ def compiler_options(target: str | None = None) -> dict[str, str]:
     logging.warning("XLA:CPU options %s not taken (%s): XLA's defaults.", CPU_OPTIONS, error)
     return {}
   return dict(CPU_OPTIONS)
+
+
+def jit(fun: Callable, *, target: str | None = None, **jit_kwargs) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options(target)`: the only jit in
+  cxr_jax (tests/test_precision.py checks), so no program gets XLA:CPU's imprecise defaults.
+  `target`: the platform of the devices it is compiled for, where that is not the default
+  backend's (`cxr_jax.aot` compiles for TPUs on a CPU)."""
+  return jax.jit(fun, compiler_options=compiler_options(target), **jit_kwargs)

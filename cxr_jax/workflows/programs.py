@@ -15,11 +15,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cxr_jax.core import inference
 from cxr_jax.core import models
-from cxr_jax.core import platform
-from cxr_jax.core import sharding
-from cxr_jax.core import steps
+from cxr_jax.core.inference import inference
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import sharding
+from cxr_jax.core.training import steps
 from cxr_jax.data import transforms
 
 
@@ -54,35 +54,33 @@ def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> RunPrograms:
   """The train and eval steps of `config` jitted over `mesh`, with the compiler options of
   the mesh's platform (`platform.compiler_options`)."""
-  options = platform.compiler_options(target_platform(mesh))
+  target = target_platform(mesh)
   tx = steps.create_optimizer(config)
   init_state = functools.partial(steps.create_train_state, config, tx)
   graphdef = nnx.graphdef(abstract_model(config))
   shapes = jax.eval_shape(init_state)
-  state_sharding = sharding.state_sharding(shapes, mesh, config.get("shard_params", False))
+  state_sharding = sharding.state_sharding(shapes, mesh, config.shard_params)
   abstract_state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sharding
   )
   image_sharding = sharding.image_sharded(mesh) if sharding.space_size(mesh) > 1 else None
-  train_step = jax.jit(
+  train_step = platform.jit(
     steps.make_train_step(graphdef, config, tx, image_sharding=image_sharding),
+    target=target,
     out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=0,
-    compiler_options=options,
   )
-  eval_step = jax.jit(steps.make_eval_step(graphdef, config), compiler_options=options)
+  eval_step = platform.jit(steps.make_eval_step(graphdef, config), target=target)
   online_step = None
   if steps.ema_decay(config):
-    online_step = jax.jit(
-      steps.make_eval_step(graphdef, config, online=True), compiler_options=options
-    )
+    online_step = platform.jit(steps.make_eval_step(graphdef, config, online=True), target=target)
   return RunPrograms(
     mesh=mesh,
     graphdef=graphdef,
     tx=tx,
     abstract_state=abstract_state,
     state_sharding=state_sharding,
-    init=jax.jit(init_state, out_shardings=state_sharding),
+    init=platform.jit(init_state, target=target, out_shardings=state_sharding),
     train_step=train_step,
     eval_step=eval_step,
     online_step=online_step,
@@ -94,10 +92,10 @@ def build_predict(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
   (TTA as config.tta says), variables replicated, images split by batch and height."""
   graphdef, variables = nnx.split(abstract_model(config))
   replicated = sharding.replicated(mesh)
-  predict_step = jax.jit(
-    inference.make_predict_step(graphdef, tta=bool(config.get("tta", False))),
+  predict_step = platform.jit(
+    inference.make_predict_step(graphdef, tta=bool(config.tta)),
+    target=target_platform(mesh),
     in_shardings=(replicated, sharding.image_sharded(mesh)),
-    compiler_options=platform.compiler_options(target_platform(mesh)),
   )
   placed = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables
