@@ -135,7 +135,7 @@ def test_the_smoke_steps_compile_for_a_v5e_2x2_slice_split_by_data_and_space(com
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(built.abstract_state))
   assert train.argument_bytes > state_bytes + 2 * 16 * 32 * 4  # + a quarter of the images
   assert train.alias_bytes >= state_bytes  # the state is donated: updated in place
-  assert train.temp_bytes > 0 and train.total_bytes < 0.01 * aot.GIB
+  assert train.temp_bytes > 0 and train.total_bytes < 0.1 * aot.GIB  # 29 MB: 11 MB of it code
   assert eval_.total_bytes < train.total_bytes and predict.total_bytes < train.total_bytes
   # FLOPs per chip: a quarter of the step's; a forward and backward pass ~3x a forward.
   assert 1e6 < train.flops and 1.5 * eval_.flops < train.flops
