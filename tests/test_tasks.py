@@ -16,6 +16,7 @@ from configs import default
 from configs import jsrt_structures
 from cxr_jax import evaluate
 from cxr_jax import predict
+from cxr_jax.core import models
 from cxr_jax.core.run import platform
 from cxr_jax.core.stats import cardiothoracic
 from cxr_jax.core.training import anatomy
@@ -147,3 +148,10 @@ def test_chestxray14_smoke_reports_every_finding(nih_run):
   assert all(0 <= float(row[f"p_{n}"]) <= 1 for n in chestxray14.FINDINGS)
   json.dumps(findings)  # the summary is plain JSON
   assert pathlib.Path(nih_run["workdir"] / "eval" / "test.json").exists()
+
+
+def test_structures_with_a_torchvision_encoder_are_refused_in_one_line():
+  config = jsrt_structures.get_config("smoke")
+  config.model.encoder = "resnet18"
+  with pytest.raises(ValueError, match=r"encoder='resnet18'.*set encoder=''"):
+    models.create_model(config.model, rngs=None)
