@@ -13,6 +13,8 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from cxr_jax import errors
+
 # Orbax logs every file of every checkpoint at INFO; TFDS and grain their own progress.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
 # Errors of the machine, not of the code: full disk, quota, read-only or forbidden paths.
@@ -91,6 +93,21 @@ class _OneLinePerError:
       print(f"(background) {line[:300]}", file=sys.stderr)
 
 
+class _MainThreadOnly:
+  """sys.excepthook: the main thread's errors as before; those of threads Python did not
+  start (TensorStore's, calling back into an asyncio loop that a failed restore closed:
+  'Event loop is closed', dozens of times) through `background`, once each."""
+
+  def __init__(self, main_hook, background: _OneLinePerError):
+    self.main_hook, self.background = main_hook, background
+
+  def __call__(self, exc_type, exc, tb) -> None:
+    if threading.current_thread() is threading.main_thread():
+      self.main_hook(exc_type, exc, tb)
+    else:
+      self.background(exc_type, exc, tb)
+
+
 def _exit_with(status: int, message: str) -> None:
   """Ends with `message` as stderr's last line, without the interpreter's shutdown, where
   the failed save's background tasks would report the same error again.
@@ -106,17 +123,37 @@ def _exit_with(status: int, message: str) -> None:
   os._exit(status)
 
 
+def config_package_on_path(argv: list[str]) -> None:
+  """Puts the folder above a `--config=.../configs/x.py` file's package on sys.path, so its
+  `from configs import default` works from any directory (an sbatch script's, say)."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      folder = os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0]))
+      if os.path.exists(os.path.join(folder, "__init__.py")):
+        root = os.path.dirname(folder)
+        if root not in sys.path:
+          sys.path.insert(0, root)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)` for a command: short messages for bad flags and for errors of the
-  machine (disk full, read-only or forbidden paths), exit status 2 and 1."""
-  flags.DEFINE_bool("traceback", False, "Show the full traceback of disk and permission errors.")
+  """`app.run(main)` for a command: short messages for bad flags, for errors a user can fix
+  (`errors.UserError`: exit status 2) and for errors of the machine (disk full, read-only or
+  forbidden paths: 1); the traceback behind --traceback."""
+  flags.DEFINE_bool("traceback", False, "Show the full traceback of user and disk errors.")
+  config_package_on_path(sys.argv)
 
   def guarded(argv: list[str]) -> None:
     if not flags.FLAGS.traceback:
-      threading.excepthook = _OneLinePerError()  # the main thread's errors keep tracebacks
+      background = _OneLinePerError()
+      threading.excepthook = background  # the main thread's errors keep tracebacks
+      sys.excepthook = _MainThreadOnly(sys.excepthook, background)
       absl_logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
     try:
       main(argv)
+    except errors.UserError as e:
+      if flags.FLAGS.traceback:
+        raise
+      _exit_with(2, f"{os.path.basename(argv[0])}: {' '.join(str(e).split())}")
     except (OSError, ValueError, RuntimeError) as e:
       if flags.FLAGS.traceback:
         raise

@@ -97,11 +97,22 @@ def run(
     **summary,
   }
   out_dir = f"{paths.resolve(workdir)}/eval"
-  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-  csv_tables.write_csv(f"{out_dir}/{name}.csv", evaluation.CSV_FIELDS, result.rows)
-  html = report.write_report(out_dir, name, summary, result)
-  summary["report"] = os.path.basename(html)
-  paths.write_text(f"{out_dir}/{name}.json", json.dumps(json_safe(summary), indent=2))
+  # Everything is written into a folder of its own first and then renamed into place, the
+  # JSON last: a kill leaves the previous evaluation's files as they were (and every row
+  # names its step), never a CSV of one step beside a JSON and report of another.
+  staging = epath.Path(out_dir) / f".{name}.writing-{os.getpid()}"
+  staging.mkdir(parents=True, exist_ok=True)
+  try:
+    for row in result.rows:
+      row["step"] = step
+    csv_tables.write_csv(staging / f"{name}.csv", evaluation.CSV_FIELDS, result.rows)
+    html = report.write_report(str(staging), name, summary, result)
+    summary["report"] = os.path.basename(html)
+    (staging / f"{name}.json").write_text(json.dumps(json_safe(summary), indent=2))
+    _move_into_place(staging, epath.Path(out_dir), last=f"{name}.json")
+  finally:
+    if staging.exists():  # stopped part-way: the previous outputs stay as they were
+      staging.rmtree()
   if "classification" in summary and step is not None and not tta:
     # The temperature predict applies to this checkpoint (its p_abnormal_calibrated).
     calibration = {"step": step, "checkpoint": checkpoint}
@@ -109,6 +120,14 @@ def run(
     paths.write_text(f"{paths.resolve(workdir)}/{rundir.CALIBRATION_FILE}", json.dumps(calibration))
   logging.info("Wrote %s/%s.json, .csv and %s", out_dir, name, summary["report"])
   return summary
+
+
+def _move_into_place(staging: epath.Path, out_dir: epath.Path, *, last: str) -> None:
+  """Renames every file of `staging` into `out_dir` (`last` at the end), then removes it."""
+  files = sorted(staging.iterdir(), key=lambda p: p.name == last)
+  for file in files:
+    file.rename(out_dir / file.name)  # os.replace on a disk; a copy and delete in a bucket
+  staging.rmdir()
 
 
 def output_name(split: str, tta: str) -> str:

@@ -15,8 +15,9 @@ from cxr_jax.workflows import train
 
 _WORKDIR = flags.DEFINE_string(
   "workdir",
-  "/tmp/cxr_jax",
-  "Where checkpoints, metrics and TensorBoard events go; an existing run there is resumed.",
+  None,
+  "Where checkpoints, metrics and TensorBoard events go (required: a new or empty folder, "
+  "or an earlier run's to resume it).",
 )
 _MULTIHOST = flags.DEFINE_bool(
   "multihost",
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  flags.mark_flags_as_required(["config"])
+  flags.mark_flags_as_required(["config", "workdir"])
   cli.run(main)
 
 

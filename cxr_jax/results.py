@@ -26,14 +26,10 @@ from cxr_jax import cli
 from cxr_jax import figures
 from cxr_jax.core import csv_tables
 from cxr_jax.core import paired_stats
+from cxr_jax.core import rundir
 
-RUN_FIELDS = (
-  "run",
-  "variant",
-  "seed",
-  "fold",
-  "step",
-  "num_images",
+_ID_FIELDS = ("run", "variant", "seed", "fold", "step", "num_images")
+METRICS = (
   "dice",
   "dice_montgomery",
   "dice_shenzhen",
@@ -47,11 +43,14 @@ RUN_FIELDS = (
   "val_dice",
   "val_online_dice",
 )
+# group: the dataset and task a run is compared within (runs of another dataset or task get
+# their own table and baseline); finished: trained to its config.num_train_steps (unfinished
+# runs are listed, not averaged).
+RUN_FIELDS = (*_ID_FIELDS, *METRICS, "group", "finished")
 # qc_auroc: how well the masks' uncertainty finds those with Dice < 0.95 (evaluation.POOR_DICE);
 # ece_calibrated: after the temperature fitted on validation. val_dice, val_online_dice: the
 # validation Dice (model resolution) at the evaluated step, of the EMA weights and of the
 # trained weights themselves (runs with config.optim.ema_decay): the EMA's paired effect.
-METRICS = RUN_FIELDS[6:]
 
 
 def read_run(workdir: str, split: str) -> dict[str, Any] | None:
@@ -59,8 +58,17 @@ def read_run(workdir: str, split: str) -> dict[str, Any] | None:
   summary_path = os.path.join(workdir, "eval", f"{split}.json")
   if not os.path.exists(summary_path):
     return None
-  with open(summary_path) as f:
-    summary = json.load(f)
+  try:
+    with open(summary_path) as f:
+      summary = json.load(f)
+    group, num_train_steps = _group(workdir, summary)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut short, or edited
+    print(
+      f"results: skipping {workdir}: {' '.join(str(e).split())[:200]} (in {summary_path} "
+      "or its config.json; evaluate the run again)",
+      file=sys.stderr,
+    )
+    return None
   record_path = os.path.join(workdir, "sweep.json")
   if os.path.exists(record_path):
     with open(record_path) as f:
@@ -74,6 +82,8 @@ def read_run(workdir: str, split: str) -> dict[str, Any] | None:
     "fold": record["fold"],
     "step": summary.get("step"),
     "num_images": summary.get("num_images"),
+    "group": group,
+    "finished": num_train_steps is None or (summary.get("step") or 0) >= num_train_steps,
   }
   if "segmentation" in summary:
     segmentation = summary["segmentation"]
@@ -92,6 +102,22 @@ def read_run(workdir: str, split: str) -> dict[str, Any] | None:
   with open(os.path.join(workdir, "eval", f"{split}.csv")) as f:
     images = {r["id"]: r for r in csv.DictReader(f)}
   return {"row": row, "images": images}
+
+
+def _group(workdir: str, summary: dict) -> tuple[str, int | None]:
+  """(the dataset and task the run is compared within, its config.num_train_steps); the
+  dataset is unknown ('') without config.json."""
+  task = "+".join(t for t in ("segmentation", "classification") if t in summary) or "none"
+  path = os.path.join(workdir, rundir.CONFIG_FILE)
+  if not os.path.exists(path):
+    return task, None
+  record = rundir.read_record(path)
+  data = record["config"].get("data", {})
+  dataset = (record.get("dataset") or {}).get("name") or data.get("name", "")
+  protocol = data.get("split", "hash")
+  if protocol == "cross_site":
+    protocol += f"[{data.get('train_sources', '')}]"
+  return f"{dataset} {protocol} {task}", int(record["config"]["num_train_steps"])
 
 
 def _validation_at(workdir: str, step: int | None) -> dict[str, float]:
@@ -204,19 +230,39 @@ def write_results(
   out_dir: str, run_dirs: Sequence[str], *, baseline: str = "", split: str = "test"
 ) -> list[str]:
   """Writes results.csv, results.md and results.html into `out_dir`; returns their paths."""
-  runs = [run for run in (read_run(d, split) for d in run_dirs) if run is not None]
-  if not runs:
-    raise FileNotFoundError(f"None of the {len(run_dirs)} run directories has eval/{split}.json.")
-  baseline = baseline or runs[0]["row"]["variant"]
+  everything = [run for run in (read_run(d, split) for d in run_dirs) if run is not None]
+  if not everything:
+    raise FileNotFoundError(
+      f"None of the {len(run_dirs)} run directories has a readable eval/{split}.json."
+    )
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, f"results.{ext}") for ext in ("csv", "md", "html")]
-  csv_tables.write_csv(paths[0], RUN_FIELDS, [r["row"] for r in runs])
-  table = summary_table(runs, baseline)
+  csv_tables.write_csv(paths[0], RUN_FIELDS, [r["row"] for r in everything])
+  runs = [r for r in everything if r["row"]["finished"]]
+  groups = sorted({r["row"]["group"] for r in runs})
+  sections = []
+  for group in groups:
+    members = [r for r in runs if r["row"]["group"] == group]
+    variants = [r["row"]["variant"] for r in members]
+    base = baseline if baseline in variants else variants[0]
+    heading = f"## {group}\n\n" if len(groups) > 1 else ""
+    sections.append(
+      f"{heading}(paired differences against {base})\n\n{summary_table(members, base)}"
+    )
+  unfinished = [
+    f"- {r['row']['run']}: evaluated at step {r['row']['step']}, before the end of its training"
+    for r in everything
+    if not r["row"]["finished"]
+  ]
+  table = "\n\n".join(sections)
+  if unfinished:
+    table += "\n\nUnfinished runs, left out of the table:\n" + "\n".join(unfinished)
   with open(paths[1], "w") as f:
     f.write(
       f"# Results on {split} ({len(runs)} runs)\n\nmean +- std [95% t-interval over "
-      f"runs]; the last column: the paired difference to {baseline} over the same "
-      f"images [95% bootstrap interval].\n\n{table}\n"
+      f"runs]; the last column: the paired difference to the baseline over the same "
+      f"images [95% bootstrap interval]; runs of another dataset, protocol or task are "
+      f"compared in their own table.\n\n{table}\n"
     )
   present = [m for m in ("dice", "auc") if any(r["row"].get(m) is not None for r in runs)]
   pictures = "".join(

@@ -6,6 +6,8 @@ import numbers
 
 import ml_collections
 
+from cxr_jax import errors
+
 # (key, rule, a value that works). Rules: 'int >= 1', '> 0', '>= 0', '[0, 1)'.
 _RULES = (
   ("num_train_steps", "int >= 1", 1000),
@@ -67,7 +69,7 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
     if node is None:
       continue  # a config without the key (e.g. an older run's) has nothing to check
     if not _holds(node, rule):
-      raise ValueError(
+      raise errors.ConfigError(
         f"config.{key}={node!r} must be {rule.replace('int ', 'an integer ')}; "
         f"set e.g. --config.{key}={example}."
       )

@@ -6,6 +6,8 @@ import glob
 import logging
 import os
 import re
+import sys
+import threading
 
 import jax
 
@@ -59,19 +61,46 @@ def start(
     return "single process"
   # Cross-process collectives for CPU devices (a no-op for GPU and TPU ones).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if coordinator_address:
-    jax.distributed.initialize(
-      coordinator_address,
-      num_processes=num_processes,
-      process_id=process_id,
-      initialization_timeout=init_timeout_s,
-    )
-    return f"coordinator {coordinator_address}"
-  local_device_ids = _slurm_local_device_ids() if cluster == "slurm" else None
-  jax.distributed.initialize(
-    local_device_ids=local_device_ids, initialization_timeout=init_timeout_s
+  # XLA aborts the interpreter (a C++ stack) when the processes do not meet in time; a
+  # watchdog a little earlier says in one line who is missing instead.
+  where = coordinator_address or f"the {cluster or 'cluster'}'s coordinator"
+  if process_id:
+    missing = f"process {process_id} could not reach {where}: is process 0 running, and is that its host:port?"
+  else:
+    others = f"{num_processes - 1} other process(es)" if num_processes else "the other processes"
+    missing = f"{others} did not join {where}: start all of them with the same --coordinator_address and --num_processes"
+  watchdog = threading.Timer(
+    init_timeout_s, _give_up, (f"{missing} (waited --init_timeout_s={init_timeout_s} s)",)
   )
-  return f"detected {cluster or 'cluster'}"
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    if coordinator_address:
+      jax.distributed.initialize(
+        coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=init_timeout_s + _GRACE_S,
+      )
+      return f"coordinator {coordinator_address}"
+    local_device_ids = _slurm_local_device_ids() if cluster == "slurm" else None
+    jax.distributed.initialize(
+      local_device_ids=local_device_ids, initialization_timeout=init_timeout_s + _GRACE_S
+    )
+    return f"detected {cluster or 'cluster'}"
+  finally:
+    watchdog.cancel()
+
+
+_GRACE_S = 10  # XLA's own timeout comes this much after the watchdog's
+
+
+def _give_up(message: str) -> None:
+  """Ends the process with `message` as one line on stderr (exit status 1)."""
+  sys.stdout.flush()
+  sys.stderr.write(f"jax.distributed: {message}\n")
+  sys.stderr.flush()
+  os._exit(1)
 
 
 def describe_devices(how: str) -> str:

@@ -5,8 +5,10 @@ from typing import Any
 
 import numpy as np
 
+from cxr_jax import errors
 
-class DataError(ValueError):
+
+class DataError(errors.UserError):
   """A dataset's files are missing or unusable; the message says where and what to do."""
 
 

@@ -18,6 +18,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cxr_jax import errors
+from cxr_jax.core import rundir
+
 SWEEP_FILE = "sweep.json"  # in each run directory: which sweep, variant, seed and fold
 
 
@@ -66,10 +69,22 @@ def zipped(names: Sequence[str], **keys: Sequence[Any]) -> dict[str, dict[str, A
   return {name: {key: values[i] for key, values in keys.items()} for i, name in enumerate(names)}
 
 
+def check_variant_name(name: str) -> None:
+  """A variant names one folder under --root: no separators, no '..', nothing hidden."""
+  if not name or name.startswith(".") or any(c in name for c in "/\\\0\n"):
+    raise errors.ConfigError(
+      f"sweep variant name {name!r} is not a plain folder name (it must not be empty, start "
+      "with '.', or hold '/', '\\' or a newline): its run would land outside ROOT/<variant>/; "
+      "rename it in the sweep file."
+    )
+
+
 def expand(sweep: Sweep) -> list[Run]:
   """Every (variant, seed, fold) of the sweep, in a fixed order."""
   if not sweep.variants:
-    raise ValueError("a sweep needs at least one variant")
+    raise errors.ConfigError("a sweep needs at least one variant")
+  for variant in sweep.variants:
+    check_variant_name(variant)
   runs = []
   for variant, overrides in sweep.variants.items():
     for seed in sweep.seeds:
@@ -110,8 +125,7 @@ def _last_steps(workdir: str) -> tuple[int | None, int | None]:
   checkpoints = os.path.join(workdir, "checkpoints")
   if not (os.path.exists(config_path) and os.path.isdir(checkpoints)):
     return None, None
-  with open(config_path) as f:
-    last_step = int(json.load(f)["config"]["num_train_steps"])
+  last_step = int(rundir.read_record(config_path)["config"]["num_train_steps"])
   steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()]
   return last_step, max(steps) if steps else None
 

@@ -20,6 +20,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from cxr_jax import errors
 from cxr_jax.core import checkpoint
 from cxr_jax.core import config_checks
 from cxr_jax.core import heads
@@ -28,11 +29,13 @@ from cxr_jax.core import models
 from cxr_jax.core import overlays
 from cxr_jax.core import platform
 from cxr_jax.core import preemption
+from cxr_jax.core import restore_errors
 from cxr_jax.core import run_lock
 from cxr_jax.core import rundir
 from cxr_jax.core import sharding
 from cxr_jax.core import steps
 from cxr_jax.core import utilisation
+from cxr_jax.core import workdir_checks
 from cxr_jax.core import writers
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import paths
@@ -140,6 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Running it again on the same workdir resumes from the newest complete checkpoint.
   Returns the last validation metrics.
   """
+  workdir_checks.check_workdir(workdir)
   workdir = rundir.check_path(workdir, "--workdir")
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
   if config.data.crop_workdir:
@@ -183,6 +187,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     jax.process_index(),
   )
 
+  config.data.num_workers = input_pipeline.worker_count(int(config.data.num_workers))
   sources = {
     split: lung_crop.maybe_crop(config, split, rundir.load_split(config, split, dataset), workdir)
     for split in ("train", "validation")
@@ -205,6 +210,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   # ----- checkpoint: resume or start -----
   manager = checkpoint.create_manager(workdir, config)
+  workdir_checks.check_steps_left(workdir, manager.latest_step(), config.num_train_steps)
   if manager.latest_step() is not None:
     rundir.check_resumable(workdir, config)
     abstract_items = jax.tree.map(
@@ -216,6 +222,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       manager,
       sorted(manager.all_steps(), reverse=True),
       lambda step: checkpoint.restore(manager, step, abstract_items, train_iter),
+      abstract_items=abstract_items,
+      data_state=train_iter.get_state(),
+      changed=restore_errors.config_changes(
+        rundir.load_config(workdir).to_dict(), config.to_dict()
+      ),
     )
     state = steps.TrainState.from_checkpoint_items(items)
     for newer in [s for s in manager.all_steps() if s > step]:  # unreadable: Orbax would
@@ -223,6 +234,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       manager.delete(newer)
     logging.info("Resumed from step %d in %s.", step, manager.directory)
   else:
+    if jax.process_index() == 0:
+      workdir_checks.set_aside_orphaned_metrics(workdir)
     state = jax.jit(init_state, out_shardings=state_sharding)()
   first_step = int(state.step)
   if jax.process_index() == 0:  # after a restore: it describes what the checkpoints hold
@@ -363,7 +376,7 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   )
   names = heads.validation_metric_names(outputs)
   if config.best_metric not in names:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.best_metric={config.best_metric!r} is not a validation metric "
       f"of {config.model.name!r}; valid: {sorted(names)}."
     )
