@@ -93,21 +93,6 @@ class _OneLinePerError:
       print(f"(background) {line[:300]}", file=sys.stderr)
 
 
-class _MainThreadOnly:
-  """sys.excepthook: the main thread's errors as before; those of threads Python did not
-  start (TensorStore's, calling back into an asyncio loop that a failed restore closed:
-  'Event loop is closed', dozens of times) through `background`, once each."""
-
-  def __init__(self, main_hook, background: _OneLinePerError):
-    self.main_hook, self.background = main_hook, background
-
-  def __call__(self, exc_type, exc, tb) -> None:
-    if threading.current_thread() is threading.main_thread():
-      self.main_hook(exc_type, exc, tb)
-    else:
-      self.background(exc_type, exc, tb)
-
-
 def _exit_with(status: int, message: str) -> None:
   """Ends with `message` as stderr's last line, without the interpreter's shutdown, where
   the failed save's background tasks would report the same error again.
@@ -144,9 +129,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def guarded(argv: list[str]) -> None:
     if not flags.FLAGS.traceback:
-      background = _OneLinePerError()
-      threading.excepthook = background  # the main thread's errors keep tracebacks
-      sys.excepthook = _MainThreadOnly(sys.excepthook, background)
+      threading.excepthook = _OneLinePerError()  # the main thread's errors keep tracebacks
       absl_logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
     try:
       main(argv)
