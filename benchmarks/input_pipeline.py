@@ -19,8 +19,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cxr_jax.core import augment
-from cxr_jax.core import rundir
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import rundir
+from cxr_jax.core.training import augment
 from cxr_jax.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config.")
@@ -92,7 +93,7 @@ def main(argv):
     input_pipeline.create_train_iterator(config, source, process_index=0, process_count=1)
   )
   batch = real_step.device_batch(host)
-  aug_fn = jax.jit(functools.partial(augment.augment_batch, aug_config=config.aug))
+  aug_fn = platform.jit(functools.partial(augment.augment_batch, aug_config=config.aug))
   aug_s = _median_seconds(
     aug_fn, jax.random.key(0), batch["image"], batch["mask"], repeats=_REPEATS.value
   )

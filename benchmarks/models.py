@@ -5,7 +5,7 @@
 
 Per model and image size it prints the parameter count, forward GFLOPs per image from XLA's
 cost analysis of the compiled forward pass, and the time per image of the trainer's own train
-step: `jax.jit(steps.make_train_step(...), donate_argnums=0)` on a `steps.TrainState` built as
+step: `platform.jit(steps.make_train_step(...), donate_argnums=0)` on a `steps.TrainState` built as
 `train_and_evaluate` builds it, from configs/default.py with this script's model settings
 (paired augmentation unless --no_aug, forward, the loss of every head the model has, AdamW
 with clipping and the warmup/cosine schedule). Where PyTorch is installed, it also times the
@@ -33,6 +33,7 @@ import train_step as real_step  # noqa: E402  (benchmarks/train_step.py)
 
 from configs import default  # noqa: E402
 from cxr_jax.core.models import MODELS  # noqa: E402
+from cxr_jax.core.run import platform  # noqa: E402
 
 JAX_STEP = (
   "steps.make_train_step: {aug}forward, backward, BCE + soft Dice and/or "
@@ -77,7 +78,7 @@ def jax_runner(name: str, size: int, args: argparse.Namespace) -> tuple[dict, Ca
     model = nnx.merge(graphdef, state.params, state.model_state, copy=True)
     return model(image, train=False)
 
-  cost = jax.jit(forward).lower(state, batch["image"]).compile().cost_analysis()
+  cost = platform.jit(forward).lower(state, batch["image"]).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gflops = cost.get("flops", float("nan")) / args.batch / 1e9
   holder = [state]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from configs import default  # noqa: E402
 from cxr_jax import predict  # noqa: E402
 from cxr_jax.core import models  # noqa: E402
-from cxr_jax.core.inference import Inference  # noqa: E402
+from cxr_jax.core.inference.inference import Inference  # noqa: E402
 
 
 def _rss_mib() -> float:

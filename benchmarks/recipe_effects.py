@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 
-from cxr_jax.core import classification_stats
-from cxr_jax.core import paired_stats
+from cxr_jax.core.stats import classification_stats
+from cxr_jax.core.stats import paired_stats
 from cxr_jax.workflows import evaluation
 
 POOR = evaluation.POOR_DICE

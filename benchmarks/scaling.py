@@ -53,8 +53,9 @@ def _compiled_step(config, mesh, *, abstract: bool):
   from flax import nnx
 
   from cxr_jax.core import models
-  from cxr_jax.core import sharding
-  from cxr_jax.core import steps
+  from cxr_jax.core.run import platform
+  from cxr_jax.core.run import sharding
+  from cxr_jax.core.training import steps
 
   tx = steps.create_optimizer(config)
   init = lambda: steps.create_train_state(config, tx)  # noqa: E731
@@ -63,7 +64,7 @@ def _compiled_step(config, mesh, *, abstract: bool):
     nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
   )
   image_sharding = sharding.image_sharded(mesh) if sharding.space_size(mesh) > 1 else None
-  step = jax.jit(
+  step = platform.jit(
     steps.make_train_step(graphdef, config, tx, image_sharding=image_sharding),
     out_shardings=(placed, sharding.replicated(mesh)),
     donate_argnums=0,
@@ -83,7 +84,7 @@ def _compiled_step(config, mesh, *, abstract: bool):
       for k in fields
     }  # fmt: skip
   else:
-    state = jax.jit(init, out_shardings=placed)()
+    state = platform.jit(init, out_shardings=placed)()
     rng = np.random.default_rng(jax.process_index())
     image = rng.normal(size=(rows, size, size, 1)).astype(np.float32)
     host = {"image": image, "mask": (image > 0).astype(np.float32),
@@ -97,8 +98,8 @@ def measure(args, size: int, global_batch: int, space: int, run: bool, use: int)
   """One row: compile (and, with `run`, time) the step; memory per device and throughput."""
   import jax
 
-  from cxr_jax.core import sharding
-  from cxr_jax.core import utilisation
+  from cxr_jax.core.run import sharding
+  from cxr_jax.core.run import utilisation
 
   config = _config(args, size, global_batch, space)
   devices = jax.devices()[:use] if jax.process_count() == 1 else None

@@ -31,8 +31,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checko
 import train_step as real_step  # noqa: E402  (benchmarks/train_step.py)
 
 from configs import default  # noqa: E402
-from cxr_jax.core import platform  # noqa: E402
 from cxr_jax.core.models import ops  # noqa: E402
+from cxr_jax.core.run import platform  # noqa: E402
 
 
 def einsum_upconv(x: jax.Array, kernel: jax.Array) -> jax.Array:

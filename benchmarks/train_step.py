@@ -2,7 +2,7 @@
 
 `real_train_step(config)` builds what `cxr_jax.workflows.train.train_and_evaluate` runs: the optimiser
 from `steps.create_optimizer`, `steps.create_train_state`, and
-`jax.jit(steps.make_train_step(...), donate_argnums=0)`: paired augmentation (when
+`platform.jit(steps.make_train_step(...), donate_argnums=0)`: paired augmentation (when
 config.aug.enabled), forward, the loss of every head the model has, and the optax update. Single device, unsharded (the benchmarks time one host).
 """
 
@@ -18,8 +18,8 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout, uninstalled
 from cxr_jax.core import models  # noqa: E402
-from cxr_jax.core import platform  # noqa: E402
-from cxr_jax.core import steps  # noqa: E402
+from cxr_jax.core.run import platform  # noqa: E402
+from cxr_jax.core.training import steps  # noqa: E402
 
 
 def real_train_step(
@@ -31,12 +31,8 @@ def real_train_step(
   graphdef = nnx.graphdef(
     nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
   )
-  state = jax.jit(lambda: steps.create_train_state(config, tx))()
-  step = jax.jit(
-    steps.make_train_step(graphdef, config, tx),
-    donate_argnums=0,
-    compiler_options=platform.compiler_options(),
-  )
+  state = platform.jit(lambda: steps.create_train_state(config, tx))()
+  step = platform.jit(steps.make_train_step(graphdef, config, tx), donate_argnums=0)
   return graphdef, state, step
 
 

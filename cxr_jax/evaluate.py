@@ -21,8 +21,8 @@ from flax import nnx
 
 from cxr_jax import cli
 from cxr_jax import report
-from cxr_jax.core import csv_tables
-from cxr_jax.core import rundir
+from cxr_jax.core.run import csv_tables
+from cxr_jax.core.run import rundir
 from cxr_jax.data import paths
 from cxr_jax.workflows import evaluation
 from cxr_jax.workflows import lung_crop

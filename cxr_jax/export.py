@@ -1,6 +1,6 @@
 """`python -m cxr_jax.export --workdir=DIR --output=FILE [--checkpoint=best]`
 
-Writes a run's model as one portable file (`core.portable`): `predict --model=FILE` runs it
+Writes a run's model as one portable file (`core.inference.portable`): `predict --model=FILE` runs it
 with jax alone, without the model code or the run directory.
 """
 
@@ -10,8 +10,8 @@ from absl import app
 from absl import flags
 
 from cxr_jax import cli
-from cxr_jax.core import portable
-from cxr_jax.core import rundir
+from cxr_jax.core.inference import portable
+from cxr_jax.core.run import rundir
 
 
 def main(argv: list[str]) -> None:

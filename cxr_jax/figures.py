@@ -15,8 +15,8 @@ from matplotlib import lines
 from matplotlib import patches
 from matplotlib import ticker
 
-from cxr_jax.core import classification_stats
-from cxr_jax.core import overlays
+from cxr_jax.core.inference import overlays
+from cxr_jax.core.stats import classification_stats
 from cxr_jax.data import registry
 
 TRUTH_COLOUR = np.array(overlays.TRUE_RGB) / 255  # green: the reference outline

@@ -10,7 +10,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from cxr_jax import cli
-from cxr_jax.core import platform
+from cxr_jax.core.run import platform
 from cxr_jax.workflows import train
 
 _WORKDIR = flags.DEFINE_string(

@@ -40,14 +40,14 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import cli
-from cxr_jax.core import classification_stats
-from cxr_jax.core import csv_tables
-from cxr_jax.core import overlays
-from cxr_jax.core import portable
-from cxr_jax.core import rundir
-from cxr_jax.core.inference import Inference
-from cxr_jax.core.inference import predict_images
-from cxr_jax.core.progress import Progress
+from cxr_jax.core.inference import overlays
+from cxr_jax.core.inference import portable
+from cxr_jax.core.inference.inference import Inference
+from cxr_jax.core.inference.inference import predict_images
+from cxr_jax.core.run import csv_tables
+from cxr_jax.core.run import rundir
+from cxr_jax.core.run.progress import Progress
+from cxr_jax.core.stats import classification_stats
 from cxr_jax.data import dicom
 from cxr_jax.data import images
 from cxr_jax.data.images import IMAGE_SUFFIXES

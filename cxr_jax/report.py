@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 
 from cxr_jax import figures
-from cxr_jax.core import heads
+from cxr_jax.core.training import heads
 
 # ----- HTML -----
 

@@ -24,9 +24,9 @@ from absl import flags
 
 from cxr_jax import cli
 from cxr_jax import figures
-from cxr_jax.core import csv_tables
-from cxr_jax.core import paired_stats
-from cxr_jax.core import rundir
+from cxr_jax.core.run import csv_tables
+from cxr_jax.core.run import rundir
+from cxr_jax.core.stats import paired_stats
 
 _ID_FIELDS = ("run", "variant", "seed", "fold", "step", "num_images")
 METRICS = (

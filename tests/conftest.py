@@ -42,7 +42,7 @@ def smoke_command(workdir, data_dir, *extra: str) -> list[str]:
 KILL_AFTER_SECOND_SAVE = textwrap.dedent("""
     import os, signal
     from cxr_jax import main
-    from cxr_jax.core import checkpoint
+    from cxr_jax.core.run import checkpoint
     original, calls = checkpoint.save, []
     def save(*args, **kwargs):
       original(*args, **kwargs)

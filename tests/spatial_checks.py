@@ -13,10 +13,11 @@ import numpy as np
 from flax import nnx
 
 from configs import unet as unet_config
-from cxr_jax.core import inference as inference_lib
 from cxr_jax.core import models
-from cxr_jax.core import sharding
-from cxr_jax.core import steps
+from cxr_jax.core.inference import inference as inference_lib
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import sharding
+from cxr_jax.core.training import steps
 
 
 def _config(size: int):
@@ -46,12 +47,12 @@ def forward_backward(space: int) -> dict:
     )
 
   step = jax.value_and_grad(loss, has_aux=True)
-  (_, (out1, stats1)), grads1 = jax.jit(step)(params, rest, image)
+  (_, (out1, stats1)), grads1 = platform.jit(step)(params, rest, image)
   mesh = sharding.create_mesh({"space": space})
   split = jax.device_put(image, sharding.image_sharded(mesh))
-  lowered = jax.jit(step).lower(params, rest, split)
+  lowered = platform.jit(step).lower(params, rest, split)
   text = lowered.compile().as_text()
-  (_, (out2, stats2)), grads2 = jax.jit(step)(params, rest, split)
+  (_, (out2, stats2)), grads2 = platform.jit(step)(params, rest, split)
   return {
     "output": _max_diff([out1], [out2]),
     "grads": _max_diff(jax.tree.leaves(grads1), jax.tree.leaves(grads2)),
@@ -71,10 +72,10 @@ def train_step(space: int, shard_params: bool = False, base: int = 8) -> list[np
   tx = steps.create_optimizer(config)
   abstract = jax.eval_shape(lambda: steps.create_train_state(config, tx))
   placed = sharding.state_sharding(abstract, mesh, shard_params)
-  state = jax.jit(lambda: steps.create_train_state(config, tx), out_shardings=placed)()
+  state = platform.jit(lambda: steps.create_train_state(config, tx), out_shardings=placed)()
   graphdef = nnx.graphdef(models.create_model(config.model, rngs=nnx.Rngs(0)))
   image_sharding = sharding.image_sharded(mesh) if space > 1 else None
-  step = jax.jit(
+  step = platform.jit(
     steps.make_train_step(graphdef, config, tx, image_sharding=image_sharding),
     out_shardings=(placed, sharding.replicated(mesh)),
   )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from cxr_jax.core import augment
+from cxr_jax.core.training import augment
 
 SIZE = 64
 BATCH = 3

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from cxr_jax.core import platform
-from cxr_jax.core import utilisation
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import utilisation
 from tests.conftest import REPO_ROOT
 from tests.conftest import smoke_command
 from tests.test_train import _final_params

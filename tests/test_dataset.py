@@ -19,7 +19,7 @@ from absl import flags
 from absl.testing import flagsaver
 from PIL import Image
 
-from cxr_jax.core import rundir
+from cxr_jax.core.run import rundir
 from cxr_jax.data import cxr_masks_and_labels
 from cxr_jax.data import datasets
 from cxr_jax.data import kaggle_archive

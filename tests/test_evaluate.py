@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cxr_jax import evaluate
-from cxr_jax.core import classification_stats
-from cxr_jax.core.inference import Inference
+from cxr_jax.core.inference.inference import Inference
+from cxr_jax.core.stats import classification_stats
 from cxr_jax.data import kaggle
 from cxr_jax.data import preprocess
 from cxr_jax.data import registry
@@ -114,7 +114,7 @@ def test_native_resolution_round_trip(shape):
   boxed, box = preprocess.letterbox(truth.astype(np.float32), 64)
   back = preprocess.unletterbox(boxed, box, order="bilinear") >= 0.5
   assert back.shape == shape
-  from cxr_jax.core import surface
+  from cxr_jax.core.stats import surface
 
   m = surface.mask_metrics(back, truth)
   assert m["dice"] > 0.97 and m["hd95_px"] <= 2 * max(shape) / 64

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from cxr_jax.core import rundir
+from cxr_jax.core.run import rundir
 from tests.conftest import KILL_AFTER_SECOND_SAVE
 from tests.conftest import REPO_ROOT
 from tests.conftest import run_command

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from cxr_jax import evaluate
-from cxr_jax.core import config_checks
-from cxr_jax.core import run_lock
-from cxr_jax.core import rundir
+from cxr_jax.core.run import config_checks
+from cxr_jax.core.run import run_lock
+from cxr_jax.core.run import rundir
 from cxr_jax.workflows import train
 from tests.conftest import REPO_ROOT
 from tests.conftest import run_module
@@ -216,7 +216,7 @@ def test_predict_refuses_a_negative_batch_size(tmp_path):
 def test_csv_cells_that_a_spreadsheet_would_run_stay_text(tmp_path):
   import csv
 
-  from cxr_jax.core import csv_tables
+  from cxr_jax.core.run import csv_tables
 
   rows = [
     {"image": '=HYPERLINK("http://x").png', "value": -0.5, "note": "+1"},

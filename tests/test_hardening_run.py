@@ -20,9 +20,9 @@ from cxr_jax import evaluate
 from cxr_jax import report
 from cxr_jax import results
 from cxr_jax import sweep as sweep_command
-from cxr_jax.core import checkpoint
-from cxr_jax.core import run_lock
-from cxr_jax.core import rundir
+from cxr_jax.core.run import checkpoint
+from cxr_jax.core.run import run_lock
+from cxr_jax.core.run import rundir
 from cxr_jax.data import datasets
 from cxr_jax.data.records import DataError
 from cxr_jax.workflows import sweeps

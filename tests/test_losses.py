@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxr_jax.core import losses
+from cxr_jax.core.training import losses
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_shape_errors_say_what_is_wrong():
 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from cxr_jax.core import losses, sharding
+    from cxr_jax.core.training import losses, sharding
     assert jax.device_count() == 4, jax.devices()
     mesh = sharding.create_mesh()
     rng = np.random.default_rng(0)

@@ -12,8 +12,8 @@ from configs import default
 from configs import lung_crop_classifier
 from cxr_jax import evaluate
 from cxr_jax import predict
-from cxr_jax.core import inference as inference_lib
-from cxr_jax.core import rundir
+from cxr_jax.core.inference import inference as inference_lib
+from cxr_jax.core.run import rundir
 from cxr_jax.data import crops
 from cxr_jax.data import datasets
 from cxr_jax.data import preprocess

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxr_jax.core import classification_stats
-from cxr_jax.core import metrics
+from cxr_jax.core.stats import classification_stats
+from cxr_jax.core.stats import metrics
 
 BIG = 10.0  # a logit far from the threshold
 
@@ -217,7 +217,7 @@ def test_shape_errors():
 
 _SHARDED_SCRIPT = """
 import jax, numpy as np
-from cxr_jax.core import metrics, sharding
+from cxr_jax.core.stats import metrics, sharding
 assert jax.device_count() == 4
 mesh = sharding.create_mesh()
 rng = np.random.default_rng(0)

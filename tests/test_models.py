@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 from configs import default
-from cxr_jax.core import platform
 from cxr_jax.core.models import MODELS
 from cxr_jax.core.models import AttentionUNet
 from cxr_jax.core.models import Classifier
@@ -21,6 +20,7 @@ from cxr_jax.core.models import UNet
 from cxr_jax.core.models import create_model
 from cxr_jax.core.models import layers
 from cxr_jax.core.models import ops
+from cxr_jax.core.run import platform
 
 TINY = dict(base_features=4, depth=2)
 TINY_TRAIN = dict(base_features=4, depth=1)  # about half the ops to compile
@@ -151,7 +151,7 @@ def test_classifier_parameter_count():
 
 
 def test_transpose_conv_matches_nnx_conv_transpose_with_flipped_kernel():
-  @jax.jit
+  @platform.jit
   def run(x):
     up = layers.TransposeConv2x2(3, 5, dtype=jnp.float32, rngs=_rngs())
     up.bias[...] = jnp.arange(5.0)
@@ -170,7 +170,7 @@ def test_transpose_conv_matches_nnx_conv_transpose_with_flipped_kernel():
 
 def test_attention_coefficients_in_unit_interval_and_bfloat16_matches_float32():
   # One compile for both checks (the multi-task test also trains in bf16).
-  @jax.jit
+  @platform.jit
   def run(x):
     outputs, states = [], []
     for dtype in ("float32", "bfloat16"):
@@ -219,11 +219,11 @@ def _train(cls, loss_fn, steps: int = 20, **kwargs):
   """Adam on one batch via jax.jit over nnx.split state; returns (losses, model0, model)."""
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: _model_and_optimizer(cls, **kwargs)))
 
-  @jax.jit
+  @platform.jit
   def init():
     return nnx.state(_model_and_optimizer(cls, **kwargs))
 
-  @jax.jit  # donate_argnums=0 in the trainer; not here, the test keeps state0
+  @platform.jit  # donate_argnums=0 in the trainer; not here, the test keeps state0
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     loss, grads = nnx.value_and_grad(lambda m: loss_fn(m(batch["image"], train=True), batch))(model)
@@ -311,8 +311,8 @@ def test_upconv2x2_and_its_gradients_equal_xlas_transposed_convolution():
     return lambda x, k: jnp.sum(jnp.sin(up(x, k)) * jnp.arange(4.0))
 
   np.testing.assert_allclose(ops.upconv2x2(x, kernel), reference(x, kernel), atol=1e-5)
-  got = jax.jit(jax.grad(loss(ops.upconv2x2), argnums=(0, 1)))(x, kernel)
-  want = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(x, kernel)
+  got = platform.jit(jax.grad(loss(ops.upconv2x2), argnums=(0, 1)))(x, kernel)
+  want = platform.jit(jax.grad(loss(reference), argnums=(0, 1)))(x, kernel)
   for g, w in zip(got, want):
     assert g.shape == w.shape and float(jnp.max(jnp.abs(w))) > 0.5
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cxr_jax.core import overlays
+from cxr_jax.core.inference import overlays
 
 
 def test_overlay_colours():

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from cxr_jax.core import postprocess
+from cxr_jax.core.inference import postprocess
 
 
 def _three_blobs_and_a_hole() -> np.ndarray:

@@ -18,9 +18,9 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import predict
-from cxr_jax.core import inference
-from cxr_jax.core.inference import Inference
-from cxr_jax.core.progress import Progress
+from cxr_jax.core.inference import inference
+from cxr_jax.core.inference.inference import Inference
+from cxr_jax.core.run.progress import Progress
 from cxr_jax.data import images
 from cxr_jax.data import preprocess
 from tests.conftest import run_module
@@ -201,8 +201,8 @@ def make_random_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict
   The weights are drawn in numpy into the model's abstract state: initialising the real
   model compiles every initializer (about a minute on a busy 2-core CPU).
   """
-  from cxr_jax.core import checkpoint
   from cxr_jax.core import models
+  from cxr_jax.core.run import checkpoint
 
   abstract = nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
   _, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -353,7 +353,7 @@ def test_exported_model_predicts_like_the_run_directory(awkward_folder, tmp_path
   assert done.returncode == 0, done.stderr[-3000:]
   run.rename(tmp_path / "gone")  # the file must not need the run directory
   code = (
-    "import sys, numpy as np; from cxr_jax.core import portable; "
+    "import sys, numpy as np; from cxr_jax.core.inference import portable; "
     f"m = portable.PortableModel({str(exported)!r}); out = m(np.zeros((3, 32, 32, 1))); "
     "assert out['prob'].shape == (3, 32, 32), out; "
     "assert 'cxr_jax.core.models' not in sys.modules  # no model code"

@@ -6,7 +6,7 @@ import random
 import ml_collections
 import pytest
 
-from cxr_jax.core import rundir
+from cxr_jax.core.run import rundir
 from cxr_jax.data import datasets
 from cxr_jax.data import protocols
 from cxr_jax.data import records

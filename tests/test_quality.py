@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cxr_jax import predict
-from cxr_jax.core import inference
+from cxr_jax.core.inference import inference
 from cxr_jax.workflows import evaluation
 from tests.test_predict import _config
 from tests.test_predict import _lungs

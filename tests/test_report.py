@@ -7,8 +7,8 @@ import numpy as np
 
 from cxr_jax import figures
 from cxr_jax import report
-from cxr_jax.core import classification_stats
-from cxr_jax.core import surface
+from cxr_jax.core.stats import classification_stats
+from cxr_jax.core.stats import surface
 from cxr_jax.data import registry
 from cxr_jax.workflows import evaluation
 

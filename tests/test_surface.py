@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from cxr_jax.core import surface
+from cxr_jax.core.stats import surface
 
 
 def _pixels(shape, *points) -> np.ndarray:
@@ -137,7 +137,7 @@ def test_aggregate_summaries_per_source_and_worst():
 
 def test_one_overlap_implementation():
   """surface's overlap scores are metrics.binary_scores' (same empty-mask convention)."""
-  from cxr_jax.core import metrics
+  from cxr_jax.core.stats import metrics
 
   rng = np.random.default_rng(0)
   pred, truth = rng.random((2, 3, 9, 11)) > 0.6

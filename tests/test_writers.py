@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from cxr_jax.core import writers
+from cxr_jax.core.run import writers
 
 
 def _read_events(workdir: str) -> list[event_pb2.Event]:

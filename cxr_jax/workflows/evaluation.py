@@ -17,13 +17,13 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from cxr_jax.core import classification_stats
-from cxr_jax.core import postprocess
-from cxr_jax.core import surface
-from cxr_jax.core.inference import MASK_THRESHOLD
-from cxr_jax.core.inference import Inference
-from cxr_jax.core.inference import native_mask
-from cxr_jax.core.progress import Progress
+from cxr_jax.core.inference import postprocess
+from cxr_jax.core.inference.inference import MASK_THRESHOLD
+from cxr_jax.core.inference.inference import Inference
+from cxr_jax.core.inference.inference import native_mask
+from cxr_jax.core.run.progress import Progress
+from cxr_jax.core.stats import classification_stats
+from cxr_jax.core.stats import surface
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import preprocess
 from cxr_jax.data import records

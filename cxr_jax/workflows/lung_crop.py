@@ -19,12 +19,12 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from cxr_jax.core import checkpoint
-from cxr_jax.core import inference as inference_lib
-from cxr_jax.core import multihost
-from cxr_jax.core import postprocess
-from cxr_jax.core import rundir
-from cxr_jax.core.progress import Progress
+from cxr_jax.core.inference import inference as inference_lib
+from cxr_jax.core.inference import postprocess
+from cxr_jax.core.run import checkpoint
+from cxr_jax.core.run import multihost
+from cxr_jax.core.run import rundir
+from cxr_jax.core.run.progress import Progress
 from cxr_jax.data import crops
 from cxr_jax.data import paths
 from cxr_jax.data import preprocess

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cxr_jax import errors
-from cxr_jax.core import rundir
+from cxr_jax.core.run import rundir
 
 SWEEP_FILE = "sweep.json"  # in each run directory: which sweep, variant, seed and fold
 

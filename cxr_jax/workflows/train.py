@@ -1,6 +1,6 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)`, readable top to bottom.
 
-The step (`core.steps`) is one pure function under `jax.jit`: paired augmentation, forward,
+The step (`core.training.steps`) is one pure function under `platform.jit`: paired augmentation, forward,
 loss and the optax update, with parameters and optimiser state replicated over the mesh and
 batches split over its `data` axis.
 """
@@ -21,22 +21,22 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from cxr_jax import errors
-from cxr_jax.core import checkpoint
-from cxr_jax.core import config_checks
-from cxr_jax.core import heads
-from cxr_jax.core import metrics as metrics_lib
 from cxr_jax.core import models
-from cxr_jax.core import overlays
-from cxr_jax.core import platform
-from cxr_jax.core import preemption
-from cxr_jax.core import restore_errors
-from cxr_jax.core import run_lock
-from cxr_jax.core import rundir
-from cxr_jax.core import sharding
-from cxr_jax.core import steps
-from cxr_jax.core import utilisation
-from cxr_jax.core import workdir_checks
-from cxr_jax.core import writers
+from cxr_jax.core.inference import overlays
+from cxr_jax.core.run import checkpoint
+from cxr_jax.core.run import config_checks
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import preemption
+from cxr_jax.core.run import restore_errors
+from cxr_jax.core.run import run_lock
+from cxr_jax.core.run import rundir
+from cxr_jax.core.run import sharding
+from cxr_jax.core.run import utilisation
+from cxr_jax.core.run import workdir_checks
+from cxr_jax.core.run import writers
+from cxr_jax.core.stats import metrics as metrics_lib
+from cxr_jax.core.training import heads
+from cxr_jax.core.training import steps
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import paths
 from cxr_jax.workflows import lung_crop
@@ -236,7 +236,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   else:
     if jax.process_index() == 0:
       workdir_checks.set_aside_orphaned_metrics(workdir)
-    state = jax.jit(init_state, out_shardings=state_sharding)()
+    state = platform.jit(init_state, out_shardings=state_sharding)()
   first_step = int(state.step)
   if jax.process_index() == 0:  # after a restore: it describes what the checkpoints hold
     rundir.write_config(workdir, config, dataset.info(requested))
@@ -244,18 +244,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   # ----- compiled steps -----
   # The arguments arrive placed (state_sharding, sharding.to_global): no in_shardings.
   image_sharding = sharding.image_sharded(mesh) if sharding.space_size(mesh) > 1 else None
-  options = platform.compiler_options()
-  train_step = jax.jit(
+  train_step = platform.jit(
     steps.make_train_step(graphdef, config, tx, image_sharding=image_sharding),
     out_shardings=(state_sharding, replicated),
     donate_argnums=0,
-    compiler_options=options,
   )
-  eval_step = jax.jit(steps.make_eval_step(graphdef, config), compiler_options=options)
+  eval_step = platform.jit(steps.make_eval_step(graphdef, config))
   # With an EMA the checkpoint chosen is the EMA's best; the trained weights' own metrics are
   # logged beside it as online_<name> (the EMA's paired effect, every evaluation).
   online_step = (
-    jax.jit(steps.make_eval_step(graphdef, config, online=True), compiler_options=options)
+    platform.jit(steps.make_eval_step(graphdef, config, online=True))
     if state.ema is not None
     else None
   )

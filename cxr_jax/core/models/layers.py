@@ -17,11 +17,13 @@ from cxr_jax.core.models import ops
 
 NORMS = ("batch", "group", "none")
 UPSAMPLES = ("transpose", "resize")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64: the reference the float32 steps are held against (tests/test_precision.py; needs
+# jax_enable_x64).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def compute_dtype(name: str) -> jnp.dtype:
-  """Maps `config.model.dtype` ('float32' | 'bfloat16') to a jnp dtype."""
+  """Maps `config.model.dtype` ('float32' | 'bfloat16' | 'float64') to a jnp dtype."""
   if name not in DTYPES:
     raise ValueError(f"config.model.dtype={name!r} is not supported; use one of {sorted(DTYPES)}.")
   return DTYPES[name]

@@ -1,5 +1,5 @@
 """Starting on a machine or a cluster: jax.distributed, device checks, the compilation cache,
-and the XLA options the project's jitted steps compile with."""
+and `jit`, the one way the project compiles (with the XLA options every program needs)."""
 
 import functools
 import glob
@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Callable
 
 import jax
 
@@ -151,9 +152,13 @@ def use_compilation_cache(directory: str) -> str:
 
 
 # XLA:CPU hands matmuls, reductions and convolutions (here: those of 32+ channels) to
-# YNNPACK by default. Its convolutions ran 1.2-5x slower than XLA's own (Eigen) on this
-# project's U-Net layers (batch 8: the kernel gradient at 64 px x 64 channels 80 vs 16 ms;
-# README, Benchmarks), its matmuls and reductions faster: keep YNNPACK for those two.
+# YNNPACK by default. Its convolutions
+# - lose float32 precision on CPUs with avx512_bf16 (they seem to compute in bfloat16 there):
+#   a U-Net's gradients 2e-2 off a float64 reference, against 5e-5 without them (README,
+#   "Numerics"; tests/test_precision.py fails if a step slips back to them);
+# - ran 1.2-5x slower than XLA's own (Eigen) on this project's U-Net layers (batch 8: the
+#   kernel gradient at 64 px x 64 channels 80 vs 16 ms; README, Benchmarks).
+# Its matmuls and reductions are accurate and faster: keep YNNPACK for those two.
 CPU_OPTIONS = {
   "xla_cpu_experimental_ynn_fusion_type": (
     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
@@ -163,9 +168,9 @@ CPU_OPTIONS = {
 
 @functools.cache
 def compiler_options() -> dict[str, str]:
-  """The `compiler_options` of the train, eval and inference jits: CPU_OPTIONS on a CPU
-  backend whose XLA knows them (an XLA that does not is warned about once and compiles
-  with its defaults), nothing on accelerators."""
+  """The `compiler_options` of every jit: CPU_OPTIONS on a CPU backend whose XLA knows them
+  (an XLA that does not is warned about once and compiles with its defaults), nothing on
+  accelerators."""
   if jax.default_backend() != "cpu":
     return {}
   try:
@@ -174,3 +179,9 @@ def compiler_options() -> dict[str, str]:
     logging.warning("XLA:CPU options %s not taken (%s): XLA's defaults.", CPU_OPTIONS, error)
     return {}
   return dict(CPU_OPTIONS)
+
+
+def jit(fun: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options()`: the only jit in cxr_jax
+  (tests/test_precision.py checks), so no program gets XLA:CPU's imprecise defaults."""
+  return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)

@@ -22,7 +22,8 @@ from etils import epath
 from flax import nnx
 from jax import export as jax_export
 
-from cxr_jax.core import inference
+from cxr_jax.core.inference import inference
+from cxr_jax.core.run import platform
 
 FORMAT = "cxr_jax.portable/1"
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each: exported on a GPU, run on a laptop
@@ -52,7 +53,7 @@ def export_model(
 
   size = int(config.data.image_size)
   (batch,) = jax_export.symbolic_shape("b")
-  exported = jax_export.export(jax.jit(infer), platforms=PLATFORMS)(
+  exported = jax_export.export(platform.jit(infer), platforms=PLATFORMS)(
     jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
   )
   settings = {
@@ -82,7 +83,8 @@ class PortableModel:
       self.settings = json.loads(z.read(_SETTINGS))
       if self.settings.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file (format {self.settings.get('format')!r})")
-      self._exported = jax_export.deserialize(bytearray(z.read(_MODEL)))
+      exported = jax_export.deserialize(bytearray(z.read(_MODEL)))
+    self._call = platform.jit(exported.call)
     self.image_size = int(self.settings["image_size"])
     self.batch_size = batch_size or int(self.settings["eval_batch_size"])
     self.segments = "prob" in self.settings["outputs"]
@@ -90,5 +92,5 @@ class PortableModel:
     self.qc_threshold = inference.qc_threshold(self.settings)
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    outputs = self._exported.call(jnp.asarray(images, jnp.float32))
+    outputs = self._call(jnp.asarray(images, jnp.float32))
     return {k: np.asarray(v) for k, v in jax.device_get(outputs).items()}

@@ -21,8 +21,8 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
-from cxr_jax.core import metrics as metrics_lib
-from cxr_jax.core import restore_errors
+from cxr_jax.core.run import restore_errors
+from cxr_jax.core.stats import metrics as metrics_lib
 from cxr_jax.data import paths
 
 

@@ -12,8 +12,8 @@ import jax
 import ml_collections
 from clu import metrics as clu_metrics
 
-from cxr_jax.core import losses
-from cxr_jax.core import metrics
+from cxr_jax.core.stats import metrics
+from cxr_jax.core.training import losses
 
 Batch = Mapping[str, jax.Array]
 

@@ -11,7 +11,7 @@ import time
 import fsspec
 from etils import epath
 
-from cxr_jax.core import multihost
+from cxr_jax.core.run import multihost
 from cxr_jax.data import paths
 
 LOCK_FILE = "run.lock"

@@ -9,9 +9,9 @@ import time
 from etils import epath
 
 from cxr_jax import errors
-from cxr_jax.core import run_lock
-from cxr_jax.core import rundir
-from cxr_jax.core import writers
+from cxr_jax.core.run import run_lock
+from cxr_jax.core.run import rundir
+from cxr_jax.core.run import writers
 
 # What a run directory (or one a sweep prepared for a run) holds; one of them makes a folder
 # a run's (so do TensorBoard's events.out.tfevents.* files).

@@ -26,9 +26,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from cxr_jax import errors
-from cxr_jax.core import checkpoint
 from cxr_jax.core import models
-from cxr_jax.core import multihost
+from cxr_jax.core.run import checkpoint
+from cxr_jax.core.run import multihost
 from cxr_jax.data import datasets
 from cxr_jax.data import paths
 from cxr_jax.data import protocols

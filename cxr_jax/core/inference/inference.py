@@ -12,10 +12,10 @@ import numpy as np
 from flax import nnx
 from jax.scipy import ndimage
 
-from cxr_jax.core import heads
-from cxr_jax.core import platform
-from cxr_jax.core import postprocess
-from cxr_jax.core import sharding
+from cxr_jax.core.inference import postprocess
+from cxr_jax.core.run import platform
+from cxr_jax.core.run import sharding
+from cxr_jax.core.training import heads
 from cxr_jax.data import crops as crops_lib
 from cxr_jax.data import preprocess
 
@@ -145,7 +145,7 @@ class Inference:
     self.tta = bool(config.get("tta", False))
     self.qc_threshold = qc_threshold(config)
 
-    @functools.partial(jax.jit, compiler_options=platform.compiler_options(), **shardings)
+    @functools.partial(platform.jit, **shardings)
     def forward(state, images):
       model = nnx.merge(graphdef, state)
       outputs = model(images, train=False, **kwargs)

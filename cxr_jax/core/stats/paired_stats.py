@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from cxr_jax.core.classification_stats import roc_auc
+from cxr_jax.core.stats.classification_stats import roc_auc
 
 NUM_BOOTSTRAP = 1000
 

@@ -25,7 +25,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from cxr_jax.core.classification_stats import roc_auc
+from cxr_jax.core.stats.classification_stats import roc_auc
 
 # Metric names containing one of these are minimised; the rest (Dice, AUC, ...) maximised.
 _LOWER_IS_BETTER = ("loss", "hd95", "asd", "ece")

@@ -16,10 +16,10 @@ import optax
 from flax import nnx
 
 from cxr_jax import errors
-from cxr_jax.core import augment
-from cxr_jax.core import heads
-from cxr_jax.core import losses
 from cxr_jax.core import models
+from cxr_jax.core.training import augment
+from cxr_jax.core.training import heads
+from cxr_jax.core.training import losses
 
 
 @flax.struct.dataclass
@@ -155,6 +155,40 @@ def semi_weight(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array
 # ----- steps -----
 
 
+def loss_and_gradients(
+  graphdef: nnx.GraphDef,
+  config: ml_collections.ConfigDict,
+  params: Any,
+  model_state: Any,
+  batch: dict[str, jax.Array],
+  *,
+  teacher: jax.Array | None = None,
+  step: jax.Array | int = 0,
+) -> tuple[tuple[jax.Array, tuple[Any, dict[str, jax.Array]]], Any]:
+  """The training loss on an (augmented) batch and its gradients with respect to `params`.
+
+  Returns `((loss, (new model_state, loss parts)), grads)`; `teacher` [B, S, S, 1] is the
+  mean teacher's p(lung), the target of images without a mask (None: no mean teacher).
+  """
+
+  def loss_fn(params, model_state):
+    # copy=True: fresh Variables of this trace level, which NNX lets the model mutate.
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    outputs = model(batch["image"], train=True)
+    loss, parts = heads.compute_losses(outputs, batch, config)
+    if teacher is not None:
+      parts["semi_loss"] = losses.segmentation_loss(
+        outputs["mask_logits"],
+        teacher,
+        (1.0 - batch["has_mask"]) * batch["weight"],
+        dice_weight=config.loss.dice_weight,
+      )
+      loss = loss + semi_weight(config, step) * parts["semi_loss"]
+    return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
+
+  return jax.value_and_grad(loss_fn, has_aux=True)(params, model_state)
+
+
 def make_train_step(
   graphdef: nnx.GraphDef,
   config: ml_collections.ConfigDict,
@@ -210,23 +244,8 @@ def make_train_step(
       mask = jax.lax.with_sharding_constraint(mask, image_sharding)
     batch = dict(batch, image=image, mask=mask)
 
-    def loss_fn(params, model_state):
-      # copy=True: fresh Variables of this trace level, which NNX lets the model mutate.
-      model = nnx.merge(graphdef, params, model_state, copy=True)
-      outputs = model(batch["image"], train=True)
-      loss, parts = heads.compute_losses(outputs, batch, config)
-      if semi:
-        parts["semi_loss"] = losses.segmentation_loss(
-          outputs["mask_logits"],
-          teacher,
-          (1.0 - batch["has_mask"]) * batch["weight"],
-          dice_weight=config.loss.dice_weight,
-        )
-        loss = loss + semi_weight(config, state.step) * parts["semi_loss"]
-      return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
-
-    (loss, (model_state, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state.model_state
+    (loss, (model_state, parts)), grads = loss_and_gradients(
+      graphdef, config, state.params, state.model_state, batch, teacher=teacher, step=state.step
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from cxr_jax.core.metrics import binary_scores
-from cxr_jax.core.metrics import lower_is_better
+from cxr_jax.core.stats.metrics import binary_scores
+from cxr_jax.core.stats.metrics import lower_is_better
 from cxr_jax.data import registry
 
 MASK_METRICS = ("dice", "iou", "precision", "recall", "hd95_px", "asd_px", "hd95_mm", "asd_mm")

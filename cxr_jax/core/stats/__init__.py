@@ -1,0 +1,2 @@
+"""Statistics: segmentation and classification metrics, surface distances, classification
+and paired statistics."""

@@ -1,0 +1,2 @@
+"""What training computes: the heads table, losses, paired augmentation and the train/eval
+steps."""
