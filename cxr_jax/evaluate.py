@@ -123,11 +123,11 @@ def run(
 
 
 def _move_into_place(staging: epath.Path, out_dir: epath.Path, *, last: str) -> None:
-  """Renames every file of `staging` into `out_dir` (`last` at the end), then removes it."""
+  """Renames every file of `staging` into `out_dir`, `last` at the end (the caller removes
+  `staging`: a bucket has no empty folder to remove)."""
   files = sorted(staging.iterdir(), key=lambda p: p.name == last)
   for file in files:
     file.rename(out_dir / file.name)  # os.replace on a disk; a copy and delete in a bucket
-  staging.rmdir()
 
 
 def output_name(split: str, tta: str) -> str:

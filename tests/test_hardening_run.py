@@ -95,7 +95,7 @@ def command_lines(finished_run, data_dir, tmp_path_factory):
   commands = {
     "bad_config": (bad, elsewhere),
     "bad_config_traceback": ([*bad, "--traceback"], elsewhere),
-    "no_workdir": (main, elsewhere),
+    "no_workdir": (main, REPO_ROOT),
     "mismatch": (
       [
         *main,
@@ -208,7 +208,7 @@ def test_more_grain_workers_than_cpus_are_capped_with_a_warning(
   workdir = _copy(finished_run, tmp_path)
   config = _config(data_dir, steps=12)
   config.data.num_workers = 64
-  with pytest.raises(errors.ConfigError, match=r"data\.num_workers: 0 -> 1 "):
+  with pytest.raises(errors.ConfigError, match=r"data\.num_workers: 0 -> 1\b"):
     train.train_and_evaluate(config, str(workdir))
   assert "config.data.num_workers=64 is more than the 1 CPU(s) this process may use" in caplog.text
 
