@@ -62,6 +62,7 @@ def read_run(workdir: str, split: str) -> dict[str, Any] | None:
     with open(summary_path) as f:
       summary = json.load(f)
     group, num_train_steps = _group(workdir, summary)
+    trained_to = _trained_to(workdir, summary)
   except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut short, or edited
     print(
       f"results: skipping {workdir}: {' '.join(str(e).split())[:200]} (in {summary_path} "
@@ -83,7 +84,7 @@ def read_run(workdir: str, split: str) -> dict[str, Any] | None:
     "step": summary.get("step"),
     "num_images": summary.get("num_images"),
     "group": group,
-    "finished": num_train_steps is None or (summary.get("step") or 0) >= num_train_steps,
+    "finished": trained_to >= (num_train_steps or 0),
   }
   if "segmentation" in summary:
     segmentation = summary["segmentation"]
@@ -101,7 +102,17 @@ def read_run(workdir: str, split: str) -> dict[str, Any] | None:
   row.update(_validation_at(workdir, summary.get("step")))
   with open(os.path.join(workdir, "eval", f"{split}.csv")) as f:
     images = {r["id"]: r for r in csv.DictReader(f)}
-  return {"row": row, "images": images}
+  return {"row": row, "images": images, "trained_to": trained_to, "steps": num_train_steps}
+
+
+def _trained_to(workdir: str, summary: dict) -> int:
+  """The newest checkpoint's step (the evaluated step where there are no checkpoints): a run
+  evaluated at its best step may well have trained to the end."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  steps = (
+    [int(n) for n in os.listdir(checkpoints) if n.isdigit()] if os.path.isdir(checkpoints) else []
+  )
+  return max(steps, default=summary.get("step") or 0)
 
 
 def _group(workdir: str, summary: dict) -> tuple[str, int | None]:
@@ -250,7 +261,7 @@ def write_results(
       f"{heading}(paired differences against {base})\n\n{summary_table(members, base)}"
     )
   unfinished = [
-    f"- {r['row']['run']}: evaluated at step {r['row']['step']}, before the end of its training"
+    f"- {r['row']['run']}: trained to step {r['trained_to']} of {r['steps']}"
     for r in everything
     if not r["row"]["finished"]
   ]

@@ -409,6 +409,7 @@ def test_one_runs_garbage_config_json_fails_that_run_only(finished_run, tmp_path
 
 def _fake_run(path, *, variant, dataset, task, dice, step=100, steps=100, fold=None):
   (path / "eval").mkdir(parents=True)
+  (path / "checkpoints" / str(step)).mkdir(parents=True)  # trained to `step`, evaluated there
   (path / "sweep.json").write_text(json.dumps({"variant": variant, "seed": 0, "fold": fold}))
   config = {"num_train_steps": steps, "data": {"name": dataset, "split": "hash"}}
   (path / "config.json").write_text(
@@ -453,7 +454,7 @@ def test_results_compare_within_a_dataset_and_task_and_mark_unfinished_runs(tmp_
   synthetic = next(s for s in sections if "synthetic" in s.splitlines()[0])
   (row,) = [line for line in synthetic.splitlines() if line.startswith("| phantom |")]
   assert row.startswith("| phantom | 1 | 0.9900 +- - [-, -]") and row.endswith("| baseline |")
-  assert f"- {tmp_path / 'stopped'}: evaluated at step 140" in markdown
+  assert f"- {tmp_path / 'stopped'}: trained to step 140 of 3000" in markdown
   assert f"skipping {cut}" in capsys.readouterr().err
   rows = open(paths[0]).read()
   assert "group" in rows.splitlines()[0] and "False" in rows
