@@ -117,7 +117,7 @@ def restore_newest_readable(
   while queue:
     step = queue.pop(0)
     tried.add(step)
-    path = restore_errors.step_dir(manager.directory, step)
+    path = restore_errors.step_path(manager.directory, step)
     try:
       difference = abstract_items and restore_errors.precheck(path, abstract_items, data_state)
       if difference:

@@ -209,5 +209,6 @@ def one_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def step_dir(directory: Any, step: int) -> str:
+def step_path(directory: Any, step: int) -> str:
+  """DIR/checkpoints/<step>."""
   return os.path.join(str(directory), str(step))
