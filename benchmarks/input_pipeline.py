@@ -95,7 +95,7 @@ def main(argv):
   batch = real_step.device_batch(host)
   aug_fn = platform.jit(functools.partial(augment.augment_batch, aug_config=config.aug))
   aug_s = _median_seconds(
-    aug_fn, jax.random.key(0), batch["image"], batch["mask"], repeats=_REPEATS.value
+    aug_fn, jax.random.key(0), batch["image"], batch["lung_mask"], repeats=_REPEATS.value
   )
 
   # The trainer's step as train.py runs it, with the config's augmentation, and without.

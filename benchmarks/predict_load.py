@@ -4,7 +4,7 @@
 
 Writes the images into a temporary folder, restores nothing (the config's model with fresh
 weights: speed and memory do not depend on the weights), and predicts the folder with
-`predict.predict_files` in chunks, printing images/s and the process's resident memory after
+`prediction.predict_files` in chunks, printing images/s and the process's resident memory after
 each chunk: flat after the first chunks means no leak.
 """
 
@@ -22,9 +22,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import default  # noqa: E402
-from cxr_jax import predict  # noqa: E402
 from cxr_jax.core import models  # noqa: E402
 from cxr_jax.core.inference.inference import Inference  # noqa: E402
+from cxr_jax.workflows import prediction  # noqa: E402
 
 
 def _rss_mib() -> float:
@@ -67,15 +67,17 @@ def main() -> None:
       f"wrote {args.images} images (256-1279 px a side, 2/3 PNG, 1/3 JPEG) in "
       f"{time.perf_counter() - start:.0f} s"
     )
-    paths, _ = predict.list_inputs(inputs)
-    predict.predict_files(inference, paths[: args.batch_size], output, progress=False)  # compile
+    paths, _ = prediction.list_inputs(inputs)
+    prediction.predict_files(
+      inference, paths[: args.batch_size], output, show_progress=False
+    )  # compile
     print("| images done | images/s (chunk) | resident MiB |\n|---|---|---|")
     chunk = len(paths) // args.chunks
     total_start, done = time.perf_counter(), 0
     for k in range(args.chunks):
       part = paths[k * chunk : (k + 1) * chunk]
       start = time.perf_counter()
-      rows, errors = predict.predict_files(inference, part, output, progress=False)
+      rows, errors = prediction.predict_files(inference, part, output, show_progress=False)
       assert len(rows) == len(part) and not errors, errors
       done += len(part)
       print(f"| {done} | {len(part) / (time.perf_counter() - start):.1f} | {_rss_mib():.0f} |")

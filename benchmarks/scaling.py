@@ -70,9 +70,9 @@ def _compiled_step(config, mesh, *, abstract: bool):
     donate_argnums=0,
   )
   size, rows = config.data.image_size, config.batch_size // jax.process_count()
-  fields = {"image": np.float32, "mask": np.float32, "has_mask": np.float32,
+  fields = {"image": np.float32, "lung_mask": np.float32, "has_mask": np.float32,
             "weight": np.float32, "label": np.int32}  # fmt: skip
-  shapes = {k: (config.batch_size, size, size, 1) if k in ("image", "mask") else
+  shapes = {k: (config.batch_size, size, size, 1) if k in ("image", "lung_mask") else
             (config.batch_size,) for k in fields}  # fmt: skip
   if abstract:
     state = jax.tree.map(
@@ -87,7 +87,7 @@ def _compiled_step(config, mesh, *, abstract: bool):
     state = platform.jit(init, out_shardings=placed)()
     rng = np.random.default_rng(jax.process_index())
     image = rng.normal(size=(rows, size, size, 1)).astype(np.float32)
-    host = {"image": image, "mask": (image > 0).astype(np.float32),
+    host = {"image": image, "lung_mask": (image > 0).astype(np.float32),
             "has_mask": np.ones(rows, np.float32), "weight": np.ones(rows, np.float32),
             "label": np.zeros(rows, np.int32)}  # fmt: skip
     batch = sharding.to_global(host, mesh)

@@ -48,7 +48,7 @@ def random_batch(batch_size: int, image_size: int, seed: int = 0) -> dict[str, j
   return device_batch(
     {
       "image": image,
-      "mask": (image > 0).astype(np.float32),
+      "lung_mask": (image > 0).astype(np.float32),
       "has_mask": np.ones(batch_size, np.float32),
       "weight": np.ones(batch_size, np.float32),
       "label": rng.integers(0, 2, batch_size).astype(np.int32),

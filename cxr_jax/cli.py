@@ -69,7 +69,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   sys.exit(2)
 
 
-def _disk_full(e: BaseException) -> bool:
+def disk_full(e: BaseException) -> bool:
   """Orbax/TensorStore report a full disk as a ValueError, not an OSError."""
   text = str(e)
   return "RESOURCE_EXHAUSTED" in text or "No space left on device" in text
@@ -140,7 +140,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     except (OSError, ValueError, RuntimeError) as e:
       if flags.FLAGS.traceback:
         raise
-      if _disk_full(e):
+      if disk_full(e):
         _exit_with(
           1,
           f"{os.path.basename(argv[0])}: the disk is full ({str(e).splitlines()[0][:200]}). "

@@ -23,6 +23,8 @@ from cxr_jax import cli
 from cxr_jax import report
 from cxr_jax.core.run import csv_tables
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run import trackers
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 from cxr_jax.workflows import evaluation
 from cxr_jax.workflows import lung_crop
@@ -45,9 +47,7 @@ def run(
   *,
   checkpoint: str = "latest",
   batch_size: int = 0,
-  progress: bool = True,
-  restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
-  sources: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+  show_progress: bool = True,
   space: int = 0,
   tta: str = "",
 ) -> dict[str, Any]:
@@ -58,16 +58,60 @@ def run(
     split: dataset split to score ('test', 'validation', 'train').
     checkpoint: 'latest' or 'best'.
     batch_size: images per forward pass (0: the run's eval_batch_size).
-    progress: progress bars on stderr.
-    restored: (config, model) to use instead of the workdir's checkpoint (tests).
+    show_progress: progress bars on stderr.
     space: devices splitting each image's height (0: the run's config.mesh.space).
     tta: 'on' or 'off' overrides the run's config.tta; the outputs are then named
       <split>.tta_<on|off>.* (the run's own <split>.* stay), e.g. to measure what TTA buys.
-    sources: {split: source} to use instead of the run's dataset (tests).
 
   Returns:
     The summary written to <split>.json.
   """
+  return _run(
+    workdir,
+    split,
+    checkpoint=checkpoint,
+    batch_size=batch_size,
+    show_progress=show_progress,
+    space=space,
+    tta=tta,
+  )
+
+
+def run_model(
+  config: ml_collections.ConfigDict,
+  model: nnx.Module,
+  out_dir: str,
+  split: str,
+  sources: Mapping[str, Sequence[Mapping[str, Any]]],
+  *,
+  batch_size: int = 0,
+  show_progress: bool = True,
+) -> dict[str, Any]:
+  """`run` with a model held in memory (a notebook's, a test's) on records given as
+  {split: source} (with 'validation' for a classifier's threshold), writing into
+  OUT_DIR/eval/ as `run` does into a run directory."""
+  return _run(
+    out_dir,
+    split,
+    batch_size=batch_size,
+    show_progress=show_progress,
+    restored=(config, model),
+    sources=sources,
+  )
+
+
+def _run(
+  workdir: str,
+  split: str,
+  *,
+  checkpoint: str = "latest",
+  batch_size: int = 0,
+  show_progress: bool = True,
+  restored: tuple[ml_collections.ConfigDict, nnx.Module] | None = None,
+  sources: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+  space: int = 0,
+  tta: str = "",
+) -> dict[str, Any]:
   if restored is None:
     config, model, step = rundir.restore_model(workdir, checkpoint)
   else:
@@ -87,38 +131,48 @@ def run(
       return lung_crop.maybe_crop(config, name, source, workdir)
 
   summary, result = evaluation.evaluate_split(
-    config, model, split, get_source, batch_size=batch_size, progress=progress
+    config, model, split, get_source, batch_size=batch_size, show_progress=show_progress
   )
+  run_dir = RunDir(workdir)
+  steps = run_dir.checkpoint_steps()
   summary = {
     "split": split,
-    "workdir": paths.resolve(workdir),
+    "workdir": run_dir.root,
     "checkpoint": checkpoint,
     "step": step,
+    "trained_steps": steps[-1] if steps else None,  # the newest checkpoint when evaluated
     **summary,
   }
-  out_dir = f"{paths.resolve(workdir)}/eval"
+  out_dir = run_dir.eval_dir
   # Everything is written into a folder of its own first and then renamed into place, the
   # JSON last: a kill leaves the previous evaluation's files as they were (and every row
   # names its step), never a CSV of one step beside a JSON and report of another.
-  staging = epath.Path(out_dir) / f".{name}.writing-{os.getpid()}"
+  staging = out_dir / f".{name}.writing-{os.getpid()}"
   staging.mkdir(parents=True, exist_ok=True)
+  summary_name = run_dir.eval_summary(name).name
   try:
     for row in result.rows:
       row["step"] = step
-    csv_tables.write_csv(staging / f"{name}.csv", evaluation.CSV_FIELDS, result.rows)
+    csv_tables.write_csv(
+      str(staging / run_dir.eval_table(name).name), evaluation.CSV_FIELDS, result.rows
+    )
     html = report.write_report(str(staging), name, summary, result)
     summary["report"] = os.path.basename(html)
-    (staging / f"{name}.json").write_text(json.dumps(json_safe(summary), indent=2))
-    _move_into_place(staging, epath.Path(out_dir), last=f"{name}.json")
+    (staging / summary_name).write_text(json.dumps(json_safe(summary), indent=2))
+    _move_into_place(staging, out_dir, last=summary_name)
   finally:
     if staging.exists():  # stopped part-way: the previous outputs stay as they were
       staging.rmtree()
+  html = str(out_dir / summary["report"])  # where the report was moved to
   if "classification" in summary and step is not None and not tta:
     # The temperature predict applies to this checkpoint (its p_abnormal_calibrated).
     calibration = {"step": step, "checkpoint": checkpoint}
     calibration.update(summary["classification"]["calibration"])
-    paths.write_text(f"{paths.resolve(workdir)}/{rundir.CALIBRATION_FILE}", json.dumps(calibration))
+    paths.write_text(str(run_dir.calibration), json.dumps(calibration))
   logging.info("Wrote %s/%s.json, .csv and %s", out_dir, name, summary["report"])
+  trackers.log_files(
+    workdir, config, [str(run_dir.eval_summary(name)), str(run_dir.eval_table(name)), html]
+  )
   return summary
 
 
@@ -172,9 +226,7 @@ def main(argv: list[str]) -> None:
       f"{cls['calibration']['temperature']:.2f} from validation: ece "
       f"{cls['calibration']['ece_after']:.4f})"
     )
-  lines.append(
-    f"  wrote {os.path.join(args.workdir, 'eval', name)}.json, .csv, {summary['report']}"
-  )
+  lines.append(f"  wrote {RunDir(args.workdir).eval_summary(name)}, .csv, {summary['report']}")
   print("\n".join(lines), file=sys.stderr)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from etils import epath
 
 from cxr_jax import figures
+from cxr_jax.core.stats import metric_table
 from cxr_jax.core.training import heads
 
 # ----- HTML -----
@@ -38,28 +39,15 @@ def _save(fig, path: str) -> str:
   return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
 
 
-_METRIC_TITLES = {
-  "dice": "Dice",
-  "iou": "IoU",
-  "precision": "precision",
-  "recall": "recall",
-  "hd95_px": "HD95 px",
-  "asd_px": "ASSD px",
-  "hd95_mm": "HD95 mm",
-  "asd_mm": "ASSD mm",
-}
-
-
 def _aggregate_table(aggregate: Mapping[str, Any]) -> str:
   head = "".join(f"<th>{t}</th>" for t in ("metric", "mean", "median", "std", "min", "max", "n"))
   body = []
-  for metric, title in _METRIC_TITLES.items():
-    stats = aggregate["all"][metric]
+  for metric in metric_table.MASK:
+    stats = aggregate["all"][metric.name]
     body.append(
-      f"<tr><td>{title}</td>"
+      f"<tr><td>{metric.title}</td>"
       + "".join(
-        f"<td>{_fmt(stats[k], 2 if 'px' in metric or 'mm' in metric else 4)}</td>"
-        for k in ("mean", "median", "std", "min", "max")
+        f"<td>{_fmt(stats[k], metric.digits)}</td>" for k in ("mean", "median", "std", "min", "max")
       )
       + f"<td>{stats['count']}</td></tr>"
     )
@@ -67,10 +55,10 @@ def _aggregate_table(aggregate: Mapping[str, Any]) -> str:
 
 
 def _per_source_table(segmentation: Mapping[str, Any]) -> str:
-  metrics = ("dice", "iou", "precision", "recall", "hd95_px", "asd_px", "hd95_mm", "asd_mm")
+  metrics = metric_table.MASK
   head = (
     "<tr><th>source</th><th>variant</th><th>n</th>"
-    + "".join(f"<th>{_METRIC_TITLES[m]} (mean &plusmn; std)</th>" for m in metrics)
+    + "".join(f"<th>{m.title} (mean &plusmn; std)</th>" for m in metrics)
     + "</tr>"
   )
   body = []
@@ -79,10 +67,10 @@ def _per_source_table(segmentation: Mapping[str, Any]) -> str:
       stats = segmentation[variant]["per_source"][source]
       cells = []
       for m in metrics:
-        digits = 2 if ("px" in m or "mm" in m) else 4
+        mean, std = stats[m.name]["mean"], stats[m.name]["std"]
         cells.append(
-          f"<td>{_fmt(stats[m]['mean'], digits)} &plusmn; {_fmt(stats[m]['std'], digits)}</td>"
-          if figures.is_finite_number(stats[m]["mean"])
+          f"<td>{_fmt(mean, m.digits)} &plusmn; {_fmt(std, m.digits)}</td>"
+          if figures.is_finite_number(mean)
           else "<td>&ndash;</td>"
         )
       body.append(

@@ -1,6 +1,7 @@
 """`python -m cxr_jax.results DIR... [--output=OUT] [--baseline=VARIANT] [--split=test]`
 
-Gathers run directories (config.json, eval/<split>.json and .csv, and sweep.json where a
+DIR and OUT may be local or gs:// URLs; a DIR with a glob (`gs://bucket/sweep/*/*`, quoted) is
+expanded here, a shell does not expand URLs. Gathers run directories (config.json, eval/<split>.json and .csv, and sweep.json where a
 sweep made them) into OUT/results.csv (a row per run), OUT/results.md and OUT/results.html:
 per variant the mean and standard deviation over seeds and folds with a 95% t-interval, and
 the paired difference to the baseline variant over the same images (per-image Dice: paired
@@ -11,9 +12,9 @@ import base64
 import collections
 import csv
 import html
+import io
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -21,63 +22,59 @@ from typing import Any
 import numpy as np
 from absl import app
 from absl import flags
+from etils import epath
 
 from cxr_jax import cli
 from cxr_jax import figures
 from cxr_jax.core.run import csv_tables
+from cxr_jax.core.run import layout
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run.layout import RunDir
+from cxr_jax.core.stats import metric_table
 from cxr_jax.core.stats import paired_stats
+from cxr_jax.data import paths
+from cxr_jax.data import registry
 
-_ID_FIELDS = ("run", "variant", "seed", "fold", "step", "num_images")
-METRICS = (
-  "dice",
-  "dice_montgomery",
-  "dice_shenzhen",
-  "hd95_px",
-  "asd_px",
-  "qc_auroc",
-  "auc",
-  "accuracy",
-  "ece",
-  "ece_calibrated",
-  "val_dice",
-  "val_online_dice",
-)
+RUN_COLUMNS = ("run", "variant", "seed", "fold", "step", "num_images")
 # group: the dataset and task a run is compared within (runs of another dataset or task get
 # their own table and baseline); finished: trained to its config.num_train_steps (unfinished
 # runs are listed, not averaged).
-RUN_FIELDS = (*_ID_FIELDS, *METRICS, "group", "finished")
-# qc_auroc: how well the masks' uncertainty finds those with Dice < 0.95 (evaluation.POOR_DICE);
-# ece_calibrated: after the temperature fitted on validation. val_dice, val_online_dice: the
-# validation Dice (model resolution) at the evaluated step, of the EMA weights and of the
-# trained weights themselves (runs with config.optim.ema_decay): the EMA's paired effect.
+GROUP_COLUMNS = ("group", "finished")
 
 
-def read_run(workdir: str, split: str) -> dict[str, Any] | None:
+def metric_columns() -> tuple[str, ...]:
+  """The metrics of a results row: the metric table's results entries in order, with the
+  Dice of each source of every registered dataset after Dice (`dice_<source>`)."""
+  columns = []
+  for metric in metric_table.RESULTS:
+    columns.append(metric.name)
+    if metric.name == "dice":
+      columns += [f"dice_{source}" for source in registry.source_names()]
+  return tuple(columns)
+
+
+def read_run(workdir: str | RunDir, split: str) -> dict[str, Any] | None:
   """One run's row and per-image values; None when it has no evaluation of `split`."""
-  summary_path = os.path.join(workdir, "eval", f"{split}.json")
-  if not os.path.exists(summary_path):
+  run = RunDir(workdir)
+  if not run.eval_summary(split).exists():
     return None
   try:
-    with open(summary_path) as f:
-      summary = json.load(f)
-    group, num_train_steps = _group(workdir, summary)
-    trained_to = _trained_to(workdir, summary)
+    summary = json.loads(run.eval_summary(split).read_text())
+    group, num_train_steps = _group(run, summary)
+    trained_to = _trained_to(run, summary)
   except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut short, or edited
     print(
-      f"results: skipping {workdir}: {' '.join(str(e).split())[:200]} (in {summary_path} "
-      "or its config.json; evaluate the run again)",
+      f"results: skipping {run}: {' '.join(str(e).split())[:200]} (in "
+      f"{run.eval_summary(split)} or its config.json; evaluate the run again)",
       file=sys.stderr,
     )
     return None
-  record_path = os.path.join(workdir, "sweep.json")
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      record = json.load(f)
+  if run.sweep_record.exists():
+    record = json.loads(run.sweep_record.read_text())
   else:
-    record = {"variant": os.path.basename(os.path.normpath(workdir)), "seed": None, "fold": None}
+    record = {"variant": run.path.name, "seed": None, "fold": None}
   row = {
-    "run": workdir,
+    "run": str(run),
     "variant": record["variant"],
     "seed": record["seed"],
     "fold": record["fold"],
@@ -86,43 +83,29 @@ def read_run(workdir: str, split: str) -> dict[str, Any] | None:
     "group": group,
     "finished": trained_to >= (num_train_steps or 0),
   }
+  validation = _validation_at(run, summary.get("step"))
+  row.update({m.name: m.result(summary, validation) for m in metric_table.RESULTS})
   if "segmentation" in summary:
-    segmentation = summary["segmentation"]
-    overall = segmentation["raw"]["all"]
-    row.update({m: overall[m]["mean"] for m in ("dice", "hd95_px", "asd_px")})
-    for source, values in segmentation["raw"].get("per_source", {}).items():
-      if f"dice_{source}" in RUN_FIELDS:
-        row[f"dice_{source}"] = values["dice"]["mean"]
-    row["qc_auroc"] = (segmentation.get("quality") or {}).get("auroc")
-  if "classification" in summary:
-    classification = summary["classification"]
-    row.update(auc=classification["auc"], accuracy=classification["accuracy"])
-    row["ece"] = classification.get("ece")
-    row["ece_calibrated"] = (classification.get("calibration") or {}).get("ece_after")
-  row.update(_validation_at(workdir, summary.get("step")))
-  with open(os.path.join(workdir, "eval", f"{split}.csv")) as f:
-    images = {r["id"]: r for r in csv.DictReader(f)}
+    for source, values in summary["segmentation"]["raw"].get("per_source", {}).items():
+      row[f"dice_{source}"] = values["dice"]["mean"]
+  table = io.StringIO(run.eval_table(split).read_text())
+  images = {r["id"]: r for r in csv.DictReader(table)}
   return {"row": row, "images": images, "trained_to": trained_to, "steps": num_train_steps}
 
 
-def _trained_to(workdir: str, summary: dict) -> int:
+def _trained_to(run: RunDir, summary: dict) -> int:
   """The newest checkpoint's step (the evaluated step where there are no checkpoints): a run
   evaluated at its best step may well have trained to the end."""
-  checkpoints = os.path.join(workdir, "checkpoints")
-  steps = (
-    [int(n) for n in os.listdir(checkpoints) if n.isdigit()] if os.path.isdir(checkpoints) else []
-  )
-  return max(steps, default=summary.get("step") or 0)
+  return max(run.checkpoint_steps(), default=summary.get("step") or 0)
 
 
-def _group(workdir: str, summary: dict) -> tuple[str, int | None]:
+def _group(run: RunDir, summary: dict) -> tuple[str, int | None]:
   """(the dataset and task the run is compared within, its config.num_train_steps); the
   dataset is unknown ('') without config.json."""
   task = "+".join(t for t in ("segmentation", "classification") if t in summary) or "none"
-  path = os.path.join(workdir, rundir.CONFIG_FILE)
-  if not os.path.exists(path):
+  if not run.config.exists():
     return task, None
-  record = rundir.read_record(path)
+  record = rundir.read_record(str(run.config))
   data = record["config"].get("data", {})
   dataset = (record.get("dataset") or {}).get("name") or data.get("name", "")
   protocol = data.get("split", "hash")
@@ -131,16 +114,14 @@ def _group(workdir: str, summary: dict) -> tuple[str, int | None]:
   return f"{dataset} {protocol} {task}", int(record["config"]["num_train_steps"])
 
 
-def _validation_at(workdir: str, step: int | None) -> dict[str, float]:
-  """val_dice / val_online_dice logged at `step` in DIR/metrics.jsonl ({} when absent)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if step is None or not os.path.exists(path):
+def _validation_at(run: RunDir, step: int | None) -> dict[str, float]:
+  """The validation row logged at `step` in DIR/metrics.jsonl ({} when absent)."""
+  if step is None or not run.metrics.exists():
     return {}
-  with open(path) as f:
-    lines = [json.loads(line) for line in f if line.strip()]
+  lines = [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
   for line in lines:
-    if line.get("split") == "validation" and line.get("step") == step and "online_dice" in line:
-      return {"val_dice": line["dice"], "val_online_dice": line["online_dice"]}
+    if line.get("split") == "validation" and line.get("step") == step:
+      return line
   return {}
 
 
@@ -203,7 +184,7 @@ def summary_table(runs: Sequence[dict], baseline: str) -> str:
   """The markdown table: per variant and metric, mean +- std [95% CI] (runs), and the
   paired difference to the baseline [95% CI] (images)."""
   variants = sorted({r["row"]["variant"] for r in runs}, key=lambda v: (v != baseline, v))
-  present = [m for m in METRICS if any(r["row"].get(m) is not None for r in runs)]
+  present = [m for m in metric_columns() if any(r["row"].get(m) is not None for r in runs)]
   differences = compare(runs, baseline)
   lines = [
     "| variant | runs | " + " | ".join(present) + " | vs " + baseline + " (paired) |",
@@ -238,17 +219,20 @@ def summary_table(runs: Sequence[dict], baseline: str) -> str:
 
 
 def write_results(
-  out_dir: str, run_dirs: Sequence[str], *, baseline: str = "", split: str = "test"
+  out_dir: str, run_dirs: Sequence[str | RunDir], *, baseline: str = "", split: str = "test"
 ) -> list[str]:
-  """Writes results.csv, results.md and results.html into `out_dir`; returns their paths."""
+  """Writes results.csv, results.md and results.html into `out_dir` (local or gs://);
+  returns their paths."""
   everything = [run for run in (read_run(d, split) for d in run_dirs) if run is not None]
   if not everything:
     raise FileNotFoundError(
       f"None of the {len(run_dirs)} run directories has a readable eval/{split}.json."
     )
-  os.makedirs(out_dir, exist_ok=True)
-  paths = [os.path.join(out_dir, f"results.{ext}") for ext in ("csv", "md", "html")]
-  csv_tables.write_csv(paths[0], RUN_FIELDS, [r["row"] for r in everything])
+  out_dir = paths.resolve(out_dir)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  written = [f"{out_dir}/results.{ext}" for ext in ("csv", "md", "html")]
+  columns = RUN_COLUMNS + metric_columns() + GROUP_COLUMNS
+  csv_tables.write_csv(written[0], columns, [r["row"] for r in everything])
   runs = [r for r in everything if r["row"]["finished"]]
   groups = sorted({r["row"]["group"] for r in runs})
   sections = []
@@ -268,38 +252,51 @@ def write_results(
   table = "\n\n".join(sections)
   if unfinished:
     table += "\n\nUnfinished runs, left out of the table:\n" + "\n".join(unfinished)
-  with open(paths[1], "w") as f:
-    f.write(
-      f"# Results on {split} ({len(runs)} runs)\n\nmean +- std [95% t-interval over "
-      f"runs]; the last column: the paired difference to the baseline over the same "
-      f"images [95% bootstrap interval]; runs of another dataset, protocol or task are "
-      f"compared in their own table.\n\n{table}\n"
-    )
+  paths.write_text(
+    written[1],
+    f"# Results on {split} ({len(runs)} runs)\n\nmean +- std [95% t-interval over "
+    f"runs]; the last column: the paired difference to the baseline over the same "
+    f"images [95% bootstrap interval]; runs of another dataset, protocol or task are "
+    f"compared in their own table.\n\n{table}\n",
+  )
   present = [m for m in ("dice", "auc") if any(r["row"].get(m) is not None for r in runs)]
   pictures = "".join(
     f'<img alt="{m}" src="data:image/png;base64,'
     f'{base64.b64encode(figures.png_bytes(figures.strip_figure(runs, m))).decode()}">'
     for m in present
   )
-  with open(paths[2], "w") as f:
-    f.write(
-      f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cxr_jax results</title>"
-      f"</head><body><h1>Results on {html.escape(split)}</h1><pre>{html.escape(table)}"
-      f"</pre>{pictures}</body></html>"
-    )
-  return paths
+  paths.write_text(
+    written[2],
+    f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cxr_jax results</title>"
+    f"</head><body><h1>Results on {html.escape(split)}</h1><pre>{html.escape(table)}"
+    f"</pre>{pictures}</body></html>",
+  )
+  return written
+
+
+def common_parent(run_dirs: Sequence[RunDir]) -> str:
+  """The deepest folder holding every run directory (the run itself when one; URLs compared
+  by their parts)."""
+  parts = [run.root.split("/") for run in run_dirs]
+  common = []
+  for level in zip(*parts):
+    if any(part != level[0] for part in level):
+      break
+    common.append(level[0])
+  return "/".join(common) or "/"
 
 
 def main(argv: list[str]) -> None:
-  run_dirs = argv[1:]
-  if not run_dirs:
+  if len(argv) < 2:
     raise app.UsageError("Give one or more run directories: python -m cxr_jax.results DIR...")
+  run_dirs = [run for pattern in argv[1:] for run in layout.run_dirs(pattern)]
+  if not run_dirs:
+    raise app.UsageError(f"No run directory (with a config.json) matches {argv[1:]}.")
   args = flags.FLAGS
-  out = args.output or os.path.commonpath([os.path.abspath(d) for d in run_dirs])
-  paths = write_results(out, run_dirs, baseline=args.baseline, split=args.split)
-  with open(paths[1]) as f:
-    print(f.read())
-  print(f"results: wrote {', '.join(paths)}", file=sys.stderr)
+  out = args.output or common_parent(run_dirs)
+  written = write_results(out, run_dirs, baseline=args.baseline, split=args.split)
+  print(epath.Path(written[1]).read_text())
+  print(f"results: wrote {', '.join(written)}", file=sys.stderr)
 
 
 def define_flags() -> None:

@@ -16,14 +16,18 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 
 from absl import app
 from absl import flags
+from etils import epath
 
 from cxr_jax import cli
 from cxr_jax import errors
 from cxr_jax import results
+from cxr_jax.core.run.layout import RunDir
+from cxr_jax.data import paths
 from cxr_jax.workflows import sweeps
 
 
@@ -89,7 +93,7 @@ def run_one(
   env: dict[str, str] | None = None,
 ) -> tuple[str, int]:
   """Trains and evaluates one run unless it is done; (its name, exit status)."""
-  workdir = os.path.join(root, run.name)
+  workdir = sweeps.run_dir(root, run)
   try:
     if sweeps.is_done(workdir, sweep.split):
       return run.name, 0
@@ -98,22 +102,36 @@ def run_one(
     return run.name, 2
   sweeps.write_run_record(workdir, sweep_file, run)
   train, evaluate = sweeps.commands(sweep, run, workdir)
-  with open(os.path.join(workdir, "sweep.log"), "a") as log:
-    for command in (train, evaluate):
-      log.write(f"$ {shlex.join(command)}\n")
-      log.flush()
-      status = CHILDREN.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-      if status:
-        return run.name, status
-      if command is train and not sweeps.is_trained(workdir):
-        return run.name, PREEMPTED  # stopped early (SIGTERM): rerun to finish it
+  for command in (train, evaluate):
+    status = _run_logged(command, env, workdir.sweep_log)
+    if status:
+      return run.name, status
+    if command is train and not sweeps.is_trained(workdir):
+      return run.name, PREEMPTED  # stopped early (SIGTERM): rerun to finish it
   return run.name, 0
 
 
-def _done(workdir: str, split: str) -> bool:
+def _run_logged(command: list[str], env: dict[str, str] | None, log: epath.Path) -> int:
+  """Runs `command` (as one of `CHILDREN`) with its output appended to `log`: on a disk as it
+  comes; in a bucket, where objects cannot be appended to, once it ends."""
+  header = f"$ {shlex.join(command)}\n"
+  if not paths.is_url(str(log)):
+    with open(log, "a") as f:
+      f.write(header)
+      f.flush()
+      return CHILDREN.run(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+  with tempfile.TemporaryFile("w+") as f:
+    status = CHILDREN.run(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+    f.seek(0)
+    before = log.read_text() if log.exists() else ""
+    log.write_text(before + header + f.read())
+  return status
+
+
+def _done(run_dir: RunDir, split: str) -> bool:
   """`sweeps.is_done`, False for a run whose files cannot be read (run_one says why)."""
   try:
-    return sweeps.is_done(workdir, split)
+    return sweeps.is_done(run_dir, split)
   except errors.UserError:
     return False
 
@@ -149,12 +167,12 @@ def main(argv: list[str]) -> None:
     return
   if args.print_commands:
     for run in runs:
-      for command in sweeps.commands(sweep, run, os.path.join(args.root, run.name)):
+      for command in sweeps.commands(sweep, run, sweeps.run_dir(args.root, run)):
         print(shlex.join(command))
     return
   if args.run_index is not None:
     runs = [runs[args.run_index]]
-  todo = [r for r in runs if not _done(os.path.join(args.root, r.name), sweep.split)]
+  todo = [r for r in runs if not _done(sweeps.run_dir(args.root, r), sweep.split)]
   print(
     f"sweep: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run "
     f"({args.parallel} at a time) in {args.root}",
@@ -181,7 +199,7 @@ def main(argv: list[str]) -> None:
   if args.results and args.run_index is None and len(failed) < len(runs):
     written = results.write_results(
       args.root,
-      [os.path.join(args.root, r.name) for r in runs],
+      [sweeps.run_dir(args.root, r) for r in runs],
       baseline=sweeps.baseline(sweep),
       split=sweep.split,
     )

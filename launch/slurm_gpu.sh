@@ -6,7 +6,10 @@
 #
 # cxr_jax.main detects the SLURM job and starts jax.distributed by itself (coordinator, ranks;
 # a host that does not join within --init_timeout_s is an error, not a hang). Each task sees
-# its own GPU. --expect_devices makes a run that sees fewer GPUs than the job has stop at once.
+# its own GPU, which CUDA numbers 0 in that task (CUDA_VISIBLE_DEVICES '3', or '0' after
+# cgroup renumbering): cxr_jax passes jax.distributed that GPU, not JAX's default
+# [SLURM_LOCALID], an ordinal the task cannot see (jax-ml/jax#23452). --expect_devices makes
+# a run that sees fewer GPUs than the job has stop at once.
 #SBATCH --job-name=cxr_jax
 set -euo pipefail
 gpus_per_node=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from cxr_jax.config import schema
 from cxr_jax.core.training import augment
 
 SIZE = 64
@@ -44,13 +45,19 @@ def _blobs() -> tuple[np.ndarray, np.ndarray]:
   return image, (image > THRESHOLD).astype(np.float32)
 
 
+def _strong(name: str) -> augment.AugParams:
+  """GEOMETRIC[name] alone: every other transform off."""
+  off = {k: False if isinstance(v, bool) else 0.0 for k, v in default.get_config().aug.items()}
+  return augment.AugParams(**{**off, "enabled": True, "elastic_sigma": 8.0, **GEOMETRIC[name]})
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
   return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 @functools.cache
 def _jitted(name: str):
-  params = augment.AugParams(**GEOMETRIC[name])
+  params = _strong(name)
   return jax.jit(functools.partial(augment.augment_batch, aug_config=params))
 
 
@@ -110,13 +117,13 @@ def test_intensity_changes_image_only_and_stays_finite():
   assert not np.allclose(out_image, image)
 
 
-def test_default_config_accepted_and_bad_strength_rejected():
+def test_default_config_accepted_and_bad_strength_rejected_by_the_schema():
   params = augment.AugParams.from_config(default.get_config().aug)
-  assert params.enabled and not params.hflip
-  config = default.get_config().aug
-  config.scale = 1.5
-  with pytest.raises(ValueError, match="config.aug.scale"):
-    augment.AugParams.from_config(config)
+  assert params.enabled and not params.hflip and params.rotate_deg == 10.0
+  config = default.get_config()
+  config.aug.scale = 1.5
+  with pytest.raises(ValueError, match=r"config.aug.scale=1.5 must be \[0, 1\)"):
+    schema.validate(config)
 
 
 def test_a_soft_mask_moves_with_the_same_draw():
@@ -124,7 +131,7 @@ def test_a_soft_mask_moves_with_the_same_draw():
   geometry (bilinear), and giving it changes neither image nor mask."""
   image, mask = _blobs()
   soft = np.clip(image, 0, 1)  # a smooth p(lung) whose 0.5 level set is the mask's edge
-  params = augment.AugParams(**GEOMETRIC["all"])
+  params = _strong("all")
   key = jax.random.key(3)
   pair = augment.augment_batch(key, image, mask, params)
   out_image, out_mask, out_soft = augment.augment_batch(key, image, mask, params, soft=soft)

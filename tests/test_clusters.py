@@ -140,10 +140,143 @@ def test_cluster_detection_from_the_environment():
   assert platform.detected_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "mpi"
   assert platform.detected_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu"
   assert platform.detected_cluster({"TPU_WORKER_HOSTNAMES": "w0"}) is None
-  assert platform._slurm_local_device_ids(
-    {"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"}
-  ) == list(range(8))
-  assert platform._slurm_local_device_ids({"SLURM_NTASKS_PER_NODE": "8"}) is None
+
+
+# srun's environment on node 0 of a 2-node job with 8 GPUs per node (tasks 0-7 there).
+_SLURM_JOB = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NODEID": "0"}
+_PER_GPU = {
+  **_SLURM_JOB,
+  "SLURM_NTASKS": "16",
+  "SLURM_NTASKS_PER_NODE": "8",
+  "SLURM_GPUS_ON_NODE": "8",
+}
+_PER_NODE = {
+  **_SLURM_JOB,
+  "SLURM_NTASKS": "2",
+  "SLURM_NTASKS_PER_NODE": "1",
+  "SLURM_GPUS_ON_NODE": "8",
+}
+
+
+@pytest.mark.parametrize(
+  ("layout", "environ", "device_ids"),
+  [
+    (
+      "gpu per task, cgroup renumbered",
+      {**_PER_GPU, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "0"},
+      [0],
+    ),
+    (
+      "gpu per task, physical ids",
+      {**_PER_GPU, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "5"},
+      [0],
+    ),
+    (
+      "gpu per task, by UUID",
+      {**_PER_GPU, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "GPU-8f3e"},
+      [0],
+    ),
+    (
+      "2 gpus per task",
+      {
+        **_PER_GPU,
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_LOCALID": "3",
+        "CUDA_VISIBLE_DEVICES": "6,7",
+      },
+      [0, 1],
+    ),
+    (
+      "tasks share the node, all listed",
+      {**_PER_GPU, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"},
+      [5],
+    ),
+    ("tasks share the node, none listed", {**_PER_GPU, "SLURM_LOCALID": "5"}, [5]),
+    (
+      "task per node, all listed",
+      {**_PER_NODE, "SLURM_LOCALID": "0", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"},
+      list(range(8)),
+    ),
+    ("task per node, none listed", {**_PER_NODE, "SLURM_LOCALID": "0"}, list(range(8))),
+    (
+      "task per node, srun's step layout only",
+      {
+        **{k: v for k, v in _PER_NODE.items() if k != "SLURM_NTASKS_PER_NODE"},
+        "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+        "SLURM_LOCALID": "0",
+      },
+      list(range(8)),
+    ),
+    (
+      "uneven layout, second node",
+      {
+        **_PER_GPU,
+        "SLURM_NTASKS_PER_NODE": "",
+        "SLURM_STEP_TASKS_PER_NODE": "8,4",
+        "SLURM_NODEID": "1",
+        "SLURM_LOCALID": "1",
+      },
+      [2, 3],
+    ),
+    (
+      "a task without GPUs",
+      {**_PER_GPU, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "NoDevFiles"},
+      None,
+    ),
+  ],
+)
+def test_jax_distributed_gets_the_gpus_each_slurm_task_can_see(layout, environ, device_ids):
+  kwargs = platform.initialize_kwargs(
+    environ,
+    coordinator_address=None,
+    num_processes=None,
+    process_id=None,
+    multihost=False,
+    init_timeout_s=900,
+  )
+  assert kwargs == {"local_device_ids": device_ids, "initialization_timeout": 900}, layout
+
+
+def test_a_single_process_or_a_named_coordinator_passes_no_device_ids():
+  flags = {"num_processes": None, "process_id": None, "multihost": False, "init_timeout_s": 60}
+  alone = {**_PER_NODE, "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}
+  assert platform.initialize_kwargs(alone, coordinator_address=None, **flags) is None
+  flags.update(num_processes=2, process_id=1)
+  assert platform.initialize_kwargs(
+    {**_PER_GPU, "SLURM_LOCALID": "5"}, coordinator_address="h:1", **flags
+  ) == {
+    "coordinator_address": "h:1",
+    "num_processes": 2,
+    "process_id": 1,
+    "initialization_timeout": 60,
+  }
+
+
+def test_start_hands_jax_distributed_the_visible_gpu_not_slurm_localid(monkeypatch):
+  import jax
+
+  for name, value in {
+    **_PER_GPU,
+    "SLURM_LOCALID": "3",
+    "SLURM_PROCID": "3",
+    "CUDA_VISIBLE_DEVICES": "0",
+  }.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  collectives = jax.config.jax_cpu_collectives_implementation
+  try:
+    how = platform.start(
+      coordinator_address=None,
+      num_processes=None,
+      process_id=None,
+      multihost=False,
+      init_timeout_s=900,
+    )
+  finally:
+    jax.config.update("jax_cpu_collectives_implementation", collectives)
+  assert calls == [{"local_device_ids": [0], "initialization_timeout": 900}]
+  assert how == "detected slurm, local device ids [0]"
 
 
 def test_the_slurm_launcher_runs_one_task_per_gpu(tmp_path):

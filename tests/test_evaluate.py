@@ -114,9 +114,9 @@ def test_native_resolution_round_trip(shape):
   boxed, box = preprocess.letterbox(truth.astype(np.float32), 64)
   back = preprocess.unletterbox(boxed, box, order="bilinear") >= 0.5
   assert back.shape == shape
-  from cxr_jax.core.stats import surface
+  from cxr_jax.core.stats import metric_table
 
-  m = surface.mask_metrics(back, truth)
+  m = metric_table.mask_metrics(back, truth)
   assert m["dice"] > 0.97 and m["hd95_px"] <= 2 * max(shape) / 64
 
 
@@ -127,8 +127,8 @@ def test_evaluate_segmenter_writes_json_csv_and_report(tmp_path, fake_model):
   config = small_config()
   shapes = [(97, 61), (64, 64), (50, 130), (80, 80), (70, 90)]
   test = make_records(shapes, sources=[0, 1, 2, 0, 1])
-  summary = evaluate.run(
-    str(tmp_path), "test", restored=(config, fake_model()), sources={"test": test}, progress=False
+  summary = evaluate.run_model(
+    config, fake_model(), str(tmp_path), "test", {"test": test}, show_progress=False
   )
   seg = summary["segmentation"]
   assert summary["num_images"] == 5 and seg["num_images_with_mask"] == 5
@@ -169,12 +169,13 @@ def test_evaluate_classifier_threshold_from_validation(tmp_path, fake_model):
   labels = [0, 1, 0, 1, 1, 0]
   test = make_records([(60, 50)] * 6, labels=labels, seed=1)
   validation = make_records([(50, 60)] * 6, labels=labels[::-1], seed=2)
-  summary = evaluate.run(
+  summary = evaluate.run_model(
+    config,
+    fake_model(classify=True, segment=False),
     str(tmp_path),
     "test",
-    restored=(config, fake_model(classify=True, segment=False)),
-    sources={"test": test, "validation": validation},
-    progress=False,
+    {"test": test, "validation": validation},
+    show_progress=False,
   )
   c = summary["classification"]
   assert "segmentation" not in summary

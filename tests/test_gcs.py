@@ -6,6 +6,7 @@ TensorStore (behind Orbax) through TENSORSTORE_GCS_HTTP_URL. Every command runs 
 working directory, which must stay empty.
 """
 
+import csv
 import io
 import json
 import os
@@ -118,8 +119,20 @@ def test_a_run_lives_in_a_bucket(gcs, tmp_path):
   assert "checks (must be 0): mask_not_binary=0" in prepared.stdout
   assert fs.exists(f"{BUCKET}/tfds/cxr_masks_and_labels")
 
-  straight, killed = f"gs://{BUCKET}/straight", f"gs://{BUCKET}/killed"
-  _run(cwd, gcs, tmp_path / "host1", *smoke_command(straight, data_dir, *steps))
+  # The uninterrupted run: a sweep of one run, trained and evaluated into the bucket.
+  sweep_file, root = tmp_path / "sweep.py", f"gs://{BUCKET}/sweep"
+  sweep_file.write_text(
+    "from cxr_jax.workflows.sweeps import Sweep\n"
+    f"def get_sweep():\n  return Sweep(config='{REPO_ROOT}/configs/unet.py:smoke', "
+    f"variants={{'unet': {{}}}}, overrides={{'data.data_dir': '{data_dir}', "
+    "'num_train_steps': 12, 'checkpoint_every_steps': 4, 'eval_every_steps': 6})\n"
+  )
+  sweep = (sys.executable, "-m", "cxr_jax.sweep", f"--sweep={sweep_file}", f"--root={root}")
+  swept = _run(cwd, gcs, tmp_path / "host1", *sweep)
+  assert "sweep: unet/seed0 done" in swept.stderr, swept.stderr[-3000:]
+  straight, killed = f"{root}/unet/seed0", f"gs://{BUCKET}/killed"
+  assert {"results.csv", "results.md", "results.html"} <= set(_listing(fs, f"{BUCKET}/sweep"))
+  assert {"sweep.json", "sweep.log", "eval"} <= set(_listing(fs, f"{BUCKET}/sweep/unet/seed0"))
   proc = _run(cwd, gcs, tmp_path / "host2", sys.executable, "-c", KILL_AFTER_SECOND_SAVE,
               *smoke_command(killed, data_dir, *steps)[3:], check=False)  # fmt: skip
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -138,7 +151,7 @@ def test_a_run_lives_in_a_bucket(gcs, tmp_path):
   assert any(n.startswith("events.out.tfevents") for n in names), names
   assert json.loads(fs.cat(f"{BUCKET}/killed/config.json"))["config"]["num_train_steps"] == 12
   metrics = [json.loads(x) for x in fs.cat(f"{BUCKET}/killed/metrics.jsonl").splitlines()]
-  reference = [json.loads(x) for x in fs.cat(f"{BUCKET}/straight/metrics.jsonl").splitlines()]
+  reference = [json.loads(x) for x in fs.cat(f"{straight[5:]}/metrics.jsonl").splitlines()]
   keys = ("step", "split", "loss", "dice")
   assert [[m.get(k) for k in keys] for m in metrics] == [
     [m.get(k) for k in keys] for m in reference
@@ -161,5 +174,17 @@ def test_a_run_lives_in_a_bucket(gcs, tmp_path):
   assert rows[0].startswith("image,height,width") and len(rows) == 3
   mask = Image.open(io.BytesIO(fs.cat(f"{BUCKET}/predicted/masks/x1.png")))
   assert mask.size == (48, 64)
+
+  # The sweep again: its run is found done in the bucket. results expands a glob itself.
+  again = _run(cwd, gcs, tmp_path / "host1", *sweep)
+  assert "sweep: 1 runs, 1 done, 0 to run" in again.stderr
+  table = _run(cwd, gcs, tmp_path / "host3", sys.executable, "-m", "cxr_jax.results",
+               f"{root}/*/*", killed, f"--output=gs://{BUCKET}/table")  # fmt: skip
+  assert "| unet | 1 |" in table.stdout and "| killed | 1 |" in table.stdout
+  rows = list(csv.DictReader(io.StringIO(fs.cat(f"{BUCKET}/table/results.csv").decode())))
+  assert [r["run"] for r in rows] == [straight, killed]
+  for row in rows:
+    run_summary = json.loads(fs.cat(f"{row['run'][5:]}/eval/test.json"))
+    assert float(row["dice"]) == pytest.approx(run_summary["segmentation"]["dice"], rel=1e-5)
 
   assert list(cwd.iterdir()) == []  # nothing landed in the working directory

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from cxr_jax import evaluate
-from cxr_jax.core.run import config_checks
+from cxr_jax.config import schema
 from cxr_jax.core.run import run_lock
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.workflows import train
 from tests.conftest import REPO_ROOT
 from tests.conftest import run_module
@@ -84,7 +85,7 @@ def test_evaluate_records_the_step_it_restored(finished_run, tmp_path):
   run, _ = finished_run
   workdir = _copy(run, tmp_path)
   os.truncate(_largest_array_file(workdir / "checkpoints" / "9"), 1)
-  summary = evaluate.run(str(workdir), "validation", checkpoint="latest", progress=False)
+  summary = evaluate.run(str(workdir), "validation", checkpoint="latest", show_progress=False)
   assert summary["step"] == 6
 
 
@@ -97,7 +98,7 @@ def test_a_second_run_on_a_directory_in_use_is_refused(finished_run, tmp_path):
     with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {os.getpid()}"):
       train.train_and_evaluate(config, str(workdir))
   assert read_metrics(workdir) == before  # nothing written by the refused run
-  assert not (workdir / run_lock.LOCK_FILE).exists()  # released by its holder
+  assert not (workdir / RunDir.LOCK).exists()  # released by its holder
 
 
 def test_a_killed_runs_lock_does_not_block(data_dir, tmp_path):
@@ -115,7 +116,7 @@ def test_a_killed_runs_lock_does_not_block(data_dir, tmp_path):
     stderr=subprocess.DEVNULL,
     env={**os.environ, "JAX_PLATFORMS": "cpu"},
   )
-  lock = workdir / run_lock.LOCK_FILE
+  lock = workdir / RunDir.LOCK
   deadline = time.time() + 240
   while not lock.exists() and time.time() < deadline and proc.poll() is None:
     time.sleep(0.2)
@@ -128,7 +129,7 @@ def test_a_killed_runs_lock_does_not_block(data_dir, tmp_path):
 
 
 def test_a_lock_taken_over_is_not_removed_by_its_former_holder(tmp_path):
-  lock = tmp_path / run_lock.LOCK_FILE
+  lock = tmp_path / RunDir.LOCK
   first = run_lock.RunLock(str(tmp_path))
   first.acquire()
   lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0, "token": "other"}))
@@ -137,7 +138,7 @@ def test_a_lock_taken_over_is_not_removed_by_its_former_holder(tmp_path):
 
 
 def test_a_stale_lock_from_another_host_is_taken_over(tmp_path):
-  lock = tmp_path / run_lock.LOCK_FILE
+  lock = tmp_path / RunDir.LOCK
   lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0}))
   with pytest.raises(RuntimeError, match="'elsewhere'"):  # fresh: that host may be running
     run_lock.RunLock(str(tmp_path)).acquire()
@@ -184,9 +185,7 @@ def test_every_default_config_passes_its_checks():
 
   for name in ("unet", "attention_unet", "classifier", "multitask", "lung_crop_classifier"):
     for variant in (None, "smoke"):
-      config_checks.check_training_config(
-        importlib.import_module(f"configs.{name}").get_config(variant)
-      )
+      schema.validate(importlib.import_module(f"configs.{name}").get_config(variant))
 
 
 def test_predict_refuses_a_negative_batch_size(tmp_path):
@@ -242,9 +241,7 @@ def test_predict_writes_a_formula_file_name_as_text(tmp_path, fake_model):
   Image.fromarray(np.full((40, 30), 200, np.uint8)).save(tmp_path / name)
   out = tmp_path / "out"
   assert (
-    predict.run(
-      "unused", str(tmp_path / name), str(out), restored=(_config(), fake_model()), progress=False
-    )
+    predict.run_model(_config(), fake_model(), str(tmp_path / name), str(out), show_progress=False)
     == 0
   )
   with open(out / "predictions.csv") as f:
@@ -385,17 +382,34 @@ def test_auto_with_a_misspelt_manual_dir_stops(tmp_path, monkeypatch):
 # ----- messages -----
 
 
-def test_resuming_with_another_optimiser_names_the_keys(finished_run, tmp_path):
-  run, config = finished_run
+def test_a_resume_with_a_structural_key_changed_is_one_line_naming_each(
+  finished_run, data_dir, tmp_path
+):
+  """ema_decay and num_workers shape the checkpoint and the data iterator (they once failed
+  deep in Orbax or grain); grad_clip's on/off the optimiser state. Refused before any
+  restore, in one line, exit 2, and nothing of the run is touched."""
+  run, _ = finished_run
   workdir = _copy(run, tmp_path)
-  config.optim.name = "adam"
-  config.optim.grad_clip = 0.0
-  with pytest.raises(
-    ValueError,
-    match=r"optim.name: 'adamw' -> 'adam'; optim.grad_clip: 1.0 -> "
-    r"0.0.*new --workdir",
-  ):
-    train.train_and_evaluate(config, str(workdir))
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  done = run_module(
+    "cxr_jax.main",
+    f"--config={REPO_ROOT}/configs/unet.py:smoke",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    "--config.optim.ema_decay=0.9",
+    "--config.data.num_workers=1",
+    "--config.optim.grad_clip=0.0",
+  )
+  last = done.stderr.strip().splitlines()[-1]
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
+  assert last == (
+    f"main.py: cannot resume {workdir}: config.data.num_workers is 0 in the run, 1 asked; "
+    "config.optim.grad_clip is 1.0 in the run, 0.0 asked; config.optim.ema_decay is 0.0 in "
+    "the run, 0.9 asked (it shapes the checkpoint or the data iterator); resume with the "
+    "run's value, or train into another --workdir."
+  )
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
 def test_a_misspelt_config_key_is_one_line_not_tracebacks(tmp_path):

@@ -21,8 +21,8 @@ from cxr_jax import report
 from cxr_jax import results
 from cxr_jax import sweep as sweep_command
 from cxr_jax.core.run import checkpoint
-from cxr_jax.core.run import run_lock
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import datasets
 from cxr_jax.data.records import DataError
 from cxr_jax.workflows import sweeps
@@ -152,12 +152,12 @@ def test_a_resume_the_checkpoints_do_not_match_is_named_a_mismatch_and_deletes_n
     (workdir / "config.json").write_text(json.dumps(record))
     config.model.base_features = 8
     expected = r"model/params/\S+ has shape \(.*\) in the checkpoint, the command builds \(.*\)"
-  elif change == "ema":  # an `ema` item the checkpoints never had
+  elif change == "ema":  # an `ema` item the checkpoints never had (a structural key: schema)
     config.optim.ema_decay = 0.99
-    expected = r"optim\.ema_decay: 0\.0 -> 0\.99"
+    expected = r"config\.optim\.ema_decay is 0\.0 in the run, 0\.99 asked"
   else:  # the grain iterator's state of another pipeline (KeyError: 'exhausted')
     config.data.num_workers = 1
-    expected = r"data\.num_workers: 0 -> 1"
+    expected = r"config\.data\.num_workers is 0 in the run, 1 asked"
   with pytest.raises(errors.ConfigError, match=expected) as raised:
     train.train_and_evaluate(config, str(workdir))
   message = str(raised.value)
@@ -208,7 +208,9 @@ def test_more_grain_workers_than_cpus_are_capped_with_a_warning(
   workdir = _copy(finished_run, tmp_path)
   config = _config(data_dir, steps=12)
   config.data.num_workers = 64
-  with pytest.raises(errors.ConfigError, match=r"data\.num_workers: 0 -> 1\b"):
+  with pytest.raises(
+    errors.ConfigError, match=r"config\.data\.num_workers is 0 in the run, 1 asked"
+  ):
     train.train_and_evaluate(config, str(workdir))
   assert "config.data.num_workers=64 is more than the 1 CPU(s) this process may use" in caplog.text
 
@@ -289,13 +291,13 @@ def test_sigterm_to_a_sweep_stops_its_training_which_the_rerun_resumes(data_dir,
     if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text():
       break
     time.sleep(0.2)
-  trainer = json.loads((run / run_lock.LOCK_FILE).read_text())["pid"]
+  trainer = json.loads(RunDir(str(run)).lock.read_text())["pid"]
   sweep.send_signal(signal.SIGTERM)  # to the sweep alone, as `kill PID` or a job manager does
   _, stderr = sweep.communicate(timeout=120)
   assert sweep.returncode == 143, stderr[-2000:]
   with pytest.raises(ProcessLookupError):
     os.kill(trainer, 0)  # the training stopped too (not orphaned)
-  assert not (run / run_lock.LOCK_FILE).exists()
+  assert not RunDir(str(run)).lock.exists()
   saved = _steps(run)
   assert len(saved) == 1  # the step it was at, saved on the way out
 
@@ -337,7 +339,7 @@ def test_a_garbage_config_json_is_named_by_train_sweep_and_results(
   with pytest.raises(errors.ConfigError, match=f"{path} is not valid JSON"):
     train.train_and_evaluate(_config(data_dir), str(workdir))
   with pytest.raises(errors.ConfigError, match=f"{path} is not valid JSON"):
-    sweeps.is_done(str(workdir), "test")
+    sweeps.is_done(RunDir(str(workdir)), "test")
   assert results.read_run(str(workdir), "test") is None  # skipped, named
   assert f"skipping {workdir}: {path} is not valid JSON" in capsys.readouterr().err
 
@@ -397,7 +399,7 @@ def test_one_runs_garbage_config_json_fails_that_run_only(finished_run, tmp_path
   shutil.copytree(finished_run, root / run.name)
   (root / run.name / "config.json").write_text("\0\0\0")
   sweep = sweeps.Sweep(config="c.py", variants={"v": {}})
-  assert not sweep_command._done(str(root / run.name), "test")  # the sweep goes on
+  assert not sweep_command._done(sweeps.run_dir(str(root), run), "test")  # the sweep goes on
   assert sweep_command.run_one(sweep, "s.py", run, str(root)) == (run.name, 2)
   assert f"sweep: v/seed0: {root / run.name}/config.json is not valid JSON" in (
     capsys.readouterr().err
@@ -493,7 +495,7 @@ def test_evaluate_replaces_its_outputs_whole_and_every_row_names_its_step(
   finished_run, tmp_path, monkeypatch
 ):
   workdir = _copy(finished_run, tmp_path)
-  summary = evaluate.run(str(workdir), "validation", checkpoint="latest", progress=False)
+  summary = evaluate.run(str(workdir), "validation", checkpoint="latest", show_progress=False)
   out = workdir / "eval"
   written = {p.name: p.read_bytes() for p in out.iterdir()}
   lines = (out / "validation.csv").read_text().splitlines()
@@ -506,5 +508,5 @@ def test_evaluate_replaces_its_outputs_whole_and_every_row_names_its_step(
 
   monkeypatch.setattr(report, "write_report", killed)
   with pytest.raises(KeyboardInterrupt):
-    evaluate.run(str(workdir), "validation", checkpoint=6, progress=False)
+    evaluate.run(str(workdir), "validation", checkpoint=6, show_progress=False)
   assert {p.name: p.read_bytes() for p in out.iterdir()} == written  # step 9's, all of them

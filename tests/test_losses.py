@@ -126,7 +126,8 @@ def test_shape_errors_say_what_is_wrong():
 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from cxr_jax.core.training import losses, sharding
+    from cxr_jax.core.run import sharding
+    from cxr_jax.core.training import losses
     assert jax.device_count() == 4, jax.devices()
     mesh = sharding.create_mesh()
     rng = np.random.default_rng(0)

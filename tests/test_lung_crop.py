@@ -19,6 +19,7 @@ from cxr_jax.data import datasets
 from cxr_jax.data import preprocess
 from cxr_jax.data import records
 from cxr_jax.workflows import lung_crop
+from cxr_jax.workflows import prediction
 from cxr_jax.workflows import train
 from tests.test_train import smoke_config
 
@@ -59,11 +60,14 @@ def test_ids_decode_one_way_numpy_included():
 class _ConstantSegmenter:
   """Stands in for inference.Inference: p(lung) = `value` everywhere."""
 
+  segments, classifies = True, False
+
   def __init__(self, value: float, image_size: int = 32, batch_size: int = 4):
     self.value, self.image_size, self.batch_size = value, image_size, batch_size
 
   def __call__(self, images):
-    return {"prob": np.full(images.shape[:3], self.value, np.float32)}
+    prob = np.full(images.shape[:3], self.value, np.float32)
+    return {"prob": prob, "uncertainty": np.asarray(inference_lib.uncertainty(prob))}
 
 
 def test_segmenter_thresholds_like_predict():
@@ -84,7 +88,7 @@ def test_box_cache_is_checked_against_the_segmenter(tmp_path, monkeypatch, caplo
   step = {"value": 7}
   calls = []
 
-  def fake_compute(segmenter, source, progress=True):
+  def fake_compute(segmenter, source, show_progress=True):
     calls.append(segmenter.step)
     return {"a": (1, 2, 3, 4)}
 
@@ -154,7 +158,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
       assert 0 <= top < bottom and 0 <= left < right
 
   # evaluate crops the test split the same way and scores the classifier.
-  summary = evaluate.run(str(cls), "test", progress=False)
+  summary = evaluate.run(str(cls), "test", show_progress=False)
   assert (cls / "lung_boxes_test.json").exists()
   assert (cls / "eval" / "test.json").exists()
   assert "classification" in json.dumps(summary) or "auc" in json.dumps(summary)
@@ -169,7 +173,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
   for k in range(3):
     Image.fromarray(source[k]["image"][..., 0]).save(images / f"x{k}.png")
   out = tmp_path / "out"
-  assert predict.run(str(cls), str(images), str(out), progress=False) == 0
+  assert predict.run(str(cls), str(images), str(out), show_progress=False) == 0
   with open(out / "predictions.csv") as f:
     rows = {r["image"]: r for r in csv.DictReader(f)}
   assert len(rows) == 3 and all(0 <= float(r["p_abnormal"]) <= 1 for r in rows.values())
@@ -178,7 +182,7 @@ def test_segment_crop_classify_end_to_end(tmp_path):
   cls_config, cls_model, _ = rundir.restore_model(str(cls), "latest")
   inference = inference_lib.Inference(cls_config, cls_model, batch_size=3)
   segmenter = lung_crop.load_segmenter(str(seg), batch_size=3)
-  native = [predict.load_image(images / f"x{k}.png")[0] for k in range(3)]
+  native = [prediction.load_image(images / f"x{k}.png")[0] for k in range(3)]
   boxes = [box for _, box in segmenter.predict(native)]
   assert any(b is not None for b in boxes)
   cropped, whole = [], []

@@ -80,14 +80,14 @@ def test_segmentation_metrics_average_over_masked_real_images_across_batches():
   garbage = np.full((1, 4, 4, 1), BIG, np.float32)
   b1 = dict(
     mask_logits=np.concatenate([logits[:2], garbage]),
-    mask=np.concatenate([true[:2], np.zeros((1, 4, 4, 1), np.float32)]),
+    lung_mask=np.concatenate([true[:2], np.zeros((1, 4, 4, 1), np.float32)]),
     has_mask=np.array([1, 1, 0], np.float32),
     weight=np.ones(3, np.float32),
     loss=np.float32(0.5),
   )
   b2 = dict(
     mask_logits=np.concatenate([logits[2:], garbage]),
-    mask=np.concatenate([true[2:], np.ones((1, 4, 4, 1), np.float32)]),
+    lung_mask=np.concatenate([true[2:], np.ones((1, 4, 4, 1), np.float32)]),
     has_mask=np.ones(3, np.float32),
     weight=np.array([1, 1, 0], np.float32),
     loss=np.array([1.0, 2.0, 100.0], np.float32),
@@ -114,7 +114,7 @@ def test_segmentation_metrics_average_over_masked_real_images_across_batches():
 def test_segmentation_metrics_without_any_mask_are_nan():
   batch = dict(
     mask_logits=np.zeros((2, 2, 2, 1), np.float32),
-    mask=np.zeros((2, 2, 2, 1), np.float32),
+    lung_mask=np.zeros((2, 2, 2, 1), np.float32),
     has_mask=np.zeros(2, np.float32),
     weight=np.ones(2, np.float32),
     loss=np.float32(0),
@@ -217,12 +217,13 @@ def test_shape_errors():
 
 _SHARDED_SCRIPT = """
 import jax, numpy as np
-from cxr_jax.core.stats import metrics, sharding
+from cxr_jax.core.run import sharding
+from cxr_jax.core.stats import metrics
 assert jax.device_count() == 4
 mesh = sharding.create_mesh()
 rng = np.random.default_rng(0)
 batch = dict(mask_logits=rng.normal(size=(8, 6, 6, 1)).astype(np.float32),
-             mask=(rng.random((8, 6, 6, 1)) > 0.5).astype(np.float32),
+             lung_mask=(rng.random((8, 6, 6, 1)) > 0.5).astype(np.float32),
              has_mask=np.array([1, 1, 1, 0, 0, 0, 1, 1], np.float32),
              weight=np.array([1, 1, 1, 1, 1, 1, 0, 1], np.float32),
              class_logits=rng.normal(size=(8, 2)).astype(np.float32),
@@ -235,7 +236,7 @@ def step(b):
 want = [m.compute() for m in metrics.gather(jax.jit(step)(batch))]
 loss = batch.pop("loss")
 global_batch = sharding.to_global(batch, mesh)
-assert len(global_batch["mask"].sharding.device_set) == 4
+assert len(global_batch["lung_mask"].sharding.device_set) == 4
 got = [m.compute() for m in metrics.gather(jax.jit(step)(dict(global_batch, loss=loss)))]
 for w, g in zip(want, got):
   assert w.keys() == g.keys()

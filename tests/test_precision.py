@@ -45,7 +45,7 @@ def _batch(size: int = 32, count: int = 2) -> dict[str, np.ndarray]:
   lungs = (yy - size / 2) ** 2 / 0.15 + (np.abs(xx - size / 2) - size / 5) ** 2 < size**2 / 4
   return {
     "image": image,
-    "mask": np.broadcast_to(lungs[None, :, :, None], image.shape).astype(np.float32),
+    "lung_mask": np.broadcast_to(lungs[None, :, :, None], image.shape).astype(np.float32),
     "has_mask": np.ones(count, np.float32),
     "weight": np.ones(count, np.float32),
     "label": np.arange(count, dtype=np.int32) % 2,

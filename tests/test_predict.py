@@ -23,6 +23,7 @@ from cxr_jax.core.inference.inference import Inference
 from cxr_jax.core.run.progress import Progress
 from cxr_jax.data import images
 from cxr_jax.data import preprocess
+from cxr_jax.workflows import prediction
 from tests.conftest import run_module
 
 
@@ -71,14 +72,14 @@ def _read_csv(path: pathlib.Path) -> tuple[list[str], list[dict]]:
 
 
 def test_load_image_decodes_like_the_dataset(awkward_folder):
-  deep = predict.load_image(awkward_folder / "grey16.png")[0]
+  deep = prediction.load_image(awkward_folder / "grey16.png")[0]
   assert deep.dtype == np.uint8 and deep.min() == 0 and deep.max() == 255  # stretched
-  colour = predict.load_image(awkward_folder / "colour.jpg")[0]
+  colour = prediction.load_image(awkward_folder / "colour.jpg")[0]
   assert colour.dtype == np.uint8 and colour.shape == (150, 220)
   with pytest.raises(ValueError, match="notes.png"):
-    predict.load_image(awkward_folder / "notes.png")[0]
+    prediction.load_image(awkward_folder / "notes.png")[0]
   with pytest.raises(ValueError, match="missing.png"):
-    predict.load_image(awkward_folder / "missing.png")[0]
+    prediction.load_image(awkward_folder / "missing.png")[0]
 
 
 def test_16_bit_png_gives_the_model_what_training_gave_it(tmp_path):
@@ -89,7 +90,7 @@ def test_16_bit_png_gives_the_model_what_training_gave_it(tmp_path):
   Image.fromarray(deep).save(tmp_path / "deep.png")
   stored = images.decode_greyscale((tmp_path / "deep.png").read_bytes())  # builder
   via_dataset, _ = preprocess.prepare_image(stored, 32)
-  via_predict, _ = preprocess.prepare_image(predict.load_image(tmp_path / "deep.png")[0], 32)
+  via_predict, _ = preprocess.prepare_image(prediction.load_image(tmp_path / "deep.png")[0], 32)
   np.testing.assert_array_equal(via_predict, via_dataset)
 
 
@@ -102,12 +103,12 @@ def test_lung_fraction_is_raw_and_post_is_reported(tmp_path, fake_model):
   config.postprocess = True
   out = tmp_path / "out"
   assert (
-    predict.run(
-      "unused",
+    predict.run_model(
+      config,
+      fake_model(),
       str(tmp_path / "speck.png"),
       str(out),
-      restored=(config, fake_model()),
-      progress=False,
+      show_progress=False,
     )
     == 0
   )
@@ -120,6 +121,7 @@ def test_lung_fraction_is_raw_and_post_is_reported(tmp_path, fake_model):
     "lung_fraction_post",
     "uncertainty",
     "flagged",
+    "mask",
   ]
   written = np.asarray(Image.open(out / "masks" / "speck.png")) > 0  # post-processed
   assert float(rows[0]["lung_fraction_post"]) == pytest.approx(written.mean(), abs=1e-5)
@@ -134,14 +136,14 @@ def test_native_mask_threshold_and_clean():
 
 
 def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model):
-  status = predict.run(
-    "unused", str(awkward_folder), str(tmp_path), restored=(_config(), fake_model()), progress=True
+  status = predict.run_model(
+    _config(), fake_model(), str(awkward_folder), str(tmp_path), show_progress=True
   )
   assert status == 1  # something failed ...
   err = capsys.readouterr().err
   assert "notes.png" in err and "readme.txt" in err and "3 of 4" in err
   fields, rows = _read_csv(tmp_path / "predictions.csv")
-  assert fields == ["image", "height", "width", "lung_fraction", "uncertainty", "flagged"]
+  assert fields == ["image", "height", "width", "lung_fraction", "uncertainty", "flagged", "mask"]
   assert {r["image"]: (int(r["height"]), int(r["width"])) for r in rows} == EXPECTED
   for name, shape in EXPECTED.items():  # ... the rest predicted at their native size
     stem = pathlib.Path(name).stem
@@ -158,12 +160,12 @@ def test_folder_with_a_broken_file(awkward_folder, tmp_path, capsys, fake_model)
 
 
 def test_single_image_and_classifier_column(awkward_folder, tmp_path, fake_model):
-  status = predict.run(
-    "unused",
+  status = predict.run_model(
+    _config(),
+    fake_model(classify=True),
     str(awkward_folder / "colour.jpg"),
     str(tmp_path),
-    restored=(_config(), fake_model(classify=True)),
-    progress=False,
+    show_progress=False,
   )
   assert status == 0
   fields, rows = _read_csv(tmp_path / "predictions.csv")
@@ -175,6 +177,7 @@ def test_single_image_and_classifier_column(awkward_folder, tmp_path, fake_model
     "uncertainty",
     "flagged",
     "p_abnormal",
+    "mask",
   ]
   assert len(rows) == 1 and 0 <= float(rows[0]["p_abnormal"]) <= 1
 
@@ -312,14 +315,11 @@ def test_dicom_is_predicted_like_its_png_twin(tmp_path, fake_model):
     width=510,
   )
   for name in ("mono2.dcm", "mono1.dcm"):
-    decoded, _ = predict.load_image(tmp_path / name)
+    decoded = prediction.load_image(tmp_path / name).image
     np.testing.assert_array_equal(decoded, grey)
   out = tmp_path / "out"
   assert (
-    predict.run(
-      "unused", str(tmp_path), str(out), restored=(_config(), fake_model()), progress=False
-    )
-    == 0
+    predict.run_model(_config(), fake_model(), str(tmp_path), str(out), show_progress=False) == 0
   )
   fields, rows = _read_csv(out / "predictions.csv")
   assert "lung_area_cm2" in fields
@@ -356,7 +356,8 @@ def test_exported_model_predicts_like_the_run_directory(awkward_folder, tmp_path
     "import sys, numpy as np; from cxr_jax.core.inference import portable; "
     f"m = portable.PortableModel({str(exported)!r}); out = m(np.zeros((3, 32, 32, 1))); "
     "assert out['prob'].shape == (3, 32, 32), out; "
-    "assert 'cxr_jax.core.models' not in sys.modules  # no model code"
+    "assert 'cxr_jax.core.models' not in sys.modules  # no model code\n"
+    "assert not {'tensorflow_datasets', 'grain'} & set(sys.modules)  # nor the input pipeline"
   )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd, env=env, timeout=120)
   done = run_module(
@@ -399,8 +400,12 @@ def test_calibrated_column_uses_the_temperature_evaluate_fitted(
   assert predict.read_temperature(str(tmp_path / "elsewhere"), 40) is None
   config = _config()
   inference = Inference(config, fake_model(classify=True), batch_size=2)
-  rows, _ = predict.predict_files(
-    inference, [awkward_folder / "colour.jpg"], tmp_path / "out", progress=False, temperature=2.5
+  rows, _ = prediction.predict_files(
+    inference,
+    [awkward_folder / "colour.jpg"],
+    tmp_path / "out",
+    show_progress=False,
+    temperature=2.5,
   )
   p, calibrated = float(rows[0]["p_abnormal"]), float(rows[0]["p_abnormal_calibrated"])
   expected = 1 / (1 + np.exp(-np.log(p / (1 - p)) / 2.5))

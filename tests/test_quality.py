@@ -67,8 +67,8 @@ def test_predict_flags_the_uncertain_mask(tmp_path, fake_model, tta):
     model = fake_model()
     model.gain.value = jnp.asarray(gain)
     out = tmp_path / name
-    status = predict.run(
-      "unused", str(tmp_path / "x.png"), str(out), restored=(config, model), progress=False
+    status = predict.run_model(
+      config, model, str(tmp_path / "x.png"), str(out), show_progress=False
     )
     assert status == 0
     with open(out / "predictions.csv") as f:

@@ -8,7 +8,7 @@ import numpy as np
 from cxr_jax import figures
 from cxr_jax import report
 from cxr_jax.core.stats import classification_stats
-from cxr_jax.core.stats import surface
+from cxr_jax.core.stats import metric_table
 from cxr_jax.data import registry
 from cxr_jax.workflows import evaluation
 
@@ -29,8 +29,8 @@ def _result(num: int = 7, attention: bool = True) -> evaluation.SplitResult:
       "has_mask": 1,
       "p_abnormal": float(np.clip(0.5 + (k % 2 - 0.5) * 0.6 + rng.normal(0, 0.2), 0, 1)),
     }
-    row.update(surface.mask_metrics(pred, truth))
-    row.update({f"{m}_post": v for m, v in surface.mask_metrics(pred, truth).items()})
+    row.update(metric_table.mask_metrics(pred, truth))
+    row.update({f"{m}_post": v for m, v in metric_table.mask_metrics(pred, truth).items()})
     rows.append(row)
     gates = [rng.random((16, 16)), rng.random((8, 8))] if attention and k < 2 else None
     image = (rng.random((40, 50)) * 80 + truth * 120).astype(np.uint8)

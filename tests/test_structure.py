@@ -1,6 +1,7 @@
 """The package's shape: layers, no import cycles, short modules, data code without jax, and a
 dataset added by one registry entry."""
 
+import csv
 import json
 import pickle
 import subprocess
@@ -131,6 +132,7 @@ def squares_kind():
 
 def test_a_registered_dataset_kind_trains_and_evaluates(squares_kind, tmp_path):
   from cxr_jax import evaluate
+  from cxr_jax import results
   from cxr_jax.data import prepare
   from cxr_jax.workflows import train
 
@@ -143,9 +145,14 @@ def test_a_registered_dataset_kind_trains_and_evaluates(squares_kind, tmp_path):
   assert 0.0 <= val["dice"] <= 1.0
   record = json.loads((workdir / "config.json").read_text())
   assert record["dataset"]["name"] == "cxr_masks_and_labels/squares/1.1.0"
-  summary = evaluate.run(str(workdir), "test", progress=False)
+  summary = evaluate.run(str(workdir), "test", show_progress=False)
   per_source = summary["segmentation"]["raw"]["per_source"]
   assert list(per_source) == ["squares"]
   assert per_source["squares"]["hd95_mm"]["count"] == summary["num_images"]  # its spacing
   html = (workdir / "eval" / "test_report.html").read_text()
-  assert "squares" in html
+  assert "<td>squares</td>" in html  # the report's per-source table
+  # results: a Dice column for the new source, from the registry (no other edit).
+  written = results.write_results(str(tmp_path / "table"), [str(workdir)])
+  rows = list(csv.DictReader(open(written[0])))
+  assert float(rows[0]["dice_squares"]) == pytest.approx(per_source["squares"]["dice"]["mean"])
+  assert "dice_squares" in (tmp_path / "table" / "results.md").read_text()

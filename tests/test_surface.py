@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from cxr_jax.core.stats import metric_table
 from cxr_jax.core.stats import surface
 
 
@@ -29,7 +30,7 @@ def test_overlap_of_two_rectangles():
 
 def test_both_empty_is_perfect():
   empty = np.zeros((7, 9), bool)
-  m = surface.mask_metrics(empty, empty, (0.5, 0.5))
+  m = metric_table.mask_metrics(empty, empty, (0.5, 0.5))
   assert [m[k] for k in ("dice", "iou", "precision", "recall")] == [1.0] * 4
   assert [m[k] for k in ("hd95_px", "asd_px", "hd95_mm", "asd_mm")] == [0.0] * 4
 
@@ -38,16 +39,16 @@ def test_both_empty_is_perfect():
 def test_one_empty_scores_zero_overlap_and_the_diagonal(empty_side):
   empty, full = np.zeros((7, 9), bool), _pixels((7, 9), (3, 3))
   pred, truth = (empty, full) if empty_side == "pred" else (full, empty)
-  m = surface.mask_metrics(pred, truth, (2.0, 1.0))
+  m = metric_table.mask_metrics(pred, truth, (2.0, 1.0))
   assert [m[k] for k in ("dice", "iou", "precision", "recall")] == [0.0] * 4
   assert m["hd95_px"] == m["asd_px"] == pytest.approx(math.hypot(6, 8))  # 10 px
   assert m["hd95_mm"] == m["asd_mm"] == pytest.approx(math.hypot(12, 8))
 
 
 def test_one_pixel_masks():
-  same = surface.mask_metrics(_pixels((5, 6), (1, 1)), _pixels((5, 6), (1, 1)))
+  same = metric_table.mask_metrics(_pixels((5, 6), (1, 1)), _pixels((5, 6), (1, 1)))
   assert same["dice"] == 1.0 and same["hd95_px"] == 0.0 and same["asd_px"] == 0.0
-  apart = surface.mask_metrics(_pixels((5, 6), (1, 1)), _pixels((5, 6), (1, 4)))
+  apart = metric_table.mask_metrics(_pixels((5, 6), (1, 1)), _pixels((5, 6), (1, 4)))
   assert apart["dice"] == 0.0
   assert apart["hd95_px"] == pytest.approx(3.0) and apart["asd_px"] == pytest.approx(3.0)
   assert math.isnan(apart["hd95_mm"])  # no spacing: unknown, not zero
@@ -59,7 +60,7 @@ def test_pixel_inside_a_square():
   truth = np.zeros((5, 5), bool)
   truth[1:4, 1:4] = True
   pred = _pixels((5, 5), (2, 2))
-  m = surface.mask_metrics(pred, truth)
+  m = metric_table.mask_metrics(pred, truth)
   assert m["dice"] == pytest.approx(0.2)
   assert m["hd95_px"] == pytest.approx(math.sqrt(2))  # max(P95([1]), P95(truth->pred))
   assert m["asd_px"] == pytest.approx((1 + 4 + 4 * math.sqrt(2)) / 9)  # pooled over 1 + 8
@@ -131,7 +132,9 @@ def test_aggregate_summaries_per_source_and_worst():
   assert agg["per_source"]["shenzhen"]["dice"]["mean"] == pytest.approx(0.75)
   assert math.isnan(agg["per_source"]["shenzhen"]["hd95_mm"]["mean"])
   assert [w["id"] for w in agg["worst"]] == ["b", "c"]
-  worst_hd = surface.aggregate(rows, metrics=("hd95_mm",), num_worst=1, rank_by="hd95_mm")
+  worst_hd = surface.aggregate(
+    rows, metrics=("hd95_mm",), num_worst=1, rank_by="hd95_mm", higher_is_better=False
+  )
   assert worst_hd["worst"][0]["id"] == "b"
 
 

@@ -306,7 +306,7 @@ def test_ema_update_and_mean_teacher_step(data_dir):
   rng = np.random.default_rng(0)
   batch = {
     "image": rng.normal(size=(4, size, size, 1)).astype(np.float32),
-    "mask": (rng.random((4, size, size, 1)) > 0.5).astype(np.float32),
+    "lung_mask": (rng.random((4, size, size, 1)) > 0.5).astype(np.float32),
     "has_mask": np.array([1, 1, 0, 0], np.float32),
     "weight": np.ones(4, np.float32),
     "label": np.zeros(4, np.int32),

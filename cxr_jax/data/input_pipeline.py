@@ -24,11 +24,11 @@ from absl import flags
 
 from cxr_jax.data import datasets
 from cxr_jax.data import transforms
+from cxr_jax.data.batch_size import check_batch_size
 
-# config.data.examples: which training examples, with what (evaluation batches always hold
-# every image of the split, with its mask where it has one). 'all': images without a mask
-# train only a classification head.
-EXAMPLES = ("with_masks", "all", "all_without_masks")
+# config.data.examples (its values and meanings: the config schema) picks the training
+# examples; evaluation batches always hold every image of the split, with its mask where it
+# has one.
 _MIN_IMAGE_SIZE = 16
 # Threads reading and preparing examples inside the main process (and inside each worker).
 _READ_THREADS = 4
@@ -56,26 +56,6 @@ def check_image_size(config: ml_collections.ConfigDict) -> int:
       "set e.g. --config.data.image_size=128."
     )
   return int(size)
-
-
-def check_batch_size(
-  batch_size: int, *, num_devices: int, process_count: int, name: str = "batch_size"
-) -> int:
-  """Returns this process's rows of a global batch, or says which value of `name` to use.
-
-  The one batch-size check (`sharding.check_batch_size` passes the mesh's device count):
-  `batch_size` must be a positive multiple of the device count (every device gets equal
-  rows) and of the process count (every process loads equal rows).
-  """
-  unit = math.lcm(num_devices, process_count)
-  if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0 or batch_size % unit:
-    fix = max(1, round(batch_size / unit) if isinstance(batch_size, (int, float)) else 1) * unit
-    raise ValueError(
-      f"config.{name}={batch_size!r} must be a positive multiple of {unit} (the device "
-      f"count is {num_devices}, the process count {process_count}); set "
-      f"--config.{name}={fix}."
-    )
-  return int(batch_size) // process_count
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -117,9 +97,7 @@ def _train_indices(
   process_count: int,
 ) -> grain.MapDataset:
   """An endless MapDataset of this process's source indices, reshuffled every epoch."""
-  examples = config.data.examples
-  if examples not in EXAMPLES:
-    raise ValueError(f"config.data.examples={examples!r}; valid: {EXAMPLES}.")
+  examples = config.data.examples  # a valid value: the config schema checked it at start-up
   indices = _process_slice(len(source), process_index, process_count)
   balance = bool(config.data.balance_classes)
   if examples == "with_masks" or balance:
@@ -190,7 +168,7 @@ def create_train_iterator(
   Args:
     config: uses seed, batch_size, data.{image_size, examples, balance_classes,
       num_workers, prefetch} (and model.depth to check image_size). data.examples is
-      'masked' | 'all' | 'labels', see EXAMPLES above.
+      'with_masks' | 'all' | 'all_without_masks' (the config schema's meanings).
     source: random-access records (`len`, `[i]`) as the TFDS builder writes them.
     process_index, process_count: this process's place (jax.process_index() and
       jax.process_count()). Each process reads only its (strided) slice of `source`.
@@ -205,8 +183,6 @@ def create_train_iterator(
   size = check_image_size(config)
   batch = check_batch_size(config.batch_size, num_devices=1, process_count=process_count)
   num_workers = int(config.data.num_workers)
-  if num_workers < 0:
-    raise ValueError(f"config.data.num_workers={num_workers} must be >= 0 (0: main process).")
   with_masks = config.data.examples != "all_without_masks"
   read_source = source if with_masks else datasets.skip_decoding(source, ("mask",))
   dataset = (

@@ -29,8 +29,6 @@ def kfold_assignment(ids: Sequence[str], strata: Sequence[Any], num_folds: int) 
   order files are read in); and images added with ids after the existing ones (how the
   archive grows: MCUCXR_0001 ... CHNCXR_0662) leave every existing image in its fold.
   """
-  if num_folds < 2:
-    raise ValueError(f"config.data.num_folds={num_folds} must be at least 2.")
   folds = [0] * len(ids)
   for stratum in set(strata):
     start = int(hashlib.md5(repr(stratum).encode("utf-8")).hexdigest()[:8], 16)
@@ -45,7 +43,7 @@ def assign_splits(
 ) -> list[str]:
   """The split ('train' | 'validation' | 'test' | '' for unused) of each record of `meta`
   ({'id', 'source' (index), 'label', 'split' (its hash split)}) under config.data.split."""
-  protocol = data_config.get("split", "hash")
+  protocol = data_config["split"]
   if protocol == "hash":
     return [m["split"] for m in meta]
   if protocol == "kfold":

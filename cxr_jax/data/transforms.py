@@ -4,7 +4,8 @@ numpy only, and no grain import either (grain imports jax): a worker that unpick
 loads nothing heavier than numpy and PIL.
 
 A prepared example (a row of a host batch):
-  image [S,S,1] float32 (normalised), mask [S,S,1] float32 in {0,1}, has_mask float32,
+  image [S,S,1] float32 (normalised), lung_mask [S,S,1] float32 in {0,1} (not `mask`: clu.metrics
+  reserves that argument name), has_mask float32,
   label int32, source int32, weight float32 (0: padding), orig_size [2] int32 (H,W),
   scale float32, pad [2] int32 (top,left), id str.
 """
@@ -43,7 +44,7 @@ class ReadExample:
       mask = np.zeros((size, size), np.float32)
     return {
       "image": image[..., None],
-      "mask": mask[..., None],
+      "lung_mask": mask[..., None],
       "has_mask": np.float32(has_mask),
       "label": np.int32(record.get("label", 0)),
       "source": np.int32(record.get("source", 0)),
@@ -58,7 +59,7 @@ class ReadExample:
 def padding_example(size: int) -> dict[str, Any]:
   return {
     "image": np.zeros((size, size, 1), np.float32),
-    "mask": np.zeros((size, size, 1), np.float32),
+    "lung_mask": np.zeros((size, size, 1), np.float32),
     "has_mask": np.float32(0),
     "label": np.int32(0),
     "source": np.int32(0),

@@ -23,6 +23,7 @@ from cxr_jax.core.inference.inference import Inference
 from cxr_jax.core.inference.inference import native_mask
 from cxr_jax.core.run.progress import Progress
 from cxr_jax.core.stats import classification_stats
+from cxr_jax.core.stats import metric_table
 from cxr_jax.core.stats import surface
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import preprocess
@@ -48,8 +49,8 @@ CSV_FIELDS = (
     "spacing_mm",
     "spacing_estimated",
   ]
-  + list(surface.MASK_METRICS)
-  + [f"{m}_post" for m in surface.MASK_METRICS]
+  + list(metric_table.MASK_METRICS)
+  + [f"{m}_post" for m in metric_table.MASK_METRICS]
   + ["lung_fraction", "lung_fraction_post", "uncertainty", "flagged"]
   + ["p_abnormal", "p_abnormal_calibrated"]
 )
@@ -99,7 +100,8 @@ def predict_split(
   source: Sequence[Mapping[str, Any]],
   *,
   native: bool = True,
-  progress: str = "",
+  show_progress: bool = False,
+  label: str = "evaluate",
 ) -> SplitResult:
   """Predicts every example of `source` (eval batches) and scores it at native resolution.
 
@@ -107,7 +109,7 @@ def predict_split(
   """
   batches = input_pipeline.create_eval_batches(config, source, process_index=0, process_count=1)
   rows, cases, labels, probs = [], {}, [], []
-  bar = Progress(len(source), progress) if progress else None
+  bar = Progress(len(source), label) if show_progress else None
   attention_left = NUM_ATTENTION_CASES
   position = 0  # eval batches keep the source's order: the k-th real example is source[k]
   for batch in batches:
@@ -185,9 +187,9 @@ def _score_image(
     case.pred, case.pred_post = _thumbnail(pred), _thumbnail(pred_post)
     if has_mask:
       truth = np.asarray(record["mask"])[..., 0] > 0
-      row.update(surface.mask_metrics(pred, truth, spacing))
+      row.update(metric_table.mask_metrics(pred, truth, spacing))
       row.update(
-        {f"{k}_post": v for k, v in surface.mask_metrics(pred_post, truth, spacing).items()}
+        {f"{k}_post": v for k, v in metric_table.mask_metrics(pred_post, truth, spacing).items()}
       )
       case.truth = _thumbnail(truth)
   return row, case
@@ -211,7 +213,7 @@ def evaluate_split(
   get_source: Callable[[str], Sequence[Mapping[str, Any]]],
   *,
   batch_size: int = 0,
-  progress: bool = True,
+  show_progress: bool = True,
 ) -> tuple[dict[str, Any], SplitResult]:
   """Scores `model` on `split` at native resolution -> (summary, per-image result).
 
@@ -221,14 +223,14 @@ def evaluate_split(
     split: the split to score; a classifier's threshold comes from 'validation'.
     get_source: split name -> random-access source (the run's, cropped as in training).
     batch_size: images per forward pass (0: the run's eval_batch_size).
-    progress: progress bars on stderr.
+    show_progress: progress bars on stderr.
   """
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: we set batch sizes
   config.eval_batch_size = batch_size or int(config.eval_batch_size)
   config.data.num_workers = 0
   inference = Inference(config, model, batch_size=config.eval_batch_size, attention=True)
   result = predict_split(
-    inference, config, get_source(split), progress=f"evaluate {split}" if progress else ""
+    inference, config, get_source(split), show_progress=show_progress, label=f"evaluate {split}"
   )
   summary: dict[str, Any] = {
     "split": split,
@@ -244,7 +246,7 @@ def evaluate_split(
       summary[head.task]["quality"] = quality_summary(result.rows, inference.qc_threshold)
     elif head.task == "classification":
       summary[head.task] = _classification_summary(
-        result, inference, config, split, get_source, progress
+        result, inference, config, split, get_source, show_progress
       )
   return summary, result
 
@@ -254,16 +256,16 @@ def _segmentation_summary(
 ) -> dict[str, Any]:
   masked = [r for r in rows if r["has_mask"]]
   post_rows = [
-    {"id": r["id"], "source": r["source"], **{m: r[f"{m}_post"] for m in surface.MASK_METRICS}}
+    {"id": r["id"], "source": r["source"], **{m: r[f"{m}_post"] for m in metric_table.MASK_METRICS}}
     for r in masked
   ]
-  raw = surface.aggregate(masked, num_worst=NUM_WORST)
-  post = surface.aggregate(post_rows, num_worst=NUM_WORST)
+  raw = surface.aggregate(masked, metrics=metric_table.MASK_METRICS, num_worst=NUM_WORST)
+  post = surface.aggregate(post_rows, metrics=metric_table.MASK_METRICS, num_worst=NUM_WORST)
   with_mm = [r for r in masked if r.get("spacing_estimated") != ""]
   estimated = sum(r.get("spacing_estimated") == 1 for r in with_mm)
   return {
     "num_images_with_mask": len(masked),
-    "primary": "postprocessed" if config.get("postprocess", False) else "raw",
+    "primary": "postprocessed" if config.postprocess else "raw",
     "raw": raw,
     "postprocessed": post,
     "dice": raw["all"]["dice"]["mean"],
@@ -271,10 +273,7 @@ def _segmentation_summary(
     "notes": {
       "threshold": f"p(lung) >= {MASK_THRESHOLD} after bilinear mapping to the native size",
       "postprocessed": "two largest 8-connected components kept, holes filled",
-      "empty_masks": "both empty: overlap 1, distances 0; one empty: overlap 0, "
-      "distances = image diagonal",
-      "hd95": "95th percentile of boundary distances, both directions pooled",
-      "asd": "average symmetric surface distance (mean of the two directed means)",
+      **metric_table.definitions(),  # each mask metric's one line (MONAI's distances)
       "mm": (
         f"{len(with_mm)} of {len(masked)} images have a known pixel spacing"
         + (f", estimated for {estimated} (resized images)" if estimated else "")
@@ -314,7 +313,7 @@ def _classification_summary(
   config: ml_collections.ConfigDict,
   split: str,
   get_source,
-  progress: bool,
+  show_progress: bool,
 ) -> dict[str, Any]:
   if split == "validation":
     labels, probs, origin = result.labels, result.probs, "validation (the evaluated split)"
@@ -324,7 +323,8 @@ def _classification_summary(
       config,
       get_source("validation"),
       native=False,
-      progress="threshold on validation" if progress else "",
+      show_progress=show_progress,
+      label="threshold on validation",
     )
     labels, probs, origin = val.labels, val.probs, "validation"
   threshold = classification_stats.youden_threshold(labels, probs)

@@ -20,14 +20,13 @@ import numpy as np
 from etils import epath
 
 from cxr_jax.core.inference import inference as inference_lib
-from cxr_jax.core.inference import postprocess
 from cxr_jax.core.run import checkpoint
 from cxr_jax.core.run import multihost
 from cxr_jax.core.run import rundir
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.core.run.progress import Progress
 from cxr_jax.data import crops
 from cxr_jax.data import paths
-from cxr_jax.data import preprocess
 from cxr_jax.data import records
 
 SEGMENTER_CHECKPOINT = "best_or_latest"  # the segmentation run's checkpoint used
@@ -48,16 +47,12 @@ class Segmenter:
     the lungs, without stray specks). An image without a predicted lung gets None (it is
     then used uncropped).
     """
-    size = self.inference.image_size
     results = []
     for start in range(0, len(images), self.inference.batch_size):
       chunk = [np.asarray(image) for image in images[start : start + self.inference.batch_size]]
       chunk = [image[..., 0] if image.ndim == 3 else image for image in chunk]
-      prepared = [preprocess.prepare_image(image, size) for image in chunk]
-      probs = self.inference(np.stack([x for x, _ in prepared])[..., None])["prob"]
-      for (_, letterbox), prob in zip(prepared, probs):
-        raw = inference_lib.native_mask(prob, letterbox, clean=False)
-        results.append((raw, crops.mask_box(postprocess.clean_mask(raw))))
+      for found in inference_lib.predict_images(self.inference, chunk, clean=True):
+        results.append((found.mask, crops.mask_box(found.mask_post)))
     return results
 
 
@@ -67,7 +62,7 @@ def _check_segmentation_workdir(seg_workdir: str) -> None:
       "config.data.crop_to_lungs needs --config.data.crop_workdir=DIR, the "
       "workdir of a trained segmentation run (configs/unet.py)."
     )
-  if not (epath.Path(paths.resolve(seg_workdir)) / rundir.CONFIG_FILE).exists():
+  if not RunDir(seg_workdir).config.exists():
     raise FileNotFoundError(
       f"config.data.crop_workdir={seg_workdir!r} is not a training workdir (no "
       "config.json): train a segmentation model first, e.g. python -m cxr_jax.main "
@@ -101,12 +96,12 @@ def load_segmenter(seg_workdir: str, *, batch_size: int = 16) -> Segmenter:
 
 
 def compute_lung_boxes(
-  segmenter: Segmenter, source: Sequence[Mapping[str, Any]], *, progress: bool = True
+  segmenter: Segmenter, source: Sequence[Mapping[str, Any]], *, show_progress: bool = True
 ) -> dict[str, crops.Box | None]:
   """Predicted lung boxes (native pixels) of every image of `source`, keyed by id."""
   batch_size = segmenter.inference.batch_size
   boxes: dict[str, crops.Box | None] = {}
-  bar = Progress(len(source), "lung boxes") if progress else None
+  bar = Progress(len(source), "lung boxes") if show_progress else None
   for start in range(0, len(source), batch_size):
     chunk = [source[i] for i in range(start, min(start + batch_size, len(source)))]
     for record, (_, box) in zip(chunk, segmenter.predict([r["image"] for r in chunk])):
@@ -140,15 +135,16 @@ def maybe_crop(
 
   Every process must call it (it synchronises them when there are several).
   """
-  if not config.data.get("crop_to_lungs", False):
+  if not config.data.crop_to_lungs:
     return source
   seg_workdir = config.data.crop_workdir
   _check_segmentation_workdir(seg_workdir)
   seg_workdir = paths.resolve(seg_workdir)
-  cache = f"{workdir}/lung_boxes_{split}.json"
+  cache = str(RunDir(workdir).lung_boxes(split))
   multihost.on_process_0(
     lambda: _write_box_cache(cache, seg_workdir, split, source, workdir),
     f"Process 0 failed to compute the lung boxes of {split}; its log says why.",
+    barrier_name=f"lung boxes of {split} written",
   )
   stored = json.loads(epath.Path(cache).read_text())["boxes"]
   boxes = {k: (tuple(v) if v else None) for k, v in stored.items()}

@@ -6,22 +6,22 @@ A sweep file (`configs/sweeps/NAME.py`) defines `get_sweep()` returning a `Sweep
           seeds=(0, 1), folds=5, overrides={"data.name": "kaggle"}, baseline="unet")
 
 `folds=N` runs every variant and seed on each of N folds (`config.data.split='kfold'`), 0
-keeps the config's own protocol. Each run gets ROOT/<variant>/seed<s>[_fold<f>], trained by
-`python -m cxr_jax.main` and scored on `split` by `python -m cxr_jax.evaluate`.
+keeps the config's own protocol. Each run gets ROOT/<variant>/seed<s>[_fold<f>] (a local
+folder or a gs:// URL), trained by `python -m cxr_jax.main` and scored on `split` by
+`python -m cxr_jax.evaluate`.
 """
 
 import dataclasses
 import itertools
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cxr_jax import errors
 from cxr_jax.core.run import rundir
-
-SWEEP_FILE = "sweep.json"  # in each run directory: which sweep, variant, seed and fold
+from cxr_jax.core.run.layout import RunDir
+from cxr_jax.data import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _flag_value(value: Any) -> str:
   return str(value) if not isinstance(value, str) else value
 
 
-def commands(sweep: Sweep, run: Run, workdir: str) -> list[list[str]]:
+def commands(sweep: Sweep, run: Run, workdir: RunDir) -> list[list[str]]:
   """The train and evaluate command lines of one run."""
   train = [sys.executable, "-m", "cxr_jax.main", f"--config={sweep.config}", f"--workdir={workdir}"]
   train += [f"--config.{key}={_flag_value(value)}" for key, value in run.overrides.items()]
@@ -119,44 +119,43 @@ def commands(sweep: Sweep, run: Run, workdir: str) -> list[list[str]]:
   return [train, evaluate]
 
 
-def _last_steps(workdir: str) -> tuple[int | None, int | None]:
+def run_dir(root: str, run: Run) -> RunDir:
+  """ROOT/<variant>/seed<s>[_fold<f>]."""
+  return RunDir(f"{paths.resolve(root)}/{run.name}")
+
+
+def _last_steps(run: RunDir) -> tuple[int | None, int | None]:
   """(config.num_train_steps, the newest checkpoint's step) of a run directory."""
-  config_path = os.path.join(workdir, "config.json")
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if not (os.path.exists(config_path) and os.path.isdir(checkpoints)):
+  steps = run.checkpoint_steps()
+  if not (run.config.exists() and steps):
     return None, None
-  last_step = int(rundir.read_record(config_path)["config"]["num_train_steps"])
-  steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()]
-  return last_step, max(steps) if steps else None
+  last_step = int(rundir.read_record(str(run.config))["config"]["num_train_steps"])
+  return last_step, steps[-1]
 
 
-def is_trained(workdir: str) -> bool:
+def is_trained(run: RunDir) -> bool:
   """Trained to its last step (not stopped early)."""
-  last_step, newest = _last_steps(workdir)
+  last_step, newest = _last_steps(run)
   return last_step is not None and newest == last_step
 
 
-def is_done(workdir: str, split: str) -> bool:
-  """Trained to its last step, and evaluated on `split` after its last checkpoint."""
-  summary = os.path.join(workdir, "eval", f"{split}.json")
-  if not (is_trained(workdir) and os.path.exists(summary)):
+def is_done(run: RunDir, split: str) -> bool:
+  """Trained to its last step, and evaluated on `split` when that step was the newest
+  checkpoint (evaluate records it: `trained_steps`)."""
+  summary = run.eval_summary(split)
+  if not (is_trained(run) and summary.exists()):
     return False
-  last_step, _ = _last_steps(workdir)
-  newest = os.path.join(workdir, "checkpoints", str(last_step))
-  return os.path.getmtime(summary) >= os.path.getmtime(newest)
+  last_step, _ = _last_steps(run)
+  return json.loads(summary.read_text()).get("trained_steps") == last_step
 
 
-def write_run_record(workdir: str, sweep_file: str, run: Run) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, SWEEP_FILE), "w") as f:
-    json.dump(
-      {
-        "sweep": sweep_file,
-        "variant": run.variant,
-        "seed": run.seed,
-        "fold": run.fold,
-        "overrides": dict(run.overrides),
-      },
-      f,
-      indent=2,
-    )
+def write_run_record(run_dir: RunDir, sweep_file: str, run: Run) -> None:
+  run_dir.path.mkdir(parents=True, exist_ok=True)
+  record = {
+    "sweep": sweep_file,
+    "variant": run.variant,
+    "seed": run.seed,
+    "fold": run.fold,
+    "overrides": dict(run.overrides),
+  }
+  paths.write_text(str(run_dir.sweep_record), json.dumps(record, indent=2))

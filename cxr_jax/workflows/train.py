@@ -21,16 +21,18 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from cxr_jax import errors
+from cxr_jax.config import schema
 from cxr_jax.core import models
 from cxr_jax.core.inference import overlays
 from cxr_jax.core.run import checkpoint
-from cxr_jax.core.run import config_checks
+from cxr_jax.core.run import multihost
 from cxr_jax.core.run import platform
 from cxr_jax.core.run import preemption
 from cxr_jax.core.run import restore_errors
 from cxr_jax.core.run import run_lock
 from cxr_jax.core.run import rundir
 from cxr_jax.core.run import sharding
+from cxr_jax.core.run import trackers
 from cxr_jax.core.run import utilisation
 from cxr_jax.core.run import workdir_checks
 from cxr_jax.core.run import writers
@@ -124,7 +126,7 @@ def _overlays(host_batch, mask_logits: jax.Array, num_images: int) -> np.ndarray
         overlays.overlay(
           host_batch["image"][i, ..., 0],
           local[i, ..., 0] > 0,
-          host_batch["mask"][i, ..., 0] if host_batch["has_mask"][i] else None,
+          host_batch["lung_mask"][i, ..., 0] if host_batch["has_mask"][i] else None,
         )
         for i in range(n)
       ]
@@ -148,7 +150,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
   if config.data.crop_workdir:
     config.data.crop_workdir = paths.resolve(config.data.crop_workdir)
-  config_checks.check_training_config(config)
+  schema.validate(config)
+  trackers.check_config(config)
   check_model(config)  # seconds, before anything is read or written
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lock = run_lock.lock_run(workdir)  # before reading checkpoints another run may be writing
@@ -173,7 +176,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
 
   # ----- mesh -----
-  mesh = sharding.create_mesh(config.get("mesh"))
+  mesh = sharding.create_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   sharding.check_image_size(config.data.image_size, mesh)
@@ -204,7 +207,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   )
   graphdef = nnx.graphdef(abstract_model)
   abstract_state = jax.eval_shape(init_state)
-  state_sharding = sharding.state_sharding(abstract_state, mesh, config.get("shard_params", False))
+  state_sharding = sharding.state_sharding(abstract_state, mesh, config.shard_params)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
   logging.info("Model %s: %s parameters.", config.model.name, f"{num_params:,}")
 
@@ -213,6 +216,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   workdir_checks.check_steps_left(workdir, manager.latest_step(), config.num_train_steps)
   if manager.latest_step() is not None:
     rundir.check_resumable(workdir, config)
+    multihost.barrier("restore")  # Orbax's own restore waits on every process, unnamed
     abstract_items = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_state,
@@ -261,13 +265,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   # ----- loop -----
   # On resume, drop what the killed run logged after its last checkpoint. The loop logs its
   # own one-line summaries, so the writer does not log each scalar again.
-  writer = writers.create_writer(workdir, resume_step=first_step or None, log=False)
+  tracker = trackers.open_tracker(workdir, config) if jax.process_index() == 0 else None
+  writer = writers.create_writer(
+    workdir, resume_step=first_step or None, log=False, also=[tracker] if tracker else []
+  )
   if first_step == 0:
     writer.write_hparams(config.to_dict())
   progress = ProgressLog(config.num_train_steps, config.batch_size, first_step)
   history: list[dict[str, Any]] = []  # per-step device scalars since the last report
   val_metrics: dict[str, float] = {}
-  profile = utilisation.profile_window(config.get("profile_steps", ""), workdir)
+  profile = utilisation.profile_window(config.profile_steps, workdir)
   watcher = preemption.PreemptionWatcher()
   compiled_step, flops = None, None
   device_kind = jax.devices()[0].device_kind
@@ -276,8 +283,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     for step in range(first_step + 1, config.num_train_steps + 1):
       batch = sharding.to_global(next(train_iter), mesh)
       if compiled_step is None:  # compiled ahead of time: its cost analysis gives the FLOPs
-        t0, cache = time.perf_counter(), utilisation.CompilationCacheEvents()
-        compiled_step = train_step.lower(state, batch).compile()
+        t0 = time.perf_counter()
+        with utilisation.CompilationCacheEvents() as cache:
+          compiled_step = train_step.lower(state, batch).compile()
         flops = utilisation.step_flops(compiled_step)
         logging.info(
           "Train step compiled in %.1f s (%s); %s FLOPs per step per device.",
@@ -285,6 +293,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           cache.describe(),
           f"{flops:.3g}" if flops else "unknown",
         )
+        multihost.barrier("train step compiled")
         progress.last_time += time.perf_counter() - t0  # keep compiling out of steps/s
       profile.before(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -344,6 +353,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if history:  # never save a state whose loss went non-finite since the last report
           _stop_on_nonfinite(jax.device_get(history), manager, workdir)
         writer.flush()  # what a resume from this checkpoint keeps is stored before it
+        multihost.barrier(f"save step {step}")  # Orbax's own save waits on every process, unnamed
         checkpoint.save(
           manager,
           step,
@@ -355,6 +365,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         logging.warning("Preempted: saved step %d; the same command resumes from it.", step)
         break
     manager.wait_until_finished()
+    multihost.barrier("training done")
   finally:
     watcher.close()
     profile.close()

@@ -34,18 +34,6 @@ TTA_VIEWS = (
 )
 
 
-# Masks whose `uncertainty` exceeds this are flagged for a look by eye (config.qc_threshold
-# overrides it): Youden's J for Dice < 0.95 on folds 0-1 of configs/unet_kaggle.py (128 px,
-# TTA; 0.268), checked on folds 2-4 (README, Results). Other sizes and models shift the scale.
-QC_THRESHOLD = 0.27
-
-
-def qc_threshold(settings) -> float:
-  """The flagging threshold of a config (or an exported model's settings): its
-  `qc_threshold`, else QC_THRESHOLD."""
-  return float(settings.get("qc_threshold", QC_THRESHOLD))
-
-
 def _view_coords(size: int, zoom: float, rows: int, cols: int, inverse: bool) -> jax.Array:
   """[2, S, S] sampling coordinates of a view (or, inverse=True, of its way back)."""
   centre = (size - 1) / 2
@@ -134,7 +122,7 @@ class Inference:
     # config.mesh.space > 1: each image's height split over this host's devices (`sharding`),
     # for sizes one device cannot hold; batches padded to a multiple of the 'data' axis.
     self._padded_batch, shardings = batch_size, {}
-    space = int((config.get("mesh") or {}).get("space", 1))
+    space = int(config.mesh.space)
     if space > 1:
       mesh = sharding.create_mesh({"space": space}, devices=jax.local_devices())
       sharding.check_image_size(self.image_size, mesh)
@@ -142,8 +130,8 @@ class Inference:
       self._padded_batch = -(-batch_size // data) * data
       shardings["in_shardings"] = (sharding.replicated(mesh), sharding.image_sharded(mesh))
 
-    self.tta = bool(config.get("tta", False))
-    self.qc_threshold = qc_threshold(config)
+    self.tta = bool(config.tta)
+    self.qc_threshold = float(config.qc_threshold)
 
     @functools.partial(platform.jit, **shardings)
     def forward(state, images):

@@ -8,10 +8,12 @@ expects. Running it needs jax, not this package's model code or the run director
                                      provenance
 """
 
+import hashlib
 import io
 import json
 import os
 import zipfile
+import zlib
 from typing import Any
 
 import jax
@@ -22,6 +24,7 @@ from etils import epath
 from flax import nnx
 from jax import export as jax_export
 
+from cxr_jax.config import schema
 from cxr_jax.core.inference import inference
 from cxr_jax.core.run import platform
 
@@ -37,7 +40,7 @@ def export_model(
   provenance: dict[str, Any],
 ) -> dict[str, Any]:
   """Writes `model` (eval mode) as a portable file at `path`; returns its settings."""
-  if config.data.get("crop_to_lungs", False):
+  if config.data.crop_to_lungs:
     raise ValueError(
       "a lung-crop classifier needs its segmentation run to crop its inputs; "
       "export that run and this one's classifier is not portable alone."
@@ -49,7 +52,7 @@ def export_model(
     outputs = model(images, train=False)
     return inference.segmenter_outputs(lambda x: model(x, train=False), outputs, images, tta)
 
-  tta = bool(config.get("tta", False))
+  tta = bool(config.tta)
 
   size = int(config.data.image_size)
   (batch,) = jax_export.symbolic_shape("b")
@@ -59,12 +62,12 @@ def export_model(
   settings = {
     "format": FORMAT,
     "image_size": size,
-    "postprocess": bool(config.get("postprocess", False)),
+    "postprocess": bool(config.postprocess),
     "tta": tta,
-    "qc_threshold": inference.qc_threshold(config),
+    "qc_threshold": float(config.qc_threshold),
     "outputs": sorted(exported.out_tree.unflatten(range(exported.out_tree.num_leaves))),
     "model": config.model.name,
-    "eval_batch_size": int(config.get("eval_batch_size", 8)),
+    "eval_batch_size": int(config.eval_batch_size),
     **provenance,
   }
   data = io.BytesIO()
@@ -79,18 +82,60 @@ class PortableModel:
   """A portable file's model, called like `inference.Inference` on letterboxed batches."""
 
   def __init__(self, path: str | os.PathLike, *, batch_size: int = 0):
-    with zipfile.ZipFile(io.BytesIO(epath.Path(path).read_bytes())) as z:
-      self.settings = json.loads(z.read(_SETTINGS))
-      if self.settings.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (format {self.settings.get('format')!r})")
-      exported = jax_export.deserialize(bytearray(z.read(_MODEL)))
-    self._call = platform.jit(exported.call)
-    self.image_size = int(self.settings["image_size"])
-    self.batch_size = batch_size or int(self.settings["eval_batch_size"])
-    self.segments = "prob" in self.settings["outputs"]
-    self.classifies = "p_abnormal" in self.settings["outputs"]
-    self.qc_threshold = inference.qc_threshold(self.settings)
+    """Raises ValueError, one line naming `path`, for a file that is not a whole model file
+    (truncated, another kind of file, settings.json missing, the model inside damaged)."""
+    try:
+      with epath.Path(path).open("rb") as f, zipfile.ZipFile(f) as z:  # reads the index only
+        self.settings = json.loads(_member(z, _SETTINGS))
+        if not isinstance(self.settings, dict) or self.settings.get("format") != FORMAT:
+          found = self.settings.get("format") if isinstance(self.settings, dict) else None
+          raise _NotAModel(f"not a {FORMAT} file (format {found!r})")
+        model = _member(z, _MODEL)
+      self.fingerprint = hashlib.sha256(model).hexdigest()  # names the model in predict's OUT
+      try:
+        exported = jax_export.deserialize(bytearray(model))
+      except Exception as e:  # flatbuffers, struct, ... on damaged bytes
+        raise _NotAModel(f"its {_MODEL} is damaged ({type(e).__name__}: {_line(e)})") from e
+      self._call = platform.jit(exported.call)
+      self.image_size = int(self.settings["image_size"])
+      self.batch_size = batch_size or int(self.settings["eval_batch_size"])
+      self.segments = "prob" in self.settings["outputs"]
+      self.classifies = "p_abnormal" in self.settings["outputs"]
+      # Files exported before the threshold was a setting flag at the schema's default.
+      self.qc_threshold = float(self.settings.get("qc_threshold", schema.default("qc_threshold")))
+    except FileNotFoundError as e:
+      raise ValueError(f"{path}: no such file") from e
+    except _NotAModel as e:
+      raise ValueError(f"{path}: {e}; export the run again (python -m cxr_jax.export)") from e
+    except zipfile.BadZipFile as e:
+      raise ValueError(
+        f"{path}: not a model file of python -m cxr_jax.export, or one cut short "
+        f"(BadZipFile: {_line(e)}); export the run again"
+      ) from e
+    except (KeyError, TypeError, ValueError) as e:  # settings.json without a key it needs
+      raise ValueError(
+        f"{path}: its {_SETTINGS} is damaged ({type(e).__name__}: {_line(e)}); export the "
+        "run again (python -m cxr_jax.export)"
+      ) from e
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
     outputs = self._call(jnp.asarray(images, jnp.float32))
     return {k: np.asarray(v) for k, v in jax.device_get(outputs).items()}
+
+
+class _NotAModel(Exception):
+  pass
+
+
+def _member(z: zipfile.ZipFile, name: str) -> bytes:
+  """One member of the model file; _NotAModel when it is missing or damaged."""
+  try:
+    return z.read(name)
+  except KeyError as e:
+    raise _NotAModel(f"it has no {name}") from e
+  except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:  # CRC, cut short
+    raise _NotAModel(f"its {name} is damaged ({type(e).__name__}: {_line(e)})") from e
+
+
+def _line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [""])[0][:200]

@@ -21,7 +21,6 @@ from flax import nnx
 
 from cxr_jax.core.models import layers
 from cxr_jax.core.models.unet import UNet
-from cxr_jax.core.models.unet import _backbone_kwargs
 
 
 class AttentionGate(nnx.Module):
@@ -103,16 +102,15 @@ class AttentionUNet(nnx.Module):
     cls, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
   ) -> "AttentionUNet":
     """Builds the model from `config.model` (same keys as the U-Net)."""
-    return cls(**_backbone_kwargs(model_config), rngs=rngs)
+    return cls(**UNet.config_kwargs(model_config), rngs=rngs)
 
   def __call__(
     self, x: jax.Array, *, train: bool, return_attention: bool = False
   ) -> dict[str, jax.Array | list[jax.Array]]:
-    unet = self.unet
-    layers.check_input(x, 2**unet.depth, type(self).__name__)
-    skips, bottleneck = unet.encoder(x.astype(unet.dtype), train=train)
-    features, alphas = unet.decoder(bottleneck, skips, train=train, gates=self.gates)
-    out = {"mask_logits": unet.head(features).astype(jnp.float32)}
+    mask_logits, _, alphas = self.unet.features(
+      x, train=train, gates=self.gates, model="AttentionUNet"
+    )
+    out = {"mask_logits": mask_logits}
     if return_attention:
       out["attention"] = alphas
     return out

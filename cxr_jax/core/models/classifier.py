@@ -79,8 +79,6 @@ class Classifier(nnx.Module):
     dtype: str = "float32",
     rngs: nnx.Rngs,
   ):
-    if depth < 1:
-      raise ValueError(f"config.model.depth={depth} must be at least 1.")
     self.depth = depth
     self.dtype = layers.compute_dtype(dtype)
     self.stem = layers.ConvNormAct(

@@ -153,8 +153,6 @@ class Dropout(nnx.Module):
   """
 
   def __init__(self, rate: float, *, rngs: nnx.Rngs):
-    if not 0.0 <= rate < 1.0:
-      raise ValueError(f"config.model.dropout={rate} must be in [0, 1).")
     self.rate = rate
     self.dropout = nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
 
@@ -255,10 +253,6 @@ class Encoder(nnx.Module):
     dtype: jnp.dtype,
     rngs: nnx.Rngs,
   ):
-    if depth < 1:
-      raise ValueError(f"config.model.depth={depth} must be at least 1.")
-    if base_features < 1:
-      raise ValueError(f"config.model.base_features={base_features} must be at least 1.")
     widths = [base_features * 2**i for i in range(depth + 1)]
     self.widths = widths
     self.levels = nnx.List(

@@ -19,6 +19,7 @@ a scale and a shift (2*Cout): + sum(Cout) = 5,888 -> 31,036,481 parameters (plus
 BatchNorm running statistics, which are not parameters).
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -70,16 +71,42 @@ class UNet(nnx.Module):
     # Logits in float32: they feed BCE and Dice, and the 1x1 conv is cheap.
     self.head = nnx.Conv(base_features, out_features, (1, 1), dtype=jnp.float32, rngs=rngs)
 
+  @staticmethod
+  def config_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `config.model` keys every U-Net variant takes, as constructor arguments."""
+    return dict(
+      base_features=model_config.base_features,
+      depth=model_config.depth,
+      norm=model_config.norm,
+      dropout=model_config.dropout,
+      upsample=model_config.upsample,
+      dtype=model_config.dtype,
+    )
+
   @classmethod
   def from_config(cls, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> "UNet":
     """Builds the model from `config.model` (base_features, depth, norm, dropout, ...)."""
-    return cls(**_backbone_kwargs(model_config), rngs=rngs)
+    return cls(**cls.config_kwargs(model_config), rngs=rngs)
+
+  def features(
+    self,
+    x: jax.Array,
+    *,
+    train: bool,
+    gates: Sequence[nnx.Module] | None = None,
+    model: str = "UNet",
+  ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+    """The one forward pass every U-Net variant wraps: x [B, H, W, C] -> (mask logits
+    [B, H, W, 1] float32, bottleneck features, gate maps finest first: [] without `gates`).
+    `model` names the caller in the input check's message."""
+    layers.check_input(x, 2**self.depth, model)
+    skips, bottleneck = self.encoder(x.astype(self.dtype), train=train)
+    features, alphas = self.decoder(bottleneck, skips, train=train, gates=gates)
+    return self.head(features).astype(jnp.float32), bottleneck, alphas
 
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    layers.check_input(x, 2**self.depth, type(self).__name__)
-    skips, bottleneck = self.encoder(x.astype(self.dtype), train=train)
-    features, _ = self.decoder(bottleneck, skips, train=train)
-    return {"mask_logits": self.head(features).astype(jnp.float32)}
+    mask_logits, _, _ = self.features(x, train=train)
+    return {"mask_logits": mask_logits}
 
 
 class MultiTaskUNet(nnx.Module):
@@ -123,27 +150,9 @@ class MultiTaskUNet(nnx.Module):
     cls, model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
   ) -> "MultiTaskUNet":
     """Builds the model from `config.model` (the U-Net keys plus num_classes)."""
-    return cls(**_backbone_kwargs(model_config), num_classes=model_config.num_classes, rngs=rngs)
+    return cls(**UNet.config_kwargs(model_config), num_classes=model_config.num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    unet = self.unet
-    layers.check_input(x, 2**unet.depth, type(self).__name__)
-    skips, bottleneck = unet.encoder(x.astype(unet.dtype), train=train)
-    features, _ = unet.decoder(bottleneck, skips, train=train)
+    mask_logits, bottleneck, _ = self.unet.features(x, train=train, model="MultiTaskUNet")
     pooled = self.class_dropout(layers.global_average_pool(bottleneck), train=train)
-    return {
-      "mask_logits": unet.head(features).astype(jnp.float32),
-      "class_logits": self.class_head(pooled).astype(jnp.float32),
-    }
-
-
-def _backbone_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The `config.model` keys every U-Net variant takes."""
-  return dict(
-    base_features=model_config.base_features,
-    depth=model_config.depth,
-    norm=model_config.norm,
-    dropout=model_config.dropout,
-    upsample=model_config.upsample,
-    dtype=model_config.dtype,
-  )
+    return {"mask_logits": mask_logits, "class_logits": self.class_head(pooled).astype(jnp.float32)}

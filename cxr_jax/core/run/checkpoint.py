@@ -10,6 +10,7 @@ plus the best by `config.best_metric`.
 
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,18 +18,17 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
 from cxr_jax.core.run import restore_errors
-from cxr_jax.core.stats import metrics as metrics_lib
-from cxr_jax.data import paths
+from cxr_jax.core.run.layout import RunDir
+from cxr_jax.core.stats import metric_table
 
 
 def metric_mode(name: str) -> str:
   """'min' for losses and distances, 'max' for scores such as Dice or AUC."""
-  return "min" if metrics_lib.lower_is_better(name) else "max"
+  return "min" if metric_table.lower_is_better(name) else "max"
 
 
 def create_manager(
@@ -63,7 +63,7 @@ def create_manager(
     cleanup_tmp_directories=True,
     read_only=read_only,
   )
-  return ocp.CheckpointManager(epath.Path(paths.resolve(workdir)) / "checkpoints", options=options)
+  return ocp.CheckpointManager(RunDir(workdir).checkpoints, options=options)
 
 
 def save(
@@ -86,12 +86,59 @@ def restore(
   abstract_items: Mapping[str, Any],
   data_iterator: grain.DatasetIterator | None,
 ) -> dict[str, Any]:
-  """Restores the items shaped (and sharded) like `abstract_items`; the iterator in place."""
+  """Restores the items shaped (and sharded) like `abstract_items`; the iterator in place.
+
+  Arrays are read whatever process count saved them (Orbax reshards). The iterator's state
+  is one file per process: saved by another process count, each process's iterator is moved
+  instead to the batch a run of this many processes reads after `step` steps (one batch per
+  step), and the log says so.
+  """
   args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
-  if data_iterator is not None:
+  saved_by = saved_process_count(manager, step)
+  carried = data_iterator is not None and saved_by == jax.process_count()
+  if carried:
     args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**args))
+  if data_iterator is not None and not carried:
+    _move_iterator(data_iterator, step, saved_by)
   return {name: restored[name] for name in abstract_items}
+
+
+def saved_process_count(manager: ocp.CheckpointManager, step: int) -> int | None:
+  """How many processes saved checkpoint `step`'s data iterator (grain writes
+  data/process_<i>-of-<n>.json per process); None when it holds no iterator."""
+  data = manager.directory / str(step) / "data"  # an epath.Path: local or gs://
+  names = [path.name for path in data.iterdir()] if data.is_dir() else []
+  counts = {int(m[1]) for n in names if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", n))}
+  return counts.pop() if len(counts) == 1 else None
+
+
+def _move_iterator(data_iterator: grain.DatasetIterator, step: int, saved_by: int | None) -> None:
+  count = jax.process_count()
+  try:
+    grain.experimental.set_next_index(data_iterator, step)
+    where = (
+      f"at its batch {step}, where a {count}-process run is after {step} steps (the same "
+      "epoch, this run's split of the examples)"
+    )
+  except NotImplementedError:  # grain worker processes (config.data.num_workers > 0)
+    where = (
+      "at its first batch: grain cannot move an iterator read by worker processes "
+      f"(--config.data.num_workers=0 resumes at batch {step})"
+    )
+  saved = (
+    f"saved by {saved_by} process{'es' if saved_by > 1 else ''}"
+    if saved_by
+    else "saved without a data iterator"
+  )
+  logging.warning(
+    "Data: checkpoint %d was %s, this run has %d: grain's iterator state is per process, so "
+    "each process's iterator restarts %s.",
+    step,
+    saved,
+    count,
+    where,
+  )
 
 
 def restore_newest_readable(

@@ -29,13 +29,22 @@ def cell(value: Any) -> Any:
   return value
 
 
+def csv_text(
+  fields: Sequence[str], rows: Sequence[Mapping[str, Any]], *, header: bool = True
+) -> str:
+  """A header row of `fields` (unless not `header`), then one row per mapping (missing keys
+  blank), as CSV text."""
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=list(fields), extrasaction="ignore")
+  if header:
+    writer.writeheader()
+  for row in rows:
+    writer.writerow({k: cell(row.get(k)) for k in fields})
+  return text.getvalue()
+
+
 def write_csv(
   path: str | os.PathLike, fields: Sequence[str], rows: Sequence[Mapping[str, Any]]
 ) -> None:
   """A header row of `fields`, then one row per mapping (missing keys blank)."""
-  text = io.StringIO(newline="")
-  writer = csv.DictWriter(text, fieldnames=list(fields), extrasaction="ignore")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: cell(row.get(k)) for k in fields})
-  epath.Path(path).write_text(text.getvalue())  # a local path or a gs:// URL
+  epath.Path(path).write_text(csv_text(fields, rows))  # a local path or a gs:// URL

@@ -8,9 +8,13 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
+
+from cxr_jax.core.run import multihost as multihost_lib
 
 
 def detected_cluster(environ=os.environ) -> str | None:
@@ -39,13 +43,84 @@ def local_accelerators() -> int:
   return len(gpus) or len(tpus)
 
 
+def _count(value: str | None) -> int | None:
+  return int(value) if value and value.isdigit() else None
+
+
+def _slurm_tasks_on_this_node(environ) -> int | None:
+  """Tasks of this job step on this node: SLURM_NTASKS_PER_NODE when the job asked for it,
+  else this node's entry of SLURM_STEP_TASKS_PER_NODE (e.g. '8(x2),4': 8, 8, then 4)."""
+  if (count := _count(environ.get("SLURM_NTASKS_PER_NODE"))) is not None:
+    return count
+  layout = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "")
+  per_node = []
+  for part in filter(None, layout.split(",")):
+    match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+    if not match:
+      return None
+    per_node += [int(match[1])] * int(match[2] or 1)
+  node = _count(environ.get("SLURM_NODEID")) or 0
+  return per_node[node] if node < len(per_node) else None
+
+
 def _slurm_local_device_ids(environ=os.environ) -> list[int] | None:
-  """With one SLURM task per node JAX would use GPU 0 alone: name all of the node's GPUs."""
-  if environ.get("SLURM_NTASKS_PER_NODE", "") != "1":
+  """The GPU ordinals this SLURM task should use, as this process numbers them.
+
+  JAX's SLURM detection asks for GPU [SLURM_LOCALID] (jax-ml/jax#23452), which exists only
+  when the task sees every GPU of its node. CUDA numbers the GPUs a process sees from 0,
+  whatever CUDA_VISIBLE_DEVICES names (physical ids '3', or '0' after cgroup renumbering):
+  - a task given its own GPUs (`--gpus-per-task`): all it sees, 0..k-1;
+  - a task that sees all of its node's GPUs beside other tasks: its share of them, by
+    SLURM_LOCALID;
+  - the node's only task: all of the node's GPUs.
+  None: nothing to say (no GPU count known); JAX's default then applies.
+  """
+  tasks = _slurm_tasks_on_this_node(environ) or 1
+  local_id = _count(environ.get("SLURM_LOCALID")) or 0
+  on_node = _count(environ.get("SLURM_GPUS_ON_NODE"))
+  visible = environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None:
+    # Ids or UUIDs; older SLURM writes 'NoDevFiles' for a task without GPUs.
+    seen = len([d for d in visible.split(",") if re.fullmatch(r"\d+|(GPU|MIG)-\S+", d.strip())])
+    if seen == 0:
+      return None  # no GPU for this task: a CPU task
+    if tasks > 1 and seen == (on_node or seen) and seen >= tasks and seen % tasks == 0:
+      share = seen // tasks  # every task sees the whole node: split it
+      return list(range(local_id * share, (local_id + 1) * share))
+    return list(range(seen))
+  on_node = on_node if on_node is not None else local_accelerators()
+  if not on_node:
     return None
-  gpus = environ.get("SLURM_GPUS_ON_NODE", "")
-  count = int(gpus) if gpus.isdigit() else local_accelerators()
-  return list(range(count)) if count > 1 else None
+  share = max(on_node // tasks, 1)
+  return list(range(local_id * share, (local_id + 1) * share))
+
+
+def initialize_kwargs(
+  environ: Mapping[str, str],
+  *,
+  coordinator_address: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  multihost: bool,
+  init_timeout_s: int,
+) -> dict[str, Any] | None:
+  """The keyword arguments `start` passes to jax.distributed.initialize in `environ` (the
+  flags' values beside it), or None for a single-process job. JAX detects what is not given
+  (coordinator, process count and id) from the cluster's environment."""
+  cluster = detected_cluster(environ)
+  if not (coordinator_address or multihost or cluster):
+    return None
+  if coordinator_address:
+    return {
+      "coordinator_address": coordinator_address,
+      "num_processes": num_processes,
+      "process_id": process_id,
+      "initialization_timeout": init_timeout_s,
+    }
+  return {
+    "local_device_ids": _slurm_local_device_ids(environ) if cluster == "slurm" else None,
+    "initialization_timeout": init_timeout_s,
+  }
 
 
 def start(
@@ -57,40 +132,57 @@ def start(
   init_timeout_s: int,
 ) -> str:
   """Starts jax.distributed where the job has several processes; returns how it started."""
-  cluster = detected_cluster()
-  if not (coordinator_address or multihost or cluster):
+  kwargs = initialize_kwargs(
+    os.environ,
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    multihost=multihost,
+    init_timeout_s=init_timeout_s,
+  )
+  if kwargs is None:
     return "single process"
   # Cross-process collectives for CPU devices (a no-op for GPU and TPU ones).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  logging.info(
+    "jax.distributed: waiting up to %d s for every process to join (--init_timeout_s).",
+    init_timeout_s,
+  )
   # XLA aborts the interpreter (a C++ stack) when the processes do not meet in time; a
   # watchdog a little earlier says in one line who is missing instead.
+  cluster = detected_cluster()
   where = coordinator_address or f"the {cluster or 'cluster'}'s coordinator"
   if process_id:
-    missing = f"process {process_id} could not reach {where}: is process 0 running, and is that its host:port?"
+    missing = (
+      f"process {process_id} could not reach {where}: is process 0 running, and is that its "
+      "host:port?"
+    )
   else:
     others = f"{num_processes - 1} other process(es)" if num_processes else "the other processes"
-    missing = f"{others} did not join {where}: start all of them with the same --coordinator_address and --num_processes"
+    missing = (
+      f"{others} did not join {where}: start all of them with the same --coordinator_address "
+      "and --num_processes"
+    )
   watchdog = threading.Timer(
     init_timeout_s, _give_up, (f"{missing} (waited --init_timeout_s={init_timeout_s} s)",)
   )
   watchdog.daemon = True
   watchdog.start()
+  t0 = time.monotonic()
   try:
-    if coordinator_address:
-      jax.distributed.initialize(
-        coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=init_timeout_s + _GRACE_S,
-      )
-      return f"coordinator {coordinator_address}"
-    local_device_ids = _slurm_local_device_ids() if cluster == "slurm" else None
-    jax.distributed.initialize(
-      local_device_ids=local_device_ids, initialization_timeout=init_timeout_s + _GRACE_S
-    )
-    return f"detected {cluster or 'cluster'}"
+    jax.distributed.initialize(**{**kwargs, "initialization_timeout": init_timeout_s + _GRACE_S})
   finally:
     watchdog.cancel()
+  logging.info(
+    "jax.distributed: %d processes joined in %.1f s.", jax.process_count(), time.monotonic() - t0
+  )
+  multihost_lib.announce_host()
+  if coordinator_address:
+    return f"coordinator {coordinator_address}"
+  devices = kwargs["local_device_ids"]
+  return f"detected {cluster or 'cluster'}" + (
+    f", local device ids {devices}" if devices is not None else ""
+  )
 
 
 _GRACE_S = 10  # XLA's own timeout comes this much after the watchdog's

@@ -12,9 +12,9 @@ import fsspec
 from etils import epath
 
 from cxr_jax.core.run import multihost
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 
-LOCK_FILE = "run.lock"
 LOCK_HEARTBEAT_S = 30.0
 LOCK_STALE_S = 300.0  # a lock not refreshed for this long belongs to a run that died
 
@@ -30,8 +30,17 @@ class RunLock:
   directory stuck for long. Use as a context manager; release() removes the file.
   """
 
-  def __init__(self, workdir: str):
-    self.path = f"{paths.resolve(workdir)}/{LOCK_FILE}"
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    lock_file: str | None = None,
+    advice: str = "Wait for it to finish, or train into another --workdir.",
+  ):
+    """A run directory's lock, or `lock_file` in `workdir` (another command's folder, e.g.
+    predict's output); `advice`: what the refusal tells a second process to do."""
+    self.path = str(RunDir(workdir).lock if lock_file is None else RunDir(workdir).path / lock_file)
+    self.advice = advice
     self._remote = paths.is_url(self.path)
     self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(8).hex()}"
     self._stop = threading.Event()
@@ -59,7 +68,7 @@ class RunLock:
         raise RuntimeError(
           f"{os.path.dirname(self.path)} is in use by another run (pid {holder.get('pid')} on "
           f"host {holder.get('host')!r}, started {time.ctime(holder.get('started', 0))}). "
-          f"Wait for it to finish, or train into another --workdir. If that run is dead, "
+          f"{self.advice} If that run is dead, "
           f"delete {self.path} (it is also taken over once {LOCK_STALE_S:.0f} s old)."
         ) from None
       self._thread = threading.Thread(target=self._beat, daemon=True, name="run-lock")
@@ -158,7 +167,9 @@ def lock_run(workdir: str) -> RunLock | None:
     lock.acquire()
     return lock
 
-  return multihost.on_process_0(take, f"Process 0 could not lock {workdir}; its log says why.")
+  return multihost.on_process_0(
+    take, f"Process 0 could not lock {workdir}; its log says why.", barrier_name="run locked"
+  )
 
 
 def _pid_alive(pid) -> bool:

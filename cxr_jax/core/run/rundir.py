@@ -1,10 +1,5 @@
-"""The run directory: config.json, which checkpoint, and the run's dataset splits.
-
-DIR/config.json        resolved config, package versions, git commit, dataset, devices
-DIR/checkpoints/       Orbax (checkpoint.py)
-DIR/metrics.jsonl      writers.py; TensorBoard events in DIR
-DIR/eval/              evaluate's outputs
-"""
+"""What a run directory holds: its config.json, which checkpoint, and the run's dataset
+splits. Its paths are `layout.RunDir`'s."""
 
 import dataclasses
 import json
@@ -26,15 +21,16 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from cxr_jax import errors
+from cxr_jax.config import schema
 from cxr_jax.core import models
 from cxr_jax.core.run import checkpoint
 from cxr_jax.core.run import multihost
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import datasets
 from cxr_jax.data import paths
 from cxr_jax.data import protocols
 from cxr_jax.data import registry
 
-CONFIG_FILE = "config.json"
 _VERSIONED_PACKAGES = (
   "cxr_jax",
   "jax",
@@ -48,9 +44,6 @@ _VERSIONED_PACKAGES = (
   "clu",
   "ml-collections",
 )
-
-# The temperature evaluate fits on validation for one checkpoint; predict applies it.
-CALIBRATION_FILE = "calibration.json"
 
 
 # ----- config.json -----
@@ -91,17 +84,18 @@ def write_config(
       "processes": jax.process_count(),
     },
   }
-  paths.write_text(os.path.join(workdir, CONFIG_FILE), json.dumps(record, indent=2, sort_keys=True))
+  paths.write_text(str(RunDir(workdir).config), json.dumps(record, indent=2, sort_keys=True))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run wrote to DIR/config.json."""
-  path = epath.Path(workdir) / CONFIG_FILE
+  """The resolved config a run wrote to DIR/config.json, with the keys an older run lacks
+  at the schema's defaults."""
+  path = RunDir(workdir).config
   if not path.exists():
     raise FileNotFoundError(
       f"{path} not found: is {workdir!r} the --workdir of a cxr_jax.main run?"
     )
-  return ml_collections.ConfigDict(read_record(str(path))["config"])
+  return schema.fill(ml_collections.ConfigDict(read_record(str(path))["config"]))
 
 
 def read_record(path: str) -> dict[str, Any]:
@@ -120,26 +114,19 @@ def read_record(path: str) -> dict[str, Any]:
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A resumed run must build the model and optimiser state its checkpoints hold."""
-  if not (epath.Path(workdir) / CONFIG_FILE).exists():
+  """A resumed run must build the checkpoint and data iterator its checkpoints hold: a
+  structural key (config/keys.py) changed is refused, naming the key and both values."""
+  if not RunDir(workdir).config.exists():
     return
-  stored = load_config(workdir)
-  changed = [
-    f"model.{k}: {stored.model[k]!r} -> {config.model[k]!r}"
-    for k in config.model
-    if k in stored.model and stored.model[k] != config.model[k] and k != "dtype"
-  ]
-  if stored.data.image_size != config.data.image_size:
-    changed.append(f"data.image_size: {stored.data.image_size} -> {config.data.image_size}")
-  # The optimiser state's structure: another optimiser, or clipping switched on or off.
-  if stored.optim.name != config.optim.name:
-    changed.append(f"optim.name: {stored.optim.name!r} -> {config.optim.name!r}")
-  if bool(stored.optim.grad_clip) != bool(config.optim.grad_clip):
-    changed.append(f"optim.grad_clip: {stored.optim.grad_clip} -> {config.optim.grad_clip}")
+  changed = schema.structural_changes(load_config(workdir), config)
   if changed:
-    raise errors.ConfigError(
-      f"{workdir} holds checkpoints of another model or optimiser ({'; '.join(changed)}). "
-      "Resume with the same settings, or train into a new --workdir."
+    raise schema.ConfigError(
+      f"cannot resume {workdir}: "
+      + "; ".join(
+        f"config.{key} is {had!r} in the run, {asked!r} asked" for key, had, asked in changed
+      )
+      + " (it shapes the checkpoint or the data iterator); resume with the run's value, or "
+      "train into another --workdir."
     )
 
 
@@ -218,7 +205,7 @@ def restore_model(
     candidates += [s for s in sorted(manager.all_steps(), reverse=True) if s != step]
   abstract_model = nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
   graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
-  item = "ema" if float(config.optim.get("ema_decay", 0.0)) else "model"  # what inference uses
+  item = "ema" if config.optim.ema_decay else "model"  # what inference uses
   # Onto this process's first device, whatever mesh the run was trained on.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   step, (params, model_state) = checkpoint.restore_newest_readable(
@@ -279,6 +266,7 @@ def open_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     load,
     f"Process 0 failed to prepare dataset {name!r} into {data_config.data_dir!r}; its log "
     "says why. Fix that (or build it once with `python -m cxr_jax.data.prepare`) and rerun.",
+    barrier_name="dataset prepared",
   )
   return Dataset(builder if builder is not None else load(), name, manual_dir)
 
@@ -304,7 +292,7 @@ def load_split(
   preparing the dataset if needed."""
   dataset = dataset or open_dataset(config.data)
   builder = dataset.builder
-  if config.data.get("split", "hash") == "hash":
+  if config.data.split == "hash":
     return datasets.split_source(builder, split)
   parts = {name: datasets.split_source(builder, name) for name in builder.info.splits}
   meta = protocols.read_meta(

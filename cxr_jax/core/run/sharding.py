@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cxr_jax import errors
-from cxr_jax.data import input_pipeline
+from cxr_jax.data import batch_size as batch_size_lib
 
 DATA_AXIS = "data"
 SPACE_AXIS = "space"
@@ -109,8 +109,8 @@ def state_sharding(abstract_state: Any, mesh: jax.sharding.Mesh, shard_params: b
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, name: str = "batch_size") -> int:
   """This process's rows of a global batch over `mesh`, or an error naming a value that works
-  (`input_pipeline.check_batch_size`, with the size of the mesh's `data` axis)."""
-  return input_pipeline.check_batch_size(
+  (`batch_size.check_batch_size`, with the size of the mesh's `data` axis)."""
+  return batch_size_lib.check_batch_size(
     batch_size,
     num_devices=int(mesh.shape[DATA_AXIS]),
     process_count=jax.process_count(),

@@ -7,13 +7,13 @@ devices (CPUs) have no peak, and no MFU is reported.
 """
 
 import logging
-import os
 import shutil
 import tempfile
 from typing import Any
 
 import jax
 
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 
 # device_kind substring (lower case) -> peak dense bf16 FLOP/s. Checked in this order.
@@ -72,26 +72,30 @@ def utilisation(
 
 
 class CompilationCacheEvents:
-  """Counts the persistent compilation cache's hits and misses (jax.monitoring events)."""
+  """Counts the persistent compilation cache's hits and misses (jax.monitoring events) while
+  open: `with CompilationCacheEvents() as cache: <compile>`, then `cache.describe()`. Each
+  object listens with its own counts, and stops listening on exit."""
 
-  _counts = {"/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
-  _listening = False
-
-  @classmethod
-  def _listen(cls, event: str, **kwargs) -> None:
-    del kwargs
-    if event in cls._counts:
-      cls._counts[event] += 1
+  _HIT, _MISS = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
 
   def __init__(self):
-    if not CompilationCacheEvents._listening:
-      jax.monitoring.register_event_listener(CompilationCacheEvents._listen)
-      CompilationCacheEvents._listening = True
-    self._start = dict(self._counts)
+    self.hits = self.misses = 0
+
+  def _listen(self, event: str, **kwargs) -> None:
+    del kwargs
+    self.hits += event == self._HIT
+    self.misses += event == self._MISS
+
+  def __enter__(self) -> "CompilationCacheEvents":
+    jax.monitoring.register_event_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    jax.monitoring.unregister_event_listener(self._listen)
 
   def describe(self) -> str:
-    """'compilation cache: 1 hit' / '... 2 misses' / 'not used' since this object was made."""
-    hits, misses = (self._counts[k] - self._start[k] for k in self._counts)
+    """'compilation cache: 1 hit(s), 0 miss(es)', or 'not used', while it was open."""
+    hits, misses = self.hits, self.misses
     if not hits and not misses:
       return "compilation cache not used"
     return f"compilation cache: {hits} hit(s), {misses} miss(es)"
@@ -145,4 +149,4 @@ def profile_window(profile_steps: str, workdir: str) -> ProfileWindow:
       f"config.profile_steps={text!r}: expected FIRST-LAST steps, e.g. "
       "--config.profile_steps=10-15."
     )
-  return ProfileWindow(start, stop, os.path.join(workdir, "profile"))
+  return ProfileWindow(start, stop, str(RunDir(workdir).profile))

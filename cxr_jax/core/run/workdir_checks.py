@@ -6,23 +6,15 @@ import json
 import logging
 import time
 
-from etils import epath
-
 from cxr_jax import errors
-from cxr_jax.core.run import run_lock
-from cxr_jax.core.run import rundir
-from cxr_jax.core.run import writers
+from cxr_jax.core.run.layout import RunDir
 
-# What a run directory (or one a sweep prepared for a run) holds; one of them makes a folder
-# a run's (so do TensorBoard's events.out.tfevents.* files).
-_RUN_FILES = (
-  rundir.CONFIG_FILE,
-  "checkpoints",
-  writers.METRICS_FILE,
-  run_lock.LOCK_FILE,
-  "sweep.json",
-  "sweep.log",
-)
+
+def _run_file_names(run: RunDir) -> set[str]:
+  """What a run directory (or one a sweep prepared for a run) holds; one of them makes a
+  folder a run's (so do TensorBoard's events.out.tfevents.* files)."""
+  owned = (run.config, run.checkpoints, run.metrics, run.lock, run.sweep_record, run.sweep_log)
+  return {path.name for path in (*owned, run.tracker)}
 
 
 def check_workdir(workdir: str) -> None:
@@ -33,11 +25,12 @@ def check_workdir(workdir: str) -> None:
       "--workdir is empty: give the folder the run's checkpoints and metrics go to "
       "(a new one, or an earlier run's to resume it)."
     )
-  path = epath.Path(workdir)
-  if not path.is_dir():
+  run = RunDir(workdir)
+  if not run.path.is_dir():
     return
-  names = [p.name for p in path.iterdir()]
-  if not names or any(n in _RUN_FILES or n.startswith("events.out.tfevents") for n in names):
+  names = [p.name for p in run.path.iterdir()]
+  run_files = _run_file_names(run)
+  if not names or any(n in run_files or n.startswith("events.out.tfevents") for n in names):
     return
   shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
   raise errors.ConfigError(
@@ -61,7 +54,8 @@ def set_aside_orphaned_metrics(workdir: str) -> str | None:
   """When training starts from step 0 in a directory whose metrics.jsonl holds rows (its
   checkpoints were deleted), moves that file aside so steps are not logged twice; returns
   where it went (None: nothing to move)."""
-  metrics = epath.Path(workdir) / writers.METRICS_FILE
+  run = RunDir(workdir)
+  metrics = run.metrics
   if not metrics.exists():
     return None
   rows = [line for line in metrics.read_text().splitlines() if line.strip()]
@@ -72,15 +66,15 @@ def set_aside_orphaned_metrics(workdir: str) -> str | None:
     last = json.loads(rows[-1]).get("step")
   except (ValueError, AttributeError):
     pass
-  aside = epath.Path(workdir) / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.orphaned.jsonl"
+  aside = run.path / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.orphaned.jsonl"
   metrics.rename(aside)
   logging.warning(
-    "%s holds %d rows (up to step %s) but %s/checkpoints has no checkpoint: training starts "
+    "%s holds %d rows (up to step %s) but %s has no checkpoint: training starts "
     "again from step 0, and those rows are kept in %s.",
     metrics,
     len(rows),
     last,
-    workdir,
+    run.checkpoints,
     aside.name,
   )
   return str(aside)

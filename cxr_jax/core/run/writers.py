@@ -14,19 +14,17 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import tensorboardX
 from absl import logging
-from etils import epath
 from tensorboardX import summary as tb_summary
 
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWriter(abc.ABC):
@@ -237,8 +235,8 @@ class BucketWriter(MetricWriter):
     self.workdir = workdir
     self.upload_every_s = upload_every_s
     self._spool = tempfile.mkdtemp(prefix="cxr_jax_writer_")
-    local = os.path.join(self._spool, METRICS_FILE)
-    remote = epath.Path(workdir) / METRICS_FILE
+    local = os.path.join(self._spool, RunDir.METRICS)
+    remote = RunDir(workdir).metrics
     if remote.exists():
       with open(local, "wb") as f:
         f.write(remote.read_bytes())
@@ -269,7 +267,9 @@ class BucketWriter(MetricWriter):
 
   def flush(self) -> None:
     self._jsonl.flush()
-    paths.write_text(f"{self.workdir}/{METRICS_FILE}", "".join(f"{x}\n" for x in self._jsonl.lines))
+    paths.write_text(
+      str(RunDir(self.workdir).metrics), "".join(f"{x}\n" for x in self._jsonl.lines)
+    )
     if self._events is not None:
       self._events.close()
       paths.upload_tree(self._events.logdir, self.workdir)
@@ -341,6 +341,7 @@ def create_writer(
   default_split: str = "train",
   resume_step: int | None = None,
   log: bool = True,
+  also: Sequence[MetricWriter] = (),
 ) -> MultiWriter:
   """The run's writer: DIR/metrics.jsonl + TensorBoard events in DIR + logging.
 
@@ -352,6 +353,7 @@ def create_writer(
     resume_step: the step a resumed run restarted from; records of later steps, written by
       the run that was killed, are dropped. None: keep everything.
     log: also log every write (off where the caller logs its own summary line).
+    also: more writers of the files' process (e.g. an experiment tracker).
   """
   if just_logging is None:
     just_logging = jax.process_index() > 0
@@ -359,14 +361,15 @@ def create_writer(
   if just_logging:
     return MultiWriter(logger)
   if paths.is_url(workdir):
-    return MultiWriter([BucketWriter(workdir, resume_step=resume_step), *logger])
+    return MultiWriter([BucketWriter(workdir, resume_step=resume_step), *also, *logger])
   os.makedirs(workdir, exist_ok=True)
   return MultiWriter(
     [
       JsonlWriter(
-        os.path.join(workdir, METRICS_FILE), default_split=default_split, resume_step=resume_step
+        str(RunDir(workdir).metrics), default_split=default_split, resume_step=resume_step
       ),
       TensorBoardWriter(workdir, resume_step=resume_step),
+      *also,
       *logger,
     ]
   )

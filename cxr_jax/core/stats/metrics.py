@@ -27,14 +27,6 @@ from jax.experimental import multihost_utils
 
 from cxr_jax.core.stats.classification_stats import roc_auc
 
-# Metric names containing one of these are minimised; the rest (Dice, AUC, ...) maximised.
-_LOWER_IS_BETTER = ("loss", "hd95", "asd", "ece")
-
-
-def lower_is_better(name: str) -> bool:
-  """True for losses, distances and calibration errors."""
-  return any(part in name for part in _LOWER_IS_BETTER)
-
 
 # ----------------------------------------------------------------------------------------
 # Per-image scores (jit-able; also accept numpy arrays).
@@ -121,9 +113,14 @@ def _segmentation_score(key: str) -> type[WeightedAverage]:
   class Score(WeightedAverage):
     @classmethod
     def from_model_output(
-      cls, mask_logits: jax.Array, mask: jax.Array, has_mask: jax.Array, weight: jax.Array, **_
+      cls,
+      mask_logits: jax.Array,
+      lung_mask: jax.Array,
+      has_mask: jax.Array,
+      weight: jax.Array,
+      **_,
     ) -> WeightedAverage:
-      scores = segmentation_scores(mask_logits, mask)
+      scores = segmentation_scores(mask_logits, lung_mask)
       return cls.from_values(scores[key], has_mask * weight)
 
   Score.__name__ = Score.__qualname__ = f"{key.capitalize()}Score"
@@ -228,7 +225,7 @@ class _FloatCollection(clu_metrics.Collection):
 
 @flax.struct.dataclass
 class SegmentationMetrics(_FloatCollection):
-  """Keyword inputs: mask_logits [B,H,W,1], mask [B,H,W,1], has_mask [B], weight [B], loss.
+  """Keyword inputs: mask_logits [B,H,W,1], lung_mask [B,H,W,1], has_mask [B], weight [B], loss.
 
   compute() -> {'dice', 'iou', 'precision', 'recall', 'loss'}: floats.
   """

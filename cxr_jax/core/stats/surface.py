@@ -20,10 +20,8 @@ import numpy as np
 from scipy import ndimage
 
 from cxr_jax.core.stats.metrics import binary_scores
-from cxr_jax.core.stats.metrics import lower_is_better
 from cxr_jax.data import registry
 
-MASK_METRICS = ("dice", "iou", "precision", "recall", "hd95_px", "asd_px", "hd95_mm", "asd_mm")
 Spacing = tuple[float, float]  # (row_mm, col_mm)
 
 
@@ -80,21 +78,6 @@ def surface_metrics(
   }
 
 
-def mask_metrics(
-  pred: np.ndarray, truth: np.ndarray, spacing: Spacing | None = None
-) -> dict[str, float]:
-  """Every per-image mask metric (`MASK_METRICS`); the `_mm` ones NaN when spacing is None."""
-  scores = overlap_metrics(pred, truth)
-  px = surface_metrics(pred, truth)
-  scores.update(hd95_px=px["hd95"], asd_px=px["asd"])
-  if spacing is None:
-    scores.update(hd95_mm=math.nan, asd_mm=math.nan)
-  else:
-    mm = surface_metrics(pred, truth, spacing)
-    scores.update(hd95_mm=mm["hd95"], asd_mm=mm["asd"])
-  return scores
-
-
 def summarise(values: Sequence[float]) -> dict[str, float]:
   """Mean, median, std (population), min, max and count of the finite values."""
   values = np.asarray(values, np.float64)
@@ -115,14 +98,16 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
 def aggregate(
   rows: Sequence[Mapping[str, object]],
   *,
-  metrics: Sequence[str] = MASK_METRICS,
+  metrics: Sequence[str],
   num_worst: int = 5,
   rank_by: str = "dice",
+  higher_is_better: bool = True,
 ) -> dict[str, object]:
   """Aggregates per-image rows (dicts with 'id', 'source' and `metrics`).
 
   Returns {'all': {metric: summary}, 'per_source': {source: {metric: summary}},
-  'worst': [{'id', 'source', rank_by}, ...]} with the `num_worst` images ranked by `rank_by`.
+  'worst': [{'id', 'source', rank_by}, ...]} with the `num_worst` images ranked by `rank_by`
+  (whose direction `higher_is_better` gives: metric_table's).
   """
 
   def by_metric(subset):
@@ -132,7 +117,7 @@ def aggregate(
   sources = sorted(
     {str(r["source"]) for r in rows}, key=lambda s: known.index(s) if s in known else len(known)
   )
-  sign = 1 if lower_is_better(rank_by) else -1
+  sign = -1 if higher_is_better else 1
   ranked = sorted(
     (r for r in rows if np.isfinite(r[rank_by])),
     key=lambda r: sign * float(r[rank_by]),

@@ -56,7 +56,7 @@ HEADS = (
     task="segmentation",
     loss=lambda logits, batch, config: losses.segmentation_loss(
       logits,
-      batch["mask"],
+      batch["lung_mask"],
       batch["has_mask"] * batch["weight"],
       dice_weight=config.loss.dice_weight,
     ),

@@ -125,7 +125,7 @@ def create_train_state(
 
 
 def ema_decay(config: ml_collections.ConfigDict) -> float:
-  return float(config.optim.get("ema_decay", 0.0))
+  return float(config.optim.ema_decay)
 
 
 def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
@@ -145,10 +145,9 @@ def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
 
 def semi_weight(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
   """The mean teacher's loss weight at `step`: config.semi.weight after a linear ramp over
-  config.semi.rampup_steps (0 when config.semi is absent or off)."""
-  semi = config.get("semi") or {}
-  weight = float(semi.get("weight", 0.0))
-  rampup = max(1, int(semi.get("rampup_steps", 1)))
+  config.semi.rampup_steps (0 when off)."""
+  weight = float(config.semi.weight)
+  rampup = max(1, int(config.semi.rampup_steps))
   return weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / rampup)
 
 
@@ -202,7 +201,7 @@ def make_train_step(
   images onto every device.
   """
   lr_fn = create_learning_rate_fn(config)
-  semi = bool(float((config.get("semi") or {}).get("weight", 0.0)))
+  semi = bool(config.semi.weight)
   if semi and not ema_decay(config):
     raise errors.ConfigError(
       "config.semi.weight > 0 needs a teacher: set config.optim.ema_decay (e.g. 0.99)."
@@ -234,15 +233,15 @@ def make_train_step(
       logits = model(batch["image"], train=False)["mask_logits"]
       teacher = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
     if teacher is None:
-      image, mask = augment.augment_batch(step_key, batch["image"], batch["mask"], config.aug)
+      image, mask = augment.augment_batch(step_key, batch["image"], batch["lung_mask"], config.aug)
     else:
       image, mask, teacher = augment.augment_batch(
-        step_key, batch["image"], batch["mask"], config.aug, soft=teacher
+        step_key, batch["image"], batch["lung_mask"], config.aug, soft=teacher
       )
     if image_sharding is not None:
       image = jax.lax.with_sharding_constraint(image, image_sharding)
       mask = jax.lax.with_sharding_constraint(mask, image_sharding)
-    batch = dict(batch, image=image, mask=mask)
+    batch = dict(batch, image=image, lung_mask=mask)
 
     (loss, (model_state, parts)), grads = loss_and_gradients(
       graphdef, config, state.params, state.model_state, batch, teacher=teacher, step=state.step

@@ -1,0 +1,157 @@
+"""One table of the metrics cxr_jax reports: name, title, direction, unit, the one-line
+definition that test.json and the report print, and where it is computed.
+
+The best-checkpoint choice (`lower_is_better`), evaluate's per-image scores (`mask_metrics`,
+`MASK`), the report's tables and the results' columns (`RESULTS`) iterate it: a new
+native-resolution metric is one entry with its `per_image`, a new results column one entry
+with its `result`. Validation metrics (clu collections, `metrics.py`) are named after entries
+here; a head's loss is `<head>_loss` and the trained weights' metrics under an EMA `online_*`.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from cxr_jax.core.stats import surface
+
+
+class MaskPair:
+  """A predicted and a reference mask [H, W] at native size (and the pixel spacing, mm), with
+  the overlap counts and boundary distances computed once for every metric that needs them."""
+
+  def __init__(self, pred: np.ndarray, truth: np.ndarray, spacing: surface.Spacing | None):
+    self.pred, self.truth, self.spacing = pred, truth, spacing
+
+  @functools.cached_property
+  def overlap(self) -> dict[str, float]:
+    return surface.overlap_metrics(self.pred, self.truth)
+
+  @functools.cached_property
+  def px(self) -> dict[str, float]:
+    return surface.surface_metrics(self.pred, self.truth)
+
+  @functools.cached_property
+  def mm(self) -> dict[str, float]:
+    if self.spacing is None:
+      return {"hd95": math.nan, "asd": math.nan}
+    return surface.surface_metrics(self.pred, self.truth, self.spacing)
+
+
+Summary = Mapping[str, Any]  # evaluate's <split>.json
+Validation = Mapping[str, Any]  # the metrics.jsonl validation row at the evaluated step
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """One reported metric.
+
+  Attributes:
+    name: its key in test.json, the CSVs, metrics.jsonl and config.best_metric.
+    title: how tables head it.
+    higher_is_better: its direction (the best checkpoint, the worst cases, results).
+    unit: '' (a fraction or a score), 'px' or 'mm'.
+    definition: one line, printed in test.json's notes and the report.
+    where: what computes it.
+    per_image: the native-resolution score of one mask pair (None: not a mask metric).
+    result: its value in a results row, from test.json and the validation row (None: not a
+      results column).
+  """
+
+  name: str
+  title: str
+  higher_is_better: bool
+  unit: str
+  definition: str
+  where: str
+  per_image: Callable[[MaskPair], float] | None = None
+  result: Callable[[Summary, Validation], Any] | None = None
+
+  @property
+  def digits(self) -> int:
+    """Decimals a table shows."""
+    return 2 if self.unit else 4
+
+
+def _mask_mean(name: str) -> Callable[[Summary, Validation], Any]:
+  def read(summary: Summary, validation: Validation) -> Any:
+    if "segmentation" not in summary:
+      return None
+    return summary["segmentation"]["raw"]["all"][name]["mean"]
+
+  return read
+
+
+def _classification(*keys: str) -> Callable[[Summary, Validation], Any]:
+  def read(summary: Summary, validation: Validation) -> Any:
+    node = summary.get("classification")
+    for key in keys:
+      node = node.get(key) if isinstance(node, Mapping) else None
+    return node
+
+  return read
+
+
+_OVERLAP = "stats/surface.overlap_metrics (validation: stats/metrics.binary_scores)"
+_SURFACE = "stats/surface.surface_metrics"
+_BOTH_EMPTY = "both masks empty: 1; one empty: 0"
+_ONE_EMPTY = "both empty: 0; one empty: the image diagonal"
+
+# fmt: off
+# (one metric a line: the table reads as a table)
+TABLE = (
+  Metric("dice", "Dice", True, "", f"2|P∩R| / (|P| + |R|) of the predicted and reference masks; {_BOTH_EMPTY}", _OVERLAP, lambda p: p.overlap["dice"], _mask_mean("dice")),
+  Metric("iou", "IoU", True, "", f"|P∩R| / |P∪R|; {_BOTH_EMPTY}", _OVERLAP, lambda p: p.overlap["iou"]),
+  Metric("precision", "precision", True, "", f"|P∩R| / |P|; {_BOTH_EMPTY}", _OVERLAP, lambda p: p.overlap["precision"]),
+  Metric("recall", "recall", True, "", f"|P∩R| / |R|; {_BOTH_EMPTY}", _OVERLAP, lambda p: p.overlap["recall"]),
+  Metric("hd95_px", "HD95 px", False, "px", f"the larger of the two directed 95th percentiles of boundary-to-boundary distances (MONAI's convention); {_ONE_EMPTY}", _SURFACE, lambda p: p.px["hd95"], _mask_mean("hd95_px")),
+  Metric("asd_px", "ASSD px", False, "px", f"both boundaries' distances to the other pooled: (sum d(a, R) + sum d(r, P)) / (|∂P| + |∂R|) (MONAI, symmetric=True); {_ONE_EMPTY}", _SURFACE, lambda p: p.px["asd"], _mask_mean("asd_px")),
+  Metric("hd95_mm", "HD95 mm", False, "mm", "HD95 in millimetres, where the image's pixel spacing is known", _SURFACE, lambda p: p.mm["hd95"]),
+  Metric("asd_mm", "ASSD mm", False, "mm", "ASSD in millimetres, where the image's pixel spacing is known", _SURFACE, lambda p: p.mm["asd"]),
+  Metric("qc_auroc", "QC AUROC", True, "", "AUROC of the masks' uncertainty for finding those with Dice < 0.95", "workflows/evaluation.quality_summary", None, lambda s, v: (s.get("segmentation", {}).get("quality") or {}).get("auroc")),
+  Metric("loss", "loss", False, "", "a head's training loss on validation (<head>_loss): BCE + soft Dice, or cross-entropy", "training/losses"),
+  Metric("auc", "AUC", True, "", "area under the ROC curve of p(abnormal) (ties count one half)", "stats/classification_stats.roc_auc", None, _classification("auc")),
+  Metric("accuracy", "accuracy", True, "", "fraction of images whose p(abnormal) >= 0.5 matches the label", "stats/classification_stats", None, _classification("accuracy")),
+  Metric("sensitivity", "sensitivity", True, "", "abnormal images called abnormal (at 0.5 in validation, at Youden's threshold in evaluate)", "stats/classification_stats"),
+  Metric("specificity", "specificity", True, "", "normal images called normal (at 0.5 in validation, at Youden's threshold in evaluate)", "stats/classification_stats"),
+  Metric("ece", "ECE", False, "", "expected calibration error of p(abnormal) over equal-width bins", "stats/classification_stats.expected_calibration_error", None, _classification("ece")),
+  Metric("ece_calibrated", "ECE calibrated", False, "", "ECE after the temperature fitted on validation", "stats/classification_stats.fit_temperature", None, _classification("calibration", "ece_after")),
+  Metric("val_dice", "val Dice", True, "", "validation Dice (model resolution) at the evaluated step of the EMA weights (runs with an EMA)", "metrics.jsonl", None, lambda s, v: v.get("dice") if "online_dice" in v else None),
+  Metric("val_online_dice", "val Dice online", True, "", "the same of the trained weights themselves: with val_dice, the EMA's paired effect", "metrics.jsonl", None, lambda s, v: v.get("online_dice")),
+)
+# fmt: on
+BY_NAME = {metric.name: metric for metric in TABLE}
+MASK = tuple(m for m in TABLE if m.per_image is not None)  # per image, native resolution
+MASK_METRICS = tuple(m.name for m in MASK)
+RESULTS = tuple(m for m in TABLE if m.result is not None)  # results columns, in this order
+
+
+def lookup(name: str) -> Metric:
+  """The entry of a metric name as logged: `online_dice` is dice's, `seg_loss` loss's."""
+  base = name.removeprefix("online_")
+  base = "loss" if base.endswith("_loss") else base
+  if base not in BY_NAME:
+    raise KeyError(f"metric {name!r} is not in stats/metric_table.py; known: {sorted(BY_NAME)}")
+  return BY_NAME[base]
+
+
+def lower_is_better(name: str) -> bool:
+  """The direction of a metric (KeyError for a name the table does not hold)."""
+  return not lookup(name).higher_is_better
+
+
+def mask_metrics(
+  pred: np.ndarray, truth: np.ndarray, spacing: surface.Spacing | None = None
+) -> dict[str, float]:
+  """Every native-resolution mask metric (`MASK`) of two binary masks [H, W]; the `_mm` ones
+  NaN when spacing is None."""
+  pair = MaskPair(pred, truth, spacing)
+  return {m.name: float(m.per_image(pair)) for m in MASK}
+
+
+def definitions(metrics=MASK) -> dict[str, str]:
+  """{name: one-line definition}: test.json's notes and the report's."""
+  return {m.name: m.definition for m in metrics}
