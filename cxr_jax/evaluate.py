@@ -130,32 +130,41 @@ def _run(
       source = rundir.load_split(config, name, dataset)
       return lung_crop.maybe_crop(config, name, source, workdir)
 
-  summary, result = evaluation.evaluate_split(
-    config, model, split, get_source, batch_size=batch_size, show_progress=show_progress
-  )
   run_dir = RunDir(workdir)
-  steps = run_dir.checkpoint_steps()
-  summary = {
-    "split": split,
-    "workdir": run_dir.root,
-    "checkpoint": checkpoint,
-    "step": step,
-    "trained_steps": steps[-1] if steps else None,  # the newest checkpoint when evaluated
-    **summary,
-  }
   out_dir = run_dir.eval_dir
-  # Everything is written into a folder of its own first and then renamed into place, the
-  # JSON last: a kill leaves the previous evaluation's files as they were (and every row
-  # names its step), never a CSV of one step beside a JSON and report of another.
+  # Everything is written into a folder of its own first (the CSV row by row as images are
+  # scored) and then renamed into place, the JSON last: a kill leaves the previous
+  # evaluation's files as they were (and every row names its step), never a CSV of one step
+  # beside a JSON and report of another.
   staging = out_dir / f".{name}.writing-{os.getpid()}"
   staging.mkdir(parents=True, exist_ok=True)
   summary_name = run_dir.eval_summary(name).name
   try:
-    for row in result.rows:
-      row["step"] = step
-    csv_tables.write_csv(
-      str(staging / run_dir.eval_table(name).name), evaluation.CSV_FIELDS, result.rows
-    )
+    table = str(staging / run_dir.eval_table(name).name)
+    with csv_tables.RowWriter(table, evaluation.CSV_FIELDS) as csv_rows:
+
+      def write_row(row: dict) -> None:
+        row["step"] = step
+        csv_rows.write(row)
+
+      summary, result = evaluation.evaluate_split(
+        config,
+        model,
+        split,
+        get_source,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        write_row=write_row,
+      )
+    steps = run_dir.checkpoint_steps()
+    summary = {
+      "split": split,
+      "workdir": run_dir.root,
+      "checkpoint": checkpoint,
+      "step": step,
+      "trained_steps": steps[-1] if steps else None,  # the newest checkpoint when evaluated
+      **summary,
+    }
     html = report.write_report(str(staging), name, summary, result)
     summary["report"] = os.path.basename(html)
     (staging / summary_name).write_text(json.dumps(json_safe(summary), indent=2))

@@ -134,7 +134,7 @@ def _segmentation_section(segmentation: Mapping[str, Any], result: Any, path) ->
         figures.quality_figure(result.rows, result.cases, quality["threshold"]), path("quality")
       ),
     ]
-  with_attention = [c for c in result.cases.values() if c.attention]
+  with_attention = result.attention
   if with_attention:
     parts += [
       "<h2>Attention maps</h2>",

@@ -20,6 +20,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cxr_jax_xla_cache_")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
+# The suite runs on the CPU; with libtpu installed (the test extra, for tests/test_aot.py) JAX
+# would also try to start a TPU backend, and libtpu log errors about the machine it is not on.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "chest-xray-masks-and-labels-512"
 

@@ -40,7 +40,8 @@ def _result(num: int = 7, attention: bool = True) -> evaluation.SplitResult:
     )
   labels = np.array([r["label"] for r in rows])
   probs = np.array([r["p_abnormal"] for r in rows])
-  return evaluation.SplitResult(rows, cases, labels, probs)
+  attention = [c for c in cases.values() if c.attention]
+  return evaluation.SplitResult(rows, cases, labels, probs, attention)
 
 
 def _summary(result: evaluation.SplitResult) -> dict:

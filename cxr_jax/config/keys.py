@@ -76,6 +76,11 @@ KEYS = (
   Key("model.upsample", "transpose", ("transpose", "resize"), "decoder upsampling", SAME),
   Key("model.num_classes", 2, "int >= 1", "classifier heads: normal / abnormal", SAME),
   Key("model.dtype", "float32", ("float32", "bfloat16", "float64"), "compute dtype (parameters stay float32; float64: the tests' reference, needs jax_enable_x64)"),
+  # ----- transfer learning (README "Transfer learning") -----
+  Key("model.encoder", "", ("", "unet", "resnet18", "resnet34", "resnet50", "densenet121"), "encoder of unet/multitask/classifier: '' (the model's own) or a torchvision-layout one (image_size a multiple of 32)", SAME),
+  Key("model.init_from", "", None, "weights to start from: a torchvision/timm/TorchXRayVision state dict (.safetensors, .npz, .pth, .pt) or a cxr_jax run directory (its encoder); '{fold}' takes data.fold", SAME),
+  Key("model.input_scale", 1.0, "> 0", "multiplies the z-scored input before the encoder (init_from sets 512 for TorchXRayVision weights)", SAME),
+  Key("model.freeze_bn", False, None, "the encoder's BatchNorm keeps its running statistics in training", SAME),
   # ----- loss -----
   Key("loss.dice_weight", 1.0, ">= 0", "segmentation: BCE + dice_weight * soft Dice"),
   Key("loss.class_weight", 1.0, ">= 0", "multi-task: weight of the classification loss"),
@@ -87,6 +92,8 @@ KEYS = (
   Key("optim.weight_decay", 1e-4, ">= 0", "AdamW decay of kernels"),
   Key("optim.grad_clip", 1.0, ">= 0", "global-norm gradient clipping (0: off)", bool),
   Key("optim.ema_decay", 0.0, "[0, 1)", "EMA of the weights (0: off) that validation, evaluate and predict use", bool),
+  Key("optim.encoder_frozen_steps", 0, "int >= 0", "steps the encoder's parameters stay fixed (fine-tuning)", bool),
+  Key("optim.encoder_lr_multiplier", 1.0, ">= 0", "the encoder's learning rate relative to the rest, after encoder_frozen_steps", lambda v: v != 1.0),
   # ----- semi-supervised: mean teacher (needs optim.ema_decay and data.examples='all') -----
   Key("semi.weight", 0.0, ">= 0", "weight of the EMA teacher's p(lung) on unmasked images (0: off)"),
   Key("semi.rampup_steps", 200, "int >= 0", "steps over which semi.weight ramps up linearly"),

@@ -4,6 +4,11 @@ One builder config per dataset kind of `registry` (`kaggle`, `synthetic`); a gen
 of another size gets its own config (`synthetic_<n>`) so sizes do not collide in data_dir.
 Works without TensorFlow: build with `download_and_prepare`, read with `as_data_source`.
 
+A split's ids are written in TFDS's hash order (as a generator-based build shuffles them),
+`shard_examples` to a shard; each shard's images are decoded in `workers` processes
+(`build_workers`), or each shard on an Apache Beam worker when the DownloadConfig has a
+`beam_runner`. Memory stays flat in the dataset's size: nothing is held per image but its id.
+
 Every file a build cannot use is logged by name and counted; the list is kept in
 `builder.info.metadata['skipped']` ("file: reason" strings). `strict=True` raises instead.
 """
@@ -19,15 +24,19 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
+from tensorflow_datasets.core import hashing
 
-from cxr_jax.data import images
+from cxr_jax.data import build_workers
 from cxr_jax.data import registry
 from cxr_jax.data.records import DataError
-from cxr_jax.data.records import Example
 from cxr_jax.data.records import Skip
 from cxr_jax.data.splits import SPLIT_PERCENT
 from cxr_jax.data.splits import min_examples_for_all_splits
 from cxr_jax.data.splits import split_of
+
+# Examples per shard file: many shards let each host of a job read (and fetch) only its own.
+SHARD_EXAMPLES = 256
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -73,7 +82,7 @@ def min_examples(kind: str) -> int:
   return min_examples_for_all_splits(registry.get(kind).id_of)
 
 
-class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
+class CxrMasksAndLabels(tfds.core.ShardBasedBuilder):
   """Chest X-rays at native resolution, binary lung masks, normal/abnormal labels."""
 
   VERSION = tfds.core.Version("1.1.0")
@@ -88,11 +97,23 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     "folder it unpacks to, as manual_dir."
   )
 
-  def __init__(self, *, strict: bool = False, **kwargs):
-    """strict: raise on the first unusable file instead of skipping and counting it."""
+  def __init__(
+    self,
+    *,
+    strict: bool = False,
+    workers: int = 1,
+    shard_examples: int = SHARD_EXAMPLES,
+    **kwargs,
+  ):
+    """strict: raise on the first unusable file instead of skipping and counting it.
+    workers: processes decoding images (1: this one). shard_examples: examples per shard
+    file (a host of a multi-host job fetches only its shards)."""
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
     self.strict = strict
+    self.workers = int(workers)
+    self.shard_examples = int(shard_examples)
+    self._beam = False
     self.skipped: list[Skip] = []
     self._manual_dir = None
     self.recorded_manual_dir = ""  # metadata's manual_dir when the files read are a copy
@@ -124,7 +145,9 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
       "IEEE TMI 33(2):577-90.",
     )
 
-  def _split_generators(self, dl_manager):
+  def _shard_iterators_per_split(self, dl_manager):
+    """Each split's shards: its ids in TFDS's hash order (the order a generator-based build
+    wrote them in), SHARD_EXAMPLES to a shard, each shard's examples read when written."""
     self.skipped = []
     kind = registry.get(self.builder_config.kind)
     # The DownloadConfig's manual_dir as given: tfds' own `dl_manager.manual_dir` insists on
@@ -144,30 +167,57 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
         f"No usable images in {reader.describe()}: {len(self.skipped)} files "
         f"skipped ({self._reasons()})."
       )
-    by_split = _group(items, key=lambda item: split_of(item[0]))
-    return {split: self._generate_examples(reader, group) for split, group in by_split.items()}
+    spec = build_workers.ReaderSpec(
+      kind=kind.name,
+      open_reader=kind.open_reader,
+      manual_dir=os.fspath(manual_dir) if manual_dir else "",
+      num_examples=self.builder_config.num_examples,
+      source_names=registry.source_names(),
+      sources=tuple(kind.sources),
+    )
+    self._spec, self._reader = spec, reader
+    shards = {}
+    for split, group in _group(items, key=lambda item: split_of(item[0])).items():
+      hasher = hashing.Hasher(split)  # TFDS's Writer salts each split's keys with its name
+      group.sort(key=lambda item: hasher.hash_key(item[0]))
+      chunks = [
+        tuple(group[i : i + self.shard_examples]) for i in range(0, len(group), self.shard_examples)
+      ]
+      if self._beam:
+        shards[split] = [build_workers.BeamShard(spec, chunk, self.strict) for chunk in chunks]
+      else:
+        shards[split] = [functools.partial(self._shard_examples, chunk) for chunk in chunks]
+    return shards
 
   def _download_and_prepare(self, dl_manager, download_config):
     self._manual_dir = download_config.manual_dir
-    # A split whose every image turns out unusable yields nothing, which TFDS refuses. Images
-    # are only decoded while a split is written, so the build then starts again without the
-    # images found unusable (a split left empty is dropped): at most once per split.
+    self._beam = download_config.beam_runner is not None
+    # A split whose every image turns out unusable would be written empty. Images are only
+    # decoded while a split is written, so the build then starts again without the images
+    # found unusable (a split left empty is dropped): at most once per split.
     self._unusable = {}
     for _ in range(len(SPLIT_PERCENT)):
       self._failed: dict[str, list[Skip]] = {}
-      try:
+      with build_workers.Workers(self.workers) as workers:
+        self._workers = workers
         super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+      empty = [name for name, split in self.info.splits.items() if not split.num_examples]
+      if not empty:
         break
-      except AssertionError as e:
-        if "No examples were yielded" not in str(e) or not self._failed:
-          raise
-        logging.warning(
-          "Building again without the %d unusable images found so far (a split "
-          "had no usable image: %s).",
-          len(self._failed),
-          e,
+      if self._beam or not self._failed:
+        raise DataError(
+          f"Split(s) {empty} got no usable image (every one was skipped: {self._reasons()}); "
+          "build without Beam to have them left out."
         )
-        self._unusable.update(self._failed)
+      logging.warning(
+        "Building again without the %d unusable images found so far (split(s) %s had no "
+        "usable image).",
+        len(self._failed),
+        empty,
+      )
+      self._unusable.update(self._failed)
+      for path in epath.Path(self.data_path).glob(f"{self.name}-*.array_record*"):
+        path.unlink()
     else:
       raise DataError(f"Every split lost all its images to unusable files: {self._reasons()}.")
     self.info.metadata["skipped"] = [str(s) for s in self.skipped]
@@ -178,21 +228,18 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     else:
       logging.info("Build summary: no files skipped.")
 
-  def _generate_examples(self, reader: registry.Reader, items) -> Iterator[tuple[str, dict]]:
-    kind = registry.get(self.builder_config.kind)
-    source_names = registry.source_names()
-    for image_id, handle in items:
-      before = len(self.skipped)
-      example = reader.read(handle, lambda skip: self._skip(skip, reader))
-      if example is None:
-        self._failed[image_id] = self.skipped[before:]
+  def _shard_examples(self, items) -> Iterator[tuple[str, dict]]:
+    """One shard's examples, read by this build's workers (in order), skips collected."""
+    return build_workers.released(self._read_shard(items))
+
+  def _read_shard(self, items) -> Iterator[tuple[str, dict]]:
+    for read in self._workers.read(self._spec, self._reader, items):
+      for skip in read.skips:
+        self._skip(skip, self._reader)
+      if read.features is None:
+        self._failed[read.image_id] = list(read.skips)
         continue
-      if example.source not in kind.sources:
-        raise DataError(
-          f"{image_id}: source {example.source!r} is not one of dataset kind "
-          f"{kind.name!r}'s sources {list(kind.sources)}."
-        )
-      yield image_id, _features(example, source_names.index(example.source))
+      yield read.image_id, read.features
 
   def _skip(self, skip: Skip, reader: registry.Reader) -> None:
     where = reader.where(skip.file)
@@ -209,24 +256,6 @@ class CxrMasksAndLabels(tfds.core.GeneratorBasedBuilder):
     """'duplicate id: 1, unreadable image: 2, ...' for the build summary."""
     counts = collections.Counter(s.kind for s in self.skipped)
     return ", ".join(f"{kind}: {n}" for kind, n in counts.most_common())
-
-
-def _features(example: Example, source: int) -> dict:
-  """An Example as the builder's features."""
-  has_mask = example.mask is not None
-  return {
-    "image": example.image_png or images.encode_png(example.image),
-    "mask": images.encode_png(example.mask if has_mask else np.zeros_like(example.image)),
-    "has_mask": has_mask,
-    "label": example.label,
-    "source": source,
-    "id": example.id,
-    "sex": example.sex,
-    "age": example.age,
-    "finding": example.finding,
-    "spacing_mm": np.asarray(example.spacing_mm, np.float32),
-    "spacing_estimated": example.spacing_estimated,
-  }
 
 
 def _group(items, key) -> dict[str, list]:

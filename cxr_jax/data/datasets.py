@@ -5,9 +5,11 @@ import dataclasses
 import fcntl
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 
 import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
@@ -28,6 +30,9 @@ def load_builder(
   manual_dir: str = "",
   synthetic_examples: int = 0,
   strict: bool = False,
+  workers: int = 1,
+  beam_options: Sequence[str] = (),
+  shard_examples: int = cxr_masks_and_labels.SHARD_EXAMPLES,
 ) -> tfds.core.DatasetBuilder:
   """Returns the prepared builder of dataset `name` (a `registry` kind).
 
@@ -40,14 +45,22 @@ def load_builder(
     manual_dir: where a kind on disk reads its files ('' -> $CXR_MANUAL_DIR).
     synthetic_examples: size of a generated kind (0: its default; each size its own config).
     strict: raise on unusable files instead of skipping and counting them.
+    workers: processes decoding images while building (1: this one).
+    shard_examples: examples per shard file, when building.
+    beam_options: Apache Beam pipeline options ('--runner=DataflowRunner', ...): build on
+      Beam, one shard per task, instead of in this process (`beam_pipeline`).
   """
   kind = registry.get(name)
   manual_dir = "" if kind.generated else (manual_dir or os.environ.get(MANUAL_DIR_ENV, ""))
   manual_dir = paths.resolve(manual_dir) if manual_dir else ""
   if paths.is_url(data_dir):
-    return _load_remote(name, data_dir, manual_dir, synthetic_examples, strict)
+    return _load_remote(
+      name, data_dir, manual_dir, synthetic_examples, strict, workers, shard_examples
+    )
   with _prepare_lock(paths.resolve(data_dir), name):  # runs started together build it once
-    builder = _builder(name, paths.resolve(data_dir), synthetic_examples, strict)
+    builder = _builder(
+      name, paths.resolve(data_dir), synthetic_examples, strict, workers, shard_examples
+    )
     _remove_incomplete(builder)
     prepared = _is_prepared(builder)
     read_from = manual_dir
@@ -59,7 +72,7 @@ def load_builder(
     builder.recorded_manual_dir = manual_dir  # the URL, where a local copy is read
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
-        manual_dir=read_from or None, try_download_gcs=False
+        manual_dir=read_from or None, try_download_gcs=False, **beam_pipeline(beam_options)
       )
     )
   if prepared and not kind.generated:
@@ -102,24 +115,54 @@ def _prepare_lock(data_dir: str, name: str):
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def beam_pipeline(options: Sequence[str]) -> dict:
+  """DownloadConfig's beam_options and beam_runner for pipeline `options` ({} for none)."""
+  if not options:
+    return {}
+  try:
+    from apache_beam.options import pipeline_options  # noqa: PLC0415  (optional, heavy)
+  except ImportError as e:
+    raise DataError(
+      f"--beam_pipeline_options needs Apache Beam ({e}): pip install 'cxr_jax[beam]'."
+    ) from e
+  beam_options = pipeline_options.PipelineOptions(flags=list(options))
+  runner = beam_options.view_as(pipeline_options.StandardOptions).runner or "DirectRunner"
+  return {"beam_options": beam_options, "beam_runner": runner}
+
+
 def _builder(
-  name: str, data_dir: str, synthetic_examples: int, strict: bool
+  name: str,
+  data_dir: str,
+  synthetic_examples: int,
+  strict: bool,
+  workers: int = 1,
+  shard_examples: int = cxr_masks_and_labels.SHARD_EXAMPLES,
 ) -> tfds.core.DatasetBuilder:
   return cxr_masks_and_labels.CxrMasksAndLabels(
     config=cxr_masks_and_labels.config_for(name, synthetic_examples),
     data_dir=data_dir,
     strict=strict,
+    workers=workers,
+    shard_examples=shard_examples,
   )
 
 
 def _load_remote(
-  name: str, data_dir: str, manual_dir: str, synthetic_examples: int, strict: bool
+  name: str,
+  data_dir: str,
+  manual_dir: str,
+  synthetic_examples: int,
+  strict: bool,
+  workers: int = 1,
+  shard_examples: int = cxr_masks_and_labels.SHARD_EXAMPLES,
 ) -> tfds.core.DatasetBuilder:
   """A dataset prepared in a bucket, opened from this host's local copy.
 
   TFDS cannot write its array_record files into gs:// (nor can they be read there without
-  TensorFlow): the dataset is built on local disk and uploaded once, and every host reads
-  its own copy (about 100 MB at 512 px), downloaded again when the bucket's differs.
+  TensorFlow): the dataset is built on local disk and uploaded once. Another host copies
+  its description (dataset_info.json and the like) and fetches each shard file when it
+  first reads from it (`FetchingSource`), so a host of a multi-host job fetches only the
+  shards its process reads; the copy starts afresh when the bucket's description differs.
   """
   local_root = paths.cache_dir(data_dir, "tfds")
   local = os.fspath(_builder(name, local_root, synthetic_examples, strict).data_dir)
@@ -129,8 +172,12 @@ def _load_remote(
   if in_bucket:
     local_info = epath.Path(local) / "dataset_info.json"
     if not (local_info.exists() and local_info.read_text() == remote_info.read_text()):
-      logging.info("Copying the prepared dataset %s to %s.", remote, local)
-      paths.download_tree(remote, local)
+      logging.info("Copying the description of the prepared dataset %s to %s.", remote, local)
+      shutil.rmtree(local, ignore_errors=True)
+      os.makedirs(local)
+      for path in epath.Path(remote).iterdir():
+        if ".array_record-" not in path.name:  # shards: fetched when read
+          (epath.Path(local) / path.name).write_bytes(path.read_bytes())
   # The local copy: read as it is, or built first when the bucket has none yet.
   builder = load_builder(
     name,
@@ -138,10 +185,13 @@ def _load_remote(
     manual_dir=manual_dir,
     synthetic_examples=synthetic_examples,
     strict=strict,
+    workers=workers,
+    shard_examples=shard_examples,
   )
   if not in_bucket:
     count = paths.upload_tree(local, remote)
     logging.info("Uploaded the prepared dataset to %s (%d files).", remote, count)
+  builder.remote_dir = remote  # `split_source` fetches the shards it reads from there
   return builder
 
 
@@ -252,6 +302,9 @@ def split_source(
     )
   decoders = {name: tfds.decode.SkipDecoding() for name in skip_decoding}
   source = builder.as_data_source(split, decoders=decoders or None)
+  remote = getattr(builder, "remote_dir", "")
+  if remote:  # its shards are fetched as read: checking each would fetch them all
+    return FetchingSource(source, remote)
   _check_readable(builder, split, source)
   return source
 
@@ -273,6 +326,61 @@ def _check_readable(builder: tfds.core.DatasetBuilder, split: str, source: Seque
           "(python -m cxr_jax.data.prepare, or the same training command)."
         ) from e
     first += length
+
+
+def shard_lengths(source: Sequence[dict]) -> list[int] | None:
+  """The examples per shard file of a prepared split's source, in order; None for a source
+  that is not one split of a prepared dataset (a list, a protocol's subset)."""
+  if isinstance(source, FetchingSource):
+    source = source.source
+  if isinstance(source, tfds_sources.BaseDataSource):
+    return list(source.dataset_info.splits[source.split].shard_lengths)
+  return None
+
+
+@dataclasses.dataclass
+class FetchingSource(Sequence):
+  """A prepared split whose shard files lie in a bucket (`remote_dir`): each is copied into
+  the local dataset folder the first time a record of it is read, so a host fetches only
+  the shards its process reads (`input_pipeline` gives each process whole shards)."""
+
+  source: tfds_sources.BaseDataSource  # over the local folder, shards opened lazily
+  remote_dir: str
+
+  def __post_init__(self):
+    instructions = self.source.dataset_info.splits[self.source.split].file_instructions
+    self._files = [os.fspath(i.filename) for i in instructions]
+    self._ends = np.cumsum([i.take for i in instructions])
+    self._fetched: set[int] = set()
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index):
+    self._fetch(int(index))
+    return self.source[index]
+
+  def __getitems__(self, indices: Sequence[int]) -> Sequence[dict]:
+    for index in indices:
+      self._fetch(int(index))
+    return self.source.__getitems__(indices)
+
+  def skip_decoding(self, features: Sequence[str]) -> "FetchingSource":
+    return FetchingSource(skip_decoding(self.source, features), self.remote_dir)
+
+  def _fetch(self, index: int) -> None:
+    shard = int(np.searchsorted(self._ends, index, side="right"))
+    if shard in self._fetched:
+      return
+    local = self._files[shard]
+    if not os.path.exists(local):
+      remote = epath.Path(self.remote_dir) / os.path.basename(local)
+      logging.info("Fetching %s.", remote)
+      tmp = f"{local}.tmp{os.getpid()}-{threading.get_ident()}"  # reader threads may race
+      with remote.open("rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+      os.replace(tmp, local)
+    self._fetched.add(shard)
 
 
 def skip_decoding(source: Sequence[dict], features: Sequence[str]) -> Sequence[dict]:

@@ -85,9 +85,24 @@ def _scan(source: Sequence[dict[str, Any]], indices: np.ndarray) -> tuple[np.nda
   return has_mask, labels
 
 
-def _process_slice(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
-  """This process's source indices: a strided slice, disjoint from the other processes'."""
-  return np.arange(num_examples, dtype=np.int64)[process_index::process_count]
+# Processes get whole shards when the split has at least this many shards per process (their
+# example counts then differ by at most a shard in this many); a strided slice otherwise.
+SHARDS_PER_PROCESS = 4
+
+
+def _process_slice(
+  source: Sequence[dict[str, Any]], process_index: int, process_count: int
+) -> np.ndarray:
+  """This process's source indices, disjoint from the other processes': a contiguous run of
+  whole shard files of a prepared split (a host then reads, and from a bucket fetches, only
+  those), or a strided slice."""
+  lengths = datasets.shard_lengths(source)
+  if process_count > 1 and lengths and len(lengths) >= SHARDS_PER_PROCESS * process_count:
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    first = len(lengths) * process_index // process_count
+    last = len(lengths) * (process_index + 1) // process_count
+    return np.arange(starts[first], starts[last], dtype=np.int64)
+  return np.arange(len(source), dtype=np.int64)[process_index::process_count]
 
 
 def _train_indices(
@@ -98,7 +113,7 @@ def _train_indices(
 ) -> grain.MapDataset:
   """An endless MapDataset of this process's source indices, reshuffled every epoch."""
   examples = config.data.examples  # a valid value: the config schema checked it at start-up
-  indices = _process_slice(len(source), process_index, process_count)
+  indices = _process_slice(source, process_index, process_count)
   balance = bool(config.data.balance_classes)
   if examples == "with_masks" or balance:
     has_mask, labels = _scan(source, indices)
@@ -237,8 +252,8 @@ def create_eval_batches(
   batch = check_batch_size(
     config.eval_batch_size, num_devices=1, process_count=process_count, name="eval_batch_size"
   )
-  indices = _process_slice(len(source), process_index, process_count)
-  per_process = math.ceil(len(source) / process_count)
+  indices = _process_slice(source, process_index, process_count)
+  per_process = max(len(_process_slice(source, p, process_count)) for p in range(process_count))
   num_batches = max(1, math.ceil(per_process / batch))
   padded = np.full(num_batches * batch, -1, np.int64)
   padded[: len(indices)] = indices

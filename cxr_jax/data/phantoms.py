@@ -43,10 +43,10 @@ class Phantom:
   label: int  # 0 normal, 1 abnormal
 
 
-def make_phantom(seed: int, index: int) -> Phantom:
-  """Generates example `index` of the phantom set `seed`."""
+def make_phantom(seed: int, index: int, sides: tuple[int, int] = (MIN_SIDE, MAX_SIDE)) -> Phantom:
+  """Generates example `index` of the phantom set `seed`, its sides within `sides`."""
   rng = np.random.default_rng([seed, index])
-  height, width = _draw_size(rng)
+  height, width = _draw_size(rng, *sides)
   has_mask = bool(rng.random() >= MASKLESS_FRACTION)
   label = int(rng.random() < ABNORMAL_FRACTION)
   v, u = np.meshgrid(
@@ -109,11 +109,11 @@ def make_phantom(seed: int, index: int) -> Phantom:
   )
 
 
-def _draw_size(rng: np.random.Generator) -> tuple[int, int]:
-  side = int(rng.integers(MIN_SIDE, MAX_SIDE + 1))
+def _draw_size(rng: np.random.Generator, low: int, high: int) -> tuple[int, int]:
+  side = int(rng.integers(low, high + 1))
   if rng.random() < 0.6:
     return side, side
-  other = int(np.clip(side * rng.uniform(0.8, 1.25), MIN_SIDE, MAX_SIDE))
+  other = int(np.clip(side * rng.uniform(0.8, 1.25), low, high))
   return side, other
 
 

@@ -2,6 +2,8 @@ r"""Builds `cxr_masks_and_labels` once and prints its split counts.
 
   python -m cxr_jax.data.prepare --dataset=kaggle --manual_dir=PATH --data_dir=PATH
   python -m cxr_jax.data.prepare --dataset=synthetic --data_dir=PATH [--synthetic_examples=400]
+  ... --workers=N                      decode and encode images in N processes
+  ... --beam_pipeline_options=runner=DataflowRunner,project=P,...   build on Apache Beam
 
 Run it on one host before a multi-host job, so that the workers only read.
 """
@@ -21,6 +23,7 @@ from absl import flags
 from PIL import Image
 
 from cxr_jax import cli
+from cxr_jax.data import cxr_masks_and_labels
 from cxr_jax.data import datasets
 from cxr_jax.data import registry
 from cxr_jax.data.splits import SPLIT_PERCENT
@@ -153,6 +156,20 @@ def define_flags() -> None:
     "synthetic_examples", 0, "Number of synthetic examples (all splits; 0: the default)."
   )
   flags.DEFINE_bool("strict", False, "Fail on the first unusable file.")
+  flags.DEFINE_integer("workers", 1, "Processes decoding and encoding images (1: this one).")
+  flags.DEFINE_list(
+    "beam_pipeline_options",
+    [],
+    "Build on Apache Beam with these pipeline options, comma-separated without the leading "
+    "'--' (e.g. runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing;"
+    " README 'Data at scale' for Dataflow). Empty: build in this process.",
+  )
+  flags.DEFINE_integer(
+    "shard_examples",
+    cxr_masks_and_labels.SHARD_EXAMPLES,
+    "Examples per shard file (each host of a job reads whole shards).",
+  )
+  flags.DEFINE_bool("count", True, "Read every record back and print the split counts table.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -170,6 +187,9 @@ def main(argv: Sequence[str]) -> None:
     manual_dir=manual_dir,
     synthetic_examples=args.synthetic_examples,
     strict=args.strict,
+    workers=args.workers,
+    shard_examples=args.shard_examples,
+    beam_options=[f"--{option}" for option in args.beam_pipeline_options],
   )
   print(f"{builder.info.full_name} in {builder.data_dir}")
   source = datasets.built_from(builder)
@@ -181,7 +201,10 @@ def main(argv: Sequence[str]) -> None:
         f"WARNING: not rebuilt from --manual_dir={given}: this data_dir already holds the "
         f"dataset built from {source}. Use a fresh --data_dir, or delete {builder.data_dir}."
       )
-  print(format_counts(split_counts(builder)))
+  if args.count:
+    print(format_counts(split_counts(builder)))
+  else:
+    print(", ".join(f"{name}: {split.num_examples}" for name, split in builder.info.splits.items()))
   skipped = builder.info.metadata.get("skipped", []) if builder.info.metadata else []
   print(f"skipped files: {len(skipped)}")
   for line in skipped:

@@ -38,23 +38,14 @@ THUMBNAIL_SIDE = 320  # pixels kept per image for the report's pictures
 # image's pixels in the raw predicted mask (`native_mask`, as predict's CSV); `_post`: of the
 # post-processed mask.
 CSV_FIELDS = (
-  [
-    "id",
-    "step",
-    "source",
-    "label",
-    "has_mask",
-    "height",
-    "width",
-    "spacing_mm",
-    "spacing_estimated",
-  ]
-  + list(metric_table.MASK_METRICS)
+  ["id", "step", "source", "label", "has_mask", "height", "width", "spacing_mm"]
+  + ["spacing_estimated", *metric_table.MASK_METRICS]
   + [f"{m}_post" for m in metric_table.MASK_METRICS]
   + ["lung_fraction", "lung_fraction_post", "uncertainty", "flagged"]
   + ["p_abnormal", "p_abnormal_calibrated"]
 )
 POOR_DICE = 0.95  # quality control: how well `uncertainty` finds masks below this Dice
+_ONE_PROCESS = {"process_index": 0, "process_count": 1}
 
 
 @dataclasses.dataclass
@@ -73,10 +64,40 @@ class Case:
 
 @dataclasses.dataclass
 class SplitResult:
-  rows: list[dict]  # one per image (CSV_FIELDS)
-  cases: dict[str, Case]
+  """rows: one per image (CSV_FIELDS; scalars only). cases: id -> Case, drawn when asked for
+  (`CaseLookup`: the report draws a handful). attention: the first images with a reference
+  mask and gate maps (NUM_ATTENTION_CASES at most)."""
+
+  rows: list[dict]
+  cases: Mapping[str, Case]
   labels: np.ndarray  # [N] int, all images
   probs: np.ndarray | None  # [N] p(abnormal), classifiers only
+  attention: list[Case] = dataclasses.field(default_factory=list)
+
+
+class CaseLookup(Mapping):
+  """id -> Case, made when first asked for by predicting that image again, so evaluation
+  holds no image per image (every image's thumbnails: ~40 GB at 100k real X-rays)."""
+
+  def __init__(self, inference: Inference, config, source, positions: dict[str, int]):
+    self._inference, self._config, self._source = inference, config, source
+    self._positions = positions
+    self._made: dict[str, Case] = {}
+
+  def __getitem__(self, image_id: str) -> Case:
+    if image_id not in self._made:
+      record = self._source[self._positions[image_id]]
+      batches = input_pipeline.create_eval_batches(self._config, [record], **_ONE_PROCESS)
+      batch = next(iter(batches))
+      outputs = self._inference(batch["image"])
+      self._made[image_id] = _score_image(record, batch, 0, outputs, self._inference)[1]
+    return self._made[image_id]
+
+  def __iter__(self):
+    return iter(self._positions)
+
+  def __len__(self) -> int:
+    return len(self._positions)
 
 
 def _thumbnail(array: np.ndarray) -> np.ndarray:
@@ -102,13 +123,17 @@ def predict_split(
   native: bool = True,
   show_progress: bool = False,
   label: str = "evaluate",
+  write_row: Callable[[dict], None] | None = None,
+  calibrate: Callable[[float], float] | None = None,
 ) -> SplitResult:
-  """Predicts every example of `source` (eval batches) and scores it at native resolution.
+  """Predicts every example of `source` (eval batches) and scores it at native resolution,
+  one image at a time: each row goes to `write_row` as soon as it is scored (with
+  p_abnormal_calibrated from `calibrate`), and no image is kept (`CaseLookup`).
 
   native=False only collects labels and p(abnormal) (threshold choice on validation).
   """
-  batches = input_pipeline.create_eval_batches(config, source, process_index=0, process_count=1)
-  rows, cases, labels, probs = [], {}, [], []
+  batches = input_pipeline.create_eval_batches(config, source, **_ONE_PROCESS)
+  rows, positions, attention, labels, probs = [], {}, [], [], []
   bar = Progress(len(source), label) if show_progress else None
   attention_left = NUM_ATTENTION_CASES
   position = 0  # eval batches keep the source's order: the k-th real example is source[k]
@@ -127,12 +152,17 @@ def predict_split(
           )
         row, case = _score_image(record, batch, i, outputs, inference)
         row["p_abnormal"] = p
+        if p is not None and calibrate is not None:
+          row["p_abnormal_calibrated"] = calibrate(p)
         if attention_left and "attention" in outputs and case.truth is not None:
           case.attention = [a[i] for a in outputs["attention"]]
           case.model_input = batch["image"][i, ..., 0]
+          attention.append(case)
           attention_left -= 1
         rows.append(row)
-        cases[row["id"]] = case
+        positions[row["id"]] = position
+        if write_row is not None:
+          write_row(row)
       position += 1
     if bar:
       bar.update(int((batch["weight"] > 0).sum()))
@@ -140,9 +170,10 @@ def predict_split(
     bar.close()
   return SplitResult(
     rows,
-    cases,
+    CaseLookup(inference, config, source, positions),
     np.asarray(labels, np.int64),
     np.asarray(probs, np.float64) if inference.classifies else None,
+    attention,
   )
 
 
@@ -214,8 +245,12 @@ def evaluate_split(
   *,
   batch_size: int = 0,
   show_progress: bool = True,
+  write_row: Callable[[dict], None] | None = None,
 ) -> tuple[dict[str, Any], SplitResult]:
   """Scores `model` on `split` at native resolution -> (summary, per-image result).
+
+  Each image's row goes to `write_row` when it is scored (a classifier's validation pass,
+  for its threshold and temperature, runs first so that rows are final when written).
 
   Args:
     config: the run's config.
@@ -229,8 +264,30 @@ def evaluate_split(
   config.eval_batch_size = batch_size or int(config.eval_batch_size)
   config.data.num_workers = 0
   inference = Inference(config, model, batch_size=config.eval_batch_size, attention=True)
+  validation, calibrate, temperature = None, None, 1.0
+  if inference.classifies:
+    validation = predict_split(
+      inference,
+      config,
+      get_source("validation"),
+      native=False,
+      show_progress=show_progress,
+      label="threshold on validation",
+    )
+    # Temperature scaling, fitted on validation: calibrates p(abnormal), AUC unchanged.
+    temperature = classification_stats.fit_temperature(validation.labels, validation.probs)
+
+    def calibrate(p: float) -> float:
+      return float(classification_stats.apply_temperature(np.asarray([p]), temperature)[0])
+
   result = predict_split(
-    inference, config, get_source(split), show_progress=show_progress, label=f"evaluate {split}"
+    inference,
+    config,
+    get_source(split),
+    show_progress=show_progress,
+    label=f"evaluate {split}",
+    write_row=write_row,
+    calibrate=calibrate,
   )
   summary: dict[str, Any] = {
     "split": split,
@@ -245,9 +302,7 @@ def evaluate_split(
       summary[head.task] = _segmentation_summary(result.rows, config)
       summary[head.task]["quality"] = quality_summary(result.rows, inference.qc_threshold)
     elif head.task == "classification":
-      summary[head.task] = _classification_summary(
-        result, inference, config, split, get_source, show_progress
-      )
+      summary[head.task] = _classification_summary(result, validation, split, config, temperature)
   return summary, result
 
 
@@ -309,24 +364,13 @@ def quality_summary(rows: Sequence[Mapping[str, Any]], threshold: float) -> dict
 
 def _classification_summary(
   result: SplitResult,
-  inference: Inference,
-  config: ml_collections.ConfigDict,
+  validation: SplitResult,
   split: str,
-  get_source,
-  show_progress: bool,
+  config: ml_collections.ConfigDict,
+  temperature: float,
 ) -> dict[str, Any]:
-  if split == "validation":
-    labels, probs, origin = result.labels, result.probs, "validation (the evaluated split)"
-  else:
-    val = predict_split(
-      inference,
-      config,
-      get_source("validation"),
-      native=False,
-      show_progress=show_progress,
-      label="threshold on validation",
-    )
-    labels, probs, origin = val.labels, val.probs, "validation"
+  labels, probs = validation.labels, validation.probs
+  origin = "validation (the evaluated split)" if split == "validation" else "validation"
   threshold = classification_stats.youden_threshold(labels, probs)
   if not math.isfinite(threshold):
     threshold, origin = 0.5, "0.5 (validation has a single class)"
@@ -334,10 +378,7 @@ def _classification_summary(
     result.labels, result.probs, threshold=threshold, threshold_from=origin, seed=int(config.seed)
   )
   # Temperature scaling, fitted on validation: calibrates p(abnormal), AUC unchanged.
-  temperature = classification_stats.fit_temperature(labels, probs)
   calibrated = classification_stats.apply_temperature(result.probs, temperature)
-  for row, p in zip(result.rows, calibrated):
-    row["p_abnormal_calibrated"] = float(p)
   summary["calibration"] = {
     "temperature": temperature,
     "fitted_on": "validation",

@@ -5,7 +5,6 @@ loss and the optax update, with parameters and optimiser state replicated over t
 batches split over its `data` axis.
 """
 
-import functools
 import logging
 import math
 import time
@@ -26,7 +25,6 @@ from cxr_jax.core import models
 from cxr_jax.core.inference import overlays
 from cxr_jax.core.run import checkpoint
 from cxr_jax.core.run import multihost
-from cxr_jax.core.run import platform
 from cxr_jax.core.run import preemption
 from cxr_jax.core.run import restore_errors
 from cxr_jax.core.run import run_lock
@@ -39,9 +37,11 @@ from cxr_jax.core.run import writers
 from cxr_jax.core.stats import metrics as metrics_lib
 from cxr_jax.core.training import heads
 from cxr_jax.core.training import steps
+from cxr_jax.core.training import transfer
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import paths
 from cxr_jax.workflows import lung_crop
+from cxr_jax.workflows import programs as programs_lib
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,6 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
   if config.data.crop_workdir:
     config.data.crop_workdir = paths.resolve(config.data.crop_workdir)
+  transfer.resolve_config(config)  # the source's input scale, before the model is built
   schema.validate(config)
   trackers.check_config(config)
   check_model(config)  # seconds, before anything is read or written
@@ -180,7 +181,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   sharding.check_image_size(config.data.image_size, mesh)
-  replicated = sharding.replicated(mesh)
   logging.info(
     "Mesh: %s over %d devices (%s), %d processes, this is process %d.",
     dict(mesh.shape),
@@ -199,29 +199,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   train_iter = input_pipeline.create_train_iterator(config, sources["train"], **process)
   eval_batches = input_pipeline.create_eval_batches(config, sources["validation"], **process)
 
-  # ----- model and optimiser -----
-  tx = steps.create_optimizer(config)
-  init_state = functools.partial(steps.create_train_state, config, tx)
-  abstract_model = nnx.eval_shape(
-    lambda: models.create_model(config.model, rngs=nnx.Rngs(params=0, dropout=0))
-  )
-  graphdef = nnx.graphdef(abstract_model)
-  abstract_state = jax.eval_shape(init_state)
-  state_sharding = sharding.state_sharding(abstract_state, mesh, config.shard_params)
-  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+  # ----- model, optimiser and the compiled steps -----
+  programs = programs_lib.build(config, mesh)
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(programs.abstract_state.params))
   logging.info("Model %s: %s parameters.", config.model.name, f"{num_params:,}")
 
   # ----- checkpoint: resume or start -----
   manager = checkpoint.create_manager(workdir, config)
-  workdir_checks.check_steps_left(workdir, manager.latest_step(), config.num_train_steps)
   if manager.latest_step() is not None:
-    rundir.check_resumable(workdir, config)
+    rundir.check_resumable(workdir, config)  # another structure first: the deeper mismatch
+    workdir_checks.check_steps_left(workdir, manager.latest_step(), config.num_train_steps)
     multihost.barrier("restore")  # Orbax's own restore waits on every process, unnamed
-    abstract_items = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state,
-      state_sharding,
-    ).checkpoint_items()
+    abstract_items = programs.abstract_state.checkpoint_items()
     step, items = checkpoint.restore_newest_readable(
       manager,
       sorted(manager.all_steps(), reverse=True),
@@ -240,26 +229,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   else:
     if jax.process_index() == 0:
       workdir_checks.set_aside_orphaned_metrics(workdir)
-    state = platform.jit(init_state, out_shardings=state_sharding)()
+    state = programs.init()
+    if config.model.init_from:
+      state = jax.device_put(
+        transfer.initialise(state, config, programs.tx), programs.state_sharding
+      )
   first_step = int(state.step)
   if jax.process_index() == 0:  # after a restore: it describes what the checkpoints hold
     rundir.write_config(workdir, config, dataset.info(requested))
 
-  # ----- compiled steps -----
-  # The arguments arrive placed (state_sharding, sharding.to_global): no in_shardings.
-  image_sharding = sharding.image_sharded(mesh) if sharding.space_size(mesh) > 1 else None
-  train_step = platform.jit(
-    steps.make_train_step(graphdef, config, tx, image_sharding=image_sharding),
-    out_shardings=(state_sharding, replicated),
-    donate_argnums=0,
-  )
-  eval_step = platform.jit(steps.make_eval_step(graphdef, config))
   # With an EMA the checkpoint chosen is the EMA's best; the trained weights' own metrics are
   # logged beside it as online_<name> (the EMA's paired effect, every evaluation).
-  online_step = (
-    platform.jit(steps.make_eval_step(graphdef, config, online=True))
-    if state.ema is not None
-    else None
+  train_step, eval_step, online_step = (
+    programs.train_step,
+    programs.eval_step,
+    programs.online_step,
   )
 
   # ----- loop -----

@@ -1,7 +1,6 @@
 """A restored model's forward pass, and the mapping of its outputs back to native images."""
 
 import dataclasses
-import functools
 import inspect
 from collections.abc import Sequence
 
@@ -94,6 +93,23 @@ def uncertainty(prob: jax.Array) -> jax.Array:
   return jnp.where(area > 0, entropy.sum(axis=(1, 2)) / jnp.maximum(area, 1), 1.0)
 
 
+def make_predict_step(graphdef: nnx.GraphDef, *, tta: bool, attention: bool = False):
+  """Returns `predict_step(state, images [B, S, S, 1] float32) -> dict` (`Inference`'s
+  outputs); pure, ready for jax.jit. `state`: the model's variables (`nnx.split`), all of
+  them; `attention=True` adds the attention gates' maps (a model that has them)."""
+  kwargs = {"return_attention": True} if attention else {}
+
+  def predict_step(state: nnx.State, images: jax.Array) -> dict:
+    model = nnx.merge(graphdef, state)
+    outputs = model(images, train=False, **kwargs)
+    result = segmenter_outputs(lambda x: model(x, train=False), outputs, images, tta)
+    if "attention" in outputs:
+      result["attention"] = [a[..., 0] for a in outputs["attention"]]
+    return result
+
+  return predict_step
+
+
 class Inference:
   """A restored model's jitted forward pass on letterboxed batches of fixed size.
 
@@ -117,7 +133,6 @@ class Inference:
     self.batch_size = batch_size
     call_params = inspect.signature(type(model).__call__).parameters
     self.has_attention = "return_attention" in call_params
-    kwargs = {"return_attention": True} if (attention and self.has_attention) else {}
     graphdef, state = nnx.split(model)
     # config.mesh.space > 1: each image's height split over this host's devices (`sharding`),
     # for sizes one device cannot hold; batches padded to a multiple of the 'data' axis.
@@ -133,15 +148,10 @@ class Inference:
     self.tta = bool(config.tta)
     self.qc_threshold = float(config.qc_threshold)
 
-    @functools.partial(platform.jit, **shardings)
-    def forward(state, images):
-      model = nnx.merge(graphdef, state)
-      outputs = model(images, train=False, **kwargs)
-      result = segmenter_outputs(lambda x: model(x, train=False), outputs, images, self.tta)
-      if "attention" in outputs:
-        result["attention"] = [a[..., 0] for a in outputs["attention"]]
-      return result
-
+    forward = platform.jit(
+      make_predict_step(graphdef, tta=self.tta, attention=attention and self.has_attention),
+      **shardings,
+    )
     self._state = state
     self._forward = forward
     probe = jax.eval_shape(

@@ -13,6 +13,9 @@ from flax import nnx
 from cxr_jax import errors
 from cxr_jax.core.models.attention_unet import AttentionUNet
 from cxr_jax.core.models.classifier import Classifier
+from cxr_jax.core.models.densenet import densenet_encoder
+from cxr_jax.core.models.encoder_models import create_encoder_model
+from cxr_jax.core.models.resnet import resnet_encoder
 from cxr_jax.core.models.unet import MultiTaskUNet
 from cxr_jax.core.models.unet import UNet
 
@@ -23,6 +26,17 @@ MODELS: dict[str, type[nnx.Module]] = {
   "multitask": MultiTaskUNet,
 }
 
+# config.model.encoder -> builder(in_features=, dtype=, rngs=) of an encoder returning the
+# features at strides 2..32 (torchvision's layout: pretrained.py loads their state dicts).
+# '' or 'unet': each model's own from-scratch encoder.
+ENCODERS = {
+  "resnet18": resnet_encoder("resnet18"),
+  "resnet34": resnet_encoder("resnet34"),
+  "resnet50": resnet_encoder("resnet50"),
+  "densenet121": densenet_encoder("densenet121"),
+}
+NATIVE_ENCODERS = ("", "unet")
+
 
 def create_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
   """Builds `MODELS[model_config.name]` from `config.model`.
@@ -31,6 +45,13 @@ def create_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> 
   `nnx.Rngs(seed)` provides both through its default stream).
   """
   name = model_config.name
+  encoder = model_config.get("encoder", "")
+  if encoder not in NATIVE_ENCODERS:
+    if encoder not in ENCODERS:
+      raise ValueError(
+        f"Unknown config.model.encoder={encoder!r}; valid: {sorted(ENCODERS)} or ''."
+      )
+    return create_encoder_model(ENCODERS[encoder], model_config, rngs=rngs)
   if name not in MODELS:
     raise errors.ConfigError(
       f"Unknown model config.model.name={name!r}; valid names: {sorted(MODELS)}."
@@ -38,4 +59,12 @@ def create_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> 
   return MODELS[name].from_config(model_config, rngs=rngs)
 
 
-__all__ = ["MODELS", "create_model", "UNet", "AttentionUNet", "Classifier", "MultiTaskUNet"]
+__all__ = [
+  "MODELS",
+  "ENCODERS",
+  "create_model",
+  "UNet",
+  "AttentionUNet",
+  "Classifier",
+  "MultiTaskUNet",
+]

@@ -259,11 +259,12 @@ CPU_OPTIONS = {
 
 
 @functools.cache
-def compiler_options() -> dict[str, str]:
-  """The `compiler_options` of every jit: CPU_OPTIONS on a CPU backend whose XLA knows them
-  (an XLA that does not is warned about once and compiles with its defaults), nothing on
-  accelerators."""
-  if jax.default_backend() != "cpu":
+def compiler_options(target: str | None = None) -> dict[str, str]:
+  """The `compiler_options` of the train, eval and inference jits compiled for the `target`
+  platform ('cpu', 'tpu', 'gpu'; default: JAX's default backend): CPU_OPTIONS for a CPU whose
+  XLA knows them (an XLA that does not is warned about once and compiles with its defaults),
+  nothing for accelerators, also when the default backend is the CPU (`cxr_jax.aot`)."""
+  if (target or jax.default_backend()) != "cpu":
     return {}
   try:
     jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(1.0).compile()
@@ -273,7 +274,9 @@ def compiler_options() -> dict[str, str]:
   return dict(CPU_OPTIONS)
 
 
-def jit(fun: Callable, **jit_kwargs) -> Callable:
-  """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options()`: the only jit in cxr_jax
-  (tests/test_precision.py checks), so no program gets XLA:CPU's imprecise defaults."""
-  return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
+def jit(fun: Callable, *, target: str | None = None, **jit_kwargs) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options(target)`: the only jit in
+  cxr_jax (tests/test_precision.py checks), so no program gets XLA:CPU's imprecise defaults.
+  `target`: the platform of the devices it is compiled for, where that is not the default
+  backend's (`cxr_jax.aot` compiles for TPUs on a CPU)."""
+  return jax.jit(fun, compiler_options=compiler_options(target), **jit_kwargs)

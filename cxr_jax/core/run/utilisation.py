@@ -9,40 +9,57 @@ devices (CPUs) have no peak, and no MFU is reported.
 import logging
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 
-# device_kind substring (lower case) -> peak dense bf16 FLOP/s. Checked in this order.
-PEAK_FLOPS = (
-  ("h100 pcie", 756e12),
-  ("h100", 989e12),
-  ("h200", 989e12),
-  ("b200", 2250e12),
-  ("a100", 312e12),
-  ("l40s", 362e12),
-  ("l40", 181e12),
-  ("l4", 121e12),
-  ("v6 lite", 918e12),
-  ("v6e", 918e12),
-  ("v5 lite", 197e12),
-  ("v5e", 197e12),
-  ("v5p", 459e12),
-  ("v5", 459e12),
-  ("v4", 275e12),
+
+class Chip(NamedTuple):
+  """One accelerator of a kind: its peak dense bf16 FLOP/s, and (TPUs, which `cxr_jax.aot`
+  compiles for) its HBM capacity in GiB and bandwidth in GB/s."""
+
+  peak_flops: float
+  hbm_gib: float | None = None
+  hbm_gbps: float | None = None
+
+
+# device_kind substring (lower case) -> Chip, from the vendors' data sheets. Checked in this
+# order ('v5 lite', v5e's device_kind, before 'v5', v5p's).
+CHIPS = (
+  ("h100 pcie", Chip(756e12)),
+  ("h100", Chip(989e12)),
+  ("h200", Chip(989e12)),
+  ("b200", Chip(2250e12)),
+  ("a100", Chip(312e12)),
+  ("l40s", Chip(362e12)),
+  ("l40", Chip(181e12)),
+  ("l4", Chip(121e12)),
+  ("v6 lite", Chip(918e12, 32, 1640)),
+  ("v6e", Chip(918e12, 32, 1640)),
+  ("v5 lite", Chip(197e12, 16, 819)),
+  ("v5e", Chip(197e12, 16, 819)),
+  ("v5p", Chip(459e12, 95, 2765)),
+  ("v5", Chip(459e12, 95, 2765)),
+  ("v4", Chip(275e12, 32, 1200)),
 )
+
+
+def chip(device_kind: str) -> Chip | None:
+  """The table's row for a device kind ('TPU v5 lite', 'NVIDIA H100 80GB HBM3'), or None."""
+  kind = device_kind.lower()
+  for name, row in CHIPS:
+    if name in kind:
+      return row
+  return None
 
 
 def peak_flops(device_kind: str) -> float | None:
   """Peak dense bf16 FLOP/s of one device of this kind, or None when unknown."""
-  kind = device_kind.lower()
-  for name, peak in PEAK_FLOPS:
-    if name in kind:
-      return peak
-  return None
+  row = chip(device_kind)
+  return row.peak_flops if row else None
 
 
 def step_flops(compiled: Any) -> float | None:

@@ -20,6 +20,7 @@ from cxr_jax.core import models
 from cxr_jax.core.training import augment
 from cxr_jax.core.training import heads
 from cxr_jax.core.training import losses
+from cxr_jax.core.training import transfer
 
 
 @flax.struct.dataclass
@@ -87,19 +88,24 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW (decay on kernels only) or Adam, with optional global-norm clipping."""
+  """AdamW (decay on kernels only) or Adam, with optional global-norm clipping, and the
+  encoder's fine-tuning schedule (transfer.fine_tuning)."""
   optim = config.optim
   learning_rate = create_learning_rate_fn(config)
 
   def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
-  if optim.name == "adamw":
-    tx = optax.adamw(learning_rate, weight_decay=optim.weight_decay, mask=decay_mask)
-  elif optim.name == "adam":
-    tx = optax.adam(learning_rate)
-  else:
+  if optim.name not in ("adamw", "adam"):
     raise errors.ConfigError(f"config.optim.name={optim.name!r}; valid: 'adamw', 'adam'.")
+
+  def make_tx() -> optax.GradientTransformation:
+    if optim.name == "adamw":
+      return optax.adamw(learning_rate, weight_decay=optim.weight_decay, mask=decay_mask)
+    return optax.adam(learning_rate)
+
+  # The encoder's own schedule (frozen steps, learning-rate multiplier) when fine-tuning.
+  tx = transfer.fine_tuning(make_tx, config)
   if optim.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
   return tx
