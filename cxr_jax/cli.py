@@ -13,7 +13,7 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
-from cxr_jax.config import schema
+from cxr_jax import errors
 
 # Orbax logs every file of every checkpoint at INFO; TFDS and grain their own progress.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/grain/")
@@ -108,10 +108,24 @@ def _exit_with(status: int, message: str) -> None:
   os._exit(status)
 
 
+def config_package_on_path(argv: list[str]) -> None:
+  """Puts the folder above a `--config=.../configs/x.py` file's package on sys.path, so its
+  `from configs import default` works from any directory (an sbatch script's, say)."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      folder = os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0]))
+      if os.path.exists(os.path.join(folder, "__init__.py")):
+        root = os.path.dirname(folder)
+        if root not in sys.path:
+          sys.path.insert(0, root)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)` for a command: short messages for bad flags and for errors of the
-  machine (disk full, read-only or forbidden paths), exit status 2 and 1."""
-  flags.DEFINE_bool("traceback", False, "Show the full traceback of disk and permission errors.")
+  """`app.run(main)` for a command: short messages for bad flags, for errors a user can fix
+  (`errors.UserError`: exit status 2) and for errors of the machine (disk full, read-only or
+  forbidden paths: 1); the traceback behind --traceback."""
+  flags.DEFINE_bool("traceback", False, "Show the full traceback of user and disk errors.")
+  config_package_on_path(sys.argv)
 
   def guarded(argv: list[str]) -> None:
     if not flags.FLAGS.traceback:
@@ -119,8 +133,10 @@ def run(main: Callable[[list[str]], None]) -> None:
       absl_logging.get_absl_handler().addFilter(_NoLibraryTracebacks())
     try:
       main(argv)
-    except schema.ConfigError as e:  # the user's config: the message says what to change
-      _exit_with(2, f"{os.path.basename(argv[0])}: {e}")
+    except errors.UserError as e:
+      if flags.FLAGS.traceback:
+        raise
+      _exit_with(2, f"{os.path.basename(argv[0])}: {' '.join(str(e).split())}")
     except (OSError, ValueError, RuntimeError) as e:
       if flags.FLAGS.traceback:
         raise

@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 from absl import app
 from absl import flags
+from etils import epath
 from flax import nnx
 
 from cxr_jax import cli
@@ -131,31 +132,49 @@ def _run(
       return lung_crop.maybe_crop(config, name, source, workdir)
 
   run_dir = RunDir(workdir)
-  out_dir = str(run_dir.eval_dir)
-  run_dir.eval_dir.mkdir(parents=True, exist_ok=True)
-  fields = [*evaluation.CSV_FIELDS, *task_scores.eval_fields(config)]
-  with csv_tables.RowWriter(str(run_dir.eval_table(name)), fields) as csv_rows:
-    summary, result = evaluation.evaluate_split(
-      config,
-      model,
-      split,
-      get_source,
-      batch_size=batch_size,
-      show_progress=show_progress,
-      write_row=csv_rows.write,
-    )
-  steps = run_dir.checkpoint_steps()
-  summary = {
-    "split": split,
-    "workdir": run_dir.root,
-    "checkpoint": checkpoint,
-    "step": step,
-    "trained_steps": steps[-1] if steps else None,  # the newest checkpoint when evaluated
-    **summary,
-  }
-  html = report.write_report(out_dir, name, summary, result)
-  summary["report"] = os.path.basename(html)
-  paths.write_text(str(run_dir.eval_summary(name)), json.dumps(json_safe(summary), indent=2))
+  out_dir = run_dir.eval_dir
+  # Everything is written into a folder of its own first (the CSV row by row as images are
+  # scored) and then renamed into place, the JSON last: a kill leaves the previous
+  # evaluation's files as they were (and every row names its step), never a CSV of one step
+  # beside a JSON and report of another.
+  staging = out_dir / f".{name}.writing-{os.getpid()}"
+  staging.mkdir(parents=True, exist_ok=True)
+  summary_name = run_dir.eval_summary(name).name
+  try:
+    table = str(staging / run_dir.eval_table(name).name)
+    fields = [*evaluation.CSV_FIELDS, *task_scores.eval_fields(config)]
+    with csv_tables.RowWriter(table, fields) as csv_rows:
+
+      def write_row(row: dict) -> None:
+        row["step"] = step
+        csv_rows.write(row)
+
+      summary, result = evaluation.evaluate_split(
+        config,
+        model,
+        split,
+        get_source,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        write_row=write_row,
+      )
+    steps = run_dir.checkpoint_steps()
+    summary = {
+      "split": split,
+      "workdir": run_dir.root,
+      "checkpoint": checkpoint,
+      "step": step,
+      "trained_steps": steps[-1] if steps else None,  # the newest checkpoint when evaluated
+      **summary,
+    }
+    html = report.write_report(str(staging), name, summary, result)
+    summary["report"] = os.path.basename(html)
+    (staging / summary_name).write_text(json.dumps(json_safe(summary), indent=2))
+    _move_into_place(staging, out_dir, last=summary_name)
+  finally:
+    if staging.exists():  # stopped part-way: the previous outputs stay as they were
+      staging.rmtree()
+  html = str(out_dir / summary["report"])  # where the report was moved to
   if "classification" in summary and step is not None and not tta:
     # The temperature predict applies to this checkpoint (its p_abnormal_calibrated).
     calibration = {"step": step, "checkpoint": checkpoint}
@@ -166,6 +185,14 @@ def _run(
     workdir, config, [str(run_dir.eval_summary(name)), str(run_dir.eval_table(name)), html]
   )
   return summary
+
+
+def _move_into_place(staging: epath.Path, out_dir: epath.Path, *, last: str) -> None:
+  """Renames every file of `staging` into `out_dir`, `last` at the end (the caller removes
+  `staging`: a bucket has no empty folder to remove)."""
+  files = sorted(staging.iterdir(), key=lambda p: p.name == last)
+  for file in files:
+    file.rename(out_dir / file.name)  # os.replace on a disk; a copy and delete in a bucket
 
 
 def output_name(split: str, tta: str) -> str:

@@ -18,8 +18,9 @@ def define_flags() -> None:
   """The command's flags; defined only when run as a command, so importing is side-free."""
   flags.DEFINE_string(
     "workdir",
-    "/tmp/cxr_jax",
-    "Where checkpoints, metrics and TensorBoard events go; an existing run there is resumed.",
+    None,
+    "Where checkpoints, metrics and TensorBoard events go (required: a new or empty folder, "
+    "or an earlier run's to resume it).",
   )
   flags.DEFINE_bool(
     "multihost",
@@ -50,7 +51,7 @@ def define_flags() -> None:
     "Training config, e.g. configs/unet.py or configs/unet.py:smoke.",
     lock_config=True,
   )
-  flags.mark_flags_as_required(["config"])
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:

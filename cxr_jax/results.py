@@ -28,6 +28,7 @@ from cxr_jax import cli
 from cxr_jax import figures
 from cxr_jax.core.run import csv_tables
 from cxr_jax.core.run import layout
+from cxr_jax.core.run import rundir
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.core.stats import metric_table
 from cxr_jax.core.stats import paired_stats
@@ -35,6 +36,10 @@ from cxr_jax.data import paths
 from cxr_jax.data import registry
 
 RUN_COLUMNS = ("run", "variant", "seed", "fold", "step", "num_images")
+# group: the dataset and task a run is compared within (runs of another dataset or task get
+# their own table and baseline); finished: trained to its config.num_train_steps (unfinished
+# runs are listed, not averaged).
+GROUP_COLUMNS = ("group", "finished")
 
 
 def metric_columns() -> tuple[str, ...]:
@@ -53,7 +58,17 @@ def read_run(workdir: str | RunDir, split: str) -> dict[str, Any] | None:
   run = RunDir(workdir)
   if not run.eval_summary(split).exists():
     return None
-  summary = json.loads(run.eval_summary(split).read_text())
+  try:
+    summary = json.loads(run.eval_summary(split).read_text())
+    group, num_train_steps = _group(run, summary)
+    trained_to = _trained_to(run, summary)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut short, or edited
+    print(
+      f"results: skipping {run}: {' '.join(str(e).split())[:200]} (in "
+      f"{run.eval_summary(split)} or its config.json; evaluate the run again)",
+      file=sys.stderr,
+    )
+    return None
   if run.sweep_record.exists():
     record = json.loads(run.sweep_record.read_text())
   else:
@@ -65,6 +80,8 @@ def read_run(workdir: str | RunDir, split: str) -> dict[str, Any] | None:
     "fold": record["fold"],
     "step": summary.get("step"),
     "num_images": summary.get("num_images"),
+    "group": group,
+    "finished": trained_to >= (num_train_steps or 0),
   }
   validation = _validation_at(run, summary.get("step"))
   row.update({m.name: m.result(summary, validation) for m in metric_table.RESULTS})
@@ -73,7 +90,28 @@ def read_run(workdir: str | RunDir, split: str) -> dict[str, Any] | None:
       row[f"dice_{source}"] = values["dice"]["mean"]
   table = io.StringIO(run.eval_table(split).read_text())
   images = {r["id"]: r for r in csv.DictReader(table)}
-  return {"row": row, "images": images}
+  return {"row": row, "images": images, "trained_to": trained_to, "steps": num_train_steps}
+
+
+def _trained_to(run: RunDir, summary: dict) -> int:
+  """The newest checkpoint's step (the evaluated step where there are no checkpoints): a run
+  evaluated at its best step may well have trained to the end."""
+  return max(run.checkpoint_steps(), default=summary.get("step") or 0)
+
+
+def _group(run: RunDir, summary: dict) -> tuple[str, int | None]:
+  """(the dataset and task the run is compared within, its config.num_train_steps); the
+  dataset is unknown ('') without config.json."""
+  task = "+".join(t for t in ("segmentation", "classification") if t in summary) or "none"
+  if not run.config.exists():
+    return task, None
+  record = rundir.read_record(str(run.config))
+  data = record["config"].get("data", {})
+  dataset = (record.get("dataset") or {}).get("name") or data.get("name", "")
+  protocol = data.get("split", "hash")
+  if protocol == "cross_site":
+    protocol += f"[{data.get('train_sources', '')}]"
+  return f"{dataset} {protocol} {task}", int(record["config"]["num_train_steps"])
 
 
 def _validation_at(run: RunDir, step: int | None) -> dict[str, float]:
@@ -185,20 +223,41 @@ def write_results(
 ) -> list[str]:
   """Writes results.csv, results.md and results.html into `out_dir` (local or gs://);
   returns their paths."""
-  runs = [run for run in (read_run(d, split) for d in run_dirs) if run is not None]
-  if not runs:
-    raise FileNotFoundError(f"None of the {len(run_dirs)} run directories has eval/{split}.json.")
-  baseline = baseline or runs[0]["row"]["variant"]
+  everything = [run for run in (read_run(d, split) for d in run_dirs) if run is not None]
+  if not everything:
+    raise FileNotFoundError(
+      f"None of the {len(run_dirs)} run directories has a readable eval/{split}.json."
+    )
   out_dir = paths.resolve(out_dir)
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   written = [f"{out_dir}/results.{ext}" for ext in ("csv", "md", "html")]
-  csv_tables.write_csv(written[0], RUN_COLUMNS + metric_columns(), [r["row"] for r in runs])
-  table = summary_table(runs, baseline)
+  columns = RUN_COLUMNS + metric_columns() + GROUP_COLUMNS
+  csv_tables.write_csv(written[0], columns, [r["row"] for r in everything])
+  runs = [r for r in everything if r["row"]["finished"]]
+  groups = sorted({r["row"]["group"] for r in runs})
+  sections = []
+  for group in groups:
+    members = [r for r in runs if r["row"]["group"] == group]
+    variants = [r["row"]["variant"] for r in members]
+    base = baseline if baseline in variants else variants[0]
+    heading = f"## {group}\n\n" if len(groups) > 1 else ""
+    sections.append(
+      f"{heading}(paired differences against {base})\n\n{summary_table(members, base)}"
+    )
+  unfinished = [
+    f"- {r['row']['run']}: trained to step {r['trained_to']} of {r['steps']}"
+    for r in everything
+    if not r["row"]["finished"]
+  ]
+  table = "\n\n".join(sections)
+  if unfinished:
+    table += "\n\nUnfinished runs, left out of the table:\n" + "\n".join(unfinished)
   paths.write_text(
     written[1],
     f"# Results on {split} ({len(runs)} runs)\n\nmean +- std [95% t-interval over "
-    f"runs]; the last column: the paired difference to {baseline} over the same "
-    f"images [95% bootstrap interval].\n\n{table}\n",
+    f"runs]; the last column: the paired difference to the baseline over the same "
+    f"images [95% bootstrap interval]; runs of another dataset, protocol or task are "
+    f"compared in their own table.\n\n{table}\n",
   )
   present = [m for m in ("dice", "auc") if any(r["row"].get(m) is not None for r in runs)]
   pictures = "".join(

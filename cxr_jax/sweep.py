@@ -13,16 +13,20 @@ import dataclasses
 import importlib.util
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 from absl import app
 from absl import flags
 from etils import epath
 
 from cxr_jax import cli
+from cxr_jax import errors
 from cxr_jax import results
+from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 from cxr_jax.workflows import sweeps
 
@@ -43,6 +47,44 @@ def load_sweep(path: str) -> sweeps.Sweep:
 PREEMPTED = 143  # a run that stopped before its last step, as after SIGTERM
 
 
+class _Children:
+  """The sweep's live training and evaluation processes. SIGTERM to the sweep (scancel, a
+  spot reclaim, `kill`) is passed on to them: a training saves its step and exits, the
+  sweep waits for it, starts nothing more and exits 143; the same command resumes."""
+
+  def __init__(self):
+    self.live: set[subprocess.Popen] = set()
+    self.lock = threading.Lock()
+    self.stopping = False
+
+  def run(self, command: list[str], **kwargs) -> int:
+    with self.lock:
+      if self.stopping:
+        return PREEMPTED
+      child = subprocess.Popen(command, **kwargs)
+      self.live.add(child)
+    try:
+      return child.wait()
+    finally:
+      with self.lock:
+        self.live.discard(child)
+
+  def terminate(self, signum: int, frame) -> None:
+    del frame
+    with self.lock:
+      self.stopping = True
+      for child in self.live:
+        child.send_signal(signum)
+    print(
+      f"sweep: {signal.Signals(signum).name}: passed to {len(self.live)} running "
+      "process(es); waiting for them to save (the same command resumes)",
+      file=sys.stderr,
+    )
+
+
+CHILDREN = _Children()
+
+
 def run_one(
   sweep: sweeps.Sweep,
   sweep_file: str,
@@ -52,8 +94,12 @@ def run_one(
 ) -> tuple[str, int]:
   """Trains and evaluates one run unless it is done; (its name, exit status)."""
   workdir = sweeps.run_dir(root, run)
-  if sweeps.is_done(workdir, sweep.split):
-    return run.name, 0
+  try:
+    if sweeps.is_done(workdir, sweep.split):
+      return run.name, 0
+  except errors.UserError as e:  # this run's files are damaged: the others still run
+    print(f"sweep: {run.name}: {e}", file=sys.stderr)
+    return run.name, 2
   sweeps.write_run_record(workdir, sweep_file, run)
   train, evaluate = sweeps.commands(sweep, run, workdir)
   for command in (train, evaluate):
@@ -66,20 +112,28 @@ def run_one(
 
 
 def _run_logged(command: list[str], env: dict[str, str] | None, log: epath.Path) -> int:
-  """Runs `command` with its output appended to `log`: on a disk as it comes; in a bucket,
-  where objects cannot be appended to, once it ends."""
+  """Runs `command` (as one of `CHILDREN`) with its output appended to `log`: on a disk as it
+  comes; in a bucket, where objects cannot be appended to, once it ends."""
   header = f"$ {shlex.join(command)}\n"
   if not paths.is_url(str(log)):
     with open(log, "a") as f:
       f.write(header)
       f.flush()
-      return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+      return CHILDREN.run(command, stdout=f, stderr=subprocess.STDOUT, env=env)
   with tempfile.TemporaryFile("w+") as f:
-    status = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    status = CHILDREN.run(command, stdout=f, stderr=subprocess.STDOUT, env=env)
     f.seek(0)
     before = log.read_text() if log.exists() else ""
     log.write_text(before + header + f.read())
   return status
+
+
+def _done(run_dir: RunDir, split: str) -> bool:
+  """`sweeps.is_done`, False for a run whose files cannot be read (run_one says why)."""
+  try:
+    return sweeps.is_done(run_dir, split)
+  except errors.UserError:
+    return False
 
 
 def slurm_script(args, count: int) -> str:
@@ -118,7 +172,7 @@ def main(argv: list[str]) -> None:
     return
   if args.run_index is not None:
     runs = [runs[args.run_index]]
-  todo = [r for r in runs if not sweeps.is_done(sweeps.run_dir(args.root, r), sweep.split)]
+  todo = [r for r in runs if not _done(sweeps.run_dir(args.root, r), sweep.split)]
   print(
     f"sweep: {len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to run "
     f"({args.parallel} at a time) in {args.root}",
@@ -128,6 +182,7 @@ def main(argv: list[str]) -> None:
   env = dict(os.environ)
   if args.parallel > 1:  # runs sharing one accelerator: each takes its share of its memory
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.parallel:.2f}")
+  signal.signal(signal.SIGTERM, CHILDREN.terminate)
   with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
     for name, status in pool.map(lambda r: run_one(sweep, args.sweep, r, args.root, env), todo):
       state = {0: "done", PREEMPTED: "stopped early (rerun to finish)"}.get(status)
@@ -139,6 +194,8 @@ def main(argv: list[str]) -> None:
       f"sweep: {len(failed)} not done (their sweep.log says why): {', '.join(failed)}",
       file=sys.stderr,
     )
+  if CHILDREN.stopping:
+    sys.exit(PREEMPTED)
   if args.results and args.run_index is None and len(failed) < len(runs):
     written = results.write_results(
       args.root,

@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_collections
 
+from cxr_jax import errors
 from cxr_jax.config.keys import KEYS
 from cxr_jax.config.keys import Key
 
@@ -16,9 +17,10 @@ _RULE_WORDS = {"int >= 1": "an integer >= 1", "int >= 2": "an integer >= 2"}
 _RULE_WORDS |= {"int >= 0": "an integer >= 0", "int": "an integer"}
 
 
-class ConfigError(ValueError):
-  """A config value is wrong (or a resume asks for another structure): the commands print the
-  message as one line, without a traceback, and exit with status 2."""
+# A config value is wrong (or a resume asks for another structure): the one user-error class
+# of the package (cli.run prints it as one line and exits with status 2), named here too so the
+# schema's callers need not import errors.
+ConfigError = errors.ConfigError
 
 
 def default(path: str) -> Any:

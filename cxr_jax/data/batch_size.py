@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from cxr_jax import errors
+
 
 def check_batch_size(
   batch_size: int, *, num_devices: int, process_count: int, name: str = "batch_size"
@@ -20,7 +22,7 @@ def check_batch_size(
   unit = math.lcm(num_devices, process_count)
   if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0 or batch_size % unit:
     fix = max(1, round(batch_size / unit) if isinstance(batch_size, (int, float)) else 1) * unit
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.{name}={batch_size!r} must be a positive multiple of {unit} (the device "
       f"count is {num_devices}, the process count {process_count}); set "
       f"--config.{name}={fix}."

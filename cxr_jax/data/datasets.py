@@ -63,6 +63,7 @@ def load_builder(
     builder = _builder(
       name, paths.resolve(data_dir), synthetic_examples, strict, workers, shard_examples
     )
+    _remove_incomplete(builder)
     prepared = _is_prepared(builder)
     read_from = manual_dir
     if not kind.generated and not prepared:
@@ -79,6 +80,27 @@ def load_builder(
   if prepared and not kind.generated:
     _warn_if_built_elsewhere(builder, manual_dir)
   return builder
+
+
+def _remove_incomplete(builder: tfds.core.DatasetBuilder) -> None:
+  """Removes the `incomplete.*` folders a killed prepare left beside the dataset's (TFDS
+  writes into one and renames it into place when done). Called under `_prepare_lock`, so no
+  prepare on this host is writing into them."""
+  parent = os.path.dirname(os.fspath(builder.data_dir))
+  if not os.path.isdir(parent):
+    return
+  for name in sorted(os.listdir(parent)):
+    path = os.path.join(parent, name)
+    if name.startswith("incomplete.") and os.path.isdir(path):
+      size = sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+      )
+      logging.warning(
+        "Removing %s (%.1f MB), left by a prepare that was stopped before it finished.",
+        path,
+        size / 2**20,
+      )
+      shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -286,7 +308,29 @@ def split_source(
   decoders = {name: tfds.decode.SkipDecoding() for name in sorted(undecoded)}
   source = builder.as_data_source(split, decoders=decoders or None)
   remote = getattr(builder, "remote_dir", "")
-  return FetchingSource(source, remote) if remote else source
+  if remote:  # its shards are fetched as read: checking each would fetch them all
+    return FetchingSource(source, remote)
+  _check_readable(builder, split, source)
+  return source
+
+
+def _check_readable(builder: tfds.core.DatasetBuilder, split: str, source: Sequence[dict]) -> None:
+  """Reads the first record of each of the split's files: a truncated or damaged file fails
+  here, named, rather than as a bare 'Corrupted Riegeli/records file' inside the loader."""
+  info = builder.info.splits[split]
+  first = 0
+  for filename, length in zip(info.filenames, info.shard_lengths):
+    if length:
+      try:
+        source[first]
+      except RuntimeError as e:
+        path = os.path.join(os.fspath(builder.data_dir), filename)
+        raise DataError(
+          f"{path} cannot be read ({' '.join(str(e).split())[:160]}): the prepared dataset "
+          f"is damaged (a truncated copy?). Delete {builder.data_dir} and prepare it again "
+          "(python -m cxr_jax.data.prepare, or the same training command)."
+        ) from e
+    first += length
 
 
 def shard_lengths(source: Sequence[dict]) -> list[int] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -164,6 +165,23 @@ def _ensure_flags_parsed() -> None:
 
 
 # ----- public loaders -----
+
+
+def worker_count(requested: int) -> int:
+  """Grain worker processes to start: `requested`, capped at the CPUs this process may use
+  (each worker holds a copy of the pipeline: 64 on 2 cores took 9 GB and never made a step)."""
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cpus = max(1, cpus or 1)
+  if requested > cpus:
+    logging.warning(
+      "config.data.num_workers=%d is more than the %d CPU(s) this process may use: starting "
+      "%d (config.json records it).",
+      requested,
+      cpus,
+      cpus,
+    )
+    return cpus
+  return requested
 
 
 def create_train_iterator(

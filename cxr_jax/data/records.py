@@ -5,6 +5,8 @@ from typing import Any
 
 import numpy as np
 
+from cxr_jax import errors
+
 # Anatomical structures a dataset may outline, in the order of the `structures` feature's bits
 # (bit k set where STRUCTURES[k] is): lungs (both fields; the `mask` feature), heart, clavicles.
 STRUCTURES = ("lungs", "heart", "clavicles")
@@ -12,7 +14,7 @@ STRUCTURES = ("lungs", "heart", "clavicles")
 EXTRA_STRUCTURES = STRUCTURES[1:]
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """A dataset's files are missing or unusable; the message says where and what to do."""
 
 

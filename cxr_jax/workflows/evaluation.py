@@ -39,8 +39,8 @@ THUMBNAIL_SIDE = 320  # pixels kept per image for the report's pictures
 # image's pixels in the raw predicted mask (`native_mask`, as predict's CSV); `_post`: of the
 # post-processed mask.
 CSV_FIELDS = (
-  ["id", "source", "label", "has_mask", "height", "width", "spacing_mm", "spacing_estimated"]
-  + list(metric_table.MASK_METRICS)
+  ["id", "step", "source", "label", "has_mask", "height", "width", "spacing_mm"]
+  + ["spacing_estimated", *metric_table.MASK_METRICS]
   + [f"{m}_post" for m in metric_table.MASK_METRICS]
   + ["lung_fraction", "lung_fraction_post", "uncertainty", "flagged"]
   + ["p_abnormal", "p_abnormal_calibrated"]

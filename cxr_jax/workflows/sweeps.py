@@ -18,6 +18,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cxr_jax import errors
+from cxr_jax.core.run import rundir
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
 
@@ -67,10 +69,22 @@ def zipped(names: Sequence[str], **keys: Sequence[Any]) -> dict[str, dict[str, A
   return {name: {key: values[i] for key, values in keys.items()} for i, name in enumerate(names)}
 
 
+def check_variant_name(name: str) -> None:
+  """A variant names one folder under --root: no separators, no '..', nothing hidden."""
+  if not name or name.startswith(".") or any(c in name for c in "/\\\0\n"):
+    raise errors.ConfigError(
+      f"sweep variant name {name!r} is not a plain folder name (it must not be empty, start "
+      "with '.', or hold '/', '\\' or a newline): its run would land outside ROOT/<variant>/; "
+      "rename it in the sweep file."
+    )
+
+
 def expand(sweep: Sweep) -> list[Run]:
   """Every (variant, seed, fold) of the sweep, in a fixed order."""
   if not sweep.variants:
-    raise ValueError("a sweep needs at least one variant")
+    raise errors.ConfigError("a sweep needs at least one variant")
+  for variant in sweep.variants:
+    check_variant_name(variant)
   runs = []
   for variant, overrides in sweep.variants.items():
     for seed in sweep.seeds:
@@ -115,7 +129,8 @@ def _last_steps(run: RunDir) -> tuple[int | None, int | None]:
   steps = run.checkpoint_steps()
   if not (run.config.exists() and steps):
     return None, None
-  return int(json.loads(run.config.read_text())["config"]["num_train_steps"]), steps[-1]
+  last_step = int(rundir.read_record(str(run.config))["config"]["num_train_steps"])
+  return last_step, steps[-1]
 
 
 def is_trained(run: RunDir) -> bool:

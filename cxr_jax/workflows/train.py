@@ -19,17 +19,20 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from cxr_jax import errors
 from cxr_jax.config import schema
 from cxr_jax.core import models
 from cxr_jax.core.inference import overlays
 from cxr_jax.core.run import checkpoint
 from cxr_jax.core.run import multihost
 from cxr_jax.core.run import preemption
+from cxr_jax.core.run import restore_errors
 from cxr_jax.core.run import run_lock
 from cxr_jax.core.run import rundir
 from cxr_jax.core.run import sharding
 from cxr_jax.core.run import trackers
 from cxr_jax.core.run import utilisation
+from cxr_jax.core.run import workdir_checks
 from cxr_jax.core.run import writers
 from cxr_jax.core.stats import metrics as metrics_lib
 from cxr_jax.core.training import heads
@@ -142,6 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Running it again on the same workdir resumes from the newest complete checkpoint.
   Returns the last validation metrics.
   """
+  workdir_checks.check_workdir(workdir)
   workdir = rundir.check_path(workdir, "--workdir")
   config = ml_collections.ConfigDict(config.to_dict())  # a copy we may resolve in place
   if config.data.crop_workdir:
@@ -186,6 +190,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     jax.process_index(),
   )
 
+  config.data.num_workers = input_pipeline.worker_count(int(config.data.num_workers))
   sources = {
     split: lung_crop.maybe_crop(config, split, rundir.load_split(config, split, dataset), workdir)
     for split in ("train", "validation")
@@ -202,13 +207,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   # ----- checkpoint: resume or start -----
   manager = checkpoint.create_manager(workdir, config)
   if manager.latest_step() is not None:
-    rundir.check_resumable(workdir, config)
+    rundir.check_resumable(workdir, config)  # another structure first: the deeper mismatch
+    workdir_checks.check_steps_left(workdir, manager.latest_step(), config.num_train_steps)
     multihost.barrier("restore")  # Orbax's own restore waits on every process, unnamed
     abstract_items = programs.abstract_state.checkpoint_items()
     step, items = checkpoint.restore_newest_readable(
       manager,
       sorted(manager.all_steps(), reverse=True),
       lambda step: checkpoint.restore(manager, step, abstract_items, train_iter),
+      abstract_items=abstract_items,
+      data_state=train_iter.get_state(),
+      changed=restore_errors.config_changes(
+        rundir.load_config(workdir).to_dict(), config.to_dict()
+      ),
     )
     state = steps.TrainState.from_checkpoint_items(items)
     for newer in [s for s in manager.all_steps() if s > step]:  # unreadable: Orbax would
@@ -216,6 +227,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       manager.delete(newer)
     logging.info("Resumed from step %d in %s.", step, manager.directory)
   else:
+    if jax.process_index() == 0:
+      workdir_checks.set_aside_orphaned_metrics(workdir)
     state = programs.init()
     if config.model.init_from:
       state = jax.device_put(
@@ -356,7 +369,7 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   )
   names = heads.validation_metric_names(outputs)
   if config.best_metric not in names:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.best_metric={config.best_metric!r} is not a validation metric "
       f"of {config.model.name!r}; valid: {sorted(names)}."
     )

@@ -10,6 +10,7 @@ under `nnx.split` / `nnx.merge` inside `jax.jit` (return the new state to keep t
 import ml_collections
 from flax import nnx
 
+from cxr_jax import errors
 from cxr_jax.core.models.attention_unet import AttentionUNet
 from cxr_jax.core.models.classifier import Classifier
 from cxr_jax.core.models.densenet import densenet_encoder
@@ -57,7 +58,9 @@ def create_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> 
       )
     return create_encoder_model(ENCODERS[encoder], model_config, rngs=rngs)
   if name not in MODELS:
-    raise ValueError(f"Unknown model config.model.name={name!r}; valid names: {sorted(MODELS)}.")
+    raise errors.ConfigError(
+      f"Unknown model config.model.name={name!r}; valid names: {sorted(MODELS)}."
+    )
   return MODELS[name].from_config(model_config, rngs=rngs)
 
 

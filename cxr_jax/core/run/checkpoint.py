@@ -10,7 +10,6 @@ plus the best by `config.best_metric`.
 
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from cxr_jax.core.run import restore_errors
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.core.stats import metric_table
 
@@ -145,33 +145,64 @@ def restore_newest_readable(
   manager: ocp.CheckpointManager,
   steps: list[int],
   restore_fn: Callable[[int], Any],
+  *,
+  abstract_items: Mapping[str, Any] | None = None,
+  data_state: Mapping[str, Any] | None = None,
+  changed: list[str] | None = None,
 ) -> tuple[int, Any]:
-  """(step, restore_fn(step)) for the first of `steps` that reads back.
+  """(step, restore_fn(step)) for the first of `steps` that reads back (`restore_errors`).
 
-  A damaged checkpoint (a truncated array file, cut metadata) is named, with what to delete,
-  and the next one is tried. When none reads, the first one's error is raised: a mismatch
-  that every checkpoint shares (another model or optimiser) is not damage.
+  A damaged checkpoint (a truncated array file, cut metadata) is named and the next one is
+  tried. A mismatch (what the command builds, `abstract_items` and the data iterator's
+  `data_state`, differs from what the checkpoints hold; every one of them shares it) stops at
+  once with `restore_errors.CheckpointMismatch`, naming the key, both sides and the `changed`
+  settings. A checkpoint that vanished while
+  it was read (a live run rotated it away) sends us to the newest one there is now.
   """
-  errors = []
-  for step in steps:
+  damaged: list[str] = []
+  queue, tried = list(steps), set()
+  while queue:
+    step = queue.pop(0)
+    tried.add(step)
+    path = restore_errors.step_path(manager.directory, step)
     try:
+      difference = abstract_items and restore_errors.precheck(path, abstract_items, data_state)
+      if difference:
+        raise restore_errors.mismatch(difference, path, abstract_items, changed or [])
       return step, restore_fn(step)
+    except restore_errors.CheckpointMismatch:
+      raise
     except Exception as e:  # noqa: BLE001  (TensorStore, JSON and Orbax errors alike)
-      errors.append(e)
-      if len(errors) == len(steps):
-        break
-      path = os.path.join(str(manager.directory), str(step))
-      reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-      logging.error(
-        "Checkpoint %s cannot be read (%s: %s); trying the next older one. Delete that "
-        "folder if it stays unreadable.",
-        path,
-        type(e).__name__,
-        reason,
-      )
-  if not errors:
+      kind = restore_errors.classify(e, path)
+      if kind == "mismatch":
+        raise restore_errors.mismatch(e, path, abstract_items, changed or []) from e
+      if kind == "gone":
+        if len(steps) == 1:
+          raise FileNotFoundError(
+            f"Checkpoint {path} was removed while it was read (a live run keeps only its "
+            "newest max_to_keep); choose another step."
+          ) from e
+        manager.reload()
+        queue = [s for s in sorted(manager.all_steps(), reverse=True) if s not in tried]
+        logging.warning(
+          "Checkpoint %s was removed while it was read (a live run keeps only its newest "
+          "max_to_keep); reading step %s instead.",
+          path,
+          queue[0] if queue else None,
+        )
+        continue
+      damaged.append(f"{path} ({restore_errors.one_line(e)})")
+      if queue:
+        logging.error(
+          "Checkpoint %s cannot be read, a file in it is damaged (%s); trying the next older one.",
+          path,
+          restore_errors.one_line(e),
+        )
+  if not damaged:
     raise FileNotFoundError(f"No complete checkpoint in {manager.directory}.")
-  raise errors[0]
+  raise restore_errors.CheckpointsUnreadable(
+    f"No checkpoint in {manager.directory} can be read: {'; '.join(damaged)}."
+  )
 
 
 def restore_model(

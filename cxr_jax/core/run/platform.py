@@ -6,6 +6,8 @@ import glob
 import logging
 import os
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -146,8 +148,31 @@ def start(
     "jax.distributed: waiting up to %d s for every process to join (--init_timeout_s).",
     init_timeout_s,
   )
+  # XLA aborts the interpreter (a C++ stack) when the processes do not meet in time; a
+  # watchdog a little earlier says in one line who is missing instead.
+  cluster = detected_cluster()
+  where = coordinator_address or f"the {cluster or 'cluster'}'s coordinator"
+  if process_id:
+    missing = (
+      f"process {process_id} could not reach {where}: is process 0 running, and is that its "
+      "host:port?"
+    )
+  else:
+    others = f"{num_processes - 1} other process(es)" if num_processes else "the other processes"
+    missing = (
+      f"{others} did not join {where}: start all of them with the same --coordinator_address "
+      "and --num_processes"
+    )
+  watchdog = threading.Timer(
+    init_timeout_s, _give_up, (f"{missing} (waited --init_timeout_s={init_timeout_s} s)",)
+  )
+  watchdog.daemon = True
+  watchdog.start()
   t0 = time.monotonic()
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**{**kwargs, "initialization_timeout": init_timeout_s + _GRACE_S})
+  finally:
+    watchdog.cancel()
   logging.info(
     "jax.distributed: %d processes joined in %.1f s.", jax.process_count(), time.monotonic() - t0
   )
@@ -155,9 +180,20 @@ def start(
   if coordinator_address:
     return f"coordinator {coordinator_address}"
   devices = kwargs["local_device_ids"]
-  return f"detected {detected_cluster() or 'cluster'}" + (
+  return f"detected {cluster or 'cluster'}" + (
     f", local device ids {devices}" if devices is not None else ""
   )
+
+
+_GRACE_S = 10  # XLA's own timeout comes this much after the watchdog's
+
+
+def _give_up(message: str) -> None:
+  """Ends the process with `message` as one line on stderr (exit status 1)."""
+  sys.stdout.flush()
+  sys.stderr.write(f"jax.distributed: {message}\n")
+  sys.stderr.flush()
+  os._exit(1)
 
 
 def describe_devices(how: str) -> str:

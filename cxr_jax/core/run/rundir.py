@@ -16,9 +16,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from cxr_jax import errors
 from cxr_jax.config import schema
 from cxr_jax.core import models
 from cxr_jax.core.run import checkpoint
@@ -93,7 +95,22 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(
       f"{path} not found: is {workdir!r} the --workdir of a cxr_jax.main run?"
     )
-  return schema.fill(ml_collections.ConfigDict(json.loads(path.read_text())["config"]))
+  return schema.fill(ml_collections.ConfigDict(read_record(str(path))["config"]))
+
+
+def read_record(path: str) -> dict[str, Any]:
+  """A run's config.json as a dict; `errors.ConfigError` naming the file when it is not a
+  config.json that a run wrote (cut short, edited into invalid JSON)."""
+  try:
+    record = json.loads(epath.Path(path).read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise errors.ConfigError(
+      f"{path} is not valid JSON ({' '.join(str(e).split())[:120]}): restore it from a copy, "
+      "or move the run aside."
+    ) from e
+  if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+    raise errors.ConfigError(f"{path} has no 'config' object: it is not a run's config.json.")
+  return record
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -132,7 +149,7 @@ def check_path(path: str, flag: str) -> str:
   `runs/x\\y` land in `runs/x/y`, outside the run directory, and the run cannot resume.
   """
   if "\\" in path:
-    raise ValueError(
+    raise errors.ConfigError(
       f"{flag}={path!r} contains a backslash, which TensorStore (Orbax's array storage) reads "
       "as '/': checkpoints would land outside the directory. Use a name without '\\'."
     )
@@ -195,6 +212,7 @@ def restore_model(
     manager,
     candidates,
     lambda step: checkpoint.restore_model(manager, step, params, model_state, device, item),
+    abstract_items={item: {"params": params, "rest": model_state}},
   )
   model = nnx.merge(graphdef, params, model_state)
   model.eval()

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cxr_jax import errors
 from cxr_jax.data import batch_size as batch_size_lib
 
 DATA_AXIS = "data"
@@ -37,24 +38,24 @@ def create_mesh(
   given = dict(mesh_config or {})
   unknown = sorted(set(given) - {DATA_AXIS, SPACE_AXIS})
   if unknown:
-    raise ValueError(f"config.mesh has unknown axes {unknown}; valid: 'data', 'space'.")
+    raise errors.ConfigError(f"config.mesh has unknown axes {unknown}; valid: 'data', 'space'.")
   count = len(devices)
   space = int(given.get(SPACE_AXIS, 1))
   data = int(given.get(DATA_AXIS, -1))
   divisors = [d for d in range(1, count + 1) if count % d == 0]
   if space < 1 or count % space:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.mesh.space={space} must divide the {count} devices; valid: {divisors}."
     )
   data = count // space if data == -1 else data
   if data * space != count:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.mesh: data={data} x space={space} != {count} devices; set "
       f"--config.mesh.data=-1 (the devices left over)."
     )
   local = sum(d.process_index == devices[0].process_index for d in devices)
   if local % space:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.mesh.space={space} must divide the {local} devices of one process, so that "
       "an image is split only within its host."
     )
@@ -121,7 +122,7 @@ def check_image_size(image_size: int, mesh: jax.sharding.Mesh) -> None:
   space = space_size(mesh)
   if image_size % space:
     fix = max(space, round(image_size / space) * space)
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.data.image_size={image_size} must divide by config.mesh.space={space} "
       f"(the image height is split over it); set --config.data.image_size={fix}."
     )

@@ -15,6 +15,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from cxr_jax import errors
 from cxr_jax.core import models
 from cxr_jax.core.training import anatomy
 from cxr_jax.core.training import augment
@@ -80,7 +81,9 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
       optim.learning_rate, max(1, config.num_train_steps - warmup)
     )
   else:
-    raise ValueError(f"config.optim.schedule={optim.schedule!r}; valid: 'cosine', 'constant'.")
+    raise errors.ConfigError(
+      f"config.optim.schedule={optim.schedule!r}; valid: 'cosine', 'constant'."
+    )
   warm = optax.linear_schedule(optim.learning_rate / max(1, warmup), optim.learning_rate, warmup)
   return optax.join_schedules([warm, after], [warmup])
 
@@ -95,7 +98,7 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
   if optim.name not in ("adamw", "adam"):
-    raise ValueError(f"config.optim.name={optim.name!r}; valid: 'adamw', 'adam'.")
+    raise errors.ConfigError(f"config.optim.name={optim.name!r}; valid: 'adamw', 'adam'.")
 
   def make_tx() -> optax.GradientTransformation:
     if optim.name == "adamw":
@@ -207,11 +210,11 @@ def make_train_step(
   lr_fn = create_learning_rate_fn(config)
   semi = bool(config.semi.weight)
   if semi and not ema_decay(config):
-    raise ValueError(
+    raise errors.ConfigError(
       "config.semi.weight > 0 needs a teacher: set config.optim.ema_decay (e.g. 0.99)."
     )
   if semi and config.data.examples != "all":
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.semi.weight > 0 learns from images without a mask, which "
       f"config.data.examples={config.data.examples!r} leaves out: set data.examples='all'."
     )
