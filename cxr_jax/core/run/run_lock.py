@@ -79,6 +79,7 @@ class RunLock:
   def _create(self, text: str) -> bool:
     """Writes the lock holding `text` unless it exists; whether this run holds it now."""
     if self._remote:
+      self._forget_listings()
       if epath.Path(self.path).exists():
         return False
       fs, path = fsspec.core.url_to_fs(self.path)
@@ -103,6 +104,7 @@ class RunLock:
 
   def _holder(self) -> dict | None:
     """The live holder's record; None (after removing the file) when it is stale."""
+    self._forget_listings()
     try:
       age = time.time() - epath.Path(self.path).stat().mtime
       holder = json.loads(epath.Path(self.path).read_text())
@@ -132,7 +134,17 @@ class RunLock:
       return None
     return holder
 
+  def _forget_listings(self) -> None:
+    """gcsfs answers `exists`/`stat` from folder listings it cached (e.g. the workdir checks'
+    one, made before the lock existed; found by tests/test_gcs.py): a bucket's lock is judged
+    by the bucket itself."""
+    if self._remote:
+      fs, path = fsspec.core.url_to_fs(self.path)
+      fs.invalidate_cache(path)  # this module's writes
+      epath.backend.fsspec_backend.fs(self.path).invalidate_cache(path)  # epath's own instance
+
   def _is_mine(self) -> bool:
+    self._forget_listings()
     try:
       return json.loads(epath.Path(self.path).read_text()).get("token") == self.token
     except (OSError, ValueError):
