@@ -84,7 +84,7 @@ def train_step(space: int, shard_params: bool = False, base: int = 8) -> list[np
     image = rng.normal(size=(4, 64, 64, 1)).astype(np.float32)
     batch = {
       "image": image,
-      "mask": (image > 0).astype(np.float32),
+      "lung_mask": (image > 0).astype(np.float32),
       "has_mask": np.ones(4, np.float32),
       "weight": np.ones(4, np.float32),
       "label": np.zeros(4, np.int32),
