@@ -20,7 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cxr_jax.core.run import platform
-from cxr_jax.core.run import rundir
+from cxr_jax.core.run import run_data
 from cxr_jax.core.training import augment
 from cxr_jax.data import input_pipeline
 
@@ -73,8 +73,8 @@ def _step_seconds(config, batch, repeats: int) -> float:
 def main(argv):
   del argv
   config = _CONFIG.value
-  dataset = rundir.open_dataset(config.data)
-  source = rundir.load_split(config, "train", dataset)  # pickles to grain workers by reference
+  dataset = run_data.open_dataset(config.data)
+  source = run_data.load_split(config, "train", dataset)  # pickles to grain workers by reference
   batch_size = config.batch_size
   print(
     f"dataset {dataset.name} ({len(source)} train records), image_size "

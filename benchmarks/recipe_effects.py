@@ -24,9 +24,9 @@ import numpy as np
 
 from cxr_jax.core.stats import classification_stats
 from cxr_jax.core.stats import paired_stats
-from cxr_jax.workflows import evaluation
+from cxr_jax.workflows import split_summaries
 
-POOR = evaluation.POOR_DICE
+POOR = split_summaries.POOR_DICE
 
 
 def read_csv(path: str) -> list[dict]:

@@ -22,6 +22,7 @@ from flax import nnx
 from cxr_jax import cli
 from cxr_jax import report
 from cxr_jax.core.run import csv_tables
+from cxr_jax.core.run import run_data
 from cxr_jax.core.run import rundir
 from cxr_jax.core.run import trackers
 from cxr_jax.core.run.layout import RunDir
@@ -125,10 +126,10 @@ def _run(
   if sources is not None:
     get_source = sources.__getitem__
   else:
-    dataset = rundir.open_dataset(config.data)
+    dataset = run_data.open_dataset(config.data)
 
     def get_source(name: str):
-      source = rundir.load_split(config, name, dataset)
+      source = run_data.load_split(config, name, dataset)
       return lung_crop.maybe_crop(config, name, source, workdir)
 
   run_dir = RunDir(workdir)

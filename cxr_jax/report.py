@@ -189,14 +189,40 @@ def _structures_section(stats: Mapping[str, Any], result: Any, path) -> list[str
     f"<tr><td>{html.escape(name)}</td><td>{v['count']}</td><td>{_fmt(v['dice'])}</td>"
     f"<td>{_fmt(v['hd95_mm'], 2)}</td></tr>"
     for name, v in stats.items()
-    if isinstance(v, Mapping)
+    if isinstance(v, Mapping) and name != "per_source"
   )
   ratio = (
     f"<p>cardiothoracic ratio (widest heart / widest thorax): mean absolute error "
     f"{_fmt(stats['cardiothoracic_ratio_mae'])} over {stats['cardiothoracic_ratio_count']} "
     "images outlining both</p>"
   )
-  return ["<h2>Structures (native size)</h2>", f"<table>{head}{body}</table>", ratio]
+  return [
+    "<h2>Structures (native size)</h2>",
+    f"<table>{head}{body}</table>",
+    ratio,
+    *_per_source_rows(
+      stats,
+      lambda v: (
+        " ".join(
+          f"{html.escape(n)} Dice {_fmt(x['dice'])} (n={x['count']})"
+          for n, x in v.items()
+          if isinstance(x, Mapping) and n != "per_source"
+        )
+        + f", cardiothoracic ratio MAE {_fmt(v['cardiothoracic_ratio_mae'])}"
+      ),
+    ),
+  ]
+
+
+def _per_source_rows(stats: Mapping[str, Any], describe) -> list[str]:
+  """A per-source table of a head's summary (only where the split holds several sources)."""
+  per_source = stats.get("per_source", {})
+  if len(per_source) < 2:
+    return []
+  rows = "".join(
+    f"<tr><td>{html.escape(s)}</td><td>{describe(v)}</td></tr>" for s, v in per_source.items()
+  )
+  return ["<h3>Per source</h3>", f"<table>{rows}</table>"]
 
 
 def _findings_section(stats: Mapping[str, Any], result: Any, path) -> list[str]:
@@ -210,6 +236,7 @@ def _findings_section(stats: Mapping[str, Any], result: Any, path) -> list[str]:
     "<h2>Findings</h2>",
     f"<p>macro AUC {_fmt(stats['macro_auc'])}</p>",
     f"<table>{head}{body}</table>",
+    *_per_source_rows(stats, lambda v: f"macro AUC {_fmt(v['macro_auc'])}"),
     "<h3>ROC per finding</h3>",
     _save(figures.finding_roc_figure(result.rows, stats), path("finding_roc")),
   ]

@@ -44,12 +44,13 @@ GROUP_COLUMNS = ("group", "finished")
 
 def metric_columns() -> tuple[str, ...]:
   """The metrics of a results row: the metric table's results entries in order, with the
-  Dice of each source of every registered dataset after Dice (`dice_<source>`)."""
+  Dice and AUC of each source of every registered dataset after Dice and AUC
+  (`dice_<source>`, `auc_<source>`)."""
   columns = []
   for metric in metric_table.RESULTS:
     columns.append(metric.name)
-    if metric.name == "dice":
-      columns += [f"dice_{source}" for source in registry.source_names()]
+    if metric.name in ("dice", "auc"):
+      columns += [f"{metric.name}_{source}" for source in registry.source_names()]
   return tuple(columns)
 
 
@@ -88,6 +89,8 @@ def read_run(workdir: str | RunDir, split: str) -> dict[str, Any] | None:
   if "segmentation" in summary:
     for source, values in summary["segmentation"]["raw"].get("per_source", {}).items():
       row[f"dice_{source}"] = values["dice"]["mean"]
+  for source, values in summary.get("classification", {}).get("per_source", {}).items():
+    row[f"auc_{source}"] = values["auc"]
   table = io.StringIO(run.eval_table(split).read_text())
   images = {r["id"]: r for r in csv.DictReader(table)}
   return {"row": row, "images": images, "trained_to": trained_to, "steps": num_train_steps}

@@ -19,7 +19,7 @@ from absl import flags
 from absl.testing import flagsaver
 from PIL import Image
 
-from cxr_jax.core.run import rundir
+from cxr_jax.core.run import run_data
 from cxr_jax.data import cxr_masks_and_labels
 from cxr_jax.data import datasets
 from cxr_jax.data import kaggle_archive
@@ -433,14 +433,14 @@ def test_open_dataset_builds_on_process_0_first(tmp_path, monkeypatch):
   )
   synthetic = ("sync", 1)  # the cross-host check of the resolved name (its registry index)
   monkeypatch.setattr(jax, "process_index", lambda: 0)
-  assert rundir.open_dataset(data_config).builder.info.config_name == "synthetic_12"
+  assert run_data.open_dataset(data_config).builder.info.config_name == "synthetic_12"
   assert calls == [synthetic, ("load",), ("sync", 1)]  # built before the others are released
   calls.clear()
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  assert rundir.open_dataset(data_config).builder.info.config_name == "synthetic_12"
+  assert run_data.open_dataset(data_config).builder.info.config_name == "synthetic_12"
   assert calls == [synthetic, ("sync", 1), ("load",)]  # loads only after process 0 is done
   # Process 0 failing: it raises its own error, the others a pointer to it.
   answers = iter([1, 0])  # process 0 resolved 'synthetic' too, then failed to build it
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(next(answers)))
   with pytest.raises(RuntimeError, match="Process 0 failed to prepare"):
-    rundir.open_dataset(data_config)
+    run_data.open_dataset(data_config)

@@ -6,7 +6,7 @@ import random
 import ml_collections
 import pytest
 
-from cxr_jax.core.run import rundir
+from cxr_jax.core.run import run_data
 from cxr_jax.data import datasets
 from cxr_jax.data import protocols
 from cxr_jax.data import records
@@ -124,8 +124,8 @@ def test_a_protocol_is_a_view_over_the_prepared_splits(tmp_path):
     }
   )
   config = ml_collections.ConfigDict({"data": data})
-  dataset = rundir.open_dataset(data)
-  views = {split: rundir.load_split(config, split, dataset) for split in protocols.SPLITS}
+  dataset = run_data.open_dataset(data)
+  views = {split: run_data.load_split(config, split, dataset) for split in protocols.SPLITS}
   ids = {
     split: [records.decode_id(view[i]["id"]) for i in range(len(view))]
     for split, view in views.items()

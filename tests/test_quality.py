@@ -9,7 +9,7 @@ from PIL import Image
 
 from cxr_jax import predict
 from cxr_jax.core.inference import inference
-from cxr_jax.workflows import evaluation
+from cxr_jax.workflows import split_summaries
 from tests.test_predict import _config
 from tests.test_predict import _lungs
 
@@ -48,7 +48,7 @@ def test_quality_summary_ranks_the_poor_masks():
     {"id": f"x{i}", "has_mask": 1, "dice": d, "uncertainty": u, "flagged": int(u > 0.2)}
     for i, (d, u) in enumerate([(0.98, 0.05), (0.97, 0.1), (0.90, 0.3), (0.93, 0.25), (0.96, 0.4)])
   ] + [{"id": "nomask", "has_mask": 0, "uncertainty": 0.5, "flagged": 1}]
-  summary = evaluation.quality_summary(rows, threshold=0.2)
+  summary = split_summaries.quality_summary(rows, threshold=0.2)
   assert summary["num_poor"] == 2 and summary["num_flagged"] == 4
   assert summary["flagged"] == ["x2", "x3", "x4", "nomask"] and summary["flagged_poor"] == 2
   # poor (0.3, 0.25) vs fine (0.05, 0.1, 0.4): 4 of 6 pairs ranked right

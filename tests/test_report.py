@@ -11,6 +11,7 @@ from cxr_jax.core.stats import classification_stats
 from cxr_jax.core.stats import metric_table
 from cxr_jax.data import registry
 from cxr_jax.workflows import evaluation
+from cxr_jax.workflows import split_summaries
 
 
 def _result(num: int = 7, attention: bool = True) -> evaluation.SplitResult:
@@ -57,7 +58,7 @@ def _summary(result: evaluation.SplitResult) -> dict:
     "num_images": len(result.rows),
     "image_size": 32,
     "created": "now",
-    "segmentation": evaluation._segmentation_summary(result.rows, config),  # pylint: disable=protected-access
+    "segmentation": split_summaries.segmentation_summary(result.rows, config),
     "classification": classification_stats.classification_summary(
       result.labels, result.probs, threshold=0.5, threshold_from="validation", seed=0
     ),

@@ -39,6 +39,7 @@ KEYS = (
   # ----- data -----
   Key("data.name", "auto", None, "dataset kind (data/registry.py); 'auto': the archive when manual_dir holds it, else synthetic"),
   Key("data.manual_dir", "", None, "Kaggle archive root (or its .zip); '' -> $CXR_MANUAL_DIR"),
+  Key("data.mixture", "", None, "several prepared datasets trained together: 'NAME[@MANUAL_DIR][:WEIGHT],...' (data/mixture.py); '': data.name alone", SAME),
   Key("data.data_dir", "~/tensorflow_datasets", None, "prepared TFDS datasets"),
   Key("data.image_size", 128, "int >= 1", "side of the letterboxed square the model sees", SAME),
   Key("data.split", "hash", ("hash", "kfold", "cross_site"), "protocol: the dataset's splits | fold tests, fold+1 validates | train on train_sources, test on the others"),

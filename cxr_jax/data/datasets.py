@@ -347,6 +347,8 @@ def shard_lengths(source: Sequence[dict]) -> list[int] | None:
 def finding_names(source: Sequence[dict]) -> tuple[str, ...]:
   """The names of the `findings` codes of a split source (its dataset's metadata); () for a
   source that is not a prepared dataset (an in-memory list)."""
+  if hasattr(source, "finding_names"):  # a mixture: the union of its datasets'
+    return tuple(source.finding_names)
   info = getattr(source, "dataset_info", None)
   metadata = getattr(info, "metadata", None) or {}
   return tuple(metadata.get("findings", ()))

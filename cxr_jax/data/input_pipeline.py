@@ -24,6 +24,7 @@ from absl import flags
 
 from cxr_jax.data import datasets
 from cxr_jax.data import findings as findings_lib
+from cxr_jax.data import mixture
 from cxr_jax.data import transforms
 from cxr_jax.data.batch_size import check_batch_size
 
@@ -138,6 +139,36 @@ def _train_indices(
   return grain.MapDataset.range(sampler.epoch_length).repeat().map_with_index(sampler)
 
 
+class _Offset:
+  """A part's index -> the mixture's (picklable, for grain's workers)."""
+
+  def __init__(self, offset: int):
+    self.offset = offset
+
+  def __call__(self, index: int) -> int:
+    return int(index) + self.offset
+
+
+def _mixed_train_indices(
+  config: ml_collections.ConfigDict,
+  source: Sequence[dict[str, Any]],
+  process_index: int,
+  process_count: int,
+) -> grain.MapDataset:
+  """`_train_indices`, or for a `mixture.MixtureSource` each dataset's (its own slice, filter,
+  shuffle or balance) drawn in proportion to the mixture's weights (grain's `mix`)."""
+  if not isinstance(source, mixture.MixtureSource):
+    return _train_indices(config, source, process_index, process_count)
+  streams = []
+  for name, part, offset in zip(source.names, source.parts, source.offsets, strict=False):
+    try:
+      indices = _train_indices(config, part, process_index, process_count)
+    except ValueError as e:
+      raise ValueError(f"config.data.mixture's {name!r}: {e}") from e
+    streams.append(indices.map(_Offset(offset)))
+  return grain.MapDataset.mix(streams, list(source.weights))
+
+
 def targets(config: ml_collections.ConfigDict, source: Sequence[dict]) -> transforms.Targets:
   """The labels beyond lungs and normal/abnormal that config.model's heads learn (none for a
   config of data keys only: a data pipeline's own, a benchmark's)."""
@@ -214,7 +245,7 @@ def create_train_iterator(
   with_masks = config.data.examples != "all_without_masks"
   read_source = source if with_masks else datasets.skip_decoding(source, ("mask",))
   dataset = (
-    _train_indices(config, source, process_index, process_count)
+    _mixed_train_indices(config, source, process_index, process_count)
     .map(transforms.ReadExample(read_source, size, with_masks, targets(config, source)))
     .batch(batch, drop_remainder=True)
     .to_iter_dataset(_read_options(config))

@@ -8,7 +8,6 @@ and the calibration error (`classification_stats`).
 
 import dataclasses
 import datetime
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,20 +17,19 @@ from flax import nnx
 
 from cxr_jax.core.inference import overlays
 from cxr_jax.core.inference import postprocess
-from cxr_jax.core.inference.inference import MASK_THRESHOLD
 from cxr_jax.core.inference.inference import Inference
 from cxr_jax.core.inference.inference import native_mask
 from cxr_jax.core.run.progress import Progress
 from cxr_jax.core.stats import classification_stats
 from cxr_jax.core.stats import metric_table
-from cxr_jax.core.stats import surface
+from cxr_jax.data import datasets
 from cxr_jax.data import input_pipeline
 from cxr_jax.data import preprocess
 from cxr_jax.data import records
 from cxr_jax.data import registry
+from cxr_jax.workflows import split_summaries
 from cxr_jax.workflows import task_scores
 
-NUM_WORST = 5
 NUM_ATTENTION_CASES = 4
 THUMBNAIL_SIDE = 320  # pixels kept per image for the report's pictures
 
@@ -45,7 +43,6 @@ CSV_FIELDS = (
   + ["lung_fraction", "lung_fraction_post", "uncertainty", "flagged"]
   + ["p_abnormal", "p_abnormal_calibrated"]
 )
-POOR_DICE = 0.95  # quality control: how well `uncertainty` finds masks below this Dice
 _ONE_PROCESS = {"process_index": 0, "process_count": 1}
 
 
@@ -76,6 +73,23 @@ class SplitResult:
   attention: list[Case] = dataclasses.field(default_factory=list)
 
 
+class _OneRecord(Sequence):
+  """Record `position` of `source` as a source of one, with the source's finding names (the
+  targets of a findings head are read by name)."""
+
+  def __init__(self, source, position: int):
+    self._record = source[position]
+    self.finding_names = datasets.finding_names(source)
+
+  def __len__(self) -> int:
+    return 1
+
+  def __getitem__(self, index: int):
+    if index not in (0, -1):
+      raise IndexError(index)
+    return self._record
+
+
 class CaseLookup(Mapping):
   """id -> Case, made when first asked for by predicting that image again, so evaluation
   holds no image per image (every image's thumbnails: ~40 GB at 100k real X-rays)."""
@@ -87,8 +101,9 @@ class CaseLookup(Mapping):
 
   def __getitem__(self, image_id: str) -> Case:
     if image_id not in self._made:
-      record = self._source[self._positions[image_id]]
-      batches = input_pipeline.create_eval_batches(self._config, [record], **_ONE_PROCESS)
+      one = _OneRecord(self._source, self._positions[image_id])
+      record = one[0]
+      batches = input_pipeline.create_eval_batches(self._config, one, **_ONE_PROCESS)
       batch = next(iter(batches))
       outputs = self._inference(batch["image"])
       self._made[image_id] = _score_image(record, batch, 0, outputs, self._inference)[1]
@@ -290,103 +305,13 @@ def evaluate_split(
   }
   for head in inference.heads:
     if head.task == "segmentation":
-      summary[head.task] = _segmentation_summary(result.rows, config)
-      summary[head.task]["quality"] = quality_summary(result.rows, inference.qc_threshold)
+      summary[head.task] = split_summaries.segmentation_summary(result.rows, config)
+      summary[head.task]["quality"] = split_summaries.quality_summary(
+        result.rows, inference.qc_threshold
+      )
     elif head.task == "classification":
-      summary[head.task] = _classification_summary(result, validation, split, config, temperature)
+      summary[head.task] = split_summaries.classification_summary(
+        result, validation, split, config, temperature
+      )
   summary.update(task_scores.summaries([h.task for h in inference.heads], result.rows, config))
   return summary, result
-
-
-def _segmentation_summary(
-  rows: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict
-) -> dict[str, Any]:
-  masked = [r for r in rows if r["has_mask"]]
-  post_rows = [
-    {"id": r["id"], "source": r["source"], **{m: r[f"{m}_post"] for m in metric_table.MASK_METRICS}}
-    for r in masked
-  ]
-  raw = surface.aggregate(masked, metrics=metric_table.MASK_METRICS, num_worst=NUM_WORST)
-  post = surface.aggregate(post_rows, metrics=metric_table.MASK_METRICS, num_worst=NUM_WORST)
-  with_mm = [r for r in masked if r.get("spacing_estimated") != ""]
-  estimated = sum(r.get("spacing_estimated") == 1 for r in with_mm)
-  return {
-    "num_images_with_mask": len(masked),
-    "primary": "postprocessed" if config.postprocess else "raw",
-    "raw": raw,
-    "postprocessed": post,
-    "dice": raw["all"]["dice"]["mean"],
-    "dice_postprocessed": post["all"]["dice"]["mean"],
-    "notes": {
-      "threshold": f"p(lung) >= {MASK_THRESHOLD} after bilinear mapping to the native size",
-      "postprocessed": "two largest 8-connected components kept, holes filled",
-      **metric_table.definitions(),  # each mask metric's one line (MONAI's distances)
-      "mm": (
-        f"{len(with_mm)} of {len(masked)} images have a known pixel spacing"
-        + (f", estimated for {estimated} (resized images)" if estimated else "")
-      ),
-    },
-  }
-
-
-def quality_summary(rows: Sequence[Mapping[str, Any]], threshold: float) -> dict[str, Any]:
-  """How well the masks' uncertainty finds the poor ones (Dice < POOR_DICE): AUROC over the
-  images with a reference mask, and which masks the threshold flags."""
-  scored = [r for r in rows if r.get("uncertainty") is not None]
-  masked = [r for r in scored if r["has_mask"]]
-  poor = np.array([r["dice"] < POOR_DICE for r in masked], np.int64)
-  flagged = [r for r in scored if r["flagged"]]
-  return {
-    "score": "uncertainty: binary entropy of p(lung) summed over pixels per predicted lung "
-    "pixel (TTA-averaged p under config.tta)",
-    "threshold": threshold,
-    "num_images": len(scored),
-    "num_flagged": len(flagged),
-    "flagged": [r["id"] for r in flagged],
-    "poor_below": POOR_DICE,
-    "num_poor": int(poor.sum()),
-    "flagged_poor": int(sum(r["has_mask"] and r["dice"] < POOR_DICE for r in flagged)),
-    "auroc": classification_stats.roc_auc(
-      scores=np.array([r["uncertainty"] for r in masked], np.float64), labels=poor
-    )
-    if masked
-    else float("nan"),
-  }
-
-
-def _classification_summary(
-  result: SplitResult,
-  validation: SplitResult,
-  split: str,
-  config: ml_collections.ConfigDict,
-  temperature: float,
-) -> dict[str, Any]:
-  labels, probs = validation.labels, validation.probs
-  origin = "validation (the evaluated split)" if split == "validation" else "validation"
-  threshold = classification_stats.youden_threshold(labels, probs)
-  if not math.isfinite(threshold):
-    threshold, origin = 0.5, "0.5 (validation has a single class)"
-  summary = classification_stats.classification_summary(
-    result.labels, result.probs, threshold=threshold, threshold_from=origin, seed=int(config.seed)
-  )
-  # Temperature scaling, fitted on validation: calibrates p(abnormal), AUC unchanged.
-  calibrated = classification_stats.apply_temperature(result.probs, temperature)
-  summary["calibration"] = {
-    "temperature": temperature,
-    "fitted_on": "validation",
-    "ece_before": summary["ece"],
-    "ece_after": classification_stats.expected_calibration_error(result.labels, calibrated),
-  }
-  per_source = {}
-  for name in registry.source_names():
-    index = np.array([r["source"] == name for r in result.rows], bool)
-    if index.any():
-      per_source[name] = {
-        "num_images": int(index.sum()),
-        "auc": classification_stats.roc_auc(
-          scores=result.probs[index], labels=result.labels[index]
-        ),
-        "accuracy": float(((result.probs[index] >= 0.5) == result.labels[index]).mean()),
-      }
-  summary["per_source"] = per_source
-  return summary

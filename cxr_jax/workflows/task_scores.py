@@ -71,11 +71,20 @@ def summaries(tasks: Sequence[str], rows: Sequence[Mapping[str, Any]], config) -
   """evaluate's summary of each head beyond the lungs and normal/abnormal among `tasks`."""
   out: dict[str, Any] = {}
   if "structures" in tasks:
-    out["structures"] = structures_summary(rows)
+    out["structures"] = _per_source(structures_summary, rows)
   if "findings" in tasks:
     names = findings_lib.parse_names(config.model.findings)
-    out["findings"] = findings_summary(rows, names, int(config.seed))
+    out["findings"] = _per_source(lambda r: findings_summary(r, names, int(config.seed)), rows)
   return out
+
+
+def _per_source(summarize, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """`summarize(rows)`, with `per_source`: the same over each source's rows (a mixture's
+  datasets, the archive's two hospitals)."""
+  summary = summarize(rows)
+  sources = sorted({r["source"] for r in rows})
+  summary["per_source"] = {s: summarize([r for r in rows if r["source"] == s]) for s in sources}
+  return summary
 
 
 def structures_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

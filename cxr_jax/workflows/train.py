@@ -27,6 +27,7 @@ from cxr_jax.core.run import checkpoint
 from cxr_jax.core.run import multihost
 from cxr_jax.core.run import preemption
 from cxr_jax.core.run import restore_errors
+from cxr_jax.core.run import run_data
 from cxr_jax.core.run import run_lock
 from cxr_jax.core.run import rundir
 from cxr_jax.core.run import sharding
@@ -167,7 +168,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   # ----- data -----
   requested = config.data.name
-  dataset = rundir.open_dataset(config.data)
+  dataset = run_data.open_dataset(config.data)
   config.data.name, config.data.manual_dir = dataset.name, dataset.manual_dir
   logging.info(
     "Dataset: %s (config.data.name=%r)%s",
@@ -192,7 +193,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   config.data.num_workers = input_pipeline.worker_count(int(config.data.num_workers))
   sources = {
-    split: lung_crop.maybe_crop(config, split, rundir.load_split(config, split, dataset), workdir)
+    split: lung_crop.maybe_crop(config, split, run_data.load_split(config, split, dataset), workdir)
     for split in ("train", "validation")
   }
   process = {"process_index": jax.process_index(), "process_count": jax.process_count()}

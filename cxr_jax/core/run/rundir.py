@@ -1,13 +1,12 @@
 """What a run directory holds: its config.json, which checkpoint, and the run's dataset
 splits. Its paths are `layout.RunDir`'s."""
 
-import dataclasses
 import json
 import logging
 import os
 import platform
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
@@ -15,21 +14,15 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorflow_datasets as tfds
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from cxr_jax import errors
 from cxr_jax.config import schema
 from cxr_jax.core import models
 from cxr_jax.core.run import checkpoint
-from cxr_jax.core.run import multihost
 from cxr_jax.core.run.layout import RunDir
-from cxr_jax.data import datasets
 from cxr_jax.data import paths
-from cxr_jax.data import protocols
-from cxr_jax.data import registry
 
 _VERSIONED_PACKAGES = (
   "cxr_jax",
@@ -218,91 +211,3 @@ def restore_model(
   model.eval()
   logging.info("Restored %s checkpoint at step %d from %s", which, step, workdir)
   return config, model, step
-
-
-# ----- the run's dataset -----
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  """A run's prepared dataset."""
-
-  builder: tfds.core.DatasetBuilder
-  name: str  # the registry kind config.data.name resolved to
-  manual_dir: str
-
-  def info(self, requested: str) -> dict[str, Any]:
-    """What config.json records about it."""
-    info = self.builder.info
-    return {
-      "name": info.full_name,
-      "version": str(info.version),
-      "requested": requested,
-      "resolved": self.name,
-      "manual_dir": self.manual_dir,
-      "splits": {k: v.num_examples for k, v in info.splits.items()},
-    }
-
-
-def open_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
-  """Resolves config.data.name and prepares the dataset (process 0 first, then the others).
-
-  Every process calling `load_builder` at once would build the same dataset into the same
-  data_dir concurrently: process 0 prepares it (a no-op when it is there), the processes
-  meet, and then the others load it (or build their own copy on a per-host disk).
-  """
-  name, manual_dir = datasets.resolve_name(data_config)
-  _check_same_on_all_hosts(name)
-
-  def load():
-    return datasets.load_builder(
-      name,
-      data_dir=data_config.data_dir,
-      manual_dir=manual_dir,
-      synthetic_examples=int(data_config.synthetic_examples),
-    )
-
-  builder = multihost.on_process_0(
-    load,
-    f"Process 0 failed to prepare dataset {name!r} into {data_config.data_dir!r}; its log "
-    "says why. Fix that (or build it once with `python -m cxr_jax.data.prepare`) and rerun.",
-    barrier_name="dataset prepared",
-  )
-  return Dataset(builder if builder is not None else load(), name, manual_dir)
-
-
-def _check_same_on_all_hosts(name: str) -> None:
-  """'auto' resolves per host: all hosts must have found the same dataset."""
-  if jax.process_count() == 1:
-    return
-  names = registry.names()
-  chosen = names[int(multihost_utils.broadcast_one_to_all(np.int32(names.index(name))))]
-  if chosen != name:
-    raise ValueError(
-      f"Process {jax.process_index()} resolved the dataset to {name!r}, process 0 "
-      f"to {chosen!r}: set --config.data.name and --config.data.manual_dir explicitly, to "
-      "a path every host sees."
-    )
-
-
-def load_split(
-  config: ml_collections.ConfigDict, split: str, dataset: Dataset | None = None
-) -> Sequence[Mapping[str, Any]]:
-  """The run's `split` under its protocol (config.data.split) as a random-access source,
-  preparing the dataset if needed."""
-  dataset = dataset or open_dataset(config.data)
-  builder = dataset.builder
-  if config.data.split == "hash":
-    return datasets.split_source(builder, split)
-  parts = {name: datasets.split_source(builder, name) for name in builder.info.splits}
-  meta = protocols.read_meta(
-    {name: datasets.skip_decoding(part, ("image", "mask")) for name, part in parts.items()}
-  )
-  assigned = protocols.assign_splits(meta, config.data, registry.source_names())
-  members = [(m["split"], m["position"]) for m, s in zip(meta, assigned) if s == split]
-  if not members:
-    raise ValueError(
-      f"No image of {builder.info.full_name} falls in {split!r} under config.data.split="
-      f"{config.data.split!r}; check config.data.fold / num_folds / train_sources."
-    )
-  return protocols.SubsetSource(parts, members)

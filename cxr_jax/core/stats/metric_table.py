@@ -85,9 +85,9 @@ def _mask_mean(name: str) -> Callable[[Summary, Validation], Any]:
   return read
 
 
-def _classification(*keys: str) -> Callable[[Summary, Validation], Any]:
+def _summary(*keys: str) -> Callable[[Summary, Validation], Any]:
   def read(summary: Summary, validation: Validation) -> Any:
-    node = summary.get("classification")
+    node: Any = summary
     for key in keys:
       node = node.get(key) if isinstance(node, Mapping) else None
     return node
@@ -111,17 +111,18 @@ TABLE = (
   Metric("asd_px", "ASSD px", False, "px", f"both boundaries' distances to the other pooled: (sum d(a, R) + sum d(r, P)) / (|∂P| + |∂R|) (MONAI, symmetric=True); {_ONE_EMPTY}", _SURFACE, lambda p: p.px["asd"], _mask_mean("asd_px")),
   Metric("hd95_mm", "HD95 mm", False, "mm", "HD95 in millimetres, where the image's pixel spacing is known", _SURFACE, lambda p: p.mm["hd95"]),
   Metric("asd_mm", "ASSD mm", False, "mm", "ASSD in millimetres, where the image's pixel spacing is known", _SURFACE, lambda p: p.mm["asd"]),
-  Metric("qc_auroc", "QC AUROC", True, "", "AUROC of the masks' uncertainty for finding those with Dice < 0.95", "workflows/evaluation.quality_summary", None, lambda s, v: (s.get("segmentation", {}).get("quality") or {}).get("auroc")),
+  Metric("qc_auroc", "QC AUROC", True, "", "AUROC of the masks' uncertainty for finding those with Dice < 0.95", "workflows/split_summaries.quality_summary", None, lambda s, v: (s.get("segmentation", {}).get("quality") or {}).get("auroc")),
   Metric("loss", "loss", False, "", "a head's training loss on validation (<head>_loss): BCE + soft Dice, or cross-entropy", "training/losses"),
-  Metric("auc", "AUC", True, "", "area under the ROC curve of p(abnormal) (ties count one half)", "stats/classification_stats.roc_auc", None, _classification("auc")),
-  Metric("accuracy", "accuracy", True, "", "fraction of images whose p(abnormal) >= 0.5 matches the label", "stats/classification_stats", None, _classification("accuracy")),
+  Metric("auc", "AUC", True, "", "area under the ROC curve of p(abnormal) (ties count one half)", "stats/classification_stats.roc_auc", None, _summary("classification", "auc")),
+  Metric("accuracy", "accuracy", True, "", "fraction of images whose p(abnormal) >= 0.5 matches the label", "stats/classification_stats", None, _summary("classification", "accuracy")),
   Metric("sensitivity", "sensitivity", True, "", "abnormal images called abnormal (at 0.5 in validation, at Youden's threshold in evaluate)", "stats/classification_stats"),
   Metric("specificity", "specificity", True, "", "normal images called normal (at 0.5 in validation, at Youden's threshold in evaluate)", "stats/classification_stats"),
-  Metric("ece", "ECE", False, "", "expected calibration error of p(abnormal) over equal-width bins", "stats/classification_stats.expected_calibration_error", None, _classification("ece")),
-  Metric("ece_calibrated", "ECE calibrated", False, "", "ECE after the temperature fitted on validation", "stats/classification_stats.fit_temperature", None, _classification("calibration", "ece_after")),
-  Metric("heart_dice", "heart Dice", True, "", "Dice of the heart mask over the images outlining it (model.structures)", "training/anatomy; evaluate: workflows/task_scores"),
-  Metric("clavicles_dice", "clavicles Dice", True, "", "Dice of the clavicles' mask over the images outlining them (model.structures)", "training/anatomy; evaluate: workflows/task_scores"),
-  Metric("findings_auc", "findings AUC", True, "", "macro mean of each finding's ROC AUC over the images labelling it (model.findings)", "training/multilabel; evaluate: workflows/task_scores"),
+  Metric("ece", "ECE", False, "", "expected calibration error of p(abnormal) over equal-width bins", "stats/classification_stats.expected_calibration_error", None, _summary("classification", "ece")),
+  Metric("ece_calibrated", "ECE calibrated", False, "", "ECE after the temperature fitted on validation", "stats/classification_stats.fit_temperature", None, _summary("classification", "calibration", "ece_after")),
+  Metric("heart_dice", "heart Dice", True, "", "Dice of the heart mask over the images outlining it (model.structures)", "training/anatomy; evaluate: workflows/task_scores", None, _summary("structures", "heart", "dice")),
+  Metric("clavicles_dice", "clavicles Dice", True, "", "Dice of the clavicles' mask over the images outlining them (model.structures)", "training/anatomy; evaluate: workflows/task_scores", None, _summary("structures", "clavicles", "dice")),
+  Metric("ctr_mae", "CTR MAE", False, "", "mean absolute error of the cardiothoracic ratio (widest heart / widest thorax) from the predicted masks, over images outlining lungs and heart", "stats/cardiothoracic; evaluate: workflows/task_scores", None, _summary("structures", "cardiothoracic_ratio_mae")),
+  Metric("findings_auc", "findings AUC", True, "", "macro mean of each finding's ROC AUC over the images labelling it (model.findings)", "training/multilabel; evaluate: workflows/task_scores", None, _summary("findings", "macro_auc")),
   Metric("val_dice", "val Dice", True, "", "validation Dice (model resolution) at the evaluated step of the EMA weights (runs with an EMA)", "metrics.jsonl", None, lambda s, v: v.get("dice") if "online_dice" in v else None),
   Metric("val_online_dice", "val Dice online", True, "", "the same of the trained weights themselves: with val_dice, the EMA's paired effect", "metrics.jsonl", None, lambda s, v: v.get("online_dice")),
 )
