@@ -141,3 +141,79 @@ def test_a_soft_mask_moves_with_the_same_draw():
   assert out_soft.shape == soft.shape and 0.0 <= out_soft.min() and out_soft.max() <= 1.0
   assert 0.0 < np.mean((out_soft > 0) & (out_soft < 1))  # interpolated, not nearest
   assert _iou(out_soft > THRESHOLD, np.asarray(out_mask) > 0) > 0.95
+
+
+# ----- robustness to other sites and diseased lungs -----
+
+
+def _only(**strengths) -> augment.AugParams:
+  off = {k: False if isinstance(v, bool) else 0.0 for k, v in default.get_config().aug.items()}
+  return augment.AugParams(**{**off, "enabled": True, "elastic_sigma": 8.0, **strengths})
+
+
+def _chest() -> tuple[np.ndarray, np.ndarray]:
+  """A bright body with two dark lungs (and their mask) on a dark background."""
+  yy, xx = np.mgrid[:SIZE, :SIZE]
+  body = ((yy - 32) / 28) ** 2 + ((xx - 32) / 26) ** 2 < 1
+  lungs = (((yy - 30) / 18) ** 2 + ((xx - 20) / 8) ** 2 < 1) | (
+    ((yy - 30) / 18) ** 2 + ((xx - 44) / 8) ** 2 < 1
+  )
+  image = np.where(lungs, -1.0, np.where(body, 1.0, -2.0)).astype(np.float32)
+  image = np.broadcast_to(image, (BATCH, SIZE, SIZE))[..., None].copy()
+  mask = np.broadcast_to(lungs, (BATCH, SIZE, SIZE))[..., None].astype(np.float32)
+  return image, mask
+
+
+def test_a_painted_opacity_brightens_the_lungs_only_and_keeps_them_lung():
+  image, mask = _chest()
+  params = _only(opacity=1.0)
+  out_image, out_mask = jax.jit(lambda k: augment.augment_batch(k, image, mask, params))(
+    jax.random.key(0)
+  )
+  out_image, change = np.asarray(out_image), np.asarray(out_image) - image
+  np.testing.assert_array_equal(np.asarray(out_mask), mask)  # still lung in the label
+  lungs = mask[..., 0] > 0
+  assert np.all(change[..., 0][~lungs] == 0)  # nothing outside the lungs
+  assert np.all(change >= -1e-6)  # brighter, never darker
+  assert np.all(out_image <= 1.0 + 1e-5)  # at most as bright as the body's tissue
+  per_image = [change[b, ..., 0][lungs[b]].max() for b in range(BATCH)]
+  assert min(per_image) > 0.5  # every image got an opacity (probability 1)
+  # Weighted to the bases: the lower half of the lungs brightens more than the upper half.
+  rows = np.arange(SIZE)[:, None] >= 30
+  assert change[..., 0][lungs & rows].mean() > change[..., 0][lungs & ~rows].mean()
+
+
+def test_a_contrast_window_keeps_the_range_and_the_order_of_intensities():
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(BATCH, SIZE, SIZE, 1)).astype(np.float32)
+  mask = np.zeros_like(image)
+  out, _ = augment.augment_batch(jax.random.key(1), image, mask, _only(window=0.3))
+  out = np.asarray(out)
+  for b in range(BATCH):
+    x, y = image[b].ravel(), out[b].ravel()
+    assert y.min() == pytest.approx(x.min(), abs=1e-4) and y.max() == pytest.approx(
+      x.max(), abs=1e-4
+    )
+    order = np.argsort(x)
+    assert np.all(np.diff(y[order]) >= -1e-5)  # monotone: a display curve, not a shuffle
+    assert (y == y.min()).mean() > (x == x.min()).mean()  # the window clipped the darkest
+
+
+def test_ap_magnification_widens_the_lungs_and_their_mask_together():
+  image, mask = _chest()
+  out_image, out_mask = augment.augment_batch(
+    jax.random.key(2), image, mask, _only(magnification=0.3)
+  )
+  before, after = mask[0, ..., 0] > 0, np.asarray(out_mask)[0, ..., 0] > 0
+  width = lambda m: np.ptp(np.flatnonzero(m.any(axis=0)))  # noqa: E731
+  height = lambda m: np.ptp(np.flatnonzero(m.any(axis=1)))  # noqa: E731
+  assert width(after) > width(before) and height(after) == height(before)
+  assert _iou(np.abs(np.asarray(out_image)[0, ..., 0] + 1) < 0.5, after) > 0.9  # aligned
+
+
+def test_local_contrast_sharpens_edges_and_keeps_flat_regions():
+  image, mask = _chest()
+  out, _ = augment.augment_batch(jax.random.key(3), image, mask, _only(local_contrast=1.0))
+  out = np.asarray(out)
+  assert np.ptp(out) > np.ptp(image)  # overshoot at the lung edges
+  assert abs(out.mean() - image.mean()) < 0.05 * np.ptp(image)

@@ -368,3 +368,60 @@ def test_batch_norm_train_equals_flax_batchnorm_with_its_gradient_and_running_st
   for a, b in zip(jax.tree.leaves(stats_ours), jax.tree.leaves(stats_theirs)):
     assert float(jnp.max(jnp.abs(b - jnp.round(b)))) > 0  # moved from their initial values
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----- deep supervision -----
+
+
+@pytest.mark.parametrize("name", ["unet", "attention_unet", "multitask"])
+def test_deep_supervision_adds_a_lung_head_per_lower_level_in_training_only(name):
+  config = default.get_config("smoke")
+  config.model.name, config.model.depth, config.model.deep_supervision = name, 3, 2
+  model = create_model(config.model, rngs=nnx.Rngs(0))
+  x = jnp.zeros((2, 32, 32, 1))
+  aux = model(x, train=True)["aux_mask_logits"]
+  assert [a.shape for a in aux] == [(2, 16, 16, 1), (2, 8, 8, 1)]
+  assert "aux_mask_logits" not in model(x, train=False)  # eval, inference and export: none
+  base = config.model.base_features
+  extra = sum(
+    p.size
+    for p in jax.tree.leaves(
+      nnx.state(model.aux_heads if name == "unet" else model.unet.aux_heads, nnx.Param)
+    )
+  )
+  assert extra == (2 * base + 1) + (4 * base + 1)  # a 1x1 conv on each level's width
+
+
+def test_deep_supervision_loss_is_nnunets_halving_normalised_sum():
+  from cxr_jax.core.training import heads  # noqa: PLC0415
+  from cxr_jax.core.training import losses  # noqa: PLC0415
+
+  config = default.get_config("smoke")
+  rng = np.random.default_rng(0)
+  mask = (rng.random((2, 16, 16, 1)) < 0.5).astype(np.float32)
+  batch = {"lung_mask": mask, "has_mask": np.ones(2, np.float32), "weight": np.ones(2, np.float32)}
+  full = jnp.asarray(rng.normal(size=(2, 16, 16, 1)), jnp.float32)
+  aux = [jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32), jnp.zeros((2, 4, 4, 1))]
+  total, parts = heads.compute_losses({"mask_logits": full, "aux_mask_logits": aux}, batch, config)
+  pooled = [mask.reshape(2, 16 // f, f, 16 // f, f, 1).mean(axis=(2, 4)) for f in (2, 4)]
+  level = [
+    float(losses.segmentation_loss(x, m, batch["weight"])) for x, m in zip(aux, pooled, strict=True)
+  ]
+  l0 = float(losses.segmentation_loss(full, mask, batch["weight"]))
+  assert float(parts["seg_loss"]) == pytest.approx(l0, rel=1e-6)
+  assert float(parts["deep_supervision_loss"]) == pytest.approx(
+    level[0] / 2 + level[1] / 4, rel=1e-5
+  )
+  assert float(total) == pytest.approx((l0 + level[0] / 2 + level[1] / 4) / 1.75, rel=1e-5)
+
+
+def test_deep_supervision_of_a_model_without_a_unet_decoder_is_refused_in_one_line():
+  config = default.get_config("smoke")
+  config.model.deep_supervision = 1
+  for name, encoder in [("classifier", ""), ("unet", "resnet18")]:
+    config.model.name, config.model.encoder = name, encoder
+    with pytest.raises(ValueError, match=r"deep_supervision=1 supervises the decoder"):
+      create_model(config.model, rngs=nnx.Rngs(0))
+  config.model.name, config.model.encoder, config.model.deep_supervision = "unet", "", 4
+  with pytest.raises(ValueError, match=r"deep_supervision=4: the decoder has 1 levels .*depth=2"):
+    create_model(config.model, rngs=nnx.Rngs(0))

@@ -5,7 +5,7 @@ a resume may change it.
 gets missing keys from them (`schema.fill`), training validates against them at start-up
 (`schema.validate`), and a resume compares the structural keys (`schema.structural_changes`).
 
-`rule`: 'int', 'int >= 0', 'int >= 1', '> 0', '>= 0', '[0, 1)', a tuple of valid values, or
+`rule`: 'int', 'int >= 0', 'int >= 1', '> 0', '>= 0', '[0, 1)', '[0, 1]', a tuple of valid values, or
 None (the default's type: bool or str; names checked by their registry). `structural`: what of
 the value the checkpoint's or the data iterator's shape depends on (`SAME`: the value itself,
 `bool`: whether it is on), or None when a resume may change it.
@@ -68,6 +68,10 @@ KEYS = (
   Key("aug.gamma", 0.1, "[0, 1)", "gamma in [1 - g, 1 + g]"),
   Key("aug.noise_std", 0.02, ">= 0", "Gaussian noise, in normalised units"),
   Key("aug.blur_sigma", 0.0, ">= 0", "max Gaussian blur sigma in pixels (0: off)"),
+  Key("aug.window", 0.0, "[0, 1)", "contrast window: clip to [lo, hi] of the image's range, lo up to this fraction above its minimum, hi as far below its maximum, and stretch back (another site's display curve)"),
+  Key("aug.local_contrast", 0.0, ">= 0", "CLAHE-like local contrast: x + a (x - blur(x, side/8)), a up to this"),
+  Key("aug.opacity", 0.0, "[0, 1]", "probability of painting a simulated opacity (a smooth bright blob, consolidation-like) into the lungs, the lung mask kept"),
+  Key("aug.magnification", 0.0, "[0, 1)", "AP-style projection magnification: a horizontal zoom in [1, 1 + m] with the mask"),
   # ----- model -----
   Key("model.name", "unet", None, "network (core/models registry)", SAME),
   Key("model.base_features", 8, "int >= 1", "channels of the first level (16+ for real data on an accelerator)", SAME),
@@ -80,6 +84,7 @@ KEYS = (
   Key("model.structures", False, None, "U-Net: also segment the heart and clavicles (a channel each, learnt where outlined)", SAME),
   Key("model.findings", "", None, "U-Net: a sigmoid per finding, comma-separated names of the dataset's findings (learnt where labelled)", SAME),
   # ----- transfer learning (README "Transfer learning") -----
+  Key("model.deep_supervision", 0, "int >= 0", "U-Net family: an auxiliary lung head on each of this many decoder levels below full resolution, their losses weighted 1/2 per level (nnU-Net)", SAME),
   Key("model.encoder", "", ("", "unet", "resnet18", "resnet34", "resnet50", "densenet121"), "encoder of unet/multitask/classifier: '' (the model's own) or a torchvision-layout one (image_size a multiple of 32)", SAME),
   Key("model.init_from", "", None, "weights to start from: a torchvision/timm/TorchXRayVision state dict (.safetensors, .npz, .pth, .pt) or a cxr_jax run directory (its encoder); '{fold}' takes data.fold", SAME),
   Key("model.input_scale", 1.0, "> 0", "multiplies the z-scored input before the encoder (init_from sets 512 for TorchXRayVision weights)", SAME),

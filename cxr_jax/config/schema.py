@@ -61,6 +61,8 @@ def _holds(value: Any, key: Key) -> bool:
     return value >= 0
   if rule == "[0, 1)":
     return 0 <= value < 1
+  if rule == "[0, 1]":
+    return 0 <= value <= 1
   raise ValueError(f"unknown rule {rule!r} of config.{key.path}")
 
 

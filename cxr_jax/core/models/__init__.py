@@ -36,6 +36,7 @@ ENCODERS = {
   "densenet121": densenet_encoder("densenet121"),
 }
 NATIVE_ENCODERS = ("", "unet")
+DECODER_MODELS = ("unet", "attention_unet", "multitask")  # model.deep_supervision's
 
 
 def create_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -46,6 +47,14 @@ def create_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> 
   """
   name = model_config.name
   encoder = model_config.get("encoder", "")
+  if model_config.get("deep_supervision", 0) and (
+    encoder not in NATIVE_ENCODERS or name not in DECODER_MODELS
+  ):
+    raise errors.ConfigError(
+      f"config.model.deep_supervision={model_config.deep_supervision} supervises the decoder "
+      f"of the U-Net family's own encoder ({', '.join(DECODER_MODELS)}, encoder=''), not "
+      f"name={name!r}, encoder={encoder!r}; set it to 0."
+    )
   if encoder not in NATIVE_ENCODERS:
     if encoder not in ENCODERS:
       raise ValueError(

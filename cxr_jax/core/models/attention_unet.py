@@ -74,6 +74,7 @@ class AttentionUNet(nnx.Module):
     dropout: float = 0.0,
     upsample: str = "transpose",
     dtype: str = "float32",
+    deep_supervision: int = 0,
     rngs: nnx.Rngs,
   ):
     self.unet = UNet(
@@ -85,6 +86,7 @@ class AttentionUNet(nnx.Module):
       dropout=dropout,
       upsample=upsample,
       dtype=dtype,
+      deep_supervision=deep_supervision,
       rngs=rngs,
     )
     widths = self.unet.encoder.widths
@@ -107,10 +109,10 @@ class AttentionUNet(nnx.Module):
   def __call__(
     self, x: jax.Array, *, train: bool, return_attention: bool = False
   ) -> dict[str, jax.Array | list[jax.Array]]:
-    mask_logits, _, alphas = self.unet.features(
+    mask_logits, _, alphas, aux = self.unet.features(
       x, train=train, gates=self.gates, model="AttentionUNet"
     )
-    out = {"mask_logits": mask_logits}
+    out = {"mask_logits": mask_logits, **aux}
     if return_attention:
       out["attention"] = alphas
     return out

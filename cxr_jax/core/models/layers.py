@@ -310,14 +310,15 @@ class Decoder(nnx.Module):
     *,
     train: bool,
     gates: Sequence[nnx.Module] | None = None,
-  ) -> tuple[jax.Array, list[jax.Array]]:
-    """Returns (features at full resolution, gate maps finest first; [] without gates).
+  ) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Returns (each level's features finest first: [0] at full resolution, [k] at 1/2**k;
+    gate maps finest first, [] without gates).
 
     gates[i], when given, is called as `gate(skip_i, g) -> (gated skip, coefficients)`, with
     g the decoder features one level coarser than skip i (the gating signal).
     """
     x = bottleneck
-    coefficients = []
+    coefficients, levels = [], []
     for up, block, skip, level in zip(
       self.ups, self.blocks, reversed(skips), reversed(range(len(skips)))
     ):
@@ -325,7 +326,8 @@ class Decoder(nnx.Module):
         skip, alpha = gates[level](skip, x)
         coefficients.append(alpha)
       x = block([skip, up(x)], train=train)  # = the concatenation, without copying it
-    return x, coefficients[::-1]
+      levels.append(x)
+    return levels[::-1], coefficients[::-1]
 
 
 def global_average_pool(x: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from cxr_jax import errors
 from cxr_jax.core.models import layers
 from cxr_jax.data.findings import parse_names as finding_names
 from cxr_jax.data.records import EXTRA_STRUCTURES
@@ -38,7 +39,9 @@ class UNet(nnx.Module):
   H and W must be multiples of 2**depth (non-square is fine). With `structures`, the same
   1x1 head also gives 'structure_logits' [B, H, W, len(anatomy.EXTRA)] (heart, clavicles);
   with `findings` > 0, a dense layer on the pooled bottleneck gives 'finding_logits'
-  [B, findings].
+  [B, findings]. With `deep_supervision` = K > 0, training (only) also returns
+  'aux_mask_logits': a 1x1 head's lung logits on each of the K decoder levels below full
+  resolution, [B, H/2**k, W/2**k, 1] for k = 1..K (nnU-Net's deep supervision).
   """
 
   def __init__(
@@ -54,8 +57,14 @@ class UNet(nnx.Module):
     dtype: str = "float32",
     structures: bool = False,
     findings: int = 0,
+    deep_supervision: int = 0,
     rngs: nnx.Rngs,
   ):
+    if not 0 <= deep_supervision < depth:
+      raise errors.ConfigError(
+        f"config.model.deep_supervision={deep_supervision}: the decoder has {depth - 1} "
+        f"levels below full resolution (model.depth={depth}); use 0..{depth - 1}."
+      )
     self.depth = depth
     self.num_structures = len(EXTRA_STRUCTURES) if structures else 0
     out_features += self.num_structures
@@ -82,6 +91,12 @@ class UNet(nnx.Module):
     self.finding_head = (
       nnx.Linear(self.encoder.widths[-1], findings, rngs=rngs) if findings else None
     )
+    self.aux_heads = nnx.List(
+      [
+        nnx.Conv(self.encoder.widths[k], 1, (1, 1), dtype=jnp.float32, rngs=rngs)
+        for k in range(1, deep_supervision + 1)
+      ]
+    )
 
   @staticmethod
   def config_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -93,6 +108,7 @@ class UNet(nnx.Module):
       dropout=model_config.dropout,
       upsample=model_config.upsample,
       dtype=model_config.dtype,
+      deep_supervision=int(model_config.get("deep_supervision", 0)),
     )
 
   @classmethod
@@ -113,18 +129,24 @@ class UNet(nnx.Module):
     train: bool,
     gates: Sequence[nnx.Module] | None = None,
     model: str = "UNet",
-  ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
+  ) -> tuple[jax.Array, jax.Array, list[jax.Array], dict[str, Any]]:
     """The one forward pass every U-Net variant wraps: x [B, H, W, C] -> (the head's logits
     [B, H, W, 1 + structure channels] float32, bottleneck features, gate maps finest first:
-    [] without `gates`). `model` names the caller in the input check's message."""
+    [] without `gates`, the deep-supervision outputs: {'aux_mask_logits': [...]} in training
+    with `deep_supervision`, else {}). `model` names the caller in the input check's message."""
     layers.check_input(x, 2**self.depth, model)
     skips, bottleneck = self.encoder(x.astype(self.dtype), train=train)
-    features, alphas = self.decoder(bottleneck, skips, train=train, gates=gates)
-    return self.head(features).astype(jnp.float32), bottleneck, alphas
+    levels, alphas = self.decoder(bottleneck, skips, train=train, gates=gates)
+    aux = {}
+    if train and len(self.aux_heads):
+      aux["aux_mask_logits"] = [
+        head(level).astype(jnp.float32) for head, level in zip(self.aux_heads, levels[1:])
+      ]
+    return self.head(levels[0]).astype(jnp.float32), bottleneck, alphas, aux
 
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    logits, bottleneck, _ = self.features(x, train=train)
-    outputs = {"mask_logits": logits[..., :1]}
+    logits, bottleneck, _, aux = self.features(x, train=train)
+    outputs = {"mask_logits": logits[..., :1], **aux}
     if self.num_structures:
       outputs["structure_logits"] = logits[..., 1:]
     if self.finding_head is not None:
@@ -153,6 +175,7 @@ class MultiTaskUNet(nnx.Module):
     upsample: str = "transpose",
     num_classes: int = 2,
     dtype: str = "float32",
+    deep_supervision: int = 0,
     rngs: nnx.Rngs,
   ):
     self.unet = UNet(
@@ -164,6 +187,7 @@ class MultiTaskUNet(nnx.Module):
       dropout=dropout,
       upsample=upsample,
       dtype=dtype,
+      deep_supervision=deep_supervision,
       rngs=rngs,
     )
     self.class_dropout = layers.Dropout(dropout, rngs=rngs)
@@ -177,6 +201,7 @@ class MultiTaskUNet(nnx.Module):
     return cls(**UNet.config_kwargs(model_config), num_classes=model_config.num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    mask_logits, bottleneck, _ = self.unet.features(x, train=train, model="MultiTaskUNet")
+    mask_logits, bottleneck, _, aux = self.unet.features(x, train=train, model="MultiTaskUNet")
     pooled = self.class_dropout(layers.global_average_pool(bottleneck), train=train)
-    return {"mask_logits": mask_logits, "class_logits": self.class_head(pooled).astype(jnp.float32)}
+    class_logits = self.class_head(pooled).astype(jnp.float32)
+    return {"mask_logits": mask_logits, "class_logits": class_logits, **aux}

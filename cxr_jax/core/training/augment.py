@@ -1,9 +1,11 @@
 """Paired augmentation in JAX, compiled into the train step.
 
 One random geometric transform per example (rotation, scale, shift, shear, optional
-horizontal flip and elastic deformation) moves image and mask through the *same* sampling
-grid: bilinear for the image, nearest for the mask, so they stay aligned. Intensity
-transforms (gamma, contrast, brightness, blur, noise) touch the image only.
+horizontal flip, AP-style horizontal magnification and elastic deformation) moves image and
+mask through the *same* sampling grid: bilinear for the image, nearest for the mask, so they
+stay aligned. Intensity transforms (gamma, contrast windows, contrast, brightness, CLAHE-like
+local contrast, simulated opacities in the lungs, blur, noise) touch the image only: an
+opacity painted into a lung leaves it lung in the mask, as consolidated lung is.
 
 Strengths come from `config.aug`; a strength of 0 removes that transform from the traced
 graph, and `config.aug.enabled=False` returns the inputs unchanged. The config is read at
@@ -39,6 +41,10 @@ class AugParams:
   gamma: float
   noise_std: float
   blur_sigma: float
+  window: float = 0.0
+  local_contrast: float = 0.0
+  opacity: float = 0.0
+  magnification: float = 0.0
 
   @classmethod
   def from_config(cls, aug_config: ml_collections.ConfigDict | AugParams) -> AugParams:
@@ -59,6 +65,7 @@ class AugParams:
       or self.shear_deg
       or self.hflip
       or self.elastic_alpha
+      or self.magnification
     )
 
 
@@ -116,7 +123,7 @@ def _augment_one(
     if soft is not None:
       p = ndimage.map_coordinates(soft[..., 0], list(coords), order=1, mode="constant", cval=0.0)
       soft = p[..., None].astype(soft.dtype)
-  x = _intensity(intensity_key, x, params)
+  x = _intensity(intensity_key, x, params, m)
   return x[..., None].astype(image.dtype), m[..., None].astype(mask.dtype), soft
 
 
@@ -131,16 +138,18 @@ def _affine_coords(key: jax.Array, size: int, params: AugParams) -> jax.Array:
   the inverse map directly (output -> input), which has the same distribution because every
   parameter range is symmetric.
   """
-  k_rot, k_scale, k_shear, k_shift, k_flip = jax.random.split(key, 5)
+  k_rot, k_scale, k_shear, k_shift, k_flip, k_mag = jax.random.split(key, 6)
   angle = jnp.deg2rad(_uniform(k_rot, -params.rotate_deg, params.rotate_deg))
   zoom = _uniform(k_scale, 1 - params.scale, 1 + params.scale)
   shear = jnp.deg2rad(_uniform(k_shear, -params.shear_deg, params.shear_deg))
   shift = jax.random.uniform(k_shift, (2,), minval=-params.shift, maxval=params.shift) * size
   flip = jnp.where(jax.random.bernoulli(k_flip), -1.0, 1.0) if params.hflip else 1.0
+  # AP films magnify what is far from the detector: widen (never narrow) the columns.
+  widen = _uniform(k_mag, 1.0, 1.0 + params.magnification) if params.magnification else 1.0
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   rotation = jnp.array([[cos, -sin], [sin, cos]])
   shearing = jnp.array([[1.0, jnp.tan(shear)], [0.0, 1.0]])
-  inverse = rotation @ shearing @ jnp.diag(jnp.array([1.0, flip])) / zoom
+  inverse = rotation @ shearing @ jnp.diag(jnp.array([1.0, flip / widen])) / zoom
   centre = (size - 1) / 2
   grid = jnp.stack(jnp.meshgrid(jnp.arange(size), jnp.arange(size), indexing="ij"))
   grid = grid.reshape(2, -1).astype(jnp.float32) - centre
@@ -173,22 +182,57 @@ def _elastic_field(key: jax.Array, size: int, params: AugParams) -> jax.Array:
   return field * (params.elastic_alpha / (jnp.abs(field).max() + 1e-6))
 
 
-def _intensity(key: jax.Array, x: jax.Array, params: AugParams) -> jax.Array:
-  """Gamma, contrast, brightness, blur, noise on one normalised [S, S] image."""
-  k_gamma, k_contrast, k_bright, k_blur, k_noise = jax.random.split(key, 5)
+def _intensity(key: jax.Array, x: jax.Array, params: AugParams, lungs: jax.Array) -> jax.Array:
+  """Gamma, window, contrast, brightness, local contrast, opacity, blur, noise on one
+  normalised [S, S] image (`lungs`: its [S, S] lung mask, where opacities are painted)."""
+  keys = jax.random.split(key, 8)
+  k_gamma, k_window, k_contrast, k_bright, k_local, k_opacity, k_blur, k_noise = keys
+  low, high = x.min(), x.max()
+  span = jnp.maximum(high - low, 1e-6)
   if params.gamma:
     # Gamma needs [0, 1]: map the image's own range there and back (normalised images are
     # signed), so the transform bends the contrast curve without moving its ends.
     gamma = _uniform(k_gamma, 1 - params.gamma, 1 + params.gamma)
-    low, high = x.min(), x.max()
-    span = jnp.maximum(high - low, 1e-6)
     x = ((x - low) / span) ** gamma * span + low
+  if params.window:
+    lo_key, hi_key = jax.random.split(k_window)
+    lo = low + span * _uniform(lo_key, 0.0, params.window)
+    hi = high - span * _uniform(hi_key, 0.0, params.window)
+    x = (jnp.clip(x, lo, hi) - lo) / jnp.maximum(hi - lo, 1e-6) * span + low
   if params.contrast:
     x = x * _uniform(k_contrast, 1 - params.contrast, 1 + params.contrast)
   if params.brightness:
     x = x + _uniform(k_bright, -params.brightness, params.brightness)
+  if params.local_contrast:
+    background = _smooth(x, x.shape[0] / 8)
+    x = x + _uniform(k_local, 0.0, params.local_contrast) * (x - background)
+  if params.opacity:
+    x = _paint_opacity(k_opacity, x, lungs, params.opacity)
   if params.blur_sigma:
     x = _smooth(x, _uniform(k_blur, 0.0, params.blur_sigma))
   if params.noise_std:
     x = x + params.noise_std * jax.random.normal(k_noise, x.shape)
   return x
+
+
+def _paint_opacity(key: jax.Array, x: jax.Array, lungs: jax.Array, probability: float):
+  """With `probability`, blends a smooth random blob inside the lungs toward the brightness
+  of soft tissue (the image's 80th percentile; consolidation, effusion: lung that looks like
+  tissue), never darkening a pixel.
+
+  The blob is low-frequency noise (Gaussian-smoothed, sigma side/12) above a random level,
+  weighted toward the lung bases where such opacities sit, feathered and strength-scaled."""
+  k_on, k_noise, k_level, k_strength = jax.random.split(key, 4)
+  size = x.shape[0]
+  field = _smooth(jax.random.normal(k_noise, x.shape), size / 12)
+  field = (field - field.mean()) / (field.std() + 1e-6)
+  # Height within the lungs: 0 at their apices, 1 at their bases.
+  rows = jnp.arange(size, dtype=jnp.float32)[:, None]
+  filled = lungs.max(axis=1)[:, None] > 0
+  top = jnp.min(jnp.where(filled, rows, size))
+  bottom = jnp.max(jnp.where(filled, rows, 0.0))
+  height = jnp.clip((rows - top) / jnp.maximum(bottom - top, 1.0), 0.0, 1.0)
+  blob = jax.nn.sigmoid(4.0 * (field + 2.0 * height - _uniform(k_level, 0.5, 2.5))) * lungs
+  tissue = jnp.quantile(x, 0.8)  # mediastinum and soft tissue: brighter than aerated lung
+  strength = _uniform(k_strength, 0.4, 0.9) * jax.random.bernoulli(k_on, probability)
+  return x + strength * blob * jnp.maximum(tissue - x, 0.0)

@@ -117,13 +117,25 @@ def present(outputs: Mapping[str, Any]) -> list[Head]:
 def compute_losses(
   outputs: Mapping[str, jax.Array], batch: Batch, config: ml_collections.ConfigDict
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss and each head's part (`<name>_loss`); one head has weight 1."""
+  """Total loss and each head's part (`<name>_loss`); one head has weight 1. With the
+  deep-supervision outputs (`aux_mask_logits`, training only), the lungs' part is nnU-Net's
+  normalised sum (L_0 + sum_k 2**-k L_k) / (1 + sum_k 2**-k), and `deep_supervision_loss`
+  (sum_k 2**-k L_k) is reported beside `seg_loss` (L_0, as validation reports it)."""
   heads = present(outputs)
   parts, total = {}, 0.0
   for head in heads:
-    parts[head.loss_key] = head.loss(outputs[head.output], batch, config)
+    loss = parts[head.loss_key] = head.loss(outputs[head.output], batch, config)
+    if head.output == "mask_logits" and outputs.get("aux_mask_logits"):
+      aux, aux_weights = losses.deep_supervision_loss(
+        outputs["aux_mask_logits"],
+        batch["lung_mask"],
+        batch["has_mask"] * batch["weight"],
+        config.loss.dice_weight,
+      )
+      parts["deep_supervision_loss"] = aux
+      loss = (loss + aux) / (1.0 + aux_weights)
     weight = head.loss_weight(config) if len(heads) > 1 else 1.0
-    total += weight * parts[head.loss_key]
+    total += weight * loss
   return total, parts
 
 

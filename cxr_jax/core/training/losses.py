@@ -106,6 +106,22 @@ def segmentation_loss(
   return weighted_mean(parts["bce"] + dice_weight * (1.0 - parts["dice"]), weight)
 
 
+def deep_supervision_loss(
+  aux_logits: list[jax.Array], mask: jax.Array, weight: jax.Array, dice_weight: float = 1.0
+) -> tuple[jax.Array, float]:
+  """nnU-Net's deep supervision: `segmentation_loss` of each auxiliary head k = 1..K
+  ([B, H/2**k, W/2**k, 1]) against the mask average-pooled by 2**k (a soft target: a pixel
+  half lung is 0.5), weighted 2**-k. Returns (the weighted sum, the sum of the weights)."""
+  total, weights = 0.0, 0.0
+  b, h, w, c = mask.shape
+  for k, logits in enumerate(aux_logits, start=1):
+    f = 2**k
+    pooled = mask.astype(jnp.float32).reshape(b, h // f, f, w // f, f, c).mean(axis=(2, 4))
+    total += 0.5**k * segmentation_loss(logits, pooled, weight, dice_weight)
+    weights += 0.5**k
+  return total, weights
+
+
 def _check_class_shapes(class_logits: jax.Array, label: jax.Array) -> None:
   if class_logits.ndim != 2 or label.shape != class_logits.shape[:1]:
     raise ValueError(
