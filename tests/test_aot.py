@@ -15,6 +15,7 @@ import pytest
 from jax import export as jax_export
 
 from cxr_jax import aot as aot_command
+from cxr_jax import errors
 from cxr_jax.core.run import platform
 from cxr_jax.core.run import sharding
 from cxr_jax.workflows import aot
@@ -104,7 +105,7 @@ def test_without_libtpu_the_command_says_how_to_get_it_in_one_line(monkeypatch):
   real = metadata.version
   monkeypatch.setattr(metadata, "version", version)
   with pytest.raises(
-    RuntimeError, match=re.escape('pip install -e ".[tpu]" or pip install "libtpu==')
+    errors.UserError, match=re.escape('pip install -e ".[tpu]" or pip install "libtpu==')
   ) as error:
     aot.get_topology("v5e:2x2")
   assert "\n" not in str(error.value)

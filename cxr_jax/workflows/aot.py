@@ -22,6 +22,7 @@ import jax
 import ml_collections
 from jax.experimental import topologies
 
+from cxr_jax import errors
 from cxr_jax.core.run import sharding
 from cxr_jax.core.run import utilisation
 from cxr_jax.data import input_pipeline
@@ -104,7 +105,7 @@ def parse_topology(text: str) -> tuple[str, str, tuple[int, ...]]:
   match = re.fullmatch(r"(v\d+[a-z]*)(?::(\d+(?:x\d+)*)|-(\d+))", text.strip().lower())
   kind = KINDS.get(match.group(1)) if match else None
   if kind is None:
-    raise ValueError(
+    raise errors.ConfigError(
       f"--topology={text!r}: expected KIND:SHAPE or KIND-CORES with KIND one of "
       f"{sorted(KINDS)}, e.g. --topology=v5e:2x2, v5e-8, v5p:2x2x1, v4-32."
     )
@@ -114,13 +115,13 @@ def parse_topology(text: str) -> tuple[str, str, tuple[int, ...]]:
     shape = SHAPES[kind.dims].get(cores // kind.cores_per_chip)
     if shape is None or cores % kind.cores_per_chip:
       valid = [f"{name}-{c * kind.cores_per_chip}" for c in SHAPES[kind.dims]]
-      raise ValueError(f"--topology={text!r}: not a slice this knows; valid: {valid}.")
+      raise errors.ConfigError(f"--topology={text!r}: not a slice this knows; valid: {valid}.")
   else:
     shape = match.group(2)
   dims = tuple(int(x) for x in shape.split("x"))
   if len(dims) != kind.dims:
     example = "x".join(["2"] * kind.dims)
-    raise ValueError(
+    raise errors.ConfigError(
       f"--topology={text!r}: {name} slices have {kind.dims} dimensions, e.g. {name}:{example}."
     )
   return name, f"{kind.topology_prefix}:{shape}", dims
@@ -132,7 +133,7 @@ def get_topology(text: str) -> Topology:
   name, topology_name, dims = parse_topology(text)
   problem = libtpu_problem()
   if problem:
-    raise RuntimeError(problem)
+    raise errors.UserError(problem)
   kind = KINDS[name]
   chips = math.prod(dims)
   # Without these libtpu asks the cloud's metadata server what it runs on, and logs errors.
@@ -150,7 +151,7 @@ def get_topology(text: str) -> Topology:
   try:
     found = topologies.get_topology_desc(topology_name=topology_name, platform="tpu", **options)
   except Exception as error:  # noqa: BLE001  (libtpu's errors are RuntimeErrors of XLA)
-    raise ValueError(
+    raise errors.ConfigError(
       f"--topology={text!r}: libtpu has no such slice ({str(error)[:200]})."
     ) from None
   return Topology(topology_name, name, tuple(found.devices))
@@ -387,7 +388,7 @@ def search(
     if low == len(choices):
       return f"no space in {choices} fits {side} px at batch {config.batch_size}."
     return f"smallest space that fits {side} px at batch {config.batch_size}: {choices[low]}."
-  raise ValueError(f"--search={what!r}; valid: 'image_size', 'batch_size', 'space'.")
+  raise errors.ConfigError(f"--search={what!r}; valid: 'image_size', 'batch_size', 'space'.")
 
 
 def _verdict(what: str, good: int, bad: int | None, given: str) -> str:

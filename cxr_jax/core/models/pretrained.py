@@ -21,6 +21,8 @@ import safetensors.numpy
 from etils import epath
 from flax import nnx
 
+from cxr_jax import errors
+
 HEAD_KEYS = ("fc.", "classifier.")  # torchvision/timm ResNet, torchvision/TorchXRayVision DenseNet
 BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 # TorchXRayVision's models take grey pixels in [-1024, 1024]: theirs are the state dicts
@@ -69,14 +71,14 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
       import torch  # noqa: PLC0415 (optional, heavy: only to read pickled state dicts)
     except ImportError:
-      raise ValueError(
+      raise errors.ConfigError(
         f"config.model.init_from={path!r} is a PyTorch pickle and torch is not installed; "
         f"install torch (CPU wheel) or convert it to .safetensors."
       ) from None
     state = torch.load(io.BytesIO(file.read_bytes()), map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
-  raise ValueError(
+  raise errors.ConfigError(
     f"config.model.init_from={path!r}: unknown format {suffix!r}; use a .safetensors, .npz, "
     f".pth or .pt state dict, or a cxr_jax run directory."
   )
@@ -146,7 +148,7 @@ def convert(
       value = value.sum(axis=2, keepdims=True)
       notes.append(f"{key}: RGB kernel summed over its 3 input channels for grey images")
     if value.shape != want:
-      raise ValueError(
+      raise errors.ConfigError(
         f"config.model.init_from: {key} has shape {value.shape} (in Flax's layout) but the "
         f"model's {'.'.join(map(str, path))} has shape {want}; pick the config.model.encoder "
         f"these weights were trained with."

@@ -17,6 +17,7 @@ import optax
 from absl import logging
 from flax import nnx
 
+from cxr_jax import errors
 from cxr_jax.core.models import pretrained
 from cxr_jax.core.run import rundir
 from cxr_jax.core.run.layout import RunDir
@@ -68,7 +69,7 @@ def run_encoder_arrays(
       continue
     target = by_suffix[suffix]
     if tuple(value.shape) != targets[target]:
-      raise ValueError(
+      raise errors.ConfigError(
         f"config.model.init_from={workdir!r}: {name} has shape {tuple(value.shape)} but the "
         f"model's {'.'.join(map(str, target))} has shape {targets[target]}; use the run's "
         f"config.model.encoder, base_features and depth."
@@ -90,7 +91,7 @@ def load_init_from(
   else:
     arrays, report = pretrained.convert(pretrained.read_state_dict(path), targets)
   if not arrays:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.model.init_from={path!r}: none of its arrays fits this model (first unused: "
       f"{report.unused[:3]}); it needs torchvision's key layout (BiT/big_vision ResNetV2 "
       f".npz files are not supported) and the matching config.model.encoder."
@@ -132,7 +133,7 @@ def fine_tuning(
   if not frozen and multiplier == 1.0:
     return make_tx()
   if multiplier < 0:
-    raise ValueError(f"config.optim.encoder_lr_multiplier={multiplier} must be >= 0.")
+    raise errors.ConfigError(f"config.optim.encoder_lr_multiplier={multiplier} must be >= 0.")
 
   def encoder_scale(step: jax.Array) -> jax.Array:
     return jnp.where(step < frozen, 0.0, multiplier)
