@@ -38,12 +38,9 @@ resumes with the rest (`prediction_folder`).
 """
 
 import errno
-import json
-import math
 import os
 import signal
 import sys
-from typing import NamedTuple
 
 import ml_collections
 from absl import app
@@ -53,14 +50,11 @@ from flax import nnx
 from PIL import Image
 
 from cxr_jax import cli
-from cxr_jax.core.inference import portable
-from cxr_jax.core.inference.inference import Inference
 from cxr_jax.core.run import csv_tables
 from cxr_jax.core.run import rundir
-from cxr_jax.core.run.layout import RunDir
-from cxr_jax.workflows import lung_crop
 from cxr_jax.workflows import prediction
 from cxr_jax.workflows import prediction_folder
+from cxr_jax.workflows import prediction_model
 from cxr_jax.workflows import task_scores
 from cxr_jax.workflows.prediction import MAX_PIXELS
 from cxr_jax.workflows.prediction_folder import output_stems
@@ -71,52 +65,6 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 # ----- the command -----
-
-
-class _Model(NamedTuple):
-  inference: Inference | portable.PortableModel
-  clean: bool
-  temperature: float | None
-  segmenter: lung_crop.Segmenter | None
-  margin: float
-  describe: str
-  identity: dict
-  config: ml_collections.ConfigDict | None  # None: an exported model (lungs, abnormal only)
-
-
-def _load_model(workdir, checkpoint, batch_size, restored, model_file, space, count) -> _Model:
-  """The model to predict with and what names it (for OUT/predict.json)."""
-  if model_file:
-    inference = portable.PortableModel(model_file, batch_size=batch_size)
-    inference.batch_size = min(inference.batch_size, count)
-    clean = bool(inference.settings["postprocess"])
-    identity = {"weights": inference.fingerprint, "settings": inference.settings}
-    return _Model(inference, clean, None, None, 0.0, f"--model={model_file}", identity, None)
-  temperature, describe = None, "a model given in-process"
-  if restored is None:
-    config, model, step = rundir.restore_model(workdir, checkpoint)
-    temperature = read_temperature(workdir, step)
-    describe = f"--workdir={workdir} (step {step})"
-  else:
-    config, model = restored
-  config = rundir.with_space(config, space)
-  batch_size = min(batch_size or int(config.eval_batch_size), count)
-  inference = Inference(config, model, batch_size=batch_size)
-  clean = bool(config.postprocess)
-  segmenter, margin = None, 0.0
-  if config.data.crop_to_lungs:  # trained on lung crops
-    segmenter = lung_crop.load_segmenter(config.data.crop_workdir, batch_size=batch_size)
-    margin = float(config.data.crop_margin)
-  temperature = temperature if inference.classifies else None
-  settings = {
-    "clean": clean,
-    "tta": inference.tta,
-    "image_size": inference.image_size,
-    "temperature": temperature,
-    "crop_workdir": config.data.crop_workdir if segmenter is not None else None,
-  }
-  identity = {"weights": prediction.weights_hash(model), "settings": settings}
-  return _Model(inference, clean, temperature, segmenter, margin, describe, identity, config)
 
 
 def run(
@@ -201,7 +149,9 @@ def _run(
     print(f"predict: no PNG/JPEG/DICOM files in {input_path}", file=sys.stderr)
     return 1
   try:
-    model = _load_model(workdir, checkpoint, batch_size, restored, model_file, space, len(paths))
+    model = prediction_model.load(
+      workdir, checkpoint, batch_size, restored, model_file, space, len(paths)
+    )
     identity = {**model.identity, "input": _absolute(input_path)}
     columns = [*CSV_COLUMNS, *task_scores.prediction_fields(model.config)]
     folder = prediction_folder.PredictionFolder.open(output, identity, model.describe, columns)
@@ -279,38 +229,6 @@ def _absolute(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
-def read_temperature(workdir: str, step: int) -> float | None:
-  """The temperature evaluate fitted for checkpoint `step` (DIR/calibration.json), or None
-  (not evaluated yet, or fitted for another checkpoint: then said on stderr).
-
-  Raises ValueError naming the file when it holds no positive, finite temperature (-1 would
-  flip every probability, 0 make them all 0).
-  """
-  path = RunDir(workdir).calibration
-  if not path.exists():
-    return None
-  try:
-    record = json.loads(path.read_text())
-    temperature = float(record["temperature"])
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-      f"{path} is damaged ({type(e).__name__}: {e}); run evaluate again to refit it, or delete it"
-    ) from e
-  if not math.isfinite(temperature) or temperature <= 0:
-    raise ValueError(
-      f"{path}: temperature {record['temperature']!r} is not a positive finite number; run "
-      "evaluate again to refit it, or delete the file"
-    )
-  if record.get("step") != step:
-    print(
-      f"predict: {path} was fitted for step {record.get('step')}, not {step}: no "
-      "p_abnormal_calibrated (run evaluate on this checkpoint to fit it).",
-      file=sys.stderr,
-    )
-    return None
-  return temperature
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -337,7 +255,12 @@ def main(argv: list[str]) -> None:
 
 def define_flags() -> None:
   """The command's flags; defined only when run as a command, so importing is side-free."""
-  flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints).")
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Training workdir (config.json, checkpoints); DIR1,DIR2,... or a folder of runs (a "
+    "sweep's variant: its folds) predicts with their mean (a fold ensemble).",
+  )
   flags.DEFINE_string(
     "model",
     None,

@@ -24,6 +24,7 @@ from cxr_jax.core.run.progress import Progress
 from cxr_jax.data import images
 from cxr_jax.data import preprocess
 from cxr_jax.workflows import prediction
+from cxr_jax.workflows import prediction_model
 from tests.conftest import run_module
 
 
@@ -394,10 +395,12 @@ def test_calibrated_column_uses_the_temperature_evaluate_fitted(
   awkward_folder, tmp_path, fake_model, capsys
 ):
   (tmp_path / "calibration.json").write_text(json.dumps({"step": 40, "temperature": 2.5}))
-  assert predict.read_temperature(str(tmp_path), 40) == 2.5
-  assert predict.read_temperature(str(tmp_path), 60) is None  # fitted for another checkpoint
+  assert prediction_model.read_temperature(str(tmp_path), 40) == 2.5
+  assert (
+    prediction_model.read_temperature(str(tmp_path), 60) is None
+  )  # fitted for another checkpoint
   assert "fitted for step 40, not 60" in capsys.readouterr().err
-  assert predict.read_temperature(str(tmp_path / "elsewhere"), 40) is None
+  assert prediction_model.read_temperature(str(tmp_path / "elsewhere"), 40) is None
   config = _config()
   inference = Inference(config, fake_model(classify=True), batch_size=2)
   rows, _ = prediction.predict_files(

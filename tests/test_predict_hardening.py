@@ -29,6 +29,7 @@ from cxr_jax.core.run import run_lock
 from cxr_jax.data import images
 from cxr_jax.workflows import prediction
 from cxr_jax.workflows import prediction_folder
+from cxr_jax.workflows import prediction_model
 from tests.conftest import REPO_ROOT
 from tests.conftest import BrightIsLung
 from tests.test_hardening import _tmpfs
@@ -316,7 +317,7 @@ def test_a_temperature_that_is_not_positive_and_finite_is_refused_naming_the_fil
 ):
   (tmp_path / "calibration.json").write_text(json.dumps({"step": 4, "temperature": temperature}))
   with pytest.raises(ValueError, match=f"{tmp_path}/calibration.json"):
-    predict.read_temperature(str(tmp_path), 4)
+    prediction_model.read_temperature(str(tmp_path), 4)
 
 
 # ----- item 14: Ctrl-C and a full disk -----

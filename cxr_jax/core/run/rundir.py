@@ -211,3 +211,28 @@ def restore_model(
   model.eval()
   logging.info("Restored %s checkpoint at step %d from %s", which, step, workdir)
   return config, model, step
+
+
+def ensemble_runs(workdir: str) -> list[str]:
+  """The run directories `--workdir` names: 'DIR' (one run), 'DIR1,DIR2,...' (an ensemble),
+  or a folder whose subfolders are runs (a sweep's variant folder: its seeds and folds), each
+  in sorted order. Raises ConfigError for a named folder that is neither a run nor holds one."""
+  runs = []
+  for part in (p.strip() for p in workdir.split(",")):
+    if not part:
+      continue
+    path = epath.Path(part)
+    if RunDir(part).config.exists():
+      runs.append(part)
+      continue
+    children = (
+      sorted(str(c) for c in path.iterdir() if RunDir(str(c)).config.exists())
+      if path.is_dir()
+      else []
+    )
+    if not children:
+      raise errors.ConfigError(
+        f"--workdir: {part} is not a run directory (no config.json) and holds none."
+      )
+    runs += children
+  return runs

@@ -1,0 +1,82 @@
+"""Fold ensembles: predict with several runs' mean (core/inference/ensemble.py)."""
+
+import csv
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cxr_jax import predict
+from cxr_jax.core import models
+from cxr_jax.core.inference import ensemble
+from cxr_jax.core.inference.inference import Inference
+from cxr_jax.core.inference.inference import uncertainty
+from cxr_jax.core.run import rundir
+from cxr_jax.errors import ConfigError
+from cxr_jax.workflows import train
+from tests import replicas
+from tests.test_train import smoke_config
+
+
+def _members(config, seeds):
+  return [
+    Inference(config, models.create_model(config.model, rngs=nnx.Rngs(s)), batch_size=2)
+    for s in seeds
+  ]
+
+
+def test_the_ensemble_answers_the_members_mean_and_the_uncertainty_of_that_mean(tmp_path):
+  config = smoke_config("multitask", tmp_path)
+  members = _members(config, (0, 1, 2))
+  joined = ensemble.Ensemble(members, ["a", "b", "c"])
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype(np.float32)
+  alone = [m(images) for m in members]
+  got = joined(images)
+  assert set(got) == {"prob", "p_abnormal", "uncertainty"}
+  for key in ("prob", "p_abnormal"):
+    np.testing.assert_allclose(got[key], np.mean([a[key] for a in alone], axis=0), atol=1e-7)
+  assert not np.allclose(alone[0]["prob"], alone[1]["prob"])  # the members differ
+  np.testing.assert_allclose(got["uncertainty"], uncertainty(jnp.asarray(got["prob"])), rtol=1e-6)
+  assert joined.segments and joined.classifies and joined.image_size == 32
+
+
+def test_runs_of_other_recipes_are_refused_naming_both(tmp_path):
+  config = smoke_config("unet", tmp_path)
+  other = smoke_config("multitask", tmp_path)
+  (unet,) = _members(config, (0,))
+  (multitask,) = _members(other, (0,))
+  with pytest.raises(ConfigError, match=r"differ in classifies: fold0 has False, fold1 True"):
+    ensemble.Ensemble([unet, multitask], ["fold0", "fold1"])
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+  """Two 2-step U-Nets of different seeds in a sweep's layout (variant/seed*)."""
+  root = tmp_path_factory.mktemp("ensemble")
+  for seed in (0, 1):
+    config = smoke_config("unet", root / "tfds")
+    config.seed, config.num_train_steps = seed, 2
+    config.eval_every_steps = config.checkpoint_every_steps = 2
+    train.train_and_evaluate(config, str(root / "unet" / f"seed{seed}"))
+  return root
+
+
+def test_predict_with_a_variant_folder_averages_its_folds(folds, tmp_path):
+  runs = rundir.ensemble_runs(str(folds / "unet"))
+  assert [r.rsplit("/", 1)[1] for r in runs] == ["seed0", "seed1"]
+  assert rundir.ensemble_runs(",".join(runs)) == runs
+  with pytest.raises(ConfigError, match=r"is not a run directory"):
+    rundir.ensemble_runs(str(folds / "tfds"))
+  chest = replicas.draw_chest(90, 80, seed=3)
+  replicas.png(chest["image"], tmp_path / "in" / "x.png")
+  outputs = {}
+  for name, workdir in [("ensemble", str(folds / "unet")), ("seed0", runs[0])]:
+    out = tmp_path / name
+    assert predict.run(workdir, str(tmp_path / "in"), str(out), show_progress=False) == 0
+    with open(out / "predictions.csv", newline="") as f:
+      (outputs[name],) = list(csv.DictReader(f))
+  record = json.loads((tmp_path / "ensemble" / "predict.json").read_text())
+  assert "an ensemble of 2 runs" in json.dumps(record)
+  assert outputs["ensemble"]["uncertainty"] != outputs["seed0"]["uncertainty"]
