@@ -7,8 +7,12 @@ import sys
 import tempfile
 import textwrap
 
+import ml_collections
 import pytest
 from absl import flags
+
+from configs import unet as unet_config
+from cxr_jax.workflows import train
 
 # grain spawns worker processes that parse absl flags: parse them once here.
 flags.FLAGS(sys.argv[:1])
@@ -26,6 +30,30 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "chest-xray-masks-and-labels-512"
+
+
+def finished_config(data_dir) -> ml_collections.ConfigDict:
+  """`finished_run`'s config (a fresh copy each call: tests change it)."""
+  config = unet_config.get_config("smoke")
+  config.data.data_dir = str(data_dir)
+  config.num_train_steps, config.max_to_keep = 9, 3
+  return config
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+  """The smoke runs' data_dir (the synthetic set, prepared by the first run using it); a
+  module may define its own."""
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
+def finished_run(data_dir, tmp_path_factory) -> pathlib.Path:
+  """A smoke U-Net run with checkpoints at steps 3, 6 and 9, trained once for the session
+  (read-only: tests copy it)."""
+  workdir = tmp_path_factory.mktemp("runs") / "run"
+  train.train_and_evaluate(finished_config(data_dir), str(workdir))
+  return workdir
 
 
 def smoke_command(workdir, data_dir, *extra: str) -> list[str]:

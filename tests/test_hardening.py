@@ -21,6 +21,7 @@ from cxr_jax.core.run import rundir
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.workflows import train
 from tests.conftest import REPO_ROOT
+from tests.conftest import finished_config
 from tests.conftest import run_module
 from tests.conftest import smoke_command
 from tests.test_train import read_metrics
@@ -29,22 +30,6 @@ from tests.test_train import smoke_config
 # Orbax leaves the other array reads of a failed restore un-awaited; Python reports each
 # coroutine when it is collected. That is the damaged checkpoint these tests make.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
-def finished_run(data_dir, tmp_path_factory):
-  """A smoke run with checkpoints at steps 3, 6 and 9 (read-only: tests copy it)."""
-  config = smoke_config("unet", data_dir)
-  config.num_train_steps = 9
-  config.max_to_keep = 3
-  workdir = tmp_path_factory.mktemp("runs") / "run"
-  train.train_and_evaluate(config, str(workdir))
-  return workdir, config
 
 
 def _copy(run, tmp_path):
@@ -59,8 +44,10 @@ def _largest_array_file(step_dir):
 
 
 @pytest.mark.parametrize("damage", ["array", "metadata"])
-def test_a_damaged_newest_checkpoint_is_named_and_skipped(finished_run, tmp_path, damage, caplog):
-  run, config = finished_run
+def test_a_damaged_newest_checkpoint_is_named_and_skipped(
+  finished_run, data_dir, tmp_path, damage, caplog
+):
+  run, config = finished_run, finished_config(data_dir)
   workdir = _copy(run, tmp_path)
   newest = workdir / "checkpoints" / "9"
   if damage == "array":
@@ -82,15 +69,15 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped(finished_run, tmp_path
 
 
 def test_evaluate_records_the_step_it_restored(finished_run, tmp_path):
-  run, _ = finished_run
+  run = finished_run
   workdir = _copy(run, tmp_path)
   os.truncate(_largest_array_file(workdir / "checkpoints" / "9"), 1)
   summary = evaluate.run(str(workdir), "validation", checkpoint="latest", show_progress=False)
   assert summary["step"] == 6
 
 
-def test_a_second_run_on_a_directory_in_use_is_refused(finished_run, tmp_path):
-  run, config = finished_run
+def test_a_second_run_on_a_directory_in_use_is_refused(finished_run, data_dir, tmp_path):
+  run, config = finished_run, finished_config(data_dir)
   workdir = _copy(run, tmp_path)
   before = read_metrics(workdir)
   with run_lock.RunLock(str(workdir)):  # a live run: this process, on this host
@@ -388,7 +375,7 @@ def test_a_resume_with_a_structural_key_changed_is_one_line_naming_each(
   """ema_decay and num_workers shape the checkpoint and the data iterator (they once failed
   deep in Orbax or grain); grad_clip's on/off the optimiser state. Refused before any
   restore, in one line, exit 2, and nothing of the run is touched."""
-  run, _ = finished_run
+  run = finished_run
   workdir = _copy(run, tmp_path)
   before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   done = run_module(

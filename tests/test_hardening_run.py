@@ -28,29 +28,13 @@ from cxr_jax.data.records import DataError
 from cxr_jax.workflows import sweeps
 from cxr_jax.workflows import train
 from tests.conftest import REPO_ROOT
+from tests.conftest import finished_config
 from tests.test_hardening import _prepare
 from tests.test_hardening import _tiny_archive
 from tests.test_train import read_metrics
-from tests.test_train import smoke_config
 
 # Orbax leaves the other array reads of a failed restore un-awaited (see test_hardening).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
-def finished_run(data_dir, tmp_path_factory):
-  """A smoke run with checkpoints at steps 3, 6 and 9 (read-only: tests copy it)."""
-  config = smoke_config("unet", data_dir)
-  config.num_train_steps = 9
-  config.max_to_keep = 3
-  workdir = tmp_path_factory.mktemp("runs") / "run"
-  train.train_and_evaluate(config, str(workdir))
-  return workdir
 
 
 def _copy(run, tmp_path):
@@ -60,8 +44,8 @@ def _copy(run, tmp_path):
 
 
 def _config(data_dir, steps=9):
-  config = smoke_config("unet", data_dir)
-  config.num_train_steps, config.max_to_keep = steps, 3
+  config = finished_config(data_dir)
+  config.num_train_steps = steps
   return config
 
 
