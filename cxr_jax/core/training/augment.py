@@ -138,7 +138,8 @@ def _affine_coords(key: jax.Array, size: int, params: AugParams) -> jax.Array:
   the inverse map directly (output -> input), which has the same distribution because every
   parameter range is symmetric.
   """
-  k_rot, k_scale, k_shear, k_shift, k_flip, k_mag = jax.random.split(key, 6)
+  k_rot, k_scale, k_shear, k_shift, k_flip = jax.random.split(key, 5)
+  k_mag = jax.random.fold_in(key, 5)  # apart from the five: the older draws stay the same
   angle = jnp.deg2rad(_uniform(k_rot, -params.rotate_deg, params.rotate_deg))
   zoom = _uniform(k_scale, 1 - params.scale, 1 + params.scale)
   shear = jnp.deg2rad(_uniform(k_shear, -params.shear_deg, params.shear_deg))
@@ -185,8 +186,9 @@ def _elastic_field(key: jax.Array, size: int, params: AugParams) -> jax.Array:
 def _intensity(key: jax.Array, x: jax.Array, params: AugParams, lungs: jax.Array) -> jax.Array:
   """Gamma, window, contrast, brightness, local contrast, opacity, blur, noise on one
   normalised [S, S] image (`lungs`: its [S, S] lung mask, where opacities are painted)."""
-  keys = jax.random.split(key, 8)
-  k_gamma, k_window, k_contrast, k_bright, k_local, k_opacity, k_blur, k_noise = keys
+  k_gamma, k_contrast, k_bright, k_blur, k_noise = jax.random.split(key, 5)
+  # The newer transforms draw apart from the five, so a seed's older draws stay the same.
+  k_window, k_local, k_opacity = (jax.random.fold_in(key, i) for i in (5, 6, 7))
   low, high = x.min(), x.max()
   span = jnp.maximum(high - low, 1e-6)
   if params.gamma:
