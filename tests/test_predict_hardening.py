@@ -328,6 +328,9 @@ def test_a_temperature_that_is_not_positive_and_finite_is_refused_naming_the_fil
 _INTERRUPTED = textwrap.dedent("""
   import os, runpy, signal, sys
   from cxr_jax.workflows import prediction_folder
+  # Ctrl-C's handler, also where the suite was started in the background (a shell starts
+  # background jobs with SIGINT ignored, and Python then keeps it ignored).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   original, calls = prediction_folder.write_whole, []
   def write_whole(path, data):
     original(path, data)
