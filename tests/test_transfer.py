@@ -180,6 +180,7 @@ def runs(tmp_path_factory) -> dict[str, pathlib.Path]:
   train.train_and_evaluate(config, str(root / "segmentation"))
   config.model.name, config.model.init_from = "classifier", str(root / "segmentation")
   config.model.freeze_bn = True
+  config.optim.ema_decay = 0.9  # the EMA starts from the loaded weights (its own buffers)
   config.best_metric = "auc"
   config.data.examples = "all_without_masks"
   train.train_and_evaluate(config, str(root / "classifier"))

@@ -105,12 +105,12 @@ def initialise(state: Any, config: ml_collections.ConfigDict, tx: optax.Gradient
   path = config.model.init_from
   params, model_state, report = load_init_from(path, state.params, state.model_state)
   logging.info("init_from %s: %s", path, report.summary())
-  return state.replace(
-    params=params,
-    model_state=model_state,
-    opt_state=tx.init(params),
-    ema=None if state.ema is None else {"params": params, "rest": model_state},
-  )
+  # The EMA starts equal to the weights but in buffers of its own: the train step donates
+  # the state, and one buffer in two of its leaves cannot be donated twice.
+  ema = None
+  if state.ema is not None:
+    ema = jax.tree.map(jnp.copy, {"params": params, "rest": model_state})
+  return state.replace(params=params, model_state=model_state, opt_state=tx.init(params), ema=ema)
 
 
 def encoder_labels(params: Any) -> Any:
