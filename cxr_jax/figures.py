@@ -320,3 +320,32 @@ def finding_roc_figure(
     ax.axis("off")
   fig.tight_layout()
   return fig
+
+
+STRUCTURE_COLOURS = {"lungs": "#1f77b4", "heart": "#d62728", "clavicles": "#2ca02c"}
+
+
+def structures_figure(rows: Sequence[Mapping[str, Any]], cases: Mapping[str, Any]) -> plt.Figure:
+  """Best / median / worst by heart Dice: each structure in its colour, the prediction
+  tinted, the reference outlined (a model with model.structures)."""
+  picks = select_cases(rows, "heart_dice")
+  width = max(3.8 * len(picks), 6.0)  # room for the legend under one panel
+  fig, axes = plt.subplots(1, max(len(picks), 1), squeeze=False, figsize=(width, 4.6))
+  for col, (role, row) in enumerate(picks):
+    case, ax = cases[row["id"]], axes[0, col]
+    ax.imshow(case.image, cmap="gray", interpolation="lanczos")
+    for name, (pred, truth) in (case.structures or {}).items():
+      colour = colors.to_rgba(STRUCTURE_COLOURS.get(name, "#ff7f0e"))
+      if pred is not None:
+        tint = np.zeros((*pred.shape, 4))
+        tint[pred] = (*colour[:3], 0.35)
+        ax.imshow(tint, interpolation="nearest")
+      if truth is not None and truth.any():
+        ax.contour(truth, levels=[0.5], colors=[colour], linewidths=1.2)
+    ax.set_title(f"{role}: {row['id']}\nheart Dice {float(row['heart_dice']):.3f}", fontsize=9)
+    ax.set_axis_off()
+  handles = [patches.Patch(color=c, label=n) for n, c in STRUCTURE_COLOURS.items()]
+  handles.append(lines.Line2D([], [], color="k", lw=1.2, label="reference outline"))
+  fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
+  fig.tight_layout(rect=(0, 0.08, 1, 1))
+  return fig

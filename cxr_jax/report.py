@@ -183,7 +183,6 @@ def _classification_section(stats: Mapping[str, Any], result: Any, path) -> list
 
 
 def _structures_section(stats: Mapping[str, Any], result: Any, path) -> list[str]:
-  del result, path
   head = "<tr><th>structure</th><th>images outlined</th><th>Dice</th><th>HD95 mm</th></tr>"
   body = "".join(
     f"<tr><td>{html.escape(name)}</td><td>{v['count']}</td><td>{_fmt(v['dice'])}</td>"
@@ -196,10 +195,15 @@ def _structures_section(stats: Mapping[str, Any], result: Any, path) -> list[str
     f"{_fmt(stats['cardiothoracic_ratio_mae'])} over {stats['cardiothoracic_ratio_count']} "
     "images outlining both</p>"
   )
+  pictures = []
+  if any(figures.is_finite_number(r.get("heart_dice")) and r.get("has_mask") for r in result.rows):
+    figure = figures.structures_figure(result.rows, result.cases)
+    pictures = ["<h3>Best, median and worst heart</h3>", _save(figure, path("structures"))]
   return [
     "<h2>Structures (native size)</h2>",
     f"<table>{head}{body}</table>",
     ratio,
+    *pictures,
     *_per_source_rows(
       stats,
       lambda v: (

@@ -125,6 +125,8 @@ def test_jsrt_structures_smoke_validates_evaluates_and_predicts_each_structure(j
   assert 0 <= structures["heart"]["dice"] <= 1
   html = (jsrt_run["workdir"] / "eval" / "test_report.html").read_text()
   assert "Structures (native size)" in html
+  assert "Best, median and worst heart" in html  # each structure in its colour
+  assert (jsrt_run["workdir"] / "eval" / "test_structures.png").stat().st_size > 10_000
   with open(jsrt_run["workdir"] / "eval" / "test.csv", newline="") as f:
     by_id = {r["id"]: r for r in csv.DictReader(f)}
   chest = replicas.draw_chest(1024, 1024, seed=100)  # JPCLN001, as the replica drew it

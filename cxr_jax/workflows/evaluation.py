@@ -58,6 +58,8 @@ class Case:
   pred_post: np.ndarray | None
   attention: list[np.ndarray] | None = None  # gate maps [s, s] at the model's resolution
   model_input: np.ndarray | None = None  # [S, S] the letterboxed image the gates look at
+  # model.structures: name -> (predicted bool [h, w], reference or None), lungs included
+  structures: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None
 
 
 @dataclasses.dataclass
@@ -228,6 +230,11 @@ def _score_image(
       )
       case.truth = overlays.thumbnail(truth, THUMBNAIL_SIDE)
     row.update(task_scores.structure_columns(record, outputs, i, box, pred, spacing))
+    if "p_structures" in outputs:
+      case.structures = {"lungs": (case.pred, case.truth)}
+      for name, (mask, truth) in task_scores.structure_masks(record, outputs, i, box).items():
+        thumb = overlays.thumbnail(truth, THUMBNAIL_SIDE) if truth is not None else None
+        case.structures[name] = (overlays.thumbnail(mask, THUMBNAIL_SIDE), thumb)
   row.update(task_scores.finding_columns(batch, outputs, i, inference.config))
   return row, case
 

@@ -52,6 +52,22 @@ def structure_columns(
   return row
 
 
+def structure_masks(
+  record: Mapping[str, Any], outputs: Mapping[str, Any], i: int, box: preprocess.Letterbox
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+  """Image i's predicted heart and clavicles at native size, each with its reference (None
+  where the image does not outline it): the report's pictures."""
+  outlined = np.asarray(record.get("has_structures", np.zeros(3, bool)), bool)
+  truths = images.decode_structures(record["structures"], ("lungs", *EXTRA_STRUCTURES))
+  return {
+    name: (
+      native_mask(outputs["p_structures"][i][..., k], box, clean=False),
+      truths[..., k + 1] > 0 if outlined[k + 1] else None,
+    )
+    for k, name in enumerate(EXTRA_STRUCTURES)
+  }
+
+
 def finding_columns(
   batch: Mapping[str, Any], outputs: Mapping[str, Any], i: int, config
 ) -> dict[str, Any]:
