@@ -21,6 +21,8 @@ MODELS = {
   "timm_resnet34": ("resnet34", 1000, 3),
   "torchxrayvision_densenet121": ("densenet121", 18, 1),
 }
+# big_vision's BiT (benchmarks/make_bit_fixtures.py): fixture -> (encoder, head outputs)
+BIT_MODELS = {"big_vision_bit_r50x1": ("bit_r50x1", 1000)}
 IMAGE_SIZE = 64
 
 
@@ -46,6 +48,25 @@ def random_state_dict(schema: dict[str, list[int]], seed: int) -> dict[str, np.n
     elif leaf == "running_var":
       value = rng.uniform(0.5, 1.5, shape)
     else:  # biases, running means
+      value = 0.1 * rng.standard_normal(shape)
+    state[key] = value.astype(np.float32)
+  return state
+
+
+def random_bit_weights(schema: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
+  """Weights for a big_vision BiT schema ('block1/unit01/conv1/kernel': [1, 1, 64, 64]):
+  normal kernels (standardised by the model), GroupNorm scales in [0.2, 0.5] and biases
+  ~0.1, a head scaled by 1/sqrt(fan-in)."""
+  rng = np.random.default_rng(seed)
+  state = {}
+  for key, shape in schema.items():
+    if key == "head/kernel":
+      value = rng.standard_normal(shape) / np.sqrt(shape[0])
+    elif key.endswith("/kernel"):
+      value = rng.standard_normal(shape)
+    elif key.endswith("/scale"):
+      value = rng.uniform(0.2, 0.5, shape)
+    else:
       value = 0.1 * rng.standard_normal(shape)
     state[key] = value.astype(np.float32)
   return state

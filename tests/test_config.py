@@ -32,6 +32,13 @@ def test_every_key_has_a_meaning_a_default_that_passes_and_no_twin():
   assert default.get_config() == schema.defaults()
 
 
+def test_the_encoder_rule_names_every_registered_encoder_and_only_those():
+  from cxr_jax.core import models  # noqa: PLC0415 (the one test reaching into models)
+
+  rule = next(key.rule for key in KEYS if key.path == "model.encoder")
+  assert set(rule) == set(models.ENCODERS) | set(models.NATIVE_ENCODERS)
+
+
 def test_an_older_runs_config_json_gets_the_missing_keys_at_their_defaults(tmp_path):
   old = default.get_config().to_dict()
   del old["semi"], old["qc_threshold"], old["optim"]["ema_decay"], old["data"]["num_workers"]

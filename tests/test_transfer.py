@@ -22,6 +22,7 @@ from cxr_jax.core.models import densenet
 from cxr_jax.core.models import encoder_models
 from cxr_jax.core.models import pretrained
 from cxr_jax.core.run import platform
+from cxr_jax.core.run import rundir
 from cxr_jax.core.training import steps
 from cxr_jax.core.training import transfer
 from cxr_jax.workflows import train
@@ -77,6 +78,52 @@ def test_converted_encoders_compute_what_the_reference_libraries_compute(name):
   assert len(report.loaded) == sum(not k.endswith("num_batches_tracked") for k in meta["schema"])
   with np.load(FIXTURES / f"{name}.npz") as want:
     assert_close(outputs(model, encoder_weights.test_image()), want, name)
+
+
+def bit_npz(tmp_path: pathlib.Path, layout: str) -> tuple[str, dict]:
+  """The BiT fixture's weights in an .npz as big_vision saves a checkpoint ('params/...') or
+  as the public BiT files hold them (big_transfer's names and shapes); its path and meta."""
+  meta = json.loads((FIXTURES / "big_vision_bit_r50x1.json").read_text())
+  weights = encoder_weights.random_bit_weights(meta["schema"], meta["seed"])
+  if layout == "big_transfer":
+    arrays = {k: weights[name].reshape(shape) for k, (name, shape) in meta["legacy"].items()}
+  else:
+    arrays = {f"params/{k}": v for k, v in weights.items()}
+  path = tmp_path / f"{layout}.npz"
+  np.savez(path, **arrays)
+  return str(path), meta
+
+
+@pytest.mark.parametrize("layout", ["big_vision", "big_transfer"])
+def test_bit_npz_files_compute_what_big_vision_computes(layout, tmp_path):
+  name = "big_vision_bit_r50x1"
+  encoder, num_classes = encoder_weights.BIT_MODELS[name]
+  path, meta = bit_npz(tmp_path, layout)
+  config = model_config(encoder, num_classes=num_classes)
+  model = nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
+  report = load(model, pretrained.read_state_dict(path))
+  assert report.left_at_init == [] and report.unused == []
+  assert len(report.loaded) == len(meta["schema"]) == 153  # R50x1 and its 1000-class head
+  key = {"big_transfer": "resnet/block4/unit03/c/group_norm/gamma"}.get(
+    layout, "params/block4/unit03/gn3/scale"
+  )
+  assert report.loaded[key] == "encoder.block4.unit03.gn3.scale"
+  with np.load(FIXTURES / f"{name}.npz") as want:
+    assert_close(outputs(model, encoder_weights.test_image()), want, f"{name} ({layout})")
+
+
+def test_a_head_of_other_classes_is_reported_unused_and_the_encoder_loads(tmp_path):
+  path, meta = bit_npz(tmp_path, "big_transfer")
+  config = model_config("bit_r50x1", num_classes=2)
+  model = nnx.eval_shape(lambda: models.create_model(config.model, rngs=nnx.Rngs(0)))
+  report = load(model, pretrained.read_state_dict(path))
+  assert sorted(report.unused) == ["resnet/head/conv2d/bias", "resnet/head/conv2d/kernel"]
+  assert report.left_at_init == ["head.bias", "head.kernel"]
+  assert len(report.loaded) == len(meta["schema"]) - 2
+  assert any("head of shape (2048, 1000)" in note for note in report.notes)
+  weights = encoder_weights.random_bit_weights(meta["schema"], meta["seed"])
+  kernel = model.encoder.block2.unit01.conv_proj.kernel.get_value()
+  assert np.array_equal(kernel, weights["block2/unit01/conv_proj/kernel"])
 
 
 def tiny_densenet() -> nnx.Module:
@@ -196,9 +243,21 @@ def test_a_unet_on_a_pretrained_encoder_trains_a_smoke_run(runs):
   assert record["config"]["model"]["input_scale"] == 1.0
 
 
-def test_init_from_a_run_loads_exactly_its_encoder_and_leaves_the_head_at_init(runs):
-  from cxr_jax.core.run import rundir  # noqa: PLC0415 (kept beside the only test using it)
+def test_a_unet_on_a_bit_encoder_trains_from_a_public_bit_file(tmp_path, data_dir):
+  path, _ = bit_npz(tmp_path, "big_transfer")
+  config = model_config("bit_r50x1", name="unet")
+  config.data.data_dir = str(data_dir)
+  config.model.init_from, config.model.base_features = path, 4
+  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 1, 1
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  assert any(row["split"] == "validation" and 0 <= row["dice"] <= 1 for row in rows)
+  assert any(row["split"] == "train" and np.isfinite(row["loss"]) for row in rows)
+  _, model, _ = rundir.restore_model(str(tmp_path / "run"), "latest")
+  assert model.encoder.block4.unit03.conv3.kernel.shape == (1, 1, 512, 2048)
 
+
+def test_init_from_a_run_loads_exactly_its_encoder_and_leaves_the_head_at_init(runs):
   root = runs["root"]
   _, segmentation, _ = rundir.restore_model(str(root / "segmentation"), "best")
   config = rundir.load_config(str(root / "classifier"))

@@ -85,7 +85,7 @@ KEYS = (
   Key("model.findings", "", None, "U-Net: a sigmoid per finding, comma-separated names of the dataset's findings (learnt where labelled)", SAME),
   # ----- transfer learning (README "Transfer learning") -----
   Key("model.deep_supervision", 0, "int >= 0", "U-Net family: an auxiliary lung head on each of this many decoder levels below full resolution, their losses weighted 1/2 per level (nnU-Net)", SAME),
-  Key("model.encoder", "", ("", "unet", "resnet18", "resnet34", "resnet50", "densenet121"), "encoder of unet/multitask/classifier: '' (the model's own) or a torchvision-layout one (image_size a multiple of 32)", SAME),
+  Key("model.encoder", "", ("", "unet", "resnet18", "resnet34", "resnet50", "densenet121", "bit_r50x1", "bit_r50x3", "bit_r101x1", "bit_r101x3", "bit_r152x2", "bit_r152x4"), "encoder of unet/multitask/classifier: '' (the model's own), a torchvision-layout one or a big_vision BiT ResNet-V2 (image_size a multiple of 32)", SAME),
   Key("model.init_from", "", None, "weights to start from: a torchvision/timm/TorchXRayVision state dict (.safetensors, .npz, .pth, .pt) or a cxr_jax run directory (its encoder); '{fold}' takes data.fold", SAME),
   Key("model.input_scale", 1.0, "> 0", "multiplies the z-scored input before the encoder (init_from sets 512 for TorchXRayVision weights)", SAME),
   Key("model.freeze_bn", False, None, "the encoder's BatchNorm keeps its running statistics in training", SAME),

@@ -12,6 +12,8 @@ from flax import nnx
 
 from cxr_jax import errors
 from cxr_jax.core.models.attention_unet import AttentionUNet
+from cxr_jax.core.models.bit import NAMES as BIT_NAMES
+from cxr_jax.core.models.bit import bit_encoder
 from cxr_jax.core.models.classifier import Classifier
 from cxr_jax.core.models.densenet import densenet_encoder
 from cxr_jax.core.models.encoder_models import create_encoder_model
@@ -27,13 +29,15 @@ MODELS: dict[str, type[nnx.Module]] = {
 }
 
 # config.model.encoder -> builder(in_features=, dtype=, rngs=) of an encoder returning the
-# features at strides 2..32 (torchvision's layout: pretrained.py loads their state dicts).
+# features at strides 2..32 (torchvision's and big_vision's layouts: pretrained.py loads
+# their state dicts and .npz files).
 # '' or 'unet': each model's own from-scratch encoder.
 ENCODERS = {
   "resnet18": resnet_encoder("resnet18"),
   "resnet34": resnet_encoder("resnet34"),
   "resnet50": resnet_encoder("resnet50"),
   "densenet121": densenet_encoder("densenet121"),
+  **{name: bit_encoder(name) for name in BIT_NAMES},
 }
 NATIVE_ENCODERS = ("", "unet")
 DECODER_MODELS = ("unet", "attention_unet", "multitask")  # model.deep_supervision's

@@ -6,6 +6,11 @@ key names its Flax path: 'layer1.0.conv1.weight' -> ('encoder', 'layer1', 0, 'co
 BatchNorm's names (weight/bias/running_mean/running_var -> scale/bias/mean/var). The ImageNet
 head (fc / classifier) loads into a classifier's `head` when the shapes agree.
 
+big_vision's BiT ResNet-V2 `.npz` files load into the `bit_r*` encoders (bit.py): names with
+'/' ('block1/unit01/conv1/kernel', under 'params/' in a big_vision training checkpoint) or the
+original big_transfer repository's ('resnet/block1/unit01/a/standardized_conv2d/kernel', the
+public BiT-S/BiT-M files), kernels already HWIO, GroupNorm's [1, 1, 1, C] scales flattened.
+
 Files: `.safetensors` (read without torch), `.npz` (arrays under the state dict's keys),
 `.pth` / `.pt` (torch.load, when torch is installed). Local paths or gs:// (etils.epath).
 """
@@ -112,6 +117,57 @@ def flax_path(key: str, array: np.ndarray, head: str | None) -> tuple[Any, ...] 
   return None
 
 
+def is_big_vision(state_dict: Mapping[str, Any]) -> bool:
+  """Whether the names are big_vision's or big_transfer's ('/'-separated), not PyTorch's."""
+  return any("/" in key for key in state_dict)
+
+
+_LEGACY_BIT = {
+  "root_block/standardized_conv2d/kernel": "root_block/conv_root/kernel",
+  "group_norm/gamma": "norm-pre-head/scale",
+  "group_norm/beta": "norm-pre-head/bias",
+  "head/conv2d/kernel": "head/kernel",
+  "head/conv2d/bias": "head/bias",
+}
+_LEGACY_BIT_UNIT = re.compile(
+  r"(block\d+/unit\d+)/([abc])/(proj/)?(standardized_conv2d/kernel|group_norm/gamma|group_norm/beta)"
+)
+
+
+def big_vision_name(key: str) -> str:
+  """A BiT name in big_vision's bit_paper layout: 'params/' dropped, big_transfer's renamed
+  ('resnet/block1/unit01/a/group_norm/gamma' -> 'block1/unit01/gn1/scale'), as big_vision's
+  maybe_convert_big_transfer_format does. Names it does not know come back unchanged."""
+  key = key.removeprefix("params/")
+  if not key.startswith("resnet/"):
+    return key
+  rest = re.sub(r"/standardized_conv2d_\d+/", "/standardized_conv2d/", key.removeprefix("resnet/"))
+  if rest in _LEGACY_BIT:
+    return _LEGACY_BIT[rest]
+  match = _LEGACY_BIT_UNIT.fullmatch(rest)
+  if not match:
+    return key
+  unit, group, proj, leaf = match.groups()
+  i = "abc".index(group) + 1
+  if proj:
+    return f"{unit}/conv_proj/kernel"
+  if leaf.startswith("standardized_conv2d"):
+    return f"{unit}/conv{i}/kernel"
+  return f"{unit}/gn{i}/{'scale' if leaf.endswith('gamma') else 'bias'}"
+
+
+def bit_path(key: str, head: str | None) -> tuple[Any, ...] | None:
+  """The Flax path of a big_vision / big_transfer BiT name (None: no place for it)."""
+  parts = big_vision_name(key).split("/")
+  if parts[0] == "head":
+    return None if head is None else (head, parts[-1])
+  if parts[0] == "norm-pre-head":
+    parts[0] = "norm_pre_head"
+  if parts[-1] not in ("kernel", "scale", "bias"):
+    return None
+  return ("encoder", *parts)
+
+
 def to_flax_layout(array: np.ndarray) -> np.ndarray:
   """OIHW conv kernels -> HWIO, [out, in] linear weights -> [in, out]."""
   if array.ndim == 4:
@@ -124,29 +180,48 @@ def to_flax_layout(array: np.ndarray) -> np.ndarray:
 def convert(
   state_dict: Mapping[str, np.ndarray], targets: Mapping[tuple[Any, ...], tuple[int, ...]]
 ) -> tuple[dict[tuple[Any, ...], np.ndarray], LoadReport]:
-  """Maps a PyTorch state dict onto `targets` (Flax path -> shape of the model's variable).
+  """Maps a PyTorch state dict or a BiT .npz onto `targets` (Flax path -> shape of the
+  model's variable).
 
-  RGB first convolutions become grey ones (summed over the input channels, as grey = the
-  same value in R, G and B). Raises ValueError on a shape mismatch, naming both shapes.
+  PyTorch's RGB first convolutions become grey ones (summed over the input channels, as grey
+  = the same value in R, G and B; BiT's keeps its RGB kernel, see bit.py). A head of another
+  shape (1000 ImageNet classes into 2) is reported unused. Raises ConfigError on any other
+  shape mismatch, naming both shapes.
   """
   head = None
   if len(targets.get(("head", "kernel"), ())) == 2:
     head = "head"
   elif ("class_head", "kernel") in targets:
     head = "class_head"
+  big_vision = is_big_vision(state_dict)
   arrays, loaded, unused, notes = {}, {}, [], []
+  if big_vision:
+    notes.append(
+      "big_vision BiT layout: the root convolution keeps its RGB kernel; grey images see the "
+      "sum of its standardised channels (the RGB model on a grey image)"
+    )
   for key, value in state_dict.items():
     value = np.asarray(value, np.float32)
-    path = flax_path(key, value, head)
+    path = bit_path(key, head) if big_vision else flax_path(key, value, head)
     if path is None or path not in targets:
       if not key.endswith("num_batches_tracked"):  # PyTorch's BatchNorm step counter
         unused.append(key)
       continue
-    value = to_flax_layout(value)
     want = tuple(targets[path])
+    if big_vision:
+      if len(want) == 1:  # GroupNorm's [1, 1, 1, C]
+        value = value.reshape(-1)
+      elif len(want) == 2 and value.ndim == 4 and value.shape[:2] == (1, 1):  # a 1x1 conv head
+        value = value[0, 0]
+    else:
+      value = to_flax_layout(value)
     if value.ndim == 4 and value.shape[2] == 3 and want[2] == 1 and value.shape[:2] == want[:2]:
       value = value.sum(axis=2, keepdims=True)
       notes.append(f"{key}: RGB kernel summed over its 3 input channels for grey images")
+    if value.shape != want and path[0] == head:
+      unused.append(key)
+      notes.append(f"{key}: a head of shape {value.shape}, the model's is {want}: not loaded")
+      continue
     if value.shape != want:
       raise errors.ConfigError(
         f"config.model.init_from: {key} has shape {value.shape} (in Flax's layout) but the "

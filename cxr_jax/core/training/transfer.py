@@ -1,8 +1,8 @@
 """Transfer learning: `config.model.init_from` and the encoder's fine-tuning schedule.
 
-init_from is a PyTorch-layout state dict (models/pretrained.py converts it) or another
-cxr_jax run directory, whose encoder's variables (parameters and batch statistics) load into
-this model's encoder, e.g. a segmentation run's U-Net encoder into a classifier on the same
+init_from is a PyTorch-layout state dict or a BiT .npz (models/pretrained.py converts them)
+or another cxr_jax run directory, whose encoder's variables (parameters and batch statistics)
+load into this model's encoder, e.g. a segmentation run's U-Net encoder into a classifier on the same
 encoder. Everything else stays at its initialisation; the log says what was loaded, left
 and unused.
 """
@@ -93,8 +93,8 @@ def load_init_from(
   if not arrays:
     raise errors.ConfigError(
       f"config.model.init_from={path!r}: none of its arrays fits this model (first unused: "
-      f"{report.unused[:3]}); it needs torchvision's key layout (BiT/big_vision ResNetV2 "
-      f".npz files are not supported) and the matching config.model.encoder."
+      f"{report.unused[:3]}); set the config.model.encoder it was trained with "
+      f"(resnet18/34/50, densenet121 for torchvision's layout, bit_r50x1 etc. for BiT .npz)."
     )
   return pretrained.replace(params, arrays), pretrained.replace(model_state, arrays), report
 
