@@ -22,41 +22,37 @@ STRUCTURE_METRICS = ("dice", "hd95_mm")
 
 def structure_columns(
   record: Mapping[str, Any],
-  outputs: Mapping[str, Any],
-  i: int,
-  box: preprocess.Letterbox,
+  masks: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
   lungs: np.ndarray,
   spacing: tuple[float, float] | None,
 ) -> dict[str, Any]:
-  """evaluate's structure columns of image i (none unless the model segments structures):
-  `<structure>_dice`, `_hd95_mm` (where the image outlines it), `_fraction`;
-  `cardiothoracic_ratio` (from the predicted heart and `lungs`, native bool masks) and
-  `cardiothoracic_ratio_true` (where lungs and heart are outlined)."""
+  """evaluate's structure columns of one image from its `structure_masks`: `<structure>_dice`,
+  `_hd95_mm` (where the image outlines it), `_fraction`; `cardiothoracic_ratio` (from the
+  predicted heart and `lungs`, native bool masks) and `cardiothoracic_ratio_true` (where
+  lungs and heart are outlined)."""
   row: dict[str, Any] = {}
-  if "p_structures" in outputs:
-    outlined = np.asarray(record.get("has_structures", np.zeros(3, bool)), bool)
-    truths = images.decode_structures(record["structures"], ("lungs", *EXTRA_STRUCTURES))
-    predicted = {}
-    for k, name in enumerate(EXTRA_STRUCTURES):
-      pred = native_mask(outputs["p_structures"][i][..., k], box, clean=False)
-      predicted[name] = pred
-      row[f"{name}_fraction"] = float(pred.mean())
-      if outlined[k + 1]:
-        scores = metric_table.mask_metrics(pred, truths[..., k + 1] > 0, spacing)
-        row.update({f"{name}_{m}": scores[m] for m in STRUCTURE_METRICS})
-    row["cardiothoracic_ratio"] = cardiothoracic.cardiothoracic_ratio(predicted["heart"], lungs)
-    if outlined[0] and outlined[1]:
-      row["cardiothoracic_ratio_true"] = cardiothoracic.cardiothoracic_ratio(
-        truths[..., 1], truths[..., 0]
-      )
+  for name, (pred, truth) in masks.items():
+    row[f"{name}_fraction"] = float(pred.mean())
+    if truth is not None:
+      scores = metric_table.mask_metrics(pred, truth, spacing)
+      row.update({f"{name}_{m}": scores[m] for m in STRUCTURE_METRICS})
+  row["cardiothoracic_ratio"] = cardiothoracic.cardiothoracic_ratio(masks["heart"][0], lungs)
+  outlined = np.asarray(record.get("has_structures", np.zeros(3, bool)), bool)
+  if outlined[0] and masks["heart"][1] is not None:
+    lungs_true = images.decode_structures(record["structures"], ("lungs",))[..., 0] > 0
+    row["cardiothoracic_ratio_true"] = cardiothoracic.cardiothoracic_ratio(
+      masks["heart"][1], lungs_true
+    )
   return row
 
 
 def structure_masks(
   record: Mapping[str, Any], outputs: Mapping[str, Any], i: int, box: preprocess.Letterbox
 ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-  """Image i's predicted heart and clavicles at native size, each with its reference (None
-  where the image does not outline it): the report's pictures."""
+  """Image i's predicted heart and clavicles at native size (bool), each with its reference
+  (None where the image does not outline it); {} unless the model segments structures."""
+  if "p_structures" not in outputs:
+    return {}
   outlined = np.asarray(record.get("has_structures", np.zeros(3, bool)), bool)
   truths = images.decode_structures(record["structures"], ("lungs", *EXTRA_STRUCTURES))
   return {
