@@ -3,6 +3,10 @@
 Scores a run at native resolution (`workflows.evaluation`) and writes DIR/eval/<split>.json
 (aggregates), DIR/eval/<split>.csv (one row per image, `evaluation.CSV_FIELDS`) and
 DIR/eval/<split>_report.html with its figures (`report`).
+
+A fold ensemble: `--workdir=DIR1,DIR2,...` (or a sweep's variant folder) with `--out=OUT`
+scores the runs' mean prediction (`ensemble.Ensemble`) into OUT/eval/ alike, with the paired
+difference to each run's own evaluation of the same images (`workflows.ensemble_eval`).
 """
 
 import json
@@ -20,6 +24,7 @@ from etils import epath
 from flax import nnx
 
 from cxr_jax import cli
+from cxr_jax import errors
 from cxr_jax import report
 from cxr_jax.core.run import csv_tables
 from cxr_jax.core.run import run_data
@@ -27,6 +32,7 @@ from cxr_jax.core.run import rundir
 from cxr_jax.core.run import trackers
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
+from cxr_jax.workflows import ensemble_eval
 from cxr_jax.workflows import evaluation
 from cxr_jax.workflows import lung_crop
 from cxr_jax.workflows import task_scores
@@ -52,11 +58,14 @@ def run(
   show_progress: bool = True,
   space: int = 0,
   tta: str = "",
+  out: str = "",
 ) -> dict[str, Any]:
-  """Evaluates a run on `split`; writes DIR/eval/<split>.{json,csv}, report and figures.
+  """Evaluates a run (or a fold ensemble) on `split`; writes DIR/eval/<split>.{json,csv},
+  report and figures.
 
   Args:
-    workdir: the run's --workdir.
+    workdir: the run's --workdir; several runs ('DIR1,DIR2' or a folder of runs): their
+      ensemble, written into `out`.
     split: dataset split to score ('test', 'validation', 'train').
     checkpoint: 'latest' or 'best'.
     batch_size: images per forward pass (0: the run's eval_batch_size).
@@ -64,10 +73,23 @@ def run(
     space: devices splitting each image's height (0: the run's config.mesh.space).
     tta: 'on' or 'off' overrides the run's config.tta; the outputs are then named
       <split>.tta_<on|off>.* (the run's own <split>.* stay), e.g. to measure what TTA buys.
+    out: an ensemble's output folder (OUT/eval/, OUT/ensemble.json).
 
   Returns:
     The summary written to <split>.json.
   """
+  runs = rundir.ensemble_runs(workdir)
+  ensemble = None
+  if len(runs) > 1:
+    ensemble = ensemble_eval.restore(
+      runs, checkpoint, split, out, space=space, batch_size=batch_size
+    )
+    workdir = out
+  elif out:
+    raise errors.ConfigError(
+      f"--out={out!r} is for an ensemble (several --workdir runs); a run's evaluation goes "
+      f"into its own DIR/eval/."
+    )
   return _run(
     workdir,
     split,
@@ -76,6 +98,7 @@ def run(
     show_progress=show_progress,
     space=space,
     tta=tta,
+    ensemble=ensemble,
   )
 
 
@@ -113,8 +136,11 @@ def _run(
   sources: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
   space: int = 0,
   tta: str = "",
+  ensemble: ensemble_eval.Restored | None = None,
 ) -> dict[str, Any]:
-  if restored is None:
+  if ensemble is not None:
+    config, model, step = ensemble.config, ensemble.inference, None
+  elif restored is None:
     config, model, step = rundir.restore_model(workdir, checkpoint)
   else:
     (config, model), step = restored, None
@@ -168,6 +194,8 @@ def _run(
       "trained_steps": steps[-1] if steps else None,  # the newest checkpoint when evaluated
       **summary,
     }
+    if ensemble is not None:
+      summary["ensemble"] = ensemble_eval.compare(ensemble, name, table, int(config.seed))
     html = report.write_report(str(staging), name, summary, result)
     summary["report"] = os.path.basename(html)
     (staging / summary_name).write_text(json.dumps(json_safe(summary), indent=2))
@@ -213,11 +241,13 @@ def main(argv: list[str]) -> None:
     batch_size=args.batch_size,
     space=args.space,
     tta=args.tta,
+    out=args.out,
   )
   name = output_name(args.split, args.tta)
   lines = [
     f"evaluate: {summary['num_images']} {args.split} images, {summary['model']} "
-    f"({args.checkpoint} checkpoint, step {summary['step']})"
+    f"({args.checkpoint} checkpoint"
+    + (f", step {summary['step']})" if summary["step"] is not None else "s)")
   ]
   if "segmentation" in summary:
     seg = summary["segmentation"]
@@ -238,13 +268,21 @@ def main(argv: list[str]) -> None:
       f"{cls['calibration']['temperature']:.2f} from validation: ece "
       f"{cls['calibration']['ece_after']:.4f})"
     )
-  lines.append(f"  wrote {RunDir(args.workdir).eval_summary(name)}, .csv, {summary['report']}")
+  lines += ensemble_eval.describe(summary.get("ensemble"))
+  written = RunDir(args.out or args.workdir).eval_summary(name)
+  lines.append(f"  wrote {written}, .csv, {summary['report']}")
   print("\n".join(lines), file=sys.stderr)
 
 
 def define_flags() -> None:
   """The command's flags; defined only when run as a command, so importing is side-free."""
-  flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints).")
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Training workdir (config.json, checkpoints); several ('DIR1,DIR2,...', or a folder of "
+    "runs such as a sweep's variant): their fold ensemble, written into --out.",
+  )
+  flags.DEFINE_string("out", "", "An ensemble's output folder (OUT/eval/, OUT/ensemble.json).")
   flags.DEFINE_string("split", "test", "Dataset split: test, validation or train.")
   flags.DEFINE_enum("checkpoint", "latest", rundir.CHECKPOINT_CHOICES, "Which checkpoint to score.")
   flags.DEFINE_integer(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cxr_jax import evaluate
 from cxr_jax import predict
 from cxr_jax.core import models
 from cxr_jax.core.inference import ensemble
@@ -15,6 +16,7 @@ from cxr_jax.core.inference.inference import Inference
 from cxr_jax.core.inference.inference import uncertainty
 from cxr_jax.core.run import rundir
 from cxr_jax.errors import ConfigError
+from cxr_jax.workflows import ensemble_eval
 from cxr_jax.workflows import train
 from tests import replicas
 from tests.test_train import smoke_config
@@ -80,3 +82,56 @@ def test_predict_with_a_variant_folder_averages_its_folds(folds, tmp_path):
   record = json.loads((tmp_path / "ensemble" / "predict.json").read_text())
   assert "an ensemble of 2 runs" in json.dumps(record)
   assert outputs["ensemble"]["uncertainty"] != outputs["seed0"]["uncertainty"]
+
+
+def _read_csv(path) -> dict[str, dict]:
+  with open(path, newline="") as f:
+    return {row["id"]: row for row in csv.DictReader(f)}
+
+
+def test_evaluate_scores_the_ensemble_and_its_paired_difference_to_each_run(folds, tmp_path):
+  runs = rundir.ensemble_runs(str(folds / "unet"))
+  with pytest.raises(ConfigError, match=r"--out=OUT is needed"):
+    evaluate.run(str(folds / "unet"), "test", show_progress=False)
+  with pytest.raises(ConfigError, match=r"is for an ensemble"):
+    evaluate.run(runs[0], "test", out=str(tmp_path / "x"), show_progress=False)
+  for run in runs:
+    evaluate.run(run, "test", show_progress=False)
+  out = tmp_path / "ensemble"
+  summary = evaluate.run(str(folds / "unet"), "test", out=str(out), show_progress=False)
+  ours = _read_csv(out / "eval" / "test.csv")
+  theirs = [_read_csv(f"{run}/eval/test.csv") for run in runs]
+  assert set(ours) == set(theirs[0]) == set(theirs[1]) and len(ours) > 4
+  masked = [i for i in ours if ours[i]["dice"]]
+  assert any(ours[i]["dice"] != theirs[0][i]["dice"] for i in masked)  # another model
+  record = summary["ensemble"]
+  assert json.loads((out / "ensemble.json").read_text())["runs"] == runs == record["runs"]
+  assert [entry["images"] for entry in record["runs_compared"]] == [len(ours)] * 2
+  dice = record["vs_runs"]["dice"]
+  runs_mean = np.mean([np.mean([float(t[i]["dice"]) for t in theirs]) for i in masked])
+  ensemble_mean = np.mean([float(ours[i]["dice"]) for i in masked])
+  assert dice["images"] == len(masked)
+  assert dice["runs_mean"] == pytest.approx(runs_mean, abs=1e-9)
+  assert dice["difference"] == pytest.approx(ensemble_mean - runs_mean, abs=1e-9)
+  assert dice["ci95"][0] <= dice["difference"] <= dice["ci95"][1]
+  for entry, table in zip(record["runs_compared"], theirs, strict=True):
+    alone = np.mean([float(table[i]["dice"]) for i in masked])
+    assert entry["dice"]["difference"] == pytest.approx(ensemble_mean - alone, abs=1e-9)
+  assert json.loads((out / "eval" / "test.json").read_text())["ensemble"]["runs"] == runs
+
+
+def test_an_ensemble_is_scored_only_on_images_none_of_its_runs_trained_on():
+  import ml_collections  # noqa: PLC0415
+
+  def config(fold, outer=-1, size=32):
+    data = {"split": "kfold", "num_folds": 5, "fold": fold, "outer_fold": outer}
+    return ml_collections.ConfigDict({"data": {**data, "image_size": size, "num_workers": 0}})
+
+  check = ensemble_eval.check_same_images
+  with pytest.raises(ConfigError, match=r"different test images \(config.data.fold \[1, 2\]\)"):
+    check(["a", "b"], [config(1), config(2)], "test")  # each tested on what the other trained on
+  check(["a", "b"], [config(1, outer=0), config(2, outer=0)], "test")  # nested: fold 0 for both
+  with pytest.raises(ConfigError, match=r"different validation images"):
+    check(["a", "b"], [config(1, outer=0), config(2, outer=0)], "validation")
+  with pytest.raises(ConfigError, match=r"a has config.data.image_size=32, b 64"):
+    check(["a", "b"], [config(1, outer=0), config(2, outer=0, size=64)], "test")

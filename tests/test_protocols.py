@@ -10,6 +10,7 @@ from cxr_jax.core.run import run_data
 from cxr_jax.data import datasets
 from cxr_jax.data import protocols
 from cxr_jax.data import records
+from cxr_jax.workflows import sweeps
 
 SOURCES = ("montgomery", "shenzhen", "synthetic")
 
@@ -63,6 +64,34 @@ def test_kfold_test_folds_partition_the_images_and_are_stratified():
   totals = [sum(fold.values()) for fold in per_fold]
   strata = len({(m["source"], m["label"]) for m in meta})
   assert max(totals) - min(totals) <= strata, totals  # each stratum's extra image at most
+
+
+def test_nested_kfold_tests_every_run_on_the_outer_fold_none_trains_on():
+  meta = _meta()
+  plain = protocols.assign_splits(meta, _config(fold=0), SOURCES)
+  outer = {m["id"] for m, s in zip(meta, plain) if s == "test"}  # fold 0
+  validated = collections.Counter()
+  for fold in (1, 2, 3, 4):
+    splits = protocols.assign_splits(meta, _config(fold=fold, outer_fold=0), SOURCES)
+    assert {m["id"] for m, s in zip(meta, splits) if s == "test"} == outer
+    unfolded = protocols.assign_splits(meta, _config(fold=fold), SOURCES)
+    # its validation is the fold the plain protocol tests: the inner folds rotate over it
+    assert [s == "validation" for s in splits] == [s == "test" for s in unfolded]
+    assert all(
+      s == "train" for m, s in zip(meta, splits) if m["id"] not in outer and s != "validation"
+    )
+    validated.update(m["id"] for m, s in zip(meta, splits) if s == "validation")
+  assert set(validated.values()) == {1} and len(validated) == len(meta) - len(outer)
+  for fold, outer_fold in ((0, 0), (1, 5), (1, -2)):
+    with pytest.raises(ValueError, match="outer_fold"):
+      protocols.assign_splits(meta, _config(fold=fold, outer_fold=outer_fold), SOURCES)
+
+
+def test_a_nested_sweep_leaves_out_the_outer_fold():
+  sweep = sweeps.Sweep(
+    config="c.py", variants={"unet": {}}, folds=5, overrides={"data.outer_fold": 2}
+  )
+  assert [run.fold for run in sweeps.expand(sweep)] == [0, 1, 3, 4]
 
 
 def test_kfold_keeps_every_fold_when_images_are_appended():

@@ -45,6 +45,7 @@ KEYS = (
   Key("data.split", "hash", ("hash", "kfold", "cross_site"), "protocol: the dataset's splits | fold tests, fold+1 validates | train on train_sources, test on the others"),
   Key("data.num_folds", 5, "int >= 2", "kfold: number of folds"),
   Key("data.fold", 0, "int >= 0", "kfold: the fold tested"),
+  Key("data.outer_fold", -1, "int", "kfold: a fold no run trains on, every run's test (nested: data.fold then validates, the rest train; -1: off)"),
   Key("data.train_sources", "montgomery", None, "cross_site: comma-separated source names trained on"),
   Key("data.examples", "with_masks", ("with_masks", "all", "all_without_masks"), "training examples: masked ones | all (unmasked train a class head only) | all, masks not read", SAME),
   Key("data.balance_classes", False, None, "balanced sampler for classification", SAME),
@@ -86,7 +87,7 @@ KEYS = (
   # ----- transfer learning (README "Transfer learning") -----
   Key("model.deep_supervision", 0, "int >= 0", "U-Net family: an auxiliary lung head on each of this many decoder levels below full resolution, their losses weighted 1/2 per level (nnU-Net)", SAME),
   Key("model.encoder", "", ("", "unet", "resnet18", "resnet34", "resnet50", "densenet121", "bit_r50x1", "bit_r50x3", "bit_r101x1", "bit_r101x3", "bit_r152x2", "bit_r152x4"), "encoder of unet/multitask/classifier: '' (the model's own), a torchvision-layout one or a big_vision BiT ResNet-V2 (image_size a multiple of 32)", SAME),
-  Key("model.init_from", "", None, "weights to start from: a torchvision/timm/TorchXRayVision state dict (.safetensors, .npz, .pth, .pt) or a cxr_jax run directory (its encoder); '{fold}' takes data.fold", SAME),
+  Key("model.init_from", "", None, "weights to start from: a torchvision/timm/TorchXRayVision state dict (.safetensors, .npz, .pth, .pt), a big_vision/BiT .npz or a cxr_jax run directory (its encoder); '{fold}' takes data.fold", SAME),
   Key("model.input_scale", 1.0, "> 0", "multiplies the z-scored input before the encoder (init_from sets 512 for TorchXRayVision weights)", SAME),
   Key("model.freeze_bn", False, None, "the encoder's BatchNorm keeps its running statistics in training", SAME),
   # ----- loss -----

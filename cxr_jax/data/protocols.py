@@ -3,7 +3,9 @@
     config.data.split = 'hash'        the dataset's own splits (a stable hash of each id)
                       = 'kfold'       config.data.num_folds folds, stratified by source and
                                       label (stable when images are appended); fold f
-                                      tests, fold f+1 validates, the rest train
+                                      tests, fold f+1 validates, the rest train; with
+                                      config.data.outer_fold=o (nested), fold o tests in
+                                      every run, fold f validates, the others train
                       = 'cross_site'  train and validate on config.data.train_sources, test on
                                       every other source (e.g. Montgomery -> Shenzhen)
 
@@ -77,8 +79,16 @@ def assign_splits(
       num_folds,
       patients=[m.get("patient", "") for m in meta],
     )
-    validation = (fold + 1) % num_folds
-    return ["test" if f == fold else "validation" if f == validation else "train" for f in folds]
+    test, validation = fold, (fold + 1) % num_folds
+    outer = int(data_config.get("outer_fold", -1))
+    if outer != -1:
+      if not 0 <= outer < num_folds or outer == fold:
+        raise ValueError(
+          f"config.data.outer_fold={outer} must be -1 (off) or a fold in [0, {num_folds}) "
+          f"other than config.data.fold={fold} (the fold that validates)."
+        )
+      test, validation = outer, fold
+    return ["test" if f == test else "validation" if f == validation else "train" for f in folds]
   if protocol == "cross_site":
     train_sources = [s.strip() for s in str(data_config.train_sources).split(",") if s.strip()]
     unknown = sorted(set(train_sources) - set(source_names))

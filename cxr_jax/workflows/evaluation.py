@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from cxr_jax.core.inference import ensemble
 from cxr_jax.core.inference import overlays
 from cxr_jax.core.inference import postprocess
 from cxr_jax.core.inference.inference import Inference
@@ -229,10 +230,11 @@ def _score_image(
         {f"{k}_post": v for k, v in metric_table.mask_metrics(pred_post, truth, spacing).items()}
       )
       case.truth = overlays.thumbnail(truth, THUMBNAIL_SIDE)
-    row.update(task_scores.structure_columns(record, outputs, i, box, pred, spacing))
-    if "p_structures" in outputs:
+    masks = task_scores.structure_masks(record, outputs, i, box)
+    if masks:
+      row.update(task_scores.structure_columns(record, masks, pred, spacing))
       case.structures = {"lungs": (case.pred, case.truth)}
-      for name, (mask, truth) in task_scores.structure_masks(record, outputs, i, box).items():
+      for name, (mask, truth) in masks.items():
         thumb = overlays.thumbnail(truth, THUMBNAIL_SIDE) if truth is not None else None
         case.structures[name] = (overlays.thumbnail(mask, THUMBNAIL_SIDE), thumb)
   row.update(task_scores.finding_columns(batch, outputs, i, inference.config))
@@ -252,7 +254,7 @@ def _source_name(index: int) -> str:
 
 def evaluate_split(
   config: ml_collections.ConfigDict,
-  model: nnx.Module,
+  model: nnx.Module | ensemble.Ensemble,
   split: str,
   get_source: Callable[[str], Sequence[Mapping[str, Any]]],
   *,
@@ -267,7 +269,7 @@ def evaluate_split(
 
   Args:
     config: the run's config.
-    model: the trained model (eval mode).
+    model: the trained model (eval mode), or a fold ensemble of them.
     split: the split to score; a classifier's threshold comes from 'validation'.
     get_source: split name -> random-access source (the run's, cropped as in training).
     batch_size: images per forward pass (0: the run's eval_batch_size).
@@ -276,7 +278,10 @@ def evaluate_split(
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: we set batch sizes
   config.eval_batch_size = batch_size or int(config.eval_batch_size)
   config.data.num_workers = 0
-  inference = Inference(config, model, batch_size=config.eval_batch_size, attention=True)
+  if isinstance(model, ensemble.Ensemble):  # a fold ensemble (ensemble_eval.restore)
+    inference = model
+  else:
+    inference = Inference(config, model, batch_size=config.eval_batch_size, attention=True)
   validation, calibrate, temperature = None, None, 1.0
   if inference.classifies:
     validation = predict_split(
