@@ -12,6 +12,7 @@ from cxr_jax.config import schema
 from cxr_jax.config.keys import KEYS
 from cxr_jax.core.run import rundir
 from cxr_jax.core.run.layout import RunDir
+from cxr_jax.workflows import sweeps
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem != "__init__")
@@ -23,6 +24,29 @@ def test_every_config_file_starts_from_the_schema_and_passes_it(name):
     config = importlib.import_module(f"configs.{name}").get_config(variant)
     schema.validate(config)
     assert set(_leaves(config)) == {key.path for key in KEYS}
+
+
+SWEEPS = sorted(
+  p.stem for p in (REPO_ROOT / "configs" / "sweeps").glob("*.py") if p.stem != "__init__"
+)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_sweep_file_expands_into_runs_the_schema_accepts(name):
+  sweep = importlib.import_module(f"configs.sweeps.{name}").get_sweep()
+  file, _, arg = sweep.config.partition(":")
+  module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
+  runs = sweeps.expand(sweep)
+  assert runs
+  for run in runs:
+    config = module.get_config(arg or None)
+    for key, value in run.overrides.items():
+      *parents, leaf = key.split(".")
+      node = config
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+    schema.validate(config)
 
 
 def test_every_key_has_a_meaning_a_default_that_passes_and_no_twin():

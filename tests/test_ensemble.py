@@ -12,6 +12,7 @@ from cxr_jax import evaluate
 from cxr_jax import predict
 from cxr_jax.core import models
 from cxr_jax.core.inference import ensemble
+from cxr_jax.core.inference import portable
 from cxr_jax.core.inference.inference import Inference
 from cxr_jax.core.inference.inference import uncertainty
 from cxr_jax.core.run import rundir
@@ -19,6 +20,7 @@ from cxr_jax.errors import ConfigError
 from cxr_jax.workflows import ensemble_eval
 from cxr_jax.workflows import train
 from tests import replicas
+from tests.conftest import run_module
 from tests.test_train import smoke_config
 
 
@@ -135,3 +137,24 @@ def test_an_ensemble_is_scored_only_on_images_none_of_its_runs_trained_on():
     check(["a", "b"], [config(1, outer=0), config(2, outer=0)], "validation")
   with pytest.raises(ConfigError, match=r"a has config.data.image_size=32, b 64"):
     check(["a", "b"], [config(1, outer=0), config(2, outer=0, size=64)], "test")
+
+
+def test_export_writes_the_ensemble_as_one_file_computing_its_mean(folds, tmp_path):
+  runs = rundir.ensemble_runs(str(folds / "unet"))
+  path = tmp_path / "ensemble.cxr"
+  done = run_module("cxr_jax.export", f"--workdir={folds / 'unet'}", f"--output={path}")
+  assert done.returncode == 0 and "an ensemble of 2 runs" in done.stderr, done.stderr[-2000:]
+  exported = portable.PortableModel(path, batch_size=2)
+  assert exported.settings["members"] == 2 and exported.settings["runs"] == runs
+  members = []
+  for run in runs:
+    config, model, _ = rundir.restore_model(run, "best")
+    members.append(Inference(config, model, batch_size=2))
+  images = np.random.default_rng(1).normal(size=(2, 32, 32, 1)).astype(np.float32)
+  want = ensemble.Ensemble(members, runs)(images)
+  got = exported(images)
+  assert set(got) == set(want) == {"prob", "uncertainty"}
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], atol=2e-6)
+  alone = members[0](images)["prob"]
+  assert np.abs(got["prob"] - alone).max() > 1e-3  # the mean, not the first run

@@ -5,7 +5,7 @@ expects. Running it needs jax, not this package's model code or the run director
     FILE (zip): model.jax_exported   `jax.export.Exported.serialize()` (TTA and the mask
                                      uncertainty inside, as the run's config says)
                 settings.json        image_size, postprocess, tta, qc_threshold, outputs,
-                                     provenance
+                                     members (a fold ensemble's runs: their mean), provenance
 """
 
 import hashlib
@@ -14,6 +14,7 @@ import json
 import os
 import zipfile
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ from flax import nnx
 from jax import export as jax_export
 
 from cxr_jax.config import schema
+from cxr_jax.core.inference import ensemble
 from cxr_jax.core.inference import inference
 from cxr_jax.core.run import platform
 
@@ -38,21 +40,48 @@ def export_model(
   model: nnx.Module,
   path: str | os.PathLike,
   provenance: dict[str, Any],
+  *,
+  more: Sequence[tuple[ml_collections.ConfigDict, nnx.Module]] = (),
 ) -> dict[str, Any]:
-  """Writes `model` (eval mode) as a portable file at `path`; returns its settings."""
-  if config.data.crop_to_lungs:
-    raise ValueError(
-      "a lung-crop classifier needs its segmentation run to crop its inputs; "
-      "export that run and this one's classifier is not portable alone."
-    )
-  graphdef, state = nnx.split(model)
+  """Writes `model` (eval mode) as a portable file at `path`; returns its settings.
+
+  `more`: the other (config, model) of a fold ensemble (runs of one recipe): the file then
+  computes their mean probabilities (`ensemble.MEAN_KEYS`) and the uncertainty of the mean
+  p(lung), as `ensemble.Ensemble` does.
+  """
+  members = [(config, model), *more]
+  for member_config, _ in members:
+    if member_config.data.crop_to_lungs:
+      raise ValueError(
+        "a lung-crop classifier needs its segmentation run to crop its inputs; "
+        "export that run and this one's classifier is not portable alone."
+      )
+  tta = bool(config.tta)
+  for member_config, _ in more:
+    for key in ("data.image_size", "tta", "model.name"):
+      if _get(member_config, key) != _get(config, key):
+        raise ValueError(
+          f"an ensemble's runs differ in config.{key} ({_get(config, key)!r} and "
+          f"{_get(member_config, key)!r}); export runs of one recipe (a sweep's folds)."
+        )
+  splits = [nnx.split(member) for _, member in members]
 
   def infer(images):  # [b, S, S, 1] float32, letterboxed and normalised
-    model = nnx.merge(graphdef, state)
-    outputs = model(images, train=False)
-    return inference.segmenter_outputs(lambda x: model(x, train=False), outputs, images, tta)
+    results = []
+    for graphdef, state in splits:
+      model = nnx.merge(graphdef, state)
 
-  tta = bool(config.tta)
+      def forward(x, model=model):
+        return model(x, train=False)
+
+      results.append(inference.segmenter_outputs(forward, forward(images), images, tta))
+    if len(results) == 1:
+      return results[0]
+    mean = {k: jnp.mean(jnp.stack([r[k] for r in results]), axis=0) for k in results[0]}
+    mean = {k: v for k, v in mean.items() if k in ensemble.MEAN_KEYS}
+    if "prob" in mean:
+      mean["uncertainty"] = inference.uncertainty(mean["prob"])
+    return mean
 
   size = int(config.data.image_size)
   (batch,) = jax_export.symbolic_shape("b")
@@ -64,7 +93,8 @@ def export_model(
     "image_size": size,
     "postprocess": bool(config.postprocess),
     "tta": tta,
-    "qc_threshold": float(config.qc_threshold),
+    "qc_threshold": float(np.mean([float(c.qc_threshold) for c, _ in members])),
+    "members": len(members),
     "outputs": sorted(exported.out_tree.unflatten(range(exported.out_tree.num_leaves))),
     "model": config.model.name,
     "eval_batch_size": int(config.eval_batch_size),
@@ -76,6 +106,12 @@ def export_model(
     z.writestr(_SETTINGS, json.dumps(settings, indent=2))
   epath.Path(path).write_bytes(data.getvalue())  # a local path or a gs:// URL
   return settings
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+  for part in path.split("."):
+    config = config[part]
+  return config
 
 
 class PortableModel:
