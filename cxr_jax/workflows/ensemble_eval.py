@@ -132,13 +132,7 @@ def compare(restored: Restored, name: str, table: str, seed: int) -> dict[str, A
     pairs = [(a, b, i) for a, b, i in pairs if math.isfinite(a) and math.isfinite(b)]
     if pairs:
       a, b = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
-      difference, lo, hi = paired_stats.paired_mean_difference(a, b, seed=seed)
-      entry["dice"] = {
-        "ensemble": a.mean(),
-        "run": b.mean(),
-        "difference": difference,
-        "ci95": [lo, hi],
-      }
+      entry["dice"] = _paired_dice(a, b, "run", seed)
       for _, value, image in pairs:
         dice_by_image.setdefault(image, []).append(value)
     scored = [i for i in shared if ours[i].get("p_abnormal") and theirs[i].get("p_abnormal")]
@@ -157,14 +151,7 @@ def compare(restored: Restored, name: str, table: str, seed: int) -> dict[str, A
     images = sorted(dice_by_image)
     a = np.array([_number(ours[i]["dice"]) for i in images])
     b = np.array([np.mean(dice_by_image[i]) for i in images])
-    difference, lo, hi = paired_stats.paired_mean_difference(a, b, seed=seed)
-    vs_runs["dice"] = {
-      "ensemble": a.mean(),
-      "runs_mean": b.mean(),
-      "difference": difference,
-      "ci95": [lo, hi],
-      "images": len(images),
-    }
+    vs_runs["dice"] = {**_paired_dice(a, b, "runs_mean", seed), "images": len(images)}
   if auc_groups:
     difference, lo, hi = paired_stats.paired_auc_difference(auc_groups, seed=seed)
     vs_runs["auc"] = {"difference": difference, "ci95": [lo, hi], "runs": len(auc_groups)}
@@ -174,6 +161,13 @@ def compare(restored: Restored, name: str, table: str, seed: int) -> dict[str, A
       f"the validation split of {restored.runs[0]} (the other runs trained on it)"
     )
   return out
+
+
+def _paired_dice(ours: np.ndarray, theirs: np.ndarray, name: str, seed: int) -> dict[str, Any]:
+  """Mean Dice of the ensemble and of `name` over the same images, their difference and its
+  95% paired bootstrap interval."""
+  difference, lo, hi = paired_stats.paired_mean_difference(ours, theirs, seed=seed)
+  return {"ensemble": ours.mean(), name: theirs.mean(), "difference": difference, "ci95": [lo, hi]}
 
 
 def describe(record: dict[str, Any] | None) -> list[str]:
