@@ -133,22 +133,27 @@ def _float(text: str) -> float:
 
 
 def compare(runs: Sequence[dict], baseline: str) -> dict[str, dict[str, tuple]]:
-  """{variant: {'dice' | 'auc': (difference, lo, hi, n)}} against `baseline`, paired by
-  (seed, fold, image id)."""
+  """{variant: {'dice' | 'dice_worst10' | 'auc': (difference, lo, hi, n)}} against
+  `baseline`, paired by (seed, fold, image id); dice_worst10: each run's own worst tenth of
+  the same images, resampled together within each seed and fold."""
   by_key = {(r["row"]["variant"], r["row"]["seed"], r["row"]["fold"]): r for r in runs}
   out = collections.defaultdict(dict)
   for variant in sorted({r["row"]["variant"] for r in runs} - {baseline}):
-    dice_a, dice_b, groups = [], [], []
+    dice_a, dice_b, groups, dice_groups = [], [], [], []
     for (name, seed, fold), run in by_key.items():
       base = by_key.get((baseline, seed, fold))
       if name != variant or base is None:
         continue
       shared = sorted(set(run["images"]) & set(base["images"]))
+      pairs = []
       for image in shared:
         a, b = _float(run["images"][image].get("dice")), _float(base["images"][image].get("dice"))
         if math.isfinite(a) and math.isfinite(b):
-          dice_a.append(a)
-          dice_b.append(b)
+          pairs.append((a, b))
+      if pairs:
+        dice_a += [a for a, _ in pairs]
+        dice_b += [b for _, b in pairs]
+        dice_groups.append((np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])))
       scored = [
         i
         for i in shared
@@ -165,6 +170,11 @@ def compare(runs: Sequence[dict], baseline: str) -> dict[str, dict[str, tuple]]:
     if dice_a:
       out[variant]["dice"] = (
         *paired_stats.paired_mean_difference(np.array(dice_a), np.array(dice_b)),
+        len(dice_a),
+      )
+    if dice_groups:
+      out[variant]["dice_worst10"] = (
+        *paired_stats.paired_worst_tenth_difference(dice_groups),
         len(dice_a),
       )
     if groups:

@@ -115,6 +115,10 @@ def test_an_interrupted_sweep_resumes_and_ends_with_every_run_once(tmp_path):
     assert float(row["dice"]) == pytest.approx(
       summary["segmentation"]["raw"]["all"]["dice"]["mean"], rel=1e-5
     )
+    with open(root / row["variant"] / f"seed{row['seed']}" / "eval" / "test.csv") as f:
+      dice = sorted(float(r["dice"]) for r in csv.DictReader(f) if r["dice"])
+    worst = dice[: max(1, math.ceil(len(dice) / 10))]
+    assert float(row["dice_worst10"]) == pytest.approx(np.mean(worst), rel=1e-5)
     quality = summary["segmentation"]["quality"]["auroc"]  # null where one class is missing
     assert row["qc_auroc"] == "" if quality is None else float(row["qc_auroc"]) == quality
   markdown = (root / "results.md").read_text()
@@ -166,4 +170,24 @@ def test_paired_differences_by_hand(tmp_path):
   assert diff["dice"][0] == pytest.approx(0.05) and diff["dice"][3] == 4
   assert diff["dice"][1] == pytest.approx(0.05) and diff["dice"][2] == pytest.approx(0.05)
   assert diff["auc"][0] == pytest.approx(-1.0)  # the new scores rank every pair backwards
+  assert diff["dice_worst10"][0] == pytest.approx(0.05)  # 0.65 vs 0.6: each one's worst image
   assert math.isnan(results.paired_stats.t_interval([0.5])[0])
+
+
+def test_the_worst_tenth_is_each_models_own_hardest_images_paired_by_resampling():
+  stats = results.paired_stats
+  assert stats.worst_tenth_mean([0.9] * 18 + [0.5, 0.3]) == pytest.approx(0.4)  # 2 of 20
+  assert stats.worst_tenth_mean([0.7, float("nan"), 0.9]) == 0.7  # at least one
+  rng = np.random.default_rng(0)
+  base = rng.uniform(0.9, 0.99, 200)
+  fixed = base.copy()
+  hard = np.argsort(base)[:20]
+  base[hard] = 0.5  # the baseline fails its hardest tenth; the new model does not
+  groups = [(fixed, base)]
+  diff, lo, hi = stats.paired_worst_tenth_difference(groups)
+  assert diff == pytest.approx(fixed[np.argsort(fixed)[:20]].mean() - 0.5)
+  assert 0 < lo <= diff <= hi
+  # Mean Dice barely moves; the worst tenth carries the difference.
+  assert np.mean(fixed - base) < diff / 5
+  same = stats.paired_worst_tenth_difference([(base, base)])
+  assert same == (0.0, 0.0, 0.0)

@@ -13,6 +13,7 @@ import numpy as np
 from cxr_jax.core.inference.inference import MASK_THRESHOLD
 from cxr_jax.core.stats import classification_stats
 from cxr_jax.core.stats import metric_table
+from cxr_jax.core.stats import paired_stats
 from cxr_jax.core.stats import surface
 from cxr_jax.data import registry
 
@@ -39,6 +40,7 @@ def segmentation_summary(
     "postprocessed": post,
     "dice": raw["all"]["dice"]["mean"],
     "dice_postprocessed": post["all"]["dice"]["mean"],
+    "dice_worst_tenth": paired_stats.worst_tenth_mean([r["dice"] for r in masked]),
     "notes": {
       "threshold": f"p(lung) >= {MASK_THRESHOLD} after bilinear mapping to the native size",
       "postprocessed": "two largest 8-connected components kept, holes filled",

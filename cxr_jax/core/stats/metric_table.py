@@ -111,6 +111,7 @@ TABLE = (
   Metric("asd_px", "ASSD px", False, "px", f"both boundaries' distances to the other pooled: (sum d(a, R) + sum d(r, P)) / (|∂P| + |∂R|) (MONAI, symmetric=True); {_ONE_EMPTY}", _SURFACE, lambda p: p.px["asd"], _mask_mean("asd_px")),
   Metric("hd95_mm", "HD95 mm", False, "mm", "HD95 in millimetres, where the image's pixel spacing is known", _SURFACE, lambda p: p.mm["hd95"]),
   Metric("asd_mm", "ASSD mm", False, "mm", "ASSD in millimetres, where the image's pixel spacing is known", _SURFACE, lambda p: p.mm["asd"]),
+  Metric("dice_worst10", "Dice worst tenth", True, "", "mean Dice of the run's worst tenth of masks (ceil(n / 10)): its hardest images", "stats/paired_stats.worst_tenth_mean", None, _summary("segmentation", "dice_worst_tenth")),
   Metric("qc_auroc", "QC AUROC", True, "", "AUROC of the masks' uncertainty for finding those with Dice < 0.95", "workflows/split_summaries.quality_summary", None, lambda s, v: (s.get("segmentation", {}).get("quality") or {}).get("auroc")),
   Metric("loss", "loss", False, "", "a head's training loss on validation (<head>_loss): BCE + soft Dice, or cross-entropy", "training/losses"),
   Metric("auc", "AUC", True, "", "area under the ROC curve of p(abnormal) (ties count one half)", "stats/classification_stats.roc_auc", None, _summary("classification", "auc")),

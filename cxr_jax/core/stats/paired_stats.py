@@ -1,7 +1,7 @@
 """Comparing variants: intervals over runs and paired bootstrap differences over images."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -38,30 +38,38 @@ def paired_mean_difference(
   return float(diff.mean()), float(lo), float(hi)
 
 
-def paired_auc_difference(
-  groups: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+def worst_tenth_mean(values: Sequence[float]) -> float:
+  """The mean of the lowest tenth of the finite `values` (ceil(n / 10) of them, at least one):
+  how a model does on its hardest images (e.g. Dice on diseased lungs)."""
+  values = np.sort(np.asarray([v for v in values if math.isfinite(v)], np.float64))
+  if not values.size:
+    return math.nan
+  return float(values[: max(1, math.ceil(values.size / 10))].mean())
+
+
+def paired_group_difference(
+  groups: Sequence[tuple[np.ndarray, ...]],
+  statistic: Callable[..., float],
   *,
   seed: int = 0,
   num_samples: int = NUM_BOOTSTRAP,
   level: float = 0.95,
 ) -> tuple[float, float, float]:
-  """(mean over groups of AUC(a) - AUC(b), paired bootstrap interval).
+  """(mean over groups of `statistic(*group)`, paired bootstrap interval).
 
-  Each group is (labels, p_a, p_b) of the same images (one seed and fold): images are
-  resampled within each group, both models' scores together, keeping the pairing.
+  Each group holds arrays over the same images (one seed and fold), e.g. (labels, p_a, p_b)
+  with statistic AUC(a) - AUC(b): images are resampled within each group, all arrays
+  together, keeping the pairing. NaN statistics (a resample of one class) are left out.
   """
-
-  def difference(index_sets):
-    diffs = []
-    for (labels, p_a, p_b), index in zip(groups, index_sets):
-      y = labels[index]
-      if y.min() != y.max():
-        diffs.append(roc_auc(p_a[index], y) - roc_auc(p_b[index], y))
-    return float(np.mean(diffs)) if diffs else math.nan
-
   groups = [tuple(np.asarray(x) for x in g) for g in groups]
   if not groups:
     return math.nan, math.nan, math.nan
+
+  def difference(index_sets):
+    diffs = [statistic(*(x[index] for x in g)) for g, index in zip(groups, index_sets)]
+    diffs = [d for d in diffs if math.isfinite(d)]
+    return float(np.mean(diffs)) if diffs else math.nan
+
   point = difference([np.arange(len(g[0])) for g in groups])
   rng = np.random.default_rng(seed)
   samples = [
@@ -72,3 +80,27 @@ def paired_auc_difference(
     return point, math.nan, math.nan
   lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
   return point, float(lo), float(hi)
+
+
+def paired_auc_difference(
+  groups: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], **kwargs
+) -> tuple[float, float, float]:
+  """(mean over groups of AUC(a) - AUC(b), paired bootstrap interval); each group is
+  (labels, p_a, p_b) of the same images (`paired_group_difference`)."""
+
+  def auc_difference(labels, p_a, p_b):
+    if labels.min() == labels.max():
+      return math.nan
+    return roc_auc(p_a, labels) - roc_auc(p_b, labels)
+
+  return paired_group_difference(groups, auc_difference, **kwargs)
+
+
+def paired_worst_tenth_difference(
+  groups: Sequence[tuple[np.ndarray, np.ndarray]], **kwargs
+) -> tuple[float, float, float]:
+  """(mean over groups of worst_tenth_mean(a) - worst_tenth_mean(b), paired bootstrap
+  interval): each model's own hardest tenth of the same images (`paired_group_difference`)."""
+  return paired_group_difference(
+    groups, lambda a, b: worst_tenth_mean(a) - worst_tenth_mean(b), **kwargs
+  )
