@@ -221,7 +221,9 @@ def _move_into_place(staging: epath.Path, out_dir: epath.Path, *, last: str) -> 
   `staging`: a bucket has no empty folder to remove)."""
   files = sorted(staging.iterdir(), key=lambda p: p.name == last)
   for file in files:
-    file.rename(out_dir / file.name)  # os.replace on a disk; a copy and delete in a bucket
+    # Over the previous evaluation's file: os.replace on a disk (epath's rename refuses an
+    # existing destination), a copy and delete in a bucket.
+    file.replace(out_dir / file.name)
 
 
 def output_name(split: str, tta: str) -> str:

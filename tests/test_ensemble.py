@@ -2,6 +2,7 @@
 
 import csv
 import json
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -99,6 +100,9 @@ def test_evaluate_scores_the_ensemble_and_its_paired_difference_to_each_run(fold
     evaluate.run(runs[0], "test", out=str(tmp_path / "x"), show_progress=False)
   for run in runs:
     evaluate.run(run, "test", show_progress=False)
+  before = (pathlib.Path(runs[0]) / "eval" / "test.csv").read_text()
+  evaluate.run(runs[0], "test", batch_size=3, show_progress=False)  # again, over the first
+  assert (pathlib.Path(runs[0]) / "eval" / "test.csv").read_text() == before
   out = tmp_path / "ensemble"
   summary = evaluate.run(str(folds / "unet"), "test", out=str(out), show_progress=False)
   ours = _read_csv(out / "eval" / "test.csv")
