@@ -2,10 +2,10 @@ r"""How the data path's cost grows with the dataset: prepare, load, evaluate and
 1k..100k small phantoms (sides 64-128 px), each stage a child process whose time and peak
 memory (RSS of the process and of all its workers together, sampled every 0.2 s) are measured.
 
-  python benchmarks/data_scale.py --sizes=1000,10000 --out=/tmp/data_scale
+  python benchmarks/data_scale.py --sizes=1000,10000,100000 --out=/tmp/data_scale  # ~25 min
   python benchmarks/data_scale.py --sizes=100000 --out=/tmp/data_scale --stages=prepare
 
-Writes OUT/results.jsonl (one line per measurement) and prints the README's table. The model
+Writes OUT/results.jsonl (one line per measurement, appended), the README's table's numbers. The model
 evaluate and predict run is the smoke U-Net trained once on the default phantoms
 (OUT/run; 32 px, base 4): the figures measure the data path, not a model.
 """
