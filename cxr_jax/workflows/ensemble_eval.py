@@ -52,23 +52,14 @@ def restore(
       "--out=OUT is needed for an ensemble: its evaluation goes into OUT/eval/ (its runs "
       "keep their own)."
     )
-  configs, models, steps = [], [], []
-  for run in runs:
-    config, model, step = rundir.restore_model(run, checkpoint)
-    if config.data.crop_to_lungs:
-      raise errors.ConfigError(
-        f"{run} was trained on lung crops; ensembles of crop runs are not supported."
-      )
-    configs.append(rundir.with_space(config, space))
-    models.append(model)
-    steps.append(step)
+  configs, models, steps = zip(*rundir.restore_runs(runs, checkpoint, space=space))
   check_same_images(runs, configs, split)
   size = batch_size or int(configs[0].eval_batch_size)
   members = [Inference(c, m, batch_size=size) for c, m in zip(configs, models, strict=True)]
-  record = {"runs": list(runs), "steps": steps, "checkpoint": checkpoint, "split": split}
+  record = {"runs": list(runs), "steps": list(steps), "checkpoint": checkpoint, "split": split}
   RunDir(out).path.mkdir(parents=True, exist_ok=True)
   paths.write_text(str(RunDir(out).path / "ensemble.json"), json.dumps(record, indent=2))
-  return Restored(list(runs), steps, checkpoint, configs[0], ensemble.Ensemble(members, runs))
+  return Restored(list(runs), list(steps), checkpoint, configs[0], ensemble.Ensemble(members, runs))
 
 
 def check_same_images(

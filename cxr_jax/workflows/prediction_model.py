@@ -10,7 +10,6 @@ from typing import NamedTuple
 
 import ml_collections
 
-from cxr_jax import errors
 from cxr_jax.core.inference import ensemble
 from cxr_jax.core.inference import portable
 from cxr_jax.core.inference.inference import Inference
@@ -73,13 +72,7 @@ def _load_ensemble(runs, checkpoint, batch_size, space, count) -> Model:
   """The runs' models averaged (`ensemble.Ensemble`). Each fold's calibration temperature
   was fitted to that fold alone, so p_abnormal_calibrated is left blank."""
   members, hashes, steps = [], [], []
-  for run_dir in runs:
-    config, model, step = rundir.restore_model(run_dir, checkpoint)
-    config = rundir.with_space(config, space)
-    if config.data.crop_to_lungs:
-      raise errors.ConfigError(
-        f"{run_dir} was trained on lung crops; ensembles of crop runs are not supported."
-      )
+  for config, model, step in rundir.restore_runs(runs, checkpoint, space=space):
     size = min(batch_size or int(config.eval_batch_size), count)
     members.append(Inference(config, model, batch_size=size))
     hashes.append(prediction.weights_hash(model))

@@ -49,10 +49,18 @@ class Ensemble:
     self.batch_size = min(m.batch_size for m in members)
 
   def __call__(self, images: np.ndarray) -> dict:
-    outputs = [member(images) for member in self.members]
-    mean = {
-      key: np.mean([out[key] for out in outputs], axis=0) for key in MEAN_KEYS if key in outputs[0]
-    }
-    if "prob" in mean:
-      mean["uncertainty"] = np.asarray(uncertainty(jnp.asarray(mean["prob"])))
-    return mean
+    combined = combine([member(images) for member in self.members])
+    return {key: np.asarray(value) for key, value in combined.items()}
+
+
+def combine(outputs: Sequence[dict]) -> dict:
+  """The members' outputs as one: MEAN_KEYS averaged, and the uncertainty of the mean p(lung)
+  (numpy or traced arrays alike: `Ensemble` and an exported ensemble share it)."""
+  mean = {
+    key: jnp.mean(jnp.stack([out[key] for out in outputs]), axis=0)
+    for key in MEAN_KEYS
+    if key in outputs[0]
+  }
+  if "prob" in mean:
+    mean["uncertainty"] = uncertainty(mean["prob"])
+  return mean

@@ -75,13 +75,7 @@ def export_model(
         return model(x, train=False)
 
       results.append(inference.segmenter_outputs(forward, forward(images), images, tta))
-    if len(results) == 1:
-      return results[0]
-    mean = {k: jnp.mean(jnp.stack([r[k] for r in results]), axis=0) for k in results[0]}
-    mean = {k: v for k, v in mean.items() if k in ensemble.MEAN_KEYS}
-    if "prob" in mean:
-      mean["uncertainty"] = inference.uncertainty(mean["prob"])
-    return mean
+    return results[0] if len(results) == 1 else ensemble.combine(results)
 
   size = int(config.data.image_size)
   (batch,) = jax_export.symbolic_shape("b")

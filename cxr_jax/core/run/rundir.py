@@ -6,7 +6,7 @@ import logging
 import os
 import platform
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -211,6 +211,22 @@ def restore_model(
   model.eval()
   logging.info("Restored %s checkpoint at step %d from %s", which, step, workdir)
   return config, model, step
+
+
+def restore_runs(
+  runs: Sequence[str], checkpoint: str, *, space: int = 0
+) -> list[tuple[ml_collections.ConfigDict, nnx.Module, int]]:
+  """A fold ensemble's runs restored: each (config with `space`, model, step) at
+  `checkpoint`. ConfigError for a run trained on lung crops (not supported in ensembles)."""
+  restored = []
+  for run in runs:
+    config, model, step = restore_model(run, checkpoint)
+    if config.data.crop_to_lungs:
+      raise errors.ConfigError(
+        f"{run} was trained on lung crops; ensembles of crop runs are not supported."
+      )
+    restored.append((with_space(config, space), model, step))
+  return restored
 
 
 def ensemble_runs(workdir: str) -> list[str]:
