@@ -92,6 +92,11 @@ def test_a_nested_sweep_leaves_out_the_outer_fold():
     config="c.py", variants={"unet": {}}, folds=5, overrides={"data.outer_fold": 2}
   )
   assert [run.fold for run in sweeps.expand(sweep)] == [0, 1, 3, 4]
+  # `sweep --override=data.outer_fold=2` hands the value over as text
+  sweep = sweeps.Sweep(
+    config="c.py", variants={"unet": {}}, folds=5, overrides={"data.outer_fold": "2"}
+  )
+  assert [run.fold for run in sweeps.expand(sweep)] == [0, 1, 3, 4]
 
 
 def test_kfold_keeps_every_fold_when_images_are_appended():

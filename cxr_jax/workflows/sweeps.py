@@ -90,7 +90,7 @@ def expand(sweep: Sweep) -> list[Run]:
     for seed in sweep.seeds:
       for fold in range(sweep.folds) if sweep.folds else [None]:
         settings = {**sweep.overrides, **overrides, "seed": int(seed)}
-        if fold is not None and fold == settings.get("data.outer_fold", -1):
+        if fold is not None and fold == int(settings.get("data.outer_fold", -1)):
           continue  # nested: the outer fold tests every run and validates none
         if fold is not None:
           settings.update({"data.split": "kfold", "data.num_folds": sweep.folds, "data.fold": fold})
