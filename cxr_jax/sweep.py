@@ -9,7 +9,6 @@ lines instead; `--print_commands=slurm` an sbatch array script that runs one run
 """
 
 import concurrent.futures
-import dataclasses
 import importlib.util
 import os
 import shlex
@@ -160,7 +159,11 @@ def main(argv: list[str]) -> None:
   args = flags.FLAGS
   sweep = load_sweep(args.sweep)
   extra = dict(_parse_override(text) for text in args.override)
-  sweep = dataclasses.replace(sweep, overrides={**sweep.overrides, **extra})
+  if extra.get("data.split", "kfold") != "kfold" and sweep.folds:
+    print(
+      f"sweep: --override=data.split={extra['data.split']} replaces the sweep's {sweep.folds} folds"
+    )
+  sweep = sweeps.with_overrides(sweep, extra)
   runs = sweeps.expand(sweep)
   if args.print_commands == "slurm":
     print(slurm_script(args, len(runs)), end="")

@@ -99,6 +99,22 @@ def test_a_nested_sweep_leaves_out_the_outer_fold():
   assert [run.fold for run in sweeps.expand(sweep)] == [0, 1, 3, 4]
 
 
+def test_a_cross_site_override_replaces_a_sweeps_folds():
+  sweep = sweeps.Sweep(config="c.py", variants={"a": {}, "b": {"x": 1}}, folds=5)
+  runs = sweeps.expand(
+    sweeps.with_overrides(sweep, {"data.split": "cross_site", "data.train_sources": "shenzhen"})
+  )
+  assert [run.name for run in runs] == ["a/seed0", "b/seed0"]
+  assert runs[1].overrides == {
+    "data.split": "cross_site",
+    "data.train_sources": "shenzhen",
+    "x": 1,
+    "seed": 0,
+  }
+  kept = sweeps.with_overrides(sweep, {"data.manual_dir": "/d"})
+  assert [run.fold for run in sweeps.expand(kept)] == [0, 1, 2, 3, 4] * 2
+
+
 def test_kfold_keeps_every_fold_when_images_are_appended():
   meta = _meta(600)
   before = protocols.assign_splits(meta, _config(fold=2), SOURCES)

@@ -98,6 +98,15 @@ def expand(sweep: Sweep) -> list[Run]:
   return runs
 
 
+def with_overrides(sweep: Sweep, extra: Mapping[str, Any]) -> Sweep:
+  """The sweep with command-line overrides set in every run. An explicit protocol other than
+  kfold (`data.split=cross_site`) replaces the sweep's folds: one run per variant and seed,
+  as `sweep --override=data.split=cross_site` on a 5-fold sweep file means."""
+  split = extra.get("data.split")
+  folds = 0 if split is not None and split != "kfold" else sweep.folds
+  return dataclasses.replace(sweep, overrides={**sweep.overrides, **extra}, folds=folds)
+
+
 def baseline(sweep: Sweep) -> str:
   return sweep.baseline or next(iter(sweep.variants))
 
