@@ -85,11 +85,13 @@ def gcs(tmp_path_factory):
 
 def _run(cwd, env, host_cache, *command, check=True):
   """A command as one host of a job runs it: working directory `cwd`, local disk
-  `host_cache` for its copy of the prepared dataset."""
+  `host_cache` for its copy of the prepared dataset. The timeout only guards against a hang:
+  a sweep's train and evaluate through the emulator took 300 s on a loaded 2-core machine."""
   return run_command(
     list(command),
     cwd=cwd,
     env={**env, "PYTHONPATH": str(REPO_ROOT), "CXR_JAX_CACHE": str(host_cache)},
+    timeout=1200,
     check=check,
   )
 
