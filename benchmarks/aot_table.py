@@ -121,7 +121,12 @@ def table(rows: list[dict]) -> str:
     "| MFU (roofline) |",
     "|---|---|---:|---:|---:|---|---:|---:|",
   ]
-  for r in rows:
+
+  def order(r):  # the README's order: slice, model, side (cells finish in any order)
+    known = r["topology"] in TOPOLOGIES and r["model"] in MODELS
+    return (TOPOLOGIES.index(r["topology"]), MODELS.index(r["model"])) if known else (99, 0)
+
+  for r in sorted(rows, key=lambda r: (*order(r), r["topology"], r["side"])):
     model = {"unet": "U-Net", "attention_unet": "Attention U-Net"}[r["model"]]
     if r.get("space"):
       lines.append(
@@ -129,8 +134,9 @@ def table(rows: list[dict]) -> str:
         f"| {r['images_per_s']:,.0f} | {r['mfu']:.0%} |"
       )
     else:
-      tried = ", ".join(
-        f"{t['space']}: {t.get('used_gib') or t.get('total_gib')}" for t in r["tries"]
+      tried = ", ".join(  # refused: XLA stopped the compile without a number
+        f"space {t['space']}: {t.get('used_gib') or t.get('total_gib') or 'refused'}"
+        for t in r["tries"]
       )
       lines.append(f"| {r['topology']} | {model} | {r['side']} | none | {tried} | no | | |")
   return "\n".join(lines)
