@@ -159,11 +159,12 @@ def main(argv: list[str]) -> None:
   args = flags.FLAGS
   sweep = load_sweep(args.sweep)
   extra = dict(_parse_override(text) for text in args.override)
-  if extra.get("data.split", "kfold") != "kfold" and sweep.folds:
+  overridden = sweeps.with_overrides(sweep, extra)
+  if overridden.folds != sweep.folds:
     print(
       f"sweep: --override=data.split={extra['data.split']} replaces the sweep's {sweep.folds} folds"
     )
-  sweep = sweeps.with_overrides(sweep, extra)
+  sweep = overridden
   runs = sweeps.expand(sweep)
   if args.print_commands == "slurm":
     print(slurm_script(args, len(runs)), end="")
