@@ -32,6 +32,7 @@ from cxr_jax.core.run import rundir
 from cxr_jax.core.run import trackers
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
+from cxr_jax.data import stress as stress_data
 from cxr_jax.workflows import ensemble_eval
 from cxr_jax.workflows import evaluation
 from cxr_jax.workflows import lung_crop
@@ -58,6 +59,7 @@ def run(
   show_progress: bool = True,
   space: int = 0,
   tta: str = "",
+  stress: str = "",
   out: str = "",
 ) -> dict[str, Any]:
   """Evaluates a run (or a fold ensemble) on `split`; writes DIR/eval/<split>.{json,csv},
@@ -73,6 +75,8 @@ def run(
     space: devices splitting each image's height (0: the run's config.mesh.space).
     tta: 'on' or 'off' overrides the run's config.tta; the outputs are then named
       <split>.tta_<on|off>.* (the run's own <split>.* stay), e.g. to measure what TTA buys.
+    stress: a change of the test images (`data.stress.KINDS`, e.g. 'consolidation'); the
+      outputs are named <split>.stress_<kind>.*.
     out: an ensemble's output folder (OUT/eval/, OUT/ensemble.json).
 
   Returns:
@@ -98,6 +102,7 @@ def run(
     show_progress=show_progress,
     space=space,
     tta=tta,
+    stress=stress,
     ensemble=ensemble,
   )
 
@@ -111,6 +116,7 @@ def run_model(
   *,
   batch_size: int = 0,
   show_progress: bool = True,
+  stress: str = "",
 ) -> dict[str, Any]:
   """`run` with a model held in memory (a notebook's, a test's) on records given as
   {split: source} (with 'validation' for a classifier's threshold), writing into
@@ -122,6 +128,7 @@ def run_model(
     show_progress=show_progress,
     restored=(config, model),
     sources=sources,
+    stress=stress,
   )
 
 
@@ -136,6 +143,7 @@ def _run(
   sources: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
   space: int = 0,
   tta: str = "",
+  stress: str = "",
   ensemble: ensemble_eval.Restored | None = None,
 ) -> dict[str, Any]:
   if ensemble is not None:
@@ -145,18 +153,22 @@ def _run(
   else:
     (config, model), step = restored, None
   config = rundir.with_space(config, space)
-  name = output_name(split, tta)
+  name = output_name(split, tta, stress)
   if tta:
     config = ml_collections.ConfigDict(config.to_dict())
     config.tta = tta == "on"
   if sources is not None:
-    get_source = sources.__getitem__
+    get_split = sources.__getitem__
   else:
     dataset = run_data.open_dataset(config.data)
 
-    def get_source(name: str):
+    def get_split(name: str):
       source = run_data.load_split(config, name, dataset)
       return lung_crop.maybe_crop(config, name, source, workdir)
+
+  def get_source(name: str):
+    source = get_split(name)
+    return stress_data.StressedSource(source, stress) if stress else source
 
   run_dir = RunDir(workdir)
   out_dir = run_dir.eval_dir
@@ -194,6 +206,8 @@ def _run(
       "trained_steps": steps[-1] if steps else None,  # the newest checkpoint when evaluated
       **summary,
     }
+    if stress:
+      summary["stress"] = {"kind": stress, "what": stress_data.describe(stress)}
     if ensemble is not None:
       summary["ensemble"] = ensemble_eval.compare(ensemble, name, table, int(config.seed))
     html = report.write_report(str(staging), name, summary, result)
@@ -226,9 +240,10 @@ def _move_into_place(staging: epath.Path, out_dir: epath.Path, *, last: str) -> 
     file.replace(out_dir / file.name)
 
 
-def output_name(split: str, tta: str) -> str:
-  """What DIR/eval/<name>.* is called: the split, with .tta_<on|off> where --tta overrides."""
-  return f"{split}.tta_{tta}" if tta else split
+def output_name(split: str, tta: str, stress: str = "") -> str:
+  """What DIR/eval/<name>.* is called: the split, with .tta_<on|off> where --tta overrides
+  and .stress_<kind> under --stress."""
+  return split + (f".tta_{tta}" if tta else "") + (f".stress_{stress}" if stress else "")
 
 
 def main(argv: list[str]) -> None:
@@ -243,9 +258,10 @@ def main(argv: list[str]) -> None:
     batch_size=args.batch_size,
     space=args.space,
     tta=args.tta,
+    stress=args.stress,
     out=args.out,
   )
-  name = output_name(args.split, args.tta)
+  name = output_name(args.split, args.tta, args.stress)
   lines = [
     f"evaluate: {summary['num_images']} {args.split} images, {summary['model']} "
     f"({args.checkpoint} checkpoint"
@@ -258,7 +274,8 @@ def main(argv: list[str]) -> None:
       lines.append(
         f"  {variant:>13}: dice {overall['dice']['mean']:.4f} (median "
         f"{overall['dice']['median']:.4f}), hd95 {overall['hd95_px']['mean']:.2f} px, "
-        f"asd {overall['asd_px']['mean']:.2f} px"
+        f"asd {overall['asd_px']['mean']:.2f} px, area ratio median "
+        f"{overall['area_ratio']['median']:.3f}"
       )
   if "classification" in summary:
     cls = summary["classification"]
@@ -302,6 +319,14 @@ def define_flags() -> None:
     ["", "on", "off"],
     "Test-time augmentation: '' as the run's config.tta; on/off override it (outputs named "
     "<split>.tta_<on|off>.*).",
+  )
+  flags.DEFINE_enum(
+    "stress",
+    "",
+    ["", *stress_data.KINDS],
+    "Score the images with a lung mask changed as diseased lungs change them (data/stress.py: "
+    "'consolidation', the lower lung turned tissue-bright, masks kept); outputs named "
+    "<split>.stress_<kind>.*.",
   )
   flags.mark_flags_as_required(["workdir"])
 

@@ -30,6 +30,13 @@ class MaskPair:
   def overlap(self) -> dict[str, float]:
     return surface.overlap_metrics(self.pred, self.truth)
 
+  @property
+  def area_ratio(self) -> float:
+    predicted, reference = int(np.count_nonzero(self.pred)), int(np.count_nonzero(self.truth))
+    if not reference:
+      return 1.0 if not predicted else math.inf
+    return predicted / reference
+
   @functools.cached_property
   def px(self) -> dict[str, float]:
     return surface.surface_metrics(self.pred, self.truth)
@@ -76,11 +83,14 @@ class Metric:
     return 2 if self.unit else 4
 
 
-def _mask_mean(name: str) -> Callable[[Summary, Validation], Any]:
+def _mask_stat(name: str, stat: str = "mean") -> Callable[[Summary, Validation], Any]:
+  """A mask metric's `stat` over the images (test.json's raw masks); None where the
+  evaluation has no such metric (no segmentation, or written before the metric existed)."""
+
   def read(summary: Summary, validation: Validation) -> Any:
     if "segmentation" not in summary:
       return None
-    return summary["segmentation"]["raw"]["all"][name]["mean"]
+    return summary["segmentation"]["raw"]["all"].get(name, {}).get(stat)
 
   return read
 
@@ -103,12 +113,13 @@ _ONE_EMPTY = "both empty: 0; one empty: the image diagonal"
 # fmt: off
 # (one metric a line: the table reads as a table)
 TABLE = (
-  Metric("dice", "Dice", True, "", f"2|P∩R| / (|P| + |R|) of the predicted and reference masks; {_BOTH_EMPTY}", _OVERLAP, lambda p: p.overlap["dice"], _mask_mean("dice")),
+  Metric("dice", "Dice", True, "", f"2|P∩R| / (|P| + |R|) of the predicted and reference masks; {_BOTH_EMPTY}", _OVERLAP, lambda p: p.overlap["dice"], _mask_stat("dice")),
   Metric("iou", "IoU", True, "", f"|P∩R| / |P∪R|; {_BOTH_EMPTY}", _OVERLAP, lambda p: p.overlap["iou"]),
   Metric("precision", "precision", True, "", f"|P∩R| / |P|; {_BOTH_EMPTY}", _OVERLAP, lambda p: p.overlap["precision"]),
   Metric("recall", "recall", True, "", f"|P∩R| / |R|; {_BOTH_EMPTY}", _OVERLAP, lambda p: p.overlap["recall"]),
-  Metric("hd95_px", "HD95 px", False, "px", f"the larger of the two directed 95th percentiles of boundary-to-boundary distances (MONAI's convention); {_ONE_EMPTY}", _SURFACE, lambda p: p.px["hd95"], _mask_mean("hd95_px")),
-  Metric("asd_px", "ASSD px", False, "px", f"both boundaries' distances to the other pooled: (sum d(a, R) + sum d(r, P)) / (|∂P| + |∂R|) (MONAI, symmetric=True); {_ONE_EMPTY}", _SURFACE, lambda p: p.px["asd"], _mask_mean("asd_px")),
+  Metric("area_ratio", "area ratio", True, "", "|P| / |R|: the predicted lung area over the reference's (1 when they agree; below 1: lung missed, as consolidated bases are); 1 when both are empty; results show the median", "stats/metric_table.MaskPair.area_ratio", lambda p: p.area_ratio, _mask_stat("area_ratio", "median")),
+  Metric("hd95_px", "HD95 px", False, "px", f"the larger of the two directed 95th percentiles of boundary-to-boundary distances (MONAI's convention); {_ONE_EMPTY}", _SURFACE, lambda p: p.px["hd95"], _mask_stat("hd95_px")),
+  Metric("asd_px", "ASSD px", False, "px", f"both boundaries' distances to the other pooled: (sum d(a, R) + sum d(r, P)) / (|∂P| + |∂R|) (MONAI, symmetric=True); {_ONE_EMPTY}", _SURFACE, lambda p: p.px["asd"], _mask_stat("asd_px")),
   Metric("hd95_mm", "HD95 mm", False, "mm", "HD95 in millimetres, where the image's pixel spacing is known", _SURFACE, lambda p: p.mm["hd95"]),
   Metric("asd_mm", "ASSD mm", False, "mm", "ASSD in millimetres, where the image's pixel spacing is known", _SURFACE, lambda p: p.mm["asd"]),
   Metric("dice_worst10", "Dice worst tenth", True, "", "mean Dice of the run's worst tenth of masks (ceil(n / 10)): its hardest images", "stats/paired_stats.worst_tenth_mean", None, _summary("segmentation", "dice_worst_tenth")),
