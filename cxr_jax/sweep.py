@@ -100,8 +100,8 @@ def run_one(
     print(f"sweep: {run.name}: {e}", file=sys.stderr)
     return run.name, 2
   sweeps.write_run_record(workdir, sweep_file, run)
-  train, evaluate = sweeps.commands(sweep, run, workdir)
-  for command in (train, evaluate):
+  train, *evaluations = sweeps.commands(sweep, run, workdir)
+  for command in (train, *evaluations):
     status = _run_logged(command, env, workdir.sweep_log)
     if status:
       return run.name, status

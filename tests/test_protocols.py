@@ -6,6 +6,7 @@ import random
 import ml_collections
 import pytest
 
+from cxr_jax import errors
 from cxr_jax.core.run import run_data
 from cxr_jax.data import datasets
 from cxr_jax.data import protocols
@@ -189,3 +190,16 @@ def test_a_protocol_is_a_view_over_the_prepared_splits(tmp_path):
   assert abs(len(ids["test"]) - 20) <= 1 and views["train"][0]["image"].ndim == 3
   undecoded = views["test"].skip_decoding(("image",))
   assert isinstance(undecoded[0]["image"], bytes)
+
+
+def test_a_sweeps_stress_evaluations_run_before_the_one_that_marks_it_done(tmp_path):
+  sweep = sweeps.Sweep(config="configs/unet.py", variants={"a": {}}, stress=("consolidation",))
+  (run,) = sweeps.expand(sweep)
+  train, stressed, evaluate = sweeps.commands(sweep, run, sweeps.run_dir(str(tmp_path), run))
+  assert "cxr_jax.main" in train and "cxr_jax.evaluate" in evaluate
+  assert stressed == [*evaluate, "--stress=consolidation"]  # same run, split and checkpoint
+  assert not any(arg.startswith("--stress") for arg in evaluate)  # its test.json marks done
+  plain = sweeps.Sweep(config="configs/unet.py", variants={"a": {}})
+  assert len(sweeps.commands(plain, run, sweeps.run_dir(str(tmp_path), run))) == 2
+  with pytest.raises(errors.ConfigError, match="snow"):
+    sweeps.expand(sweeps.Sweep(config="configs/unet.py", variants={"a": {}}, stress=("snow",)))

@@ -8,6 +8,8 @@ augmentations for other sites and diseased lungs, each against the recipe as it 
 Cross-site (Montgomery -> Shenzhen, and back): the same sweep with
 `--override=data.split=cross_site --override=data.train_sources=montgomery` (or shenzhen)
 and a root of its own. The worst tenth of each fold's masks: results' per-image tables.
+Every run is also evaluated with `--stress=consolidation` (painted basal consolidation):
+`results --split=test.stress_consolidation` compares them there.
 """
 
 from cxr_jax.workflows.sweeps import Sweep
@@ -35,4 +37,5 @@ def get_sweep() -> Sweep:
     seeds=(0,),
     folds=5,
     baseline="recipe",
+    stress=("consolidation",),  # each run also scored on consolidated bases (README)
   )

@@ -22,6 +22,7 @@ from cxr_jax import errors
 from cxr_jax.core.run import rundir
 from cxr_jax.core.run.layout import RunDir
 from cxr_jax.data import paths
+from cxr_jax.data import stress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Sweep:
   split: str = "test"  # scored by evaluate
   checkpoint: str = "best"
   baseline: str = ""  # the variant others are compared with ('' : the first)
+  stress: Sequence[str] = ()  # evaluate --stress=KIND of every run too (data/stress.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,11 @@ def expand(sweep: Sweep) -> list[Run]:
     raise errors.ConfigError("a sweep needs at least one variant")
   for variant in sweep.variants:
     check_variant_name(variant)
+  unknown = [kind for kind in sweep.stress if kind not in stress.KINDS]
+  if unknown:  # found now, not by evaluate after each run's training
+    raise errors.ConfigError(
+      f"sweep stress {unknown} unknown; known: {', '.join(stress.KINDS)} (data/stress.py)"
+    )
   runs = []
   for variant, overrides in sweep.variants.items():
     for seed in sweep.seeds:
@@ -116,7 +123,8 @@ def _flag_value(value: Any) -> str:
 
 
 def commands(sweep: Sweep, run: Run, workdir: RunDir) -> list[list[str]]:
-  """The train and evaluate command lines of one run."""
+  """The command lines of one run: train, the stress evaluations (`Sweep.stress`), then the
+  evaluation whose output marks the run done (so a run stopped before it evaluates again)."""
   train = [sys.executable, "-m", "cxr_jax.main", f"--config={sweep.config}", f"--workdir={workdir}"]
   train += [f"--config.{key}={_flag_value(value)}" for key, value in run.overrides.items()]
   evaluate = [
@@ -127,7 +135,8 @@ def commands(sweep: Sweep, run: Run, workdir: RunDir) -> list[list[str]]:
     f"--split={sweep.split}",
     f"--checkpoint={sweep.checkpoint}",
   ]
-  return [train, evaluate]
+  stressed = [[*evaluate, f"--stress={kind}"] for kind in sweep.stress]
+  return [train, *stressed, evaluate]
 
 
 def run_dir(root: str, run: Run) -> RunDir:
