@@ -1,5 +1,5 @@
 """Stress tests: test images changed the way diseased lungs change them, the reference masks
-kept (numpy only).
+kept (numpy and scipy, no JAX).
 
 `consolidation`: one or both lungs' lower 25-50% turned 60-90% of the way to the brightness of
 soft tissue (the image's 80th percentile), under an upper edge that rises toward the chest wall
@@ -17,15 +17,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from cxr_jax import errors
 from cxr_jax.data import records
 
-KINDS = ("consolidation",)
 _WHAT = {
   "consolidation": "one or both lungs' lower 25-50% turned 60-90% of the way to soft-tissue "
   "brightness under a meniscus-shaped edge; reference masks unchanged; drawn from each id",
 }
+KINDS = tuple(_WHAT)
 TISSUE_PERCENTILE = 80  # mediastinum and soft tissue: brighter than aerated lung
 
 
@@ -37,8 +38,8 @@ def consolidate(image: np.ndarray, mask: np.ndarray, seed: int) -> np.ndarray:
     return image
   rng = np.random.default_rng(seed)
   pixels = np.asarray(image, np.float32).reshape(lungs.shape)
-  height, width = lungs.shape
-  rows, cols = np.mgrid[:height, :width].astype(np.float32)
+  height = lungs.shape[0]
+  rows, cols = np.mgrid[: lungs.shape[0], : lungs.shape[1]].astype(np.float32)
   lung_cols = np.flatnonzero(lungs.any(axis=0))
   middle = (lung_cols[0] + lung_cols[-1]) / 2  # between the two lungs
   sides = [rng.integers(2)] if rng.random() < 0.5 else [0, 1]  # one lung, or both
@@ -46,7 +47,8 @@ def consolidate(image: np.ndarray, mask: np.ndarray, seed: int) -> np.ndarray:
   weight = np.zeros_like(pixels)
   # Drawn reference masks sit a few pixels inside the lung's dark edge: painting the mask's
   # own pixels would leave a dark rim where no disease leaves one (tissue stays as it was).
-  grown = _grow(lungs, max(1, round(0.02 * height)))
+  radius = max(1, round(0.02 * height))
+  grown = ndimage.binary_dilation(lungs, np.ones((2 * radius + 1,) * 2, bool))
   for side in sides:
     lung = grown & ((cols < middle) if side == 0 else (cols >= middle))
     lung_rows = np.flatnonzero(lung.any(axis=1))
@@ -69,16 +71,13 @@ def consolidate(image: np.ndarray, mask: np.ndarray, seed: int) -> np.ndarray:
   return painted.reshape(np.shape(image)).astype(image.dtype)
 
 
-def _grow(mask: np.ndarray, radius: int) -> np.ndarray:
-  """`mask` dilated by a (2 radius + 1)-pixel square (numpy only)."""
-  out = mask.copy()
-  for axis in (0, 1):
-    padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)])
-    size = out.shape[axis]
-    out = np.logical_or.reduce(
-      [np.take(padded, np.arange(k, k + size), axis=axis) for k in range(2 * radius + 1)]
+def check_kinds(kinds: Sequence[str]) -> None:
+  """ConfigError naming any of `kinds` that is not a stress of KINDS."""
+  unknown = [kind for kind in kinds if kind not in KINDS]
+  if unknown:
+    raise errors.ConfigError(
+      f"unknown stress {', '.join(map(repr, unknown))}; known: {', '.join(KINDS)} (data/stress.py)"
     )
-  return out
 
 
 def describe(kind: str) -> str:
@@ -96,8 +95,7 @@ class StressedSource:
   were; images without a mask unchanged); picklable, random access like the source."""
 
   def __init__(self, source: Sequence[Mapping[str, Any]], kind: str):
-    if kind not in KINDS:
-      raise errors.ConfigError(f"unknown stress {kind!r}; known: {', '.join(KINDS)}")
+    check_kinds([kind])
     self._source, self.kind = source, kind
     if hasattr(source, "finding_names"):
       self.finding_names = source.finding_names

@@ -87,11 +87,7 @@ def expand(sweep: Sweep) -> list[Run]:
     raise errors.ConfigError("a sweep needs at least one variant")
   for variant in sweep.variants:
     check_variant_name(variant)
-  unknown = [kind for kind in sweep.stress if kind not in stress.KINDS]
-  if unknown:  # found now, not by evaluate after each run's training
-    raise errors.ConfigError(
-      f"sweep stress {unknown} unknown; known: {', '.join(stress.KINDS)} (data/stress.py)"
-    )
+  stress.check_kinds(sweep.stress)  # found now, not by evaluate after each run's training
   runs = []
   for variant, overrides in sweep.variants.items():
     for seed in sweep.seeds:
