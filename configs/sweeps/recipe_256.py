@@ -17,4 +17,6 @@ def get_sweep() -> Sweep:
     seeds=(0,),
     folds=5,
     baseline="128px",
+    # aug.opacity: as measured in the README, the recipe before painted opacities joined it
+    overrides={"aug.opacity": 0.0},
   )

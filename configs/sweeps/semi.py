@@ -20,4 +20,6 @@ def get_sweep() -> Sweep:
     seeds=(0,),
     folds=5,
     baseline="supervised",
+    # aug.opacity: as measured in the README, the recipe before painted opacities joined it
+    overrides={"aug.opacity": 0.0},
   )
