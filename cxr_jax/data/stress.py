@@ -38,8 +38,8 @@ def consolidate(image: np.ndarray, mask: np.ndarray, seed: int) -> np.ndarray:
     return image
   rng = np.random.default_rng(seed)
   pixels = np.asarray(image, np.float32).reshape(lungs.shape)
-  height = lungs.shape[0]
-  rows, cols = np.mgrid[: lungs.shape[0], : lungs.shape[1]].astype(np.float32)
+  height, width = lungs.shape
+  rows, cols = np.mgrid[:height, :width].astype(np.float32)
   lung_cols = np.flatnonzero(lungs.any(axis=0))
   middle = (lung_cols[0] + lung_cols[-1]) / 2  # between the two lungs
   sides = [rng.integers(2)] if rng.random() < 0.5 else [0, 1]  # one lung, or both
