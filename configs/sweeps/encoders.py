@@ -19,4 +19,5 @@ def get_sweep() -> Sweep:
     seeds=(0,),
     folds=5,
     baseline="recipe",
+    stress=("consolidation",),  # each run also scored on consolidated bases (README)
   )
