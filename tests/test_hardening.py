@@ -38,9 +38,14 @@ def _copy(run, tmp_path):
   return copy
 
 
-def _largest_array_file(step_dir):
+def _truncate_array_files(step_dir, keep=0.5):
+  """Cuts every data file of the checkpoint's parameters to `keep` of its size, as a copy or
+  write that stopped part way would. (Cutting only the largest file was not always enough:
+  in one CI run that step still restored.)"""
   files = [p for p in (step_dir / "model").rglob("*") if p.is_file() and "/d/" in str(p)]
-  return max(files, key=lambda p: p.stat().st_size)
+  assert files
+  for path in files:
+    os.truncate(path, int(path.stat().st_size * keep))
 
 
 @pytest.mark.parametrize("damage", ["array", "metadata"])
@@ -51,8 +56,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped(
   workdir = _copy(run, tmp_path)
   newest = workdir / "checkpoints" / "9"
   if damage == "array":
-    path = _largest_array_file(newest)
-    os.truncate(path, 8000 if path.stat().st_size > 8000 else 1)
+    _truncate_array_files(newest)
   else:
     os.truncate(newest / "model" / "_METADATA", 100)
 
@@ -71,7 +75,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped(
 def test_evaluate_records_the_step_it_restored(finished_run, tmp_path):
   run = finished_run
   workdir = _copy(run, tmp_path)
-  os.truncate(_largest_array_file(workdir / "checkpoints" / "9"), 1)
+  _truncate_array_files(workdir / "checkpoints" / "9", keep=0)
   summary = evaluate.run(str(workdir), "validation", checkpoint="latest", show_progress=False)
   assert summary["step"] == 6
 
