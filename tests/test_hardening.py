@@ -109,7 +109,9 @@ def test_a_killed_runs_lock_does_not_block(data_dir, tmp_path):
   )
   lock = workdir / RunDir.LOCK
   deadline = time.time() + 240
-  while not lock.exists() and time.time() < deadline and proc.poll() is None:
+  # Its record written (the file is created empty, then written).
+  while not (lock.exists() and lock.read_text()) and time.time() < deadline:
+    assert proc.poll() is None
     time.sleep(0.2)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()

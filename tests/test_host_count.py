@@ -195,5 +195,7 @@ def test_a_late_or_missing_process_is_named_with_its_host_while_the_others_wait(
     float(w)
     for w in re.findall(r"'late host': 2 processes met; this one waited ([\d.]+) s", first + second)
   ]
-  assert waited[0] > 1 and waited[1] < 0.5, waited  # process 0 waited for the late process 1
+  # Process 0 waited for the late process 1 (2 s); process 1 waits at most one report interval
+  # (0.5 s) and a round trip.
+  assert waited[0] > 1 and waited[1] < 1, waited
   assert f"TimeoutError: Barrier 'missing host': {where} (1 of 2 arrived) after 1 s" in first
