@@ -33,6 +33,8 @@ def get_sweep() -> Sweep:
       # The one transform aimed at diseased lungs, alone: robust_aug's contrast transforms
       # cost Dice across sites (README, Round three).
       "opacity": {"aug.opacity": ROBUST_AUG["aug.opacity"]},
+      # Twice as often: whether robust_aug's probability, untuned, is what the recipe wants.
+      "opacity_0.6": {"aug.opacity": 0.6},
     },
     seeds=(0,),
     folds=5,
