@@ -37,7 +37,12 @@ def _slurm_job_id() -> int:
   raise RuntimeError("no free port in JAX's SLURM range")
 
 
-def _slurm_processes(workdir, data_dir, *extra, steps=60):
+# The job's length. The preemption test's SIGTERM comes from the busy test process once step
+# 10 is logged; 60 steps leave it room to land before the last.
+_STEPS = 60
+
+
+def _slurm_processes(workdir, data_dir, *extra):
   """Two `cxr_jax.main` processes with the environment `srun -n 2` gives, 2 CPU devices each."""
   job = _slurm_job_id()
   procs = []
@@ -55,7 +60,7 @@ def _slurm_processes(workdir, data_dir, *extra, steps=60):
     args = smoke_command(
       workdir,
       data_dir,
-      f"--config.num_train_steps={steps}",
+      f"--config.num_train_steps={_STEPS}",
       "--config.eval_every_steps=20",
       "--config.checkpoint_every_steps=20",
       "--expect_devices=4",
@@ -85,8 +90,7 @@ def test_a_slurm_job_starts_by_itself_preempts_cleanly_and_resumes_exactly(data_
     assert f"JAX process {rank} of 2 (detected slurm); 2 local device(s)" in log
     assert "4 in all" in log
 
-  # SIGTERM to both processes mid-run: both save the same step and exit 0. (The signal comes
-  # from this busy test process; 60 steps leave it room to land before the last.)
+  # SIGTERM to both processes mid-run: both save the same step and exit 0.
   procs = _slurm_processes(preempted, data_dir)
   deadline = time.time() + 240
   while time.time() < deadline and "step 10/" not in open(procs[0][1].name).read():
@@ -104,7 +108,7 @@ def test_a_slurm_job_starts_by_itself_preempts_cleanly_and_resumes_exactly(data_
   ]
   assert saved[0] and saved[0] == saved[1], saved
   step = int(saved[0][0])
-  assert 10 <= step < 60
+  assert 10 <= step < _STEPS
   assert step in [int(p.name) for p in (preempted / "checkpoints").iterdir() if p.name.isdigit()]
 
   # The same command resumes and ends where the uninterrupted job did, bit for bit.
